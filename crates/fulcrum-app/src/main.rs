@@ -1,0 +1,92 @@
+//! `fulcrum-app`: runs one demo web app server instance for the fulcrum load balancer.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use fulcrum_app::{serve, AppConfig, Sessions};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// Demo web app server for fulcrum: names itself, echoes requests, keeps login sessions.
+#[derive(Debug, Parser)]
+#[command(name = "fulcrum-app", version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9001")]
+    listen: SocketAddr,
+
+    /// Server name reported in responses [default: the listen address].
+    #[arg(long)]
+    name: Option<String>,
+
+    /// Session store: `memory`.
+    #[arg(long, default_value = "memory")]
+    sessions: Sessions,
+
+    /// Latency added before every response, e.g. `50ms` or `1s`.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    delay: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let name = args.name.unwrap_or_else(|| addr.to_string());
+    tracing::info!(
+        sessions = %args.sessions,
+        delay = %humantime::format_duration(args.delay),
+        "fulcrum-app {name:?} listening on http://{addr}"
+    );
+
+    let cfg = AppConfig::new(name)
+        .with_sessions(args.sessions)
+        .with_delay(args.delay);
+    serve(listener, cfg, shutdown_signal())
+        .await
+        .context("server failed")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!("cannot listen for SIGINT: {err}");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(err) => {
+                tracing::error!("cannot listen for SIGTERM: {err}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+
+    tokio::select! {
+        () = interrupt => tracing::info!("SIGINT received, shutting down"),
+        () = terminate => tracing::info!("SIGTERM received, shutting down"),
+    }
+}

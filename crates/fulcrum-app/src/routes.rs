@@ -1,0 +1,316 @@
+//! The HTTP handlers and the middleware shared by all of them.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::{Json, Router};
+use futures_util::TryStreamExt as _;
+use http::header::{CONTENT_TYPE, SET_COOKIE};
+use http::{HeaderName, HeaderValue, StatusCode};
+use http_body::{Frame, SizeHint};
+use serde::Deserialize;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+use crate::sessions::{session_cookie, SessionStore, COOKIE_NAME};
+use crate::AppConfig;
+
+/// Header naming the server on every response.
+static X_SERVER: HeaderName = HeaderName::from_static("x-server");
+
+/// Longest wait `/delay/{ms}` accepts, in milliseconds.
+const MAX_DELAY_MS: u64 = 60_000;
+
+/// Largest body `/bytes/{n}` produces: 2 GiB.
+const MAX_BYTES: u64 = 2 << 30;
+
+/// Shared state of one app instance.
+struct AppState {
+    name: String,
+    server_header: HeaderValue,
+    delay: Duration,
+    health: AtomicU16,
+    sessions: SessionStore,
+}
+
+type Shared = Arc<AppState>;
+
+pub(crate) fn router(cfg: AppConfig) -> Router {
+    let state = Arc::new(AppState {
+        server_header: header_value_lossy(&cfg.name),
+        sessions: SessionStore::new(&cfg.sessions),
+        health: AtomicU16::new(StatusCode::OK.as_u16()),
+        delay: cfg.delay,
+        name: cfg.name,
+    });
+    Router::new()
+        .route("/", any(whoami))
+        .route("/health", get(health).post(set_health))
+        .route("/login", post(login))
+        .route("/me", get(me))
+        .route("/logout", post(logout))
+        .route("/delay/{ms}", get(delay))
+        .route("/status/{code}", get(status))
+        .route("/bytes/{n}", get(bytes))
+        .route("/echo", post(echo))
+        .route("/sha256", post(sha256))
+        .route("/ws", get(websocket))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), common))
+        .with_state(state)
+}
+
+/// The server name as a header value, dropping characters a header cannot carry.
+fn header_value_lossy(name: &str) -> HeaderValue {
+    let clean: String = name.chars().filter(|c| !c.is_control()).collect();
+    HeaderValue::from_str(&clean)
+        .or_else(|_| HeaderValue::from_bytes(clean.as_bytes()))
+        .unwrap_or_else(|_| HeaderValue::from_static("fulcrum-app"))
+}
+
+/// Applies the configured delay and stamps `x-server` on every response.
+async fn common(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    if !state.delay.is_zero() {
+        tokio::time::sleep(state.delay).await;
+    }
+    let mut response = next.run(request).await;
+    response
+        .headers_mut()
+        .insert(X_SERVER.clone(), state.server_header.clone());
+    response
+}
+
+/// A plain-text response with `status`, using an empty body where HTTP forbids one.
+fn text(status: StatusCode, body: impl Into<String>) -> Response {
+    if matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) {
+        return status.into_response();
+    }
+    let mut body = body.into();
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    (status, body).into_response()
+}
+
+fn bad_request(message: impl Into<String>) -> Response {
+    text(StatusCode::BAD_REQUEST, message)
+}
+
+/// `/`: names the server, then echoes the request line and headers.
+async fn whoami(State(state): State<Shared>, request: Request) -> String {
+    let mut out = format!("server: {}\n", state.name);
+    let target = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    let _ = writeln!(
+        out,
+        "{} {} {:?}",
+        request.method(),
+        target,
+        request.version()
+    );
+    for (name, value) in request.headers() {
+        let _ = writeln!(out, "{name}: {}", String::from_utf8_lossy(value.as_bytes()));
+    }
+    out
+}
+
+async fn not_found() -> Response {
+    text(StatusCode::NOT_FOUND, "not found")
+}
+
+/// `GET /health`: the status set through `POST /health` (200 at start).
+async fn health(State(state): State<Shared>) -> Response {
+    let status = StatusCode::from_u16(state.health.load(Ordering::Relaxed))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status == StatusCode::OK {
+        text(status, "ok")
+    } else {
+        text(status, format!("unhealthy ({})", status.as_u16()))
+    }
+}
+
+#[derive(Deserialize)]
+struct SetHealth {
+    status: u16,
+}
+
+/// `POST /health` with `{"status": 503}`: sets what `GET /health` answers.
+async fn set_health(State(state): State<Shared>, body: Bytes) -> Response {
+    let Ok(SetHealth { status }) = serde_json::from_slice(&body) else {
+        return bad_request(r#"expected JSON {"status": 200..=599}"#);
+    };
+    if !(200..=599).contains(&status) {
+        return bad_request(format!("status {status} is outside 200..=599"));
+    }
+    state.health.store(status, Ordering::Relaxed);
+    text(StatusCode::OK, format!("health status set to {status}"))
+}
+
+#[derive(Deserialize)]
+struct Login {
+    user: String,
+}
+
+/// `POST /login` with `{"user": "martin"}`: starts a session and sets its cookie.
+async fn login(State(state): State<Shared>, body: Bytes) -> Response {
+    let user = match serde_json::from_slice::<Login>(&body) {
+        Ok(Login { user }) if !user.trim().is_empty() => user,
+        _ => return bad_request(r#"expected JSON {"user": "<non-empty name>"}"#),
+    };
+    let id = state.sessions.create(user.clone());
+    let cookie = format!("{COOKIE_NAME}={id}; Path=/; HttpOnly; SameSite=Lax");
+    (
+        [(SET_COOKIE, cookie)],
+        Json(json!({ "user": user, "server": state.name })),
+    )
+        .into_response()
+}
+
+/// `GET /me`: who is logged in under the request's session cookie.
+async fn me(State(state): State<Shared>, headers: http::HeaderMap) -> Response {
+    match session_cookie(&headers).and_then(|id| state.sessions.get(id)) {
+        Some(user) => Json(json!({ "user": user, "server": state.name })).into_response(),
+        None => (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "not logged in", "server": state.name })),
+        )
+            .into_response(),
+    }
+}
+
+/// `POST /logout`: ends the session and clears its cookie.
+async fn logout(State(state): State<Shared>, headers: http::HeaderMap) -> Response {
+    let ended = session_cookie(&headers).and_then(|id| state.sessions.remove(id));
+    let cookie = format!("{COOKIE_NAME}=; Path=/; Max-Age=0");
+    (
+        [(SET_COOKIE, cookie)],
+        Json(json!({ "logged_out": ended.is_some(), "server": state.name })),
+    )
+        .into_response()
+}
+
+/// `GET /delay/{ms}`: answers after `ms` milliseconds.
+async fn delay(Path(ms): Path<u64>) -> Response {
+    if ms > MAX_DELAY_MS {
+        return bad_request(format!("delay {ms}ms exceeds the {MAX_DELAY_MS}ms limit"));
+    }
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    text(StatusCode::OK, format!("delayed {ms}ms"))
+}
+
+/// `GET /status/{code}`: answers with that status.
+async fn status(Path(code): Path<u16>) -> Response {
+    match StatusCode::from_u16(code) {
+        Ok(status) if (200..=599).contains(&code) => {
+            let reason = status.canonical_reason().unwrap_or("");
+            text(status, format!("{code} {reason}").trim_end())
+        }
+        _ => bad_request(format!("status {code} is outside 200..=599")),
+    }
+}
+
+/// `GET /bytes/{n}`: `n` bytes of `abc…xyzabc…`, streamed with a Content-Length.
+async fn bytes(Path(n): Path<u64>) -> Response {
+    if n > MAX_BYTES {
+        return bad_request(format!("{n} bytes exceeds the {MAX_BYTES} byte limit"));
+    }
+    (
+        [(CONTENT_TYPE, "application/octet-stream")],
+        Body::new(PatternBody { remaining: n }),
+    )
+        .into_response()
+}
+
+/// One chunk of the `/bytes` pattern. Its length is a multiple of 26, so every
+/// chunk starts at `a` and consecutive chunks continue the pattern seamlessly.
+static PATTERN: LazyLock<Bytes> =
+    LazyLock::new(|| (0..26 * 2520).map(|i| b'a' + (i % 26) as u8).collect());
+
+/// A body of `remaining` pattern bytes, sliced from [`PATTERN`] without copying.
+struct PatternBody {
+    remaining: u64,
+}
+
+impl http_body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let len = usize::try_from(self.remaining).map_or(PATTERN.len(), |r| r.min(PATTERN.len()));
+        self.remaining -= len as u64;
+        Poll::Ready(Some(Ok(Frame::data(PATTERN.slice(..len)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// `POST /echo`: streams the request body straight back.
+async fn echo(request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let mut response = Response::new(body);
+    if let Some(content_type) = parts.headers.get(CONTENT_TYPE) {
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, content_type.clone());
+    }
+    response
+}
+
+/// `POST /sha256`: hashes the request body as it streams in.
+async fn sha256(body: Body) -> Response {
+    let mut hasher = Sha256::new();
+    let mut total: u64 = 0;
+    let mut stream = body.into_data_stream();
+    loop {
+        match stream.try_next().await {
+            Ok(Some(chunk)) => {
+                total += chunk.len() as u64;
+                hasher.update(&chunk);
+            }
+            Ok(None) => break,
+            Err(err) => return bad_request(format!("failed to read body: {err}")),
+        }
+    }
+    Json(json!({ "bytes": total, "sha256": hex::encode(hasher.finalize()) })).into_response()
+}
+
+/// `GET /ws`: a WebSocket that echoes every text and binary message.
+async fn websocket(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(ws_echo)
+}
+
+async fn ws_echo(mut socket: WebSocket) {
+    while let Some(Ok(message)) = socket.recv().await {
+        match message {
+            Message::Text(_) | Message::Binary(_) => {
+                if socket.send(message).await.is_err() {
+                    break;
+                }
+            }
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => {}
+        }
+    }
+}

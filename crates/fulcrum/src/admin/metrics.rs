@@ -1,0 +1,122 @@
+//! `GET /metrics`: Prometheus text format, every name prefixed `fulcrum_`.
+//!
+//! The request path only bumps atomics; this collector turns them into metric families at scrape time,
+//! so no label lookup or lock ever runs per request.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header::CONTENT_TYPE;
+use axum::response::IntoResponse;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+use crate::pool::ServerState;
+use crate::runtime::Shared;
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+#[derive(Debug)]
+struct FulcrumCollector {
+    shared: Arc<Shared>,
+}
+
+impl Collector for FulcrumCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let shared = &self.shared;
+
+        let version = [("version", env!("CARGO_PKG_VERSION"))];
+        ConstGauge::new(1i64).encode(enc.encode_descriptor("build_info", "fulcrum version", None, MetricType::Gauge)?.encode_family(&version)?)?;
+
+        let mut m = enc.encode_descriptor("listener_connections_active", "Open client connections", None, MetricType::Gauge)?;
+        for l in &shared.listeners {
+            let labels = [("listener", l.name.as_str())];
+            ConstGauge::new(l.http.stats.active_connections.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = enc.encode_descriptor("listener_connections", "Client connections accepted", None, MetricType::Counter)?;
+        for l in &shared.listeners {
+            let labels = [("listener", l.name.as_str())];
+            ConstCounter::new(l.http.stats.connections_total.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "listener_responses",
+            "Responses sent to clients, by status class (fulcrum's own 502/503/504 included)",
+            None,
+            MetricType::Counter,
+        )?;
+        for l in &shared.listeners {
+            for (i, class) in CLASSES.iter().enumerate() {
+                let labels = [("listener", l.name.as_str()), ("class", class)];
+                ConstCounter::new(l.http.stats.responses[i].load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
+        let snapshots: Vec<_> = shared.pools.iter().map(|p| (p.name.as_str(), p.snapshot_full())).collect();
+        let mut m = enc.encode_descriptor("server_requests", "Responses from servers, by status class", None, MetricType::Counter)?;
+        for (pool, snap) in &snapshots {
+            for s in &snap.servers {
+                for (i, class) in CLASSES.iter().enumerate() {
+                    let labels = [("pool", *pool), ("server", s.name.as_str()), ("class", class)];
+                    ConstCounter::new(s.stats.responses[i].load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut m = enc.encode_descriptor("server_failures", "Requests that failed at the server (connect, reset, timeout)", None, MetricType::Counter)?;
+        for (pool, snap) in &snapshots {
+            for s in &snap.servers {
+                let labels = [("pool", *pool), ("server", s.name.as_str())];
+                ConstCounter::new(s.stats.failures_total()).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor("server_active_requests", "Requests in flight on the server", None, MetricType::Gauge)?;
+        for (pool, snap) in &snapshots {
+            for s in &snap.servers {
+                let labels = [("pool", *pool), ("server", s.name.as_str())];
+                ConstGauge::new(s.stats.in_flight()).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor("server_state", "1 for the server's current state, 0 for the others", None, MetricType::Gauge)?;
+        for (pool, snap) in &snapshots {
+            for s in &snap.servers {
+                let current = s.state();
+                for st in ServerState::ALL {
+                    let labels = [("pool", *pool), ("server", s.name.as_str()), ("state", st.as_str())];
+                    ConstGauge::new(i64::from(current == st)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "server_response_seconds",
+            "Time from sending a request to receiving the server's response head",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (pool, snap) in &snapshots {
+            for s in &snap.servers {
+                let labels = [("pool", *pool), ("server", s.name.as_str())];
+                let (buckets, count, sum) = s.stats.latency_histogram();
+                m.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Renders the registry for one scrape.
+pub fn render(shared: Arc<Shared>) -> String {
+    let mut registry = Registry::with_prefix("fulcrum");
+    registry.register_collector(Box::new(FulcrumCollector { shared }));
+    let mut out = String::with_capacity(8 * 1024);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
+pub async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(shared))
+}

@@ -1,0 +1,205 @@
+//! The configuration file as written: serde types that mirror the TOML one to one.
+//!
+//! Nothing here is checked beyond what serde checks (key names, value types, enum names); every optional
+//! key is an `Option` so that [`validate`](super::validate) can tell "absent" from "set to the default"
+//! and name the key in its errors. Integers are `i64` so that a negative or oversized value gets a range
+//! message from validation rather than a serde type error.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use super::{Algorithm, HealthCheckKind, Protocol, ProxyProtocol, StickyKind};
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub shutdown_timeout: Option<RawDuration>,
+    pub admin: Option<RawAdmin>,
+    pub store: Option<RawStore>,
+    /// Defaulted so that "no listeners" gets the same message as `listeners = []`.
+    #[serde(default)]
+    pub listeners: Vec<RawListener>,
+    #[serde(default)]
+    pub pools: Vec<RawPool>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    pub bind: String,
+    pub token: Option<String>,
+}
+
+/// `[store]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawStore {
+    pub kind: Option<RawStoreKind>,
+    pub url: Option<String>,
+    pub sentinel: Option<RawSentinel>,
+    pub key_prefix: Option<String>,
+}
+
+/// `store.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawStoreKind {
+    Memory,
+    Redis,
+}
+
+/// `store.sentinel`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSentinel {
+    pub master: String,
+    pub nodes: Vec<String>,
+}
+
+/// `[[listeners]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub name: String,
+    pub bind: String,
+    pub protocol: Protocol,
+    pub pool: String,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    pub tls: Option<RawTls>,
+    pub request_header_timeout: Option<RawDuration>,
+    pub idle_timeout: Option<RawDuration>,
+    pub max_connections: Option<i64>,
+}
+
+/// `listeners.tls`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTls {
+    pub cert: String,
+    pub key: String,
+}
+
+/// `[[listeners.routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    pub host: Option<String>,
+    pub method: Option<String>,
+    pub headers: Option<BTreeMap<String, String>>,
+    pub cookie: Option<RawCookieMatch>,
+    pub query: Option<BTreeMap<String, String>>,
+    pub pool: String,
+}
+
+/// `routes.cookie`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCookieMatch {
+    pub name: String,
+    pub value: String,
+}
+
+/// `[[pools]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPool {
+    pub name: String,
+    pub algorithm: Option<Algorithm>,
+    pub hash_key: Option<String>,
+    /// Defaulted so that a missing `servers` gets the same message as `servers = []`.
+    #[serde(default)]
+    pub servers: Vec<RawServer>,
+    pub slow_start: Option<RawDuration>,
+    pub retries: Option<i64>,
+    pub connect_timeout: Option<RawDuration>,
+    pub response_timeout: Option<RawDuration>,
+    pub health_check: Option<RawHealthCheck>,
+    pub sticky: Option<RawSticky>,
+}
+
+/// One entry of `pools.servers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawServer {
+    pub name: Option<String>,
+    pub address: String,
+    pub weight: Option<i64>,
+}
+
+/// `[pools.health_check]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealthCheck {
+    pub kind: HealthCheckKind,
+    pub path: Option<String>,
+    pub expect_status: Option<RawStatus>,
+    pub interval: Option<RawDuration>,
+    pub timeout: Option<RawDuration>,
+    pub rise: Option<i64>,
+    pub fall: Option<i64>,
+}
+
+/// `[pools.sticky]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSticky {
+    pub kind: StickyKind,
+    pub cookie: Option<String>,
+    pub ttl: Option<RawDuration>,
+}
+
+/// A duration as written (`"500ms"`, `"2s"`, `"1m"`); parsed by validation so that a bad one is reported
+/// with its key. Only strings are accepted, so that `interval = 2` is not silently read as two somethings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawDuration(pub String);
+
+impl<'de> Deserialize<'de> for RawDuration {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawDuration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration string such as \"500ms\", \"2s\" or \"1m\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawDuration, E> {
+                Ok(RawDuration(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_str(V)
+    }
+}
+
+/// `health_check.expect_status` as written: `"200-399"`, `"200"` or `200`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawStatus(pub String);
+
+impl<'de> Deserialize<'de> for RawStatus {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RawStatus;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a status code or range such as \"200\" or \"200-399\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawStatus, E> {
+                Ok(RawStatus(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawStatus, E> {
+                Ok(RawStatus(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawStatus, E> {
+                Ok(RawStatus(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}

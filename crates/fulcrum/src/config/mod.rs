@@ -1,0 +1,449 @@
+//! The configuration file: `fulcrum.toml`.
+//!
+//! Loading happens in two steps, so that everything the running balancer sees has already been checked:
+//!
+//! 1. [`file`] — raw serde types that mirror the TOML file one to one (`deny_unknown_fields`, every
+//!    optional key an `Option`), so unknown keys and type errors are reported with their position;
+//! 2. [`validate`] — turns the raw file into a [`Config`]: defaults applied, names resolved to indices,
+//!    regexes compiled, addresses resolved, every cross-key rule checked.
+//!
+//! Every error is a [`ConfigError`] naming the file, the line and column, and the key path
+//! (`pools[1].servers[0].weight`) of the offending setting. The user-facing reference of every key is
+//! `docs/configuration.md`; the doc comments below say the same thing from the code's side.
+
+mod error;
+mod file;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use error::ConfigError;
+
+/// Reads and validates the configuration file at `path`.
+///
+/// Errors name the file as `path` was written; a file that cannot be read is reported with the OS error.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        origin: origin.clone(),
+        key: None,
+        line: None,
+        column: None,
+        message: format!("cannot read configuration file: {e}"),
+    })?;
+    parse(&text, &origin)
+}
+
+/// Parses and validates a configuration from `text`; `origin` (usually the file name) prefixes every
+/// error message.
+pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    parse_with(text, origin, validate::validate)
+}
+
+/// The common path of [`parse`] and the tests, which also validate features that are not built yet.
+fn parse_with(
+    text: &str,
+    origin: &str,
+    validate: fn(file::RawConfig) -> Result<Config, validate::Invalid>,
+) -> Result<Config, ConfigError> {
+    // The document keeps the spans that turn a key path into a line; serde gives the typed view.
+    let doc = toml_edit::ImDocument::parse(text)
+        .map_err(|e| ConfigError::syntax(origin, text, e.message(), e.span()))?;
+    let raw: file::RawConfig =
+        toml::from_str(text).map_err(|e| ConfigError::from_serde(origin, &doc, &e))?;
+    validate(raw).map_err(|invalid| ConfigError::at_path(origin, &doc, invalid.path, invalid.message))
+}
+
+/// A validated configuration: every name resolved, every default applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `shutdown_timeout` (default `"30s"`): on SIGTERM/SIGINT, how long in-flight work may take to finish
+    /// before fulcrum exits anyway. `"0s"` exits as soon as the listeners are closed.
+    pub shutdown_timeout: Duration,
+    /// `[admin]` (optional): the REST API, `/metrics` and the dashboard. Absent: no admin endpoint.
+    pub admin: Option<AdminConfig>,
+    /// `[store]` (default in-memory): where shared state such as stick tables lives.
+    pub store: StoreConfig,
+    /// `[[listeners]]` (at least one): the addresses fulcrum accepts traffic on.
+    pub listeners: Vec<ListenerConfig>,
+    /// `[[pools]]` (at least one): groups of servers traffic is balanced over. Listeners and routes refer to
+    /// pools by their index in this vector.
+    pub pools: Vec<PoolConfig>,
+}
+
+impl Config {
+    /// The index of the pool called `name`, if any.
+    pub fn pool_index(&self, name: &str) -> Option<usize> {
+        self.pools.iter().position(|p| p.name == name)
+    }
+}
+
+/// `[admin]`: the admin API, Prometheus metrics and the dashboard.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// `admin.bind` (required): the `IP:PORT` the admin endpoint listens on, e.g. `"127.0.0.1:9090"`.
+    pub bind: SocketAddr,
+    /// `admin.token` (optional, non-empty): when set, mutating calls must carry
+    /// `Authorization: Bearer <token>`. Absent: the admin API is unauthenticated.
+    pub token: Option<String>,
+}
+
+/// `[store]`: where shared state (stick tables) lives.
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    /// `kind = "memory"` (the default): state lives in this process only.
+    Memory,
+    /// `kind = "redis"`: state lives in Redis and is shared by every fulcrum using the same server and prefix.
+    Redis {
+        /// `store.url` or `store.sentinel`: how to reach Redis (exactly one of the two).
+        target: RedisTarget,
+        /// `store.key_prefix` (default `"fulcrum"`): prefix of every Redis key fulcrum writes.
+        key_prefix: String,
+    },
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub enum RedisTarget {
+    /// `store.url`: a single node, `redis://[user:password@]host:port[/db]` or `rediss://…` for TLS.
+    Url(String),
+    /// `store.sentinel = { master = "mymaster", nodes = ["127.0.0.1:26379"] }`: ask Sentinel for the master.
+    Sentinel {
+        /// `store.sentinel.master`: the name of the monitored master.
+        master: String,
+        /// `store.sentinel.nodes` (non-empty): the Sentinels, as `host:port`.
+        nodes: Vec<String>,
+    },
+}
+
+/// `[[listeners]]`: one address fulcrum accepts traffic on.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// `name` (required, unique): used in logs and metrics.
+    pub name: String,
+    /// `bind` (required, unique): the `IP:PORT` to listen on, e.g. `"0.0.0.0:80"`. Port 0 picks a free port.
+    pub bind: SocketAddr,
+    /// `protocol` (required): `http`, `https`, `tcp` or `udp`.
+    pub protocol: Protocol,
+    /// `pool` (required): the pool that gets the traffic no route matches, as an index into [`Config::pools`].
+    pub pool: usize,
+    /// `[[listeners.routes]]` (http and https only): checked in order, the first match picks the pool.
+    pub routes: Vec<RouteConfig>,
+    /// `proxy_protocol` (tcp only): send a PROXY protocol header of this version to the servers.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// `tls = { cert = "cert.pem", key = "key.pem" }`: required for `https`, rejected otherwise.
+    pub tls: Option<TlsConfig>,
+    /// `request_header_timeout` (http/https, default `"10s"`, fulcrum extension): a client must send its
+    /// whole request head within this, or it gets a 408 and the connection is closed.
+    pub request_header_timeout: Duration,
+    /// `idle_timeout` (default `"60s"`, fulcrum extension): a client connection with no request in flight
+    /// (keep-alive) is closed after this long without traffic.
+    pub idle_timeout: Duration,
+    /// `max_connections` (default `10000`, at least 1, fulcrum extension): client connections accepted at
+    /// once on this listener; further connections wait in the kernel's accept queue.
+    pub max_connections: usize,
+}
+
+/// `listeners.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Protocol {
+    /// Plain HTTP/1.1 (and h2c), with routes.
+    Http,
+    /// HTTP over TLS, with routes; needs `tls`.
+    Https,
+    /// TCP, proxied byte for byte.
+    Tcp,
+    /// UDP datagrams, each client address kept on one server.
+    Udp,
+}
+
+impl Protocol {
+    /// The name used in the configuration file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Https => "https",
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// True for the protocols whose listeners understand HTTP (and so may have routes).
+    pub fn is_http(&self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
+    }
+}
+
+/// `listeners.proxy_protocol`: the PROXY protocol version sent to servers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    /// `"v1"`: the human-readable text header.
+    V1,
+    /// `"v2"`: the binary header.
+    V2,
+}
+
+/// `listeners.tls`: the certificate an `https` listener presents.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// `tls.cert`: PEM file with the certificate chain (relative paths are relative to the working
+    /// directory).
+    pub cert: PathBuf,
+    /// `tls.key`: PEM file with the private key.
+    pub key: PathBuf,
+}
+
+/// `[[listeners.routes]]`: send matching requests to another pool.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// The conditions; a request matches when all of them hold.
+    pub matcher: RouteMatch,
+    /// `pool` (required): the pool matching requests go to, as an index into [`Config::pools`].
+    pub pool: usize,
+}
+
+/// The match keys of a route. Every key present must match; at least one is required.
+#[derive(Debug, Clone)]
+pub struct RouteMatch {
+    /// `path_prefix`: the request path starts with this (byte-wise, case-sensitive). Starts with `/`.
+    pub path_prefix: Option<String>,
+    /// `path_regex`: the request path (without the query) contains a match of this regex; anchor it with
+    /// `^…$` to match the whole path. Compiled once, at load.
+    pub path_regex: Option<regex::Regex>,
+    /// `host`: the request's host (the `Host` header or the URI authority), port ignored, case-insensitive.
+    pub host: Option<HostMatch>,
+    /// `method`: the request method, e.g. `"POST"` (methods are case-sensitive).
+    pub method: Option<http::Method>,
+    /// `headers = { "x-version" = "2" }`: each header is present with exactly this value.
+    pub headers: Vec<(http::HeaderName, String)>,
+    /// `cookie = { name = "beta", value = "1" }`: the request carries this cookie with this value.
+    pub cookie: Option<(String, String)>,
+    /// `query = { "v" = "2" }`: each query parameter is present with exactly this value (after
+    /// percent-decoding).
+    pub query: Vec<(String, String)>,
+}
+
+/// `routes.host`, normalised: lowercase, port and trailing dot removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// `"example.com"`: exactly this host.
+    Exact(String),
+    /// `"*.example.com"` is stored as `Suffix(".example.com")`: any host ending with it, i.e. any subdomain
+    /// (at any depth) but not `example.com` itself.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// Whether `host` (already lowercased, without port) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => host == h,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+/// `[[pools]]`: servers that share traffic, and how.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// `name` (required, unique): referenced by listeners and routes, and used in the admin API's URLs.
+    pub name: String,
+    /// `algorithm` (default `round_robin`): how a server is picked.
+    pub algorithm: Algorithm,
+    /// `hash_key` (hash algorithms only): what is hashed. Always `Some` for `ip_hash`, `consistent_hash`
+    /// and `maglev` (default `source_ip`), always `None` for the other algorithms.
+    pub hash_key: Option<HashKey>,
+    /// `servers` (required, non-empty).
+    pub servers: Vec<ServerConfig>,
+    /// `slow_start` (optional): a server that comes up (or is added) ramps its share of traffic up linearly
+    /// over this time.
+    pub slow_start: Option<Duration>,
+    /// `retries` (default 2, at most 10): how many other servers a request is tried on when connecting
+    /// fails. A request that may have reached a server is never retried unless it is idempotent.
+    pub retries: u32,
+    /// `connect_timeout` (default `"3s"`, fulcrum extension): connecting to a server fails after this.
+    pub connect_timeout: Duration,
+    /// `response_timeout` (default `"30s"`, fulcrum extension): a server must answer with its response
+    /// headers within this after the request was sent, else the client gets a 504.
+    pub response_timeout: Duration,
+    /// `[pools.health_check]` (optional): active health checks. Absent: every server is considered up.
+    pub health_check: Option<HealthCheckConfig>,
+    /// `[pools.sticky]` (optional): session persistence.
+    pub sticky: Option<StickyConfig>,
+}
+
+/// `pools.algorithm`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Each server in turn.
+    RoundRobin,
+    /// Each server in turn, `weight` times as often.
+    WeightedRoundRobin,
+    /// The server with the fewest active connections (weighted).
+    LeastConnections,
+    /// The server with the lowest latency EWMA × active requests.
+    LeastResponseTime,
+    /// Hash of the client address: the same client always gets the same server while the set is stable.
+    IpHash,
+    /// A consistent-hash ring of `hash_key`: few keys move when servers come and go.
+    ConsistentHash,
+    /// Google's Maglev table of `hash_key`: even spread, minimal disruption.
+    Maglev,
+    /// A random server (weighted).
+    Random,
+    /// Power of two choices: the less loaded of two random servers.
+    P2c,
+}
+
+impl Algorithm {
+    /// Every algorithm, in the order of the documentation.
+    pub const ALL: [Algorithm; 9] = [
+        Algorithm::RoundRobin,
+        Algorithm::WeightedRoundRobin,
+        Algorithm::LeastConnections,
+        Algorithm::LeastResponseTime,
+        Algorithm::IpHash,
+        Algorithm::ConsistentHash,
+        Algorithm::Maglev,
+        Algorithm::Random,
+        Algorithm::P2c,
+    ];
+
+    /// The name used in the configuration file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::WeightedRoundRobin => "weighted_round_robin",
+            Algorithm::LeastConnections => "least_connections",
+            Algorithm::LeastResponseTime => "least_response_time",
+            Algorithm::IpHash => "ip_hash",
+            Algorithm::ConsistentHash => "consistent_hash",
+            Algorithm::Maglev => "maglev",
+            Algorithm::Random => "random",
+            Algorithm::P2c => "p2c",
+        }
+    }
+
+    /// True for the algorithms that pick by hashing a [`HashKey`].
+    pub fn uses_hash_key(&self) -> bool {
+        matches!(
+            self,
+            Algorithm::IpHash | Algorithm::ConsistentHash | Algorithm::Maglev
+        )
+    }
+}
+
+/// `pools.hash_key`: what a hash algorithm hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// `"source_ip"`: the client's IP address.
+    SourceIp,
+    /// `"source_ip_port"`: the client's IP address and port (spreads one client's connections).
+    SourceIpPort,
+    /// `"uri"`: the request's path and query (http only).
+    Uri,
+    /// `"header:NAME"`: the value of that request header (http only).
+    Header(http::HeaderName),
+    /// `"cookie:NAME"`: the value of that request cookie (http only).
+    Cookie(String),
+}
+
+/// One entry of `pools.servers`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// `name` (default: `address` as written; unique in the pool): used in the admin API and metrics.
+    pub name: String,
+    /// `address` (required): `IP:PORT`, or `HOST:PORT` resolved once at load (IPv4 preferred).
+    pub address: SocketAddr,
+    /// `weight` (default 1, 1 to 1 000 000): relative share of traffic for weight-aware algorithms.
+    pub weight: u32,
+}
+
+/// `[pools.health_check]`: active health checks of every server of the pool.
+#[derive(Debug, Clone)]
+pub struct HealthCheckConfig {
+    /// `kind` (required): `icmp` (ping), `tcp` (connect) or `http` (request `path`, expect `expect_status`).
+    pub kind: HealthCheckKind,
+    /// `path` (http only, default `"/health"`): the path requested. Starts with `/`.
+    pub path: String,
+    /// `expect_status` (http only, default `"200-399"`): the inclusive range of healthy status codes;
+    /// `"200"` means exactly 200.
+    pub expect_status: (u16, u16),
+    /// `interval` (default `"2s"`): time between two checks of a server.
+    pub interval: Duration,
+    /// `timeout` (default `"1s"`): a check that takes longer has failed.
+    pub timeout: Duration,
+    /// `rise` (default 2, at least 1): consecutive successes that mark a down server up.
+    pub rise: u32,
+    /// `fall` (default 3, at least 1): consecutive failures that mark an up server down.
+    pub fall: u32,
+}
+
+/// `health_check.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// L3: an ICMP echo request.
+    Icmp,
+    /// L4: a TCP connect.
+    Tcp,
+    /// L7: an HTTP `GET path`, checked against `expect_status`.
+    Http,
+}
+
+impl HealthCheckKind {
+    /// The name used in the configuration file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            HealthCheckKind::Icmp => "icmp",
+            HealthCheckKind::Tcp => "tcp",
+            HealthCheckKind::Http => "http",
+        }
+    }
+}
+
+/// `[pools.sticky]`: keep a client on the server that holds its session.
+#[derive(Debug, Clone)]
+pub struct StickyConfig {
+    /// `kind` (required): `cookie`, `app_cookie` or `source_ip`.
+    pub kind: StickyKind,
+    /// `cookie`: for `kind = "cookie"` the name of the cookie fulcrum inserts (default `"FULCRUM_SRV"`);
+    /// for `app_cookie` the application's session cookie to learn (required, e.g. `"JSESSIONID"`);
+    /// empty for `source_ip`, where the key is rejected.
+    pub cookie: String,
+    /// `ttl` (default `"30m"`): how long an unused entry stays in the stick table (`app_cookie`,
+    /// `source_ip`).
+    pub ttl: Duration,
+}
+
+/// `sticky.kind`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StickyKind {
+    /// fulcrum inserts a cookie naming the server.
+    Cookie,
+    /// fulcrum learns the application's own session cookie and maps its value to the server.
+    AppCookie,
+    /// The client IP address is mapped to the server.
+    SourceIp,
+}
+
+impl StickyKind {
+    /// The name used in the configuration file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StickyKind::Cookie => "cookie",
+            StickyKind::AppCookie => "app_cookie",
+            StickyKind::SourceIp => "source_ip",
+        }
+    }
+}

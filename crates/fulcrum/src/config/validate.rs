@@ -1,0 +1,970 @@
+//! From the raw file to a [`Config`]: defaults applied, names resolved to indices, regexes compiled,
+//! addresses resolved, and every rule a type cannot express checked.
+//!
+//! Every error names the key path it is about; [`ConfigError::at_path`](super::ConfigError) turns the path
+//! into a line. Validation stops at the first error, in file order as far as practical.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use regex::Regex;
+
+use super::error::KeyPath;
+use super::file::{
+    RawAdmin, RawConfig, RawDuration, RawHealthCheck, RawListener, RawPool, RawRoute, RawServer,
+    RawSticky, RawStore, RawStoreKind, RawTls,
+};
+use super::{
+    AdminConfig, Algorithm, Config, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch,
+    ListenerConfig, PoolConfig, Protocol, RedisTarget, RouteConfig, RouteMatch, ServerConfig,
+    StickyConfig, StickyKind, StoreConfig, TlsConfig,
+};
+
+/// A validation error: what is wrong with the key at `path`.
+#[derive(Debug)]
+pub(crate) struct Invalid {
+    pub path: KeyPath,
+    pub message: String,
+}
+
+impl Invalid {
+    fn new(path: KeyPath, message: impl Into<String>) -> Self {
+        Invalid {
+            path,
+            message: message.into(),
+        }
+    }
+}
+
+type Result<T, E = Invalid> = std::result::Result<T, E>;
+
+fn invalid<T>(path: KeyPath, message: impl Into<String>) -> Result<T> {
+    Err(Invalid::new(path, message))
+}
+
+/// Validates a configuration for the features that are built.
+pub(crate) fn validate(raw: RawConfig) -> Result<Config> {
+    reject_unsupported(&raw)?;
+    build(raw)
+}
+
+/// Rejects the keys whose feature is parsed and validated but not built yet, so that a configuration using
+/// one fails loudly instead of being silently ignored.
+///
+/// Each `deny` line is one feature: delete the line when its feature lands (with its test in `tests.rs`).
+fn reject_unsupported(raw: &RawConfig) -> Result<()> {
+    for (i, listener) in raw.listeners.iter().enumerate() {
+        let at = |key: &str| KeyPath::root("listeners").index(i).key(key);
+        let protocol = listener.protocol;
+        deny(protocol == Protocol::Https, at("protocol"), "protocol = \"https\"")?;
+        deny(protocol == Protocol::Tcp, at("protocol"), "protocol = \"tcp\"")?;
+        deny(protocol == Protocol::Udp, at("protocol"), "protocol = \"udp\"")?;
+        deny(listener.tls.is_some(), at("tls"), "`tls`")?;
+        deny(listener.proxy_protocol.is_some(), at("proxy_protocol"), "`proxy_protocol`")?;
+    }
+    for (i, pool) in raw.pools.iter().enumerate() {
+        let at = |key: &str| KeyPath::root("pools").index(i).key(key);
+        let algorithm = pool.algorithm.unwrap_or(Algorithm::RoundRobin);
+        let deny_algorithm = |a: Algorithm| {
+            let what = format!("algorithm = \"{}\"", a.as_str());
+            deny(algorithm == a, at("algorithm"), &what)
+        };
+        deny_algorithm(Algorithm::LeastConnections)?;
+        deny_algorithm(Algorithm::LeastResponseTime)?;
+        deny_algorithm(Algorithm::IpHash)?;
+        deny_algorithm(Algorithm::ConsistentHash)?;
+        deny_algorithm(Algorithm::Maglev)?;
+        deny_algorithm(Algorithm::Random)?;
+        deny_algorithm(Algorithm::P2c)?;
+        deny(pool.hash_key.is_some(), at("hash_key"), "`hash_key`")?;
+        deny(pool.slow_start.is_some(), at("slow_start"), "`slow_start`")?;
+        deny(pool.health_check.is_some(), at("health_check"), "`[pools.health_check]`")?;
+        deny(pool.sticky.is_some(), at("sticky"), "`[pools.sticky]`")?;
+    }
+    let store_kind = raw.store.as_ref().and_then(|s| s.kind);
+    let at = KeyPath::root("store").key("kind");
+    deny(store_kind == Some(RawStoreKind::Redis), at, "kind = \"redis\"")?;
+    Ok(())
+}
+
+fn deny(used: bool, path: KeyPath, what: &str) -> Result<()> {
+    if used {
+        invalid(path, format!("{what} is not supported yet"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Validates every feature, built or not.
+pub(crate) fn build(raw: RawConfig) -> Result<Config> {
+    let shutdown_timeout = duration(
+        raw.shutdown_timeout.as_ref(),
+        KeyPath::root("shutdown_timeout"),
+        Duration::from_secs(30),
+        Zero::Allowed,
+    )?;
+    let admin = raw.admin.map(admin).transpose()?;
+    let store = store(raw.store)?;
+    let pools = pools(raw.pools)?;
+    let listeners = listeners(raw.listeners, &pools, admin.as_ref())?;
+    Ok(Config {
+        shutdown_timeout,
+        admin,
+        store,
+        listeners,
+        pools,
+    })
+}
+
+fn admin(raw: RawAdmin) -> Result<AdminConfig> {
+    let path = KeyPath::root("admin");
+    let bind = bind_address(&raw.bind, path.key("bind"))?;
+    if let Some(token) = &raw.token {
+        if token.is_empty() {
+            return invalid(
+                path.key("token"),
+                "must not be empty (remove the key to disable authentication)",
+            );
+        }
+        if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return invalid(
+                path.key("token"),
+                "must not contain whitespace or control characters",
+            );
+        }
+    }
+    Ok(AdminConfig {
+        bind,
+        token: raw.token,
+    })
+}
+
+fn store(raw: Option<RawStore>) -> Result<StoreConfig> {
+    let Some(raw) = raw else {
+        return Ok(StoreConfig::Memory);
+    };
+    let path = KeyPath::root("store");
+    if raw.kind.unwrap_or(RawStoreKind::Memory) == RawStoreKind::Memory {
+        let redis_only = [
+            ("url", raw.url.is_some()),
+            ("sentinel", raw.sentinel.is_some()),
+            ("key_prefix", raw.key_prefix.is_some()),
+        ];
+        if let Some((key, _)) = redis_only.iter().find(|(_, set)| *set) {
+            return invalid(path.key(key), "only valid with kind = \"redis\"");
+        }
+        return Ok(StoreConfig::Memory);
+    }
+
+    let target = match (raw.url, raw.sentinel) {
+        (Some(_), Some(_)) => {
+            return invalid(
+                path.key("sentinel"),
+                "set either `url` or `sentinel`, not both",
+            )
+        }
+        (None, None) => {
+            return invalid(
+                path.key("kind"),
+                "kind = \"redis\" needs `url` (one node) or `sentinel` (via Sentinel)",
+            )
+        }
+        (Some(url), None) => {
+            let rest = url
+                .strip_prefix("redis://")
+                .or_else(|| url.strip_prefix("rediss://"));
+            match rest {
+                Some(rest) if !rest.is_empty() && !rest.starts_with('/') => RedisTarget::Url(url),
+                Some(_) => return invalid(path.key("url"), format!("{url:?} names no host")),
+                None => {
+                    return invalid(
+                        path.key("url"),
+                        format!("must start with redis:// or rediss://, got {url:?}"),
+                    )
+                }
+            }
+        }
+        (None, Some(sentinel)) => {
+            let path = path.key("sentinel");
+            if sentinel.master.is_empty() {
+                return invalid(path.key("master"), "must not be empty");
+            }
+            if sentinel.nodes.is_empty() {
+                return invalid(path.key("nodes"), "needs at least one Sentinel address");
+            }
+            for (i, node) in sentinel.nodes.iter().enumerate() {
+                if !matches!(split_host_port(node), Some((_, port)) if port != 0) {
+                    return invalid(
+                        path.key("nodes").index(i),
+                        format!("invalid Sentinel address {node:?}: expected HOST:PORT"),
+                    );
+                }
+            }
+            RedisTarget::Sentinel {
+                master: sentinel.master,
+                nodes: sentinel.nodes,
+            }
+        }
+    };
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "fulcrum".to_owned());
+    if key_prefix.is_empty() {
+        return invalid(path.key("key_prefix"), "must not be empty");
+    }
+    Ok(StoreConfig::Redis { target, key_prefix })
+}
+
+fn pools(raw: Vec<RawPool>) -> Result<Vec<PoolConfig>> {
+    if raw.is_empty() {
+        return invalid(
+            KeyPath::root("pools"),
+            "at least one [[pools]] table is required",
+        );
+    }
+    let mut pools: Vec<PoolConfig> = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.into_iter().enumerate() {
+        let path = KeyPath::root("pools").index(i);
+        let pool = pool(raw, &path)?;
+        if let Some(first) = pools.iter().position(|p| p.name == pool.name) {
+            return invalid(
+                path.key("name"),
+                format!("duplicate pool name `{}` (also pools[{first}])", pool.name),
+            );
+        }
+        pools.push(pool);
+    }
+    Ok(pools)
+}
+
+fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
+    let name = name(&raw.name, path.key("name"))?;
+    let algorithm = raw.algorithm.unwrap_or(Algorithm::RoundRobin);
+    let hash_key = match raw.hash_key {
+        None => algorithm.uses_hash_key().then_some(HashKey::SourceIp),
+        Some(text) => {
+            let path = path.key("hash_key");
+            if !algorithm.uses_hash_key() {
+                return invalid(
+                    path,
+                    format!(
+                        "only used by the ip_hash, consistent_hash and maglev algorithms, \
+                         and this pool uses {}",
+                        algorithm.as_str()
+                    ),
+                );
+            }
+            let key = hash_key(&text, &path)?;
+            if algorithm == Algorithm::IpHash
+                && !matches!(key, HashKey::SourceIp | HashKey::SourceIpPort)
+            {
+                return invalid(
+                    path,
+                    "ip_hash hashes the client address: use source_ip or source_ip_port, \
+                     or consistent_hash / maglev to hash anything else",
+                );
+            }
+            Some(key)
+        }
+    };
+
+    if raw.servers.is_empty() {
+        return invalid(path.key("servers"), "a pool needs at least one server");
+    }
+    let mut servers: Vec<ServerConfig> = Vec::with_capacity(raw.servers.len());
+    for (i, raw) in raw.servers.into_iter().enumerate() {
+        let path = path.key("servers").index(i);
+        let server = server(raw, &path)?;
+        if let Some(first) = servers.iter().position(|s| s.name == server.name) {
+            return invalid(
+                path.key("name"),
+                format!(
+                    "duplicate server name `{}` in this pool (also servers[{first}]; \
+                     a server's name defaults to its address)",
+                    server.name
+                ),
+            );
+        }
+        servers.push(server);
+    }
+
+    let slow_start = raw
+        .slow_start
+        .as_ref()
+        .map(|d| duration(Some(d), path.key("slow_start"), Duration::ZERO, Zero::Rejected))
+        .transpose()?;
+    let retries = integer(raw.retries, path.key("retries"), 2, 0, 10)? as u32;
+    let connect_timeout = duration(
+        raw.connect_timeout.as_ref(),
+        path.key("connect_timeout"),
+        Duration::from_secs(3),
+        Zero::Rejected,
+    )?;
+    let response_timeout = duration(
+        raw.response_timeout.as_ref(),
+        path.key("response_timeout"),
+        Duration::from_secs(30),
+        Zero::Rejected,
+    )?;
+    let health_check = raw
+        .health_check
+        .map(|h| health_check(h, &path.key("health_check")))
+        .transpose()?;
+    let sticky = raw
+        .sticky
+        .map(|s| sticky(s, &path.key("sticky")))
+        .transpose()?;
+    Ok(PoolConfig {
+        name,
+        algorithm,
+        hash_key,
+        servers,
+        slow_start,
+        retries,
+        connect_timeout,
+        response_timeout,
+        health_check,
+        sticky,
+    })
+}
+
+fn hash_key(text: &str, path: &KeyPath) -> Result<HashKey> {
+    let key = match text {
+        "source_ip" => HashKey::SourceIp,
+        "source_ip_port" => HashKey::SourceIpPort,
+        "uri" => HashKey::Uri,
+        _ => {
+            if let Some(name) = text.strip_prefix("header:") {
+                let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    Invalid::new(path.clone(), format!("invalid header name {name:?}"))
+                })?;
+                HashKey::Header(header)
+            } else if let Some(name) = text.strip_prefix("cookie:") {
+                check_cookie_name(name, path)?;
+                HashKey::Cookie(name.to_owned())
+            } else {
+                return invalid(
+                    path.clone(),
+                    format!(
+                        "unknown hash key {text:?}, expected one of source_ip, source_ip_port, \
+                         uri, \"header:NAME\", \"cookie:NAME\""
+                    ),
+                );
+            }
+        }
+    };
+    Ok(key)
+}
+
+fn server(raw: RawServer, path: &KeyPath) -> Result<ServerConfig> {
+    let address = server_address(&raw.address, path.key("address"))?;
+    let name = match raw.name {
+        Some(n) => name(&n, path.key("name"))?,
+        None => raw.address,
+    };
+    let weight = integer(raw.weight, path.key("weight"), 1, 1, 1_000_000)? as u32;
+    Ok(ServerConfig {
+        name,
+        address,
+        weight,
+    })
+}
+
+fn health_check(raw: RawHealthCheck, path: &KeyPath) -> Result<HealthCheckConfig> {
+    if raw.kind != HealthCheckKind::Http {
+        let http_only = [
+            ("path", raw.path.is_some()),
+            ("expect_status", raw.expect_status.is_some()),
+        ];
+        if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
+            return invalid(
+                path.key(key),
+                format!(
+                    "only valid with kind = \"http\" (this check is {})",
+                    raw.kind.as_str()
+                ),
+            );
+        }
+    }
+    let check_path = raw.path.unwrap_or_else(|| "/health".to_owned());
+    if !check_path.starts_with('/') {
+        return invalid(
+            path.key("path"),
+            format!("must start with '/', got {check_path:?}"),
+        );
+    }
+    let expect_status = match &raw.expect_status {
+        None => (200, 399),
+        Some(status) => parse_status_range(&status.0)
+            .map_err(|message| Invalid::new(path.key("expect_status"), message))?,
+    };
+    Ok(HealthCheckConfig {
+        kind: raw.kind,
+        path: check_path,
+        expect_status,
+        interval: duration(
+            raw.interval.as_ref(),
+            path.key("interval"),
+            Duration::from_secs(2),
+            Zero::Rejected,
+        )?,
+        timeout: duration(
+            raw.timeout.as_ref(),
+            path.key("timeout"),
+            Duration::from_secs(1),
+            Zero::Rejected,
+        )?,
+        rise: integer(raw.rise, path.key("rise"), 2, 1, u32::MAX.into())? as u32,
+        fall: integer(raw.fall, path.key("fall"), 3, 1, u32::MAX.into())? as u32,
+    })
+}
+
+/// `"200"` → `(200, 200)`, `"200-399"` → `(200, 399)`; codes are 100 to 599.
+pub(crate) fn parse_status_range(text: &str) -> Result<(u16, u16), String> {
+    let (low, high) = text.split_once('-').unwrap_or((text, text));
+    let code = |s: &str| {
+        s.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|c| (100..=599).contains(c))
+    };
+    match (code(low), code(high)) {
+        (Some(low), Some(high)) if low <= high => Ok((low, high)),
+        (Some(low), Some(high)) => Err(format!("range {low}-{high} is empty: {low} is above {high}")),
+        _ => Err(format!(
+            "invalid status {text:?}: expected a code or an inclusive range of codes \
+             from 100 to 599, e.g. \"200\" or \"200-399\""
+        )),
+    }
+}
+
+fn sticky(raw: RawSticky, path: &KeyPath) -> Result<StickyConfig> {
+    let cookie = match (raw.kind, raw.cookie) {
+        (StickyKind::Cookie, cookie) => cookie.unwrap_or_else(|| "FULCRUM_SRV".to_owned()),
+        (StickyKind::AppCookie, Some(cookie)) => cookie,
+        (StickyKind::AppCookie, None) => {
+            return invalid(
+                path.key("cookie"),
+                "required with kind = \"app_cookie\": the name of the application's session \
+                 cookie, e.g. \"JSESSIONID\"",
+            )
+        }
+        (StickyKind::SourceIp, None) => String::new(),
+        (StickyKind::SourceIp, Some(_)) => {
+            return invalid(path.key("cookie"), "not used with kind = \"source_ip\"")
+        }
+    };
+    if raw.kind != StickyKind::SourceIp {
+        check_cookie_name(&cookie, &path.key("cookie"))?;
+    }
+    let ttl = duration(
+        raw.ttl.as_ref(),
+        path.key("ttl"),
+        Duration::from_secs(30 * 60),
+        Zero::Rejected,
+    )?;
+    Ok(StickyConfig {
+        kind: raw.kind,
+        cookie,
+        ttl,
+    })
+}
+
+fn listeners(
+    raw: Vec<RawListener>,
+    pools: &[PoolConfig],
+    admin: Option<&AdminConfig>,
+) -> Result<Vec<ListenerConfig>> {
+    if raw.is_empty() {
+        return invalid(
+            KeyPath::root("listeners"),
+            "at least one [[listeners]] table is required",
+        );
+    }
+    // Addresses already taken, with whether they are UDP (UDP and TCP may share a port) and their owner.
+    let mut taken: Vec<(SocketAddr, bool, String)> = Vec::new();
+    if let Some(admin) = admin {
+        taken.push((admin.bind, false, "admin.bind".to_owned()));
+    }
+    let mut listeners: Vec<ListenerConfig> = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.into_iter().enumerate() {
+        let path = KeyPath::root("listeners").index(i);
+        let listener = listener(raw, &path, pools)?;
+        if let Some(first) = listeners.iter().position(|l| l.name == listener.name) {
+            return invalid(
+                path.key("name"),
+                format!(
+                    "duplicate listener name `{}` (also listeners[{first}])",
+                    listener.name
+                ),
+            );
+        }
+        let udp = listener.protocol == Protocol::Udp;
+        let conflict = taken
+            .iter()
+            .find(|(addr, u, _)| *u == udp && binds_conflict(*addr, listener.bind));
+        if let Some((_, _, owner)) = conflict {
+            return invalid(
+                path.key("bind"),
+                format!("address {} is already used by {owner}", listener.bind),
+            );
+        }
+        taken.push((listener.bind, udp, path.key("bind").to_string()));
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Whether two sockets could not both be bound: same port, same family, and the same IP or a wildcard.
+/// Port 0 asks the kernel for a free port, so it never conflicts.
+fn binds_conflict(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<ListenerConfig> {
+    let name = name(&raw.name, path.key("name"))?;
+    let bind = bind_address(&raw.bind, path.key("bind"))?;
+    let protocol = raw.protocol;
+    let pool = pool_ref(&raw.pool, path.key("pool"), pools)?;
+
+    if !protocol.is_http() && !raw.routes.is_empty() {
+        return invalid(
+            path.key("routes"),
+            format!(
+                "routes are only valid on http and https listeners, this one is {}",
+                protocol.as_str()
+            ),
+        );
+    }
+    let routes = raw
+        .routes
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| route(r, &path.key("routes").index(i), pools))
+        .collect::<Result<Vec<_>>>()?;
+
+    if raw.proxy_protocol.is_some() && protocol != Protocol::Tcp {
+        return invalid(
+            path.key("proxy_protocol"),
+            format!(
+                "only valid on tcp listeners, this one is {}",
+                protocol.as_str()
+            ),
+        );
+    }
+    let tls = match (protocol, raw.tls) {
+        (Protocol::Https, Some(tls)) => Some(tls_config(tls, &path.key("tls"))?),
+        (Protocol::Https, None) => {
+            return invalid(
+                path.key("tls"),
+                "required with protocol = \"https\": tls = { cert = \"cert.pem\", key = \"key.pem\" }",
+            )
+        }
+        (_, Some(_)) => {
+            return invalid(
+                path.key("tls"),
+                format!(
+                    "only valid on https listeners, this one is {}",
+                    protocol.as_str()
+                ),
+            )
+        }
+        (_, None) => None,
+    };
+
+    if raw.request_header_timeout.is_some() && !protocol.is_http() {
+        return invalid(
+            path.key("request_header_timeout"),
+            format!(
+                "only valid on http and https listeners, this one is {}",
+                protocol.as_str()
+            ),
+        );
+    }
+    let request_header_timeout = duration(
+        raw.request_header_timeout.as_ref(),
+        path.key("request_header_timeout"),
+        Duration::from_secs(10),
+        Zero::Rejected,
+    )?;
+    let idle_timeout = duration(
+        raw.idle_timeout.as_ref(),
+        path.key("idle_timeout"),
+        Duration::from_secs(60),
+        Zero::Rejected,
+    )?;
+    let max_connections = integer(
+        raw.max_connections,
+        path.key("max_connections"),
+        10_000,
+        1,
+        u32::MAX.into(),
+    )? as usize;
+
+    Ok(ListenerConfig {
+        name,
+        bind,
+        protocol,
+        pool,
+        routes,
+        proxy_protocol: raw.proxy_protocol,
+        tls,
+        request_header_timeout,
+        idle_timeout,
+        max_connections,
+    })
+}
+
+fn tls_config(raw: RawTls, path: &KeyPath) -> Result<TlsConfig> {
+    if raw.cert.is_empty() {
+        return invalid(path.key("cert"), "must not be empty");
+    }
+    if raw.key.is_empty() {
+        return invalid(path.key("key"), "must not be empty");
+    }
+    Ok(TlsConfig {
+        cert: PathBuf::from(raw.cert),
+        key: PathBuf::from(raw.key),
+    })
+}
+
+/// The index of the pool `name` refers to.
+fn pool_ref(name: &str, path: KeyPath, pools: &[PoolConfig]) -> Result<usize> {
+    pools.iter().position(|p| p.name == name).ok_or_else(|| {
+        let defined: Vec<String> = pools.iter().map(|p| format!("`{}`", p.name)).collect();
+        Invalid::new(
+            path,
+            format!(
+                "no pool named `{name}`; defined pools: {}",
+                defined.join(", ")
+            ),
+        )
+    })
+}
+
+fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteConfig> {
+    let pool = pool_ref(&raw.pool, path.key("pool"), pools)?;
+
+    let path_prefix = match raw.path_prefix {
+        Some(prefix) if !prefix.starts_with('/') => {
+            return invalid(
+                path.key("path_prefix"),
+                format!("must start with '/', got {prefix:?}"),
+            )
+        }
+        prefix => prefix,
+    };
+    let path_regex = raw
+        .path_regex
+        .map(|re| {
+            Regex::new(&re).map_err(|e| {
+                Invalid::new(
+                    path.key("path_regex"),
+                    format!("invalid regex {re:?}: {}", regex_reason(&e)),
+                )
+            })
+        })
+        .transpose()?;
+    let host = raw
+        .host
+        .map(|h| host_match(&h, &path.key("host")))
+        .transpose()?;
+    let method = raw
+        .method
+        .map(|m| method(&m, &path.key("method")))
+        .transpose()?;
+
+    let mut headers: Vec<(HeaderName, String)> = Vec::new();
+    for (name, value) in raw.headers.unwrap_or_default() {
+        let path = path.key("headers").key(&name);
+        let header = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| Invalid::new(path.clone(), format!("invalid header name {name:?}")))?;
+        if headers.iter().any(|(h, _)| *h == header) {
+            return invalid(
+                path,
+                format!("header `{header}` is listed twice (header names are case-insensitive)"),
+            );
+        }
+        if HeaderValue::from_str(&value).is_err() {
+            return invalid(
+                path,
+                format!("invalid header value {value:?}: only visible ASCII characters, spaces and tabs"),
+            );
+        }
+        headers.push((header, value));
+    }
+
+    let cookie = match raw.cookie {
+        None => None,
+        Some(cookie) => {
+            let path = path.key("cookie");
+            check_cookie_name(&cookie.name, &path.key("name"))?;
+            let bad = |c: char| {
+                c.is_whitespace() || c.is_control() || matches!(c, ';' | ',' | '"' | '\\')
+            };
+            if cookie.value.chars().any(bad) {
+                return invalid(
+                    path.key("value"),
+                    "a cookie value cannot contain whitespace, control characters, ';', ',', '\"' or '\\'",
+                );
+            }
+            Some((cookie.name, cookie.value))
+        }
+    };
+
+    let query: Vec<(String, String)> = raw.query.unwrap_or_default().into_iter().collect();
+    if query.iter().any(|(k, _)| k.is_empty()) {
+        return invalid(path.key("query"), "query parameter names must not be empty");
+    }
+
+    let matcher = RouteMatch {
+        path_prefix,
+        path_regex,
+        host,
+        method,
+        headers,
+        cookie,
+        query,
+    };
+    let matches_nothing = matcher.path_prefix.is_none()
+        && matcher.path_regex.is_none()
+        && matcher.host.is_none()
+        && matcher.method.is_none()
+        && matcher.headers.is_empty()
+        && matcher.cookie.is_none()
+        && matcher.query.is_empty();
+    if matches_nothing {
+        return invalid(
+            path.clone(),
+            "a route needs at least one match key: path_prefix, path_regex, host, method, \
+             headers, cookie or query",
+        );
+    }
+    Ok(RouteConfig { matcher, pool })
+}
+
+/// The regex crate's syntax errors draw a caret under the pattern over several lines; keep the reason.
+fn regex_reason(error: &regex::Error) -> String {
+    let text = error.to_string();
+    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    last.trim().trim_start_matches("error: ").to_owned()
+}
+
+/// `"Example.COM:8080"` → `Exact("example.com")`, `"*.example.com"` → `Suffix(".example.com")`.
+pub(crate) fn host_match(text: &str, path: &KeyPath) -> Result<HostMatch> {
+    let lower = text.trim().to_ascii_lowercase();
+    let bad = |why: &str| invalid(path.clone(), format!("invalid host {text:?}: {why}"));
+    // Strip the port: `[v6]:port`, `host:port`.
+    let host = if lower.starts_with('[') {
+        let Some(end) = lower.find(']') else {
+            return bad("unclosed '['");
+        };
+        let rest = &lower[end + 1..];
+        if !(rest.is_empty() || is_port_suffix(rest)) {
+            return bad("expected a port after ']'");
+        }
+        &lower[..=end]
+    } else {
+        match lower.rsplit_once(':') {
+            Some((host, _)) if is_port_suffix(&lower[host.len()..]) => host,
+            Some(_) => return bad("expected HOST or HOST:PORT"),
+            None => lower.as_str(),
+        }
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    if host.is_empty() {
+        return bad("empty host");
+    }
+    let (wildcard, name) = match host.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, host),
+    };
+    if name.contains('*') {
+        return bad("a wildcard is only allowed as a leading \"*.\", e.g. \"*.example.com\"");
+    }
+    let valid = if name.starts_with('[') {
+        !wildcard
+            && name.ends_with(']')
+            && name[1..name.len() - 1]
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok()
+    } else {
+        !name.is_empty()
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+    };
+    if !valid {
+        return bad("expected a host name such as \"example.com\" or \"*.example.com\"");
+    }
+    Ok(if wildcard {
+        HostMatch::Suffix(format!(".{name}"))
+    } else {
+        HostMatch::Exact(name.to_owned())
+    })
+}
+
+/// `":8080"`.
+fn is_port_suffix(text: &str) -> bool {
+    text.strip_prefix(':')
+        .is_some_and(|p| !p.is_empty() && p.parse::<u16>().is_ok())
+}
+
+fn method(text: &str, path: &KeyPath) -> Result<Method> {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    let upper = text.to_ascii_uppercase();
+    if upper != text && STANDARD.contains(&upper.as_str()) {
+        return invalid(
+            path.clone(),
+            format!("methods are case-sensitive: write {upper:?}, not {text:?}"),
+        );
+    }
+    Method::from_bytes(text.as_bytes())
+        .map_err(|_| Invalid::new(path.clone(), format!("invalid method {text:?}")))
+}
+
+/// RFC 6265: a cookie name is an HTTP token.
+fn check_cookie_name(name: &str, path: &KeyPath) -> Result<()> {
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if name.is_empty() || !name.chars().all(tchar) {
+        return invalid(
+            path.clone(),
+            format!("invalid cookie name {name:?}: letters, digits and !#$%&'*+-.^_`|~ only"),
+        );
+    }
+    Ok(())
+}
+
+/// Names appear in admin API URLs, metrics labels and logs.
+fn name(text: &str, path: KeyPath) -> Result<String> {
+    if text.is_empty() {
+        return invalid(path, "must not be empty");
+    }
+    if text
+        .chars()
+        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+    {
+        return invalid(
+            path,
+            format!(
+                "invalid name {text:?}: '/', whitespace and control characters are not allowed \
+                 (names appear in admin API URLs)"
+            ),
+        );
+    }
+    Ok(text.to_owned())
+}
+
+/// An address to listen on: an IP, not a host name, so that what is bound is what was written.
+fn bind_address(text: &str, path: KeyPath) -> Result<SocketAddr> {
+    text.parse().map_err(|_| {
+        Invalid::new(
+            path,
+            format!(
+                "invalid address {text:?}: expected IP:PORT, e.g. \"127.0.0.1:8080\" or \"[::]:8080\""
+            ),
+        )
+    })
+}
+
+/// A server address: `IP:PORT`, or `HOST:PORT` resolved once, now. IPv4 is preferred because `localhost`
+/// often resolves to `::1` first while local servers commonly listen on `127.0.0.1` only.
+fn server_address(text: &str, path: KeyPath) -> Result<SocketAddr> {
+    let port_zero = || invalid(path.clone(), format!("invalid address {text:?}: port 0"));
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return if addr.port() == 0 { port_zero() } else { Ok(addr) };
+    }
+    let Some((host, port)) = split_host_port(text) else {
+        return invalid(
+            path,
+            format!(
+                "invalid address {text:?}: expected IP:PORT or HOST:PORT, e.g. \
+                 \"127.0.0.1:9001\" or \"localhost:9001\""
+            ),
+        );
+    };
+    if port == 0 {
+        return port_zero();
+    }
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| Invalid::new(path.clone(), format!("cannot resolve {host:?}: {e}")))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| Invalid::new(path, format!("{host:?} resolves to no address")))
+}
+
+/// `host:port` or `[v6]:port` → (host without brackets, port).
+fn split_host_port(text: &str) -> Option<(&str, u16)> {
+    let (host, port) = match text.strip_prefix('[') {
+        Some(rest) => {
+            let (host, after) = rest.split_once(']')?;
+            (host, after.strip_prefix(':')?)
+        }
+        None => {
+            let (host, port) = text.rsplit_once(':')?;
+            if host.contains(':') {
+                return None; // an IPv6 address needs brackets
+            }
+            (host, port)
+        }
+    };
+    if host.is_empty() || port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Zero {
+    /// `"0s"` is meaningful (e.g. no grace period at shutdown).
+    Allowed,
+    /// A zero duration would make the feature fail at once or spin.
+    Rejected,
+}
+
+fn duration(
+    raw: Option<&RawDuration>,
+    path: KeyPath,
+    default: Duration,
+    zero: Zero,
+) -> Result<Duration> {
+    let Some(RawDuration(text)) = raw else {
+        return Ok(default);
+    };
+    let parsed = humantime::parse_duration(text.trim()).map_err(|e| {
+        Invalid::new(
+            path.clone(),
+            format!("invalid duration {text:?}: {e} (write e.g. \"500ms\", \"2s\" or \"1m\")"),
+        )
+    })?;
+    if parsed.is_zero() && zero == Zero::Rejected {
+        return invalid(path, "must be greater than zero");
+    }
+    Ok(parsed)
+}
+
+/// `raw` (or `default`) checked to be within `min..=max`.
+fn integer(raw: Option<i64>, path: KeyPath, default: i64, min: i64, max: i64) -> Result<i64> {
+    let value = raw.unwrap_or(default);
+    if value < min {
+        return invalid(path, format!("must be at least {min}"));
+    }
+    if value > max {
+        return invalid(path, format!("must be at most {max}"));
+    }
+    Ok(value)
+}

@@ -1,0 +1,54 @@
+//! `fulcrum demo`: the embedded default. Starts N fulcrum-app servers in this process and a balancer in
+//! front of them, so a newcomer sees load balancing happen with one command and no file to write.
+
+use std::net::SocketAddr;
+
+use fulcrum_app::{AppConfig, AppHandle};
+
+use crate::config::{self, Config};
+
+/// Where the demo listens.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Number of demo servers.
+    pub servers: usize,
+    /// The balancer's HTTP listener.
+    pub bind: SocketAddr,
+    /// The admin API and dashboard.
+    pub admin: SocketAddr,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            servers: 3,
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+/// The demo's configuration: one HTTP listener, one round-robin pool over `servers`.
+pub fn config(opts: &DemoOptions, servers: &[(String, SocketAddr)]) -> Result<Config, config::ConfigError> {
+    let list: Vec<String> =
+        servers.iter().map(|(name, addr)| format!("  {{ name = \"{name}\", address = \"{addr}\" }},")).collect();
+    let text = format!(
+        "# fulcrum demo: generated\nshutdown_timeout = \"5s\"\n\n[admin]\nbind = \"{admin}\"\n\n\
+         [[listeners]]\nname = \"web\"\nbind = \"{bind}\"\nprotocol = \"http\"\npool = \"demo\"\n\n\
+         [[pools]]\nname = \"demo\"\nalgorithm = \"round_robin\"\nservers = [\n{list}\n]\n",
+        admin = opts.admin,
+        bind = opts.bind,
+        list = list.join("\n"),
+    );
+    config::parse(&text, "<demo>")
+}
+
+/// Starts the demo servers ("app-1", "app-2", …) on free loopback ports.
+pub async fn start_servers(n: usize) -> std::io::Result<Vec<AppHandle>> {
+    let mut apps = Vec::with_capacity(n);
+    for i in 1..=n {
+        let name = format!("app-{i}");
+        apps.push(fulcrum_app::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), AppConfig::new(name)).await?);
+    }
+    Ok(apps)
+}

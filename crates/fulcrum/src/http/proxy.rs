@@ -1,0 +1,254 @@
+//! The request path: route, pick, forward, stream back.
+//!
+//! A request is routed to a pool, the pool's selector orders the candidate servers, and the request
+//! goes to the first available one over a pooled HTTP/1.1 connection. What may be retried is decided by
+//! what the server saw:
+//! - a connect failure (refused, timed out) sent nothing: the next candidate is tried, up to `retries`;
+//! - an idle keep-alive connection found closed before the request was written sent nothing either:
+//!   a fresh connection to the same server is tried (this does not use up a retry);
+//! - once the request has been written, it is never sent again: a failure answers 502, a server that
+//!   does not answer within `response_timeout` 504.
+//!
+//! With no available server the answer is an immediate 503.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{InFlight, ProxyBody};
+use super::headers::{is_websocket_upgrade, rewrite_request, rewrite_response};
+use super::route;
+use super::upstream::{self, Sender};
+use crate::config::RouteMatch;
+use crate::pool::{Pool, PoolSettings, Server};
+
+/// Live counters of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Client connections open now.
+    pub active_connections: AtomicI64,
+    /// Client connections accepted so far.
+    pub connections_total: AtomicU64,
+    /// Responses sent to clients by status class (1xx … 5xx), fulcrum's own included.
+    pub responses: [AtomicU64; 5],
+}
+
+impl ListenerStats {
+    /// Responses sent so far.
+    pub fn requests_total(&self) -> u64 {
+        self.responses.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    #[inline]
+    fn count(&self, status: StatusCode) {
+        let class = usize::from((status.as_u16() / 100).clamp(1, 5)) - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What an HTTP listener routes with.
+#[derive(Debug)]
+pub struct HttpRouter {
+    /// Routes in order; the first match wins.
+    pub routes: Vec<(RouteMatch, Arc<Pool>)>,
+    /// The pool for requests no route matches.
+    pub default_pool: Arc<Pool>,
+}
+
+impl HttpRouter {
+    /// The pool for `req`.
+    #[inline]
+    pub fn route<B>(&self, req: &Request<B>) -> &Arc<Pool> {
+        self.routes.iter().find(|(m, _)| route::matches(m, req)).map(|(_, p)| p).unwrap_or(&self.default_pool)
+    }
+}
+
+/// Everything the request path of one HTTP listener needs.
+#[derive(Debug)]
+pub struct HttpListener {
+    /// The listener's name.
+    pub name: String,
+    /// `X-Forwarded-Proto` value.
+    pub proto: &'static str,
+    /// Routing table.
+    pub router: HttpRouter,
+    /// Live counters.
+    pub stats: ListenerStats,
+}
+
+/// The peer of one client connection, formatted once for `X-Forwarded-For`.
+#[derive(Debug, Clone)]
+pub struct Client {
+    /// The client's socket address.
+    pub addr: SocketAddr,
+    /// The client's IP as a header value.
+    pub ip: HeaderValue,
+}
+
+impl Client {
+    /// Describes the peer at `addr`.
+    pub fn new(addr: SocketAddr) -> Self {
+        let ip = HeaderValue::from_str(&addr.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        Client { addr, ip }
+    }
+}
+
+/// hyper service entry point: never fails; errors become 5xx responses.
+pub async fn handle(
+    listener: Arc<HttpListener>,
+    client: Client,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let pool = listener.router.route(&req).clone();
+    let resp = forward(&pool, &client, listener.proto, req).await;
+    listener.stats.count(resp.status());
+    Ok(resp)
+}
+
+/// Why a request got no response from a server.
+enum Failure {
+    /// Nothing was sent; the request can go to another server.
+    NotSent(Request<Incoming>),
+    /// The request was sent and the exchange failed.
+    Failed(StatusCode),
+}
+
+async fn forward(pool: &Pool, client: &Client, proto: &'static str, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    let snapshot = pool.snapshot_full();
+    let websocket = is_websocket_upgrade(&req);
+    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    rewrite_request(&mut req, &client.ip, proto, websocket);
+
+    let mut candidates = snapshot.pick();
+    let mut attempts = snapshot.settings.retries + 1;
+    let mut tried = false;
+    while attempts > 0 {
+        let Some(server) = snapshot.next_available(&mut candidates) else { break };
+        attempts -= 1;
+        tried = true;
+        let guard = InFlight::start(server.clone());
+        match exchange(server, &snapshot.settings, req).await {
+            Ok((resp, sender, elapsed)) => {
+                server.stats.record_response(resp.status().as_u16(), elapsed);
+                return respond(resp, sender, guard, client_upgrade);
+            }
+            Err(Failure::NotSent(r)) => {
+                server.stats.record_failure();
+                req = r;
+            }
+            Err(Failure::Failed(status)) => {
+                server.stats.record_failure();
+                return local(status);
+            }
+        }
+    }
+    if tried {
+        local(StatusCode::BAD_GATEWAY)
+    } else {
+        local(StatusCode::SERVICE_UNAVAILABLE)
+    }
+}
+
+/// Sends `req` to `server` and waits for the response head.
+async fn exchange(
+    server: &Arc<Server>,
+    settings: &PoolSettings,
+    mut req: Request<Incoming>,
+) -> Result<(Response<Incoming>, Sender, std::time::Duration), Failure> {
+    // An idle connection may have been closed by the server in the meantime; one fresh connection
+    // follows a stale idle one.
+    let mut idle = server.idle.take();
+    loop {
+        let reused = idle.is_some();
+        let mut sender = match idle.take() {
+            Some(s) => s,
+            None => match upstream::connect(server.address, settings.connect_timeout).await {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(server = %server.name, error = %e, "server connect failed");
+                    return Err(Failure::NotSent(req));
+                }
+            },
+        };
+        if sender.ready().await.is_err() {
+            if reused {
+                continue;
+            }
+            return Err(Failure::NotSent(req));
+        }
+        let started = Instant::now();
+        match tokio::time::timeout(settings.response_timeout, sender.try_send_request(req)).await {
+            Ok(Ok(resp)) => return Ok((resp, sender, started.elapsed())),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(r) if reused => req = r,
+                Some(r) => return Err(Failure::NotSent(r)),
+                None => {
+                    tracing::warn!(server = %server.name, error = %e.error(), "server exchange failed");
+                    return Err(Failure::Failed(StatusCode::BAD_GATEWAY));
+                }
+            },
+            Err(_) => {
+                tracing::warn!(server = %server.name, timeout = ?settings.response_timeout, "server timed out");
+                return Err(Failure::Failed(StatusCode::GATEWAY_TIMEOUT));
+            }
+        }
+    }
+}
+
+fn respond(
+    mut resp: Response<Incoming>,
+    sender: Sender,
+    mut guard: InFlight,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ProxyBody> {
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    rewrite_response(resp.headers_mut(), switching && client_upgrade.is_some());
+    if switching {
+        if let Some(client_upgrade) = client_upgrade {
+            let server_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(client_upgrade, server_upgrade, guard));
+            return resp.map(|_| ProxyBody::empty());
+        }
+    }
+    guard.attach(sender);
+    resp.map(|body| ProxyBody::upstream(body, guard))
+}
+
+/// Copies bytes both ways between an upgraded client and server connection until either closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade, guard: InFlight) {
+    let (client, server) = match tokio::try_join!(client, server) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut server = TokioIo::new(server);
+    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
+        tracing::debug!(server = %guard.server().name, error = %e, "tunnel closed");
+    }
+    drop(guard);
+}
+
+/// A response generated by fulcrum itself, with a short plain-text body saying why.
+pub fn local(status: StatusCode) -> Response<ProxyBody> {
+    let body: &'static str = match status {
+        StatusCode::BAD_GATEWAY => "502 Bad Gateway: the server failed to answer\n",
+        StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable: no server is available\n",
+        StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout: the server did not answer in time\n",
+        _ => "error\n",
+    };
+    let mut resp = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
+}

@@ -1,0 +1,148 @@
+//! The `fulcrum` command: parses the CLI and hands over to the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fulcrum::demo::{self, DemoOptions};
+use fulcrum::logging::{self, LogFormat};
+use fulcrum::runtime::{self, Running};
+
+/// A load balancer for HTTP and TCP/UDP.
+#[derive(Debug, Parser)]
+#[command(name = "fulcrum", version, about)]
+struct Cli {
+    /// Log line format (logs go to stderr; filter with RUST_LOG).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the balancer from a configuration file.
+    Run {
+        /// The configuration file.
+        #[arg(long, env = "FULCRUM_CONFIG", default_value = "fulcrum.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and exit.
+    Check {
+        /// The configuration file.
+        #[arg(long, env = "FULCRUM_CONFIG", default_value = "fulcrum.toml")]
+        config: PathBuf,
+    },
+    /// Run demo servers in-process behind a balancer, with the dashboard.
+    Demo {
+        /// How many demo servers.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=64))]
+        servers: u16,
+        /// The balancer's address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        bind: SocketAddr,
+        /// The admin API and dashboard's address.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        admin: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format);
+    let result = match cli.command {
+        Command::Check { config } => match fulcrum::config::load(&config) {
+            Ok(_) => {
+                println!("configuration OK");
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        Command::Run { config } => run(config),
+        Command::Demo { servers, bind, admin } => demo(DemoOptions { servers: usize::from(servers), bind, admin }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fulcrum: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let config = fulcrum::config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let running = runtime::start(config)?;
+    serve_until_signal(running)
+}
+
+fn demo(opts: DemoOptions) -> anyhow::Result<()> {
+    let apps_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fulcrum-demo-app")
+        .enable_all()
+        .build()?;
+    let apps = apps_rt.block_on(demo::start_servers(opts.servers)).context("starting the demo servers")?;
+    let servers: Vec<(String, SocketAddr)> =
+        apps.iter().enumerate().map(|(i, a)| (format!("app-{}", i + 1), a.addr())).collect();
+    let config = demo::config(&opts, &servers).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let running = runtime::start(config)?;
+    let bind = running.listener_addr("web").unwrap_or(opts.bind);
+    let admin = running.admin_addr().unwrap_or(opts.admin);
+    println!("fulcrum demo: {} servers behind a round-robin pool", servers.len());
+    println!("  balancer   http://{bind}/");
+    println!("  dashboard  http://{admin}/");
+    println!("  metrics    http://{admin}/metrics");
+    for (name, addr) in &servers {
+        println!("  server     {name} at http://{addr}/");
+    }
+    println!("Try:  for i in 1 2 3 4 5 6; do curl -s http://{bind}/ | head -1; done");
+    println!("Ctrl-C stops the demo.");
+    let result = serve_until_signal(running);
+    drop(apps);
+    drop(apps_rt);
+    result
+}
+
+/// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. SIGHUP is logged.
+fn serve_until_signal(running: Running) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let (mut term, mut int, mut hup) = rt.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+            signal(SignalKind::hangup())?,
+        ))
+    })?;
+    rt.block_on(async {
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported yet; keeping the running configuration"),
+            }
+        }
+    });
+    running.shutdown();
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(1);
+    });
+    if !running.wait() {
+        tracing::warn!("some connections were cut at shutdown_timeout");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Pools and their servers: identity, administrative and health state, live counters, and the
+//! immutable snapshot that requests pick from.
+//!
+//! A [`Pool`] publishes a [`PoolSnapshot`] through `ArcSwap`: the request path loads it without a lock,
+//! picks with its [`Selector`], and updates only atomics on the chosen [`Server`]. Changes (a server
+//! added, removed, reweighted) build a new snapshot off the request path and swap it in.
+
+mod stats;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+pub use stats::{ServerStats, LATENCY_BUCKETS};
+
+use crate::balance::{Candidates, Selector};
+use crate::config::{Algorithm, PoolConfig, ServerConfig};
+use crate::http::upstream::IdleConns;
+
+/// Whether a server takes traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ServerState {
+    /// Takes new and existing traffic.
+    Up = 0,
+    /// Failed its health checks: takes no traffic.
+    Down = 1,
+    /// Finishes what it has, takes no new clients.
+    Draining = 2,
+    /// Taken out by an operator: takes no traffic.
+    Maint = 3,
+}
+
+impl ServerState {
+    /// The name used by the admin API and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerState::Up => "up",
+            ServerState::Down => "down",
+            ServerState::Draining => "draining",
+            ServerState::Maint => "maint",
+        }
+    }
+
+    /// Every state, in the order of its discriminant.
+    pub const ALL: [ServerState; 4] =
+        [ServerState::Up, ServerState::Down, ServerState::Draining, ServerState::Maint];
+
+    fn from_u8(v: u8) -> Self {
+        Self::ALL.get(usize::from(v)).copied().unwrap_or(ServerState::Down)
+    }
+}
+
+/// One server of a pool.
+#[derive(Debug)]
+pub struct Server {
+    /// Unique within its pool; defaults to the address.
+    pub name: String,
+    /// Where requests are sent.
+    pub address: SocketAddr,
+    /// Relative share of traffic for weighted algorithms.
+    pub weight: u32,
+    state: AtomicU8,
+    /// Live counters (requests, failures, latency, in-flight).
+    pub stats: ServerStats,
+    /// Idle keep-alive connections to this server, owned by the HTTP layer (one set per worker thread).
+    pub(crate) idle: IdleConns,
+}
+
+impl Server {
+    /// A server in state `up` with zeroed counters.
+    pub fn new(cfg: &ServerConfig, workers: usize) -> Self {
+        Server {
+            name: cfg.name.clone(),
+            address: cfg.address,
+            weight: cfg.weight,
+            state: AtomicU8::new(ServerState::Up as u8),
+            stats: ServerStats::default(),
+            idle: IdleConns::new(workers),
+        }
+    }
+
+    /// The server's current state.
+    #[inline]
+    pub fn state(&self) -> ServerState {
+        ServerState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    /// Sets the server's state.
+    pub fn set_state(&self, state: ServerState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// True when the server may take a new request.
+    #[inline]
+    pub fn is_available(&self) -> bool {
+        self.state() == ServerState::Up
+    }
+}
+
+/// Per-pool settings that the request path reads.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    /// How many more servers a failed connection attempt may try.
+    pub retries: u32,
+    /// Limit on establishing a connection to a server.
+    pub connect_timeout: Duration,
+    /// Limit on a server answering with its response head.
+    pub response_timeout: Duration,
+}
+
+/// What a request picks from: the servers and the algorithm built over them, immutable once published.
+#[derive(Debug)]
+pub struct PoolSnapshot {
+    /// The servers, in configuration order.
+    pub servers: Vec<Arc<Server>>,
+    /// The algorithm, built over `servers`.
+    pub selector: Selector,
+    /// Retry and timeout settings.
+    pub settings: PoolSettings,
+}
+
+impl PoolSnapshot {
+    /// Candidates in the order to try them; unavailable servers are skipped by [`PoolSnapshot::next_available`].
+    #[inline]
+    pub fn pick(&self) -> Candidates {
+        self.selector.pick()
+    }
+
+    /// The next candidate that may take a request, if any.
+    #[inline]
+    pub fn next_available(&self, candidates: &mut Candidates) -> Option<&Arc<Server>> {
+        candidates.map(|i| &self.servers[i]).find(|s| s.is_available())
+    }
+}
+
+/// A named group of servers behind one algorithm.
+#[derive(Debug)]
+pub struct Pool {
+    /// The pool's name from the configuration.
+    pub name: String,
+    /// The algorithm's name.
+    pub algorithm: Algorithm,
+    snapshot: ArcSwap<PoolSnapshot>,
+}
+
+impl Pool {
+    /// Builds a pool and its first snapshot from configuration.
+    pub fn new(cfg: &PoolConfig, workers: usize) -> Self {
+        let servers: Vec<Arc<Server>> =
+            cfg.servers.iter().map(|s| Arc::new(Server::new(s, workers))).collect();
+        let settings = PoolSettings {
+            retries: cfg.retries,
+            connect_timeout: cfg.connect_timeout,
+            response_timeout: cfg.response_timeout,
+        };
+        Pool {
+            name: cfg.name.clone(),
+            algorithm: cfg.algorithm,
+            snapshot: ArcSwap::from_pointee(Self::build(cfg.algorithm, servers, settings)),
+        }
+    }
+
+    fn build(algorithm: Algorithm, servers: Vec<Arc<Server>>, settings: PoolSettings) -> PoolSnapshot {
+        let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
+        PoolSnapshot { selector: Selector::new(algorithm, &weights), servers, settings }
+    }
+
+    /// The current snapshot; cheap, lock-free, and valid for as long as it is held.
+    #[inline]
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<PoolSnapshot>> {
+        self.snapshot.load()
+    }
+
+    /// The current snapshot as an owned `Arc` (for long-lived holders such as the admin API).
+    pub fn snapshot_full(&self) -> Arc<PoolSnapshot> {
+        self.snapshot.load_full()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(weights: &[u32]) -> Pool {
+        let text = format!(
+            "[[listeners]]\nname=\"l\"\nbind=\"127.0.0.1:1\"\nprotocol=\"http\"\npool=\"p\"\n\
+             [[pools]]\nname=\"p\"\nalgorithm=\"weighted_round_robin\"\nservers=[{}]\n",
+            weights
+                .iter()
+                .enumerate()
+                .map(|(i, w)| format!("{{address=\"127.0.0.1:{}\", weight={w}}}", 9000 + i))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let cfg = crate::config::parse(&text, "test.toml").expect("valid config");
+        Pool::new(&cfg.pools[0], 1)
+    }
+
+    #[test]
+    fn unavailable_servers_are_skipped_in_candidate_order() {
+        let p = pool(&[1, 1, 1]);
+        let snap = p.snapshot();
+        snap.servers[0].set_state(ServerState::Down);
+        snap.servers[1].set_state(ServerState::Draining);
+        let mut c = Candidates::starting_at(0, 3);
+        assert_eq!(snap.next_available(&mut c).unwrap().address.port(), 9002);
+        assert!(snap.next_available(&mut c).is_none());
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let p = pool(&[1]);
+        let s = &p.snapshot().servers[0];
+        for st in ServerState::ALL {
+            s.set_state(st);
+            assert_eq!(s.state(), st);
+        }
+    }
+}
