@@ -67,7 +67,11 @@ impl ConfigError {
     }
 
     /// An error from deserializing the raw types: unknown key, wrong type, missing key, unknown enum value.
-    pub(crate) fn from_serde(origin: &str, doc: &ImDocument<&str>, error: &toml::de::Error) -> Self {
+    pub(crate) fn from_serde(
+        origin: &str,
+        doc: &ImDocument<&str>,
+        error: &toml::de::Error,
+    ) -> Self {
         let span = error.span();
         let path = span
             .as_ref()
@@ -197,7 +201,10 @@ fn serde_message(message: &str) -> String {
         .replacen("missing field", "missing required key", 1)
         .replacen("unknown variant", "unknown value", 1)
         .replace("expected i64", "expected an integer")
-        .replace("expected a sequence", "expected an array");
+        .replace("expected a sequence", "expected an array")
+        .replace("invalid type: map", "invalid type: table")
+        .replace("invalid type: sequence", "invalid type: array")
+        .replace("wanted string or table", "expected a string");
     // `expected struct RawServer` / `expected enum Protocol` name our types, not the user's.
     if let Some(at) = message.find("expected struct ") {
         return format!("{}expected a table", &message[..at]);

@@ -27,7 +27,9 @@ pub use error::ConfigError;
 
 /// Reads and validates the configuration file at `path`.
 ///
-/// Errors name the file as `path` was written; a file that cannot be read is reported with the OS error.
+/// # Errors
+///
+/// A file that cannot be read (named as `path` was written, with the OS error), or any error of [`parse`].
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -42,6 +44,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 
 /// Parses and validates a configuration from `text`; `origin` (usually the file name) prefixes every
 /// error message.
+///
+/// # Errors
+///
+/// The first problem found: TOML syntax, an unknown key, a wrong type, a missing key, a rule of
+/// `docs/configuration.md`, or a feature that is not supported yet; each placed by line and key path.
 pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     parse_with(text, origin, validate::validate)
 }
@@ -57,7 +64,8 @@ fn parse_with(
         .map_err(|e| ConfigError::syntax(origin, text, e.message(), e.span()))?;
     let raw: file::RawConfig =
         toml::from_str(text).map_err(|e| ConfigError::from_serde(origin, &doc, &e))?;
-    validate(raw).map_err(|invalid| ConfigError::at_path(origin, &doc, invalid.path, invalid.message))
+    validate(raw)
+        .map_err(|invalid| ConfigError::at_path(origin, &doc, invalid.path, invalid.message))
 }
 
 /// A validated configuration: every name resolved, every default applied.
@@ -226,8 +234,8 @@ pub struct RouteMatch {
     pub headers: Vec<(http::HeaderName, String)>,
     /// `cookie = { name = "beta", value = "1" }`: the request carries this cookie with this value.
     pub cookie: Option<(String, String)>,
-    /// `query = { "v" = "2" }`: each query parameter is present with exactly this value (after
-    /// percent-decoding).
+    /// `query = { "v" = "2" }`: each query parameter is present with exactly this value, compared as it
+    /// appears in the URL (not percent-decoded).
     pub query: Vec<(String, String)>,
 }
 

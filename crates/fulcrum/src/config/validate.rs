@@ -4,7 +4,6 @@
 //! Every error names the key path it is about; [`ConfigError::at_path`](super::ConfigError) turns the path
 //! into a line. Validation stops at the first error, in file order as far as practical.
 
-use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -54,43 +53,44 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config> {
 /// Rejects the keys whose feature is parsed and validated but not built yet, so that a configuration using
 /// one fails loudly instead of being silently ignored.
 ///
-/// Each `deny` line is one feature: delete the line when its feature lands (with its test in `tests.rs`).
+/// Each line is one feature: delete it when the feature lands (with its case in
+/// `tests::unsupported_features_are_rejected`, and its ⏳ in `docs/configuration.md`).
+#[rustfmt::skip] // one feature per line
 fn reject_unsupported(raw: &RawConfig) -> Result<()> {
     for (i, listener) in raw.listeners.iter().enumerate() {
         let at = |key: &str| KeyPath::root("listeners").index(i).key(key);
-        let protocol = listener.protocol;
-        deny(protocol == Protocol::Https, at("protocol"), "protocol = \"https\"")?;
-        deny(protocol == Protocol::Tcp, at("protocol"), "protocol = \"tcp\"")?;
-        deny(protocol == Protocol::Udp, at("protocol"), "protocol = \"udp\"")?;
-        deny(listener.tls.is_some(), at("tls"), "`tls`")?;
-        deny(listener.proxy_protocol.is_some(), at("proxy_protocol"), "`proxy_protocol`")?;
+        let protocol = |p: Protocol| (listener.protocol == p, format!("protocol = \"{}\"", p.as_str()));
+        deny(protocol(Protocol::Https), at("protocol"))?;
+        deny(protocol(Protocol::Tcp), at("protocol"))?;
+        deny(protocol(Protocol::Udp), at("protocol"))?;
+        deny((listener.tls.is_some(), "`tls`".into()), at("tls"))?;
+        deny((listener.proxy_protocol.is_some(), "`proxy_protocol`".into()), at("proxy_protocol"))?;
+        // Idle keep-alive connections close after `request_header_timeout` until this lands.
+        deny((listener.idle_timeout.is_some(), "`idle_timeout`".into()), at("idle_timeout"))?;
     }
     for (i, pool) in raw.pools.iter().enumerate() {
         let at = |key: &str| KeyPath::root("pools").index(i).key(key);
-        let algorithm = pool.algorithm.unwrap_or(Algorithm::RoundRobin);
-        let deny_algorithm = |a: Algorithm| {
-            let what = format!("algorithm = \"{}\"", a.as_str());
-            deny(algorithm == a, at("algorithm"), &what)
-        };
-        deny_algorithm(Algorithm::LeastConnections)?;
-        deny_algorithm(Algorithm::LeastResponseTime)?;
-        deny_algorithm(Algorithm::IpHash)?;
-        deny_algorithm(Algorithm::ConsistentHash)?;
-        deny_algorithm(Algorithm::Maglev)?;
-        deny_algorithm(Algorithm::Random)?;
-        deny_algorithm(Algorithm::P2c)?;
-        deny(pool.hash_key.is_some(), at("hash_key"), "`hash_key`")?;
-        deny(pool.slow_start.is_some(), at("slow_start"), "`slow_start`")?;
-        deny(pool.health_check.is_some(), at("health_check"), "`[pools.health_check]`")?;
-        deny(pool.sticky.is_some(), at("sticky"), "`[pools.sticky]`")?;
+        let chosen = pool.algorithm.unwrap_or(Algorithm::RoundRobin);
+        let algorithm = |a: Algorithm| (chosen == a, format!("algorithm = \"{}\"", a.as_str()));
+        deny(algorithm(Algorithm::LeastConnections), at("algorithm"))?;
+        deny(algorithm(Algorithm::LeastResponseTime), at("algorithm"))?;
+        deny(algorithm(Algorithm::IpHash), at("algorithm"))?;
+        deny(algorithm(Algorithm::ConsistentHash), at("algorithm"))?;
+        deny(algorithm(Algorithm::Maglev), at("algorithm"))?;
+        deny(algorithm(Algorithm::Random), at("algorithm"))?;
+        deny(algorithm(Algorithm::P2c), at("algorithm"))?;
+        deny((pool.hash_key.is_some(), "`hash_key`".into()), at("hash_key"))?;
+        deny((pool.slow_start.is_some(), "`slow_start`".into()), at("slow_start"))?;
+        deny((pool.health_check.is_some(), "`[pools.health_check]`".into()), at("health_check"))?;
+        deny((pool.sticky.is_some(), "`[pools.sticky]`".into()), at("sticky"))?;
     }
-    let store_kind = raw.store.as_ref().and_then(|s| s.kind);
-    let at = KeyPath::root("store").key("kind");
-    deny(store_kind == Some(RawStoreKind::Redis), at, "kind = \"redis\"")?;
+    let redis = raw.store.as_ref().and_then(|s| s.kind) == Some(RawStoreKind::Redis);
+    deny((redis, "kind = \"redis\"".into()), KeyPath::root("store").key("kind"))?;
     Ok(())
 }
 
-fn deny(used: bool, path: KeyPath, what: &str) -> Result<()> {
+/// `(used, what)`: when `used`, `what` (the key or value as written) is reported at `path`.
+fn deny((used, what): (bool, String), path: KeyPath) -> Result<()> {
     if used {
         invalid(path, format!("{what} is not supported yet"))
     } else {
@@ -275,10 +275,16 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
     let mut servers: Vec<ServerConfig> = Vec::with_capacity(raw.servers.len());
     for (i, raw) in raw.servers.into_iter().enumerate() {
         let path = path.key("servers").index(i);
+        // A defaulted name is the address: blame the key that was written.
+        let name_key = if raw.name.is_some() {
+            "name"
+        } else {
+            "address"
+        };
         let server = server(raw, &path)?;
         if let Some(first) = servers.iter().position(|s| s.name == server.name) {
             return invalid(
-                path.key("name"),
+                path.key(name_key),
                 format!(
                     "duplicate server name `{}` in this pool (also servers[{first}]; \
                      a server's name defaults to its address)",
@@ -292,7 +298,14 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
     let slow_start = raw
         .slow_start
         .as_ref()
-        .map(|d| duration(Some(d), path.key("slow_start"), Duration::ZERO, Zero::Rejected))
+        .map(|d| {
+            duration(
+                Some(d),
+                path.key("slow_start"),
+                Duration::ZERO,
+                Zero::Rejected,
+            )
+        })
         .transpose()?;
     let retries = integer(raw.retries, path.key("retries"), 2, 0, 10)? as u32;
     let connect_timeout = duration(
@@ -431,7 +444,9 @@ pub(crate) fn parse_status_range(text: &str) -> Result<(u16, u16), String> {
     };
     match (code(low), code(high)) {
         (Some(low), Some(high)) if low <= high => Ok((low, high)),
-        (Some(low), Some(high)) => Err(format!("range {low}-{high} is empty: {low} is above {high}")),
+        (Some(low), Some(high)) => Err(format!(
+            "range {low}-{high} is empty: {low} is above {high}"
+        )),
         _ => Err(format!(
             "invalid status {text:?}: expected a code or an inclusive range of codes \
              from 100 to 599, e.g. \"200\" or \"200-399\""
@@ -558,12 +573,10 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
     }
     let tls = match (protocol, raw.tls) {
         (Protocol::Https, Some(tls)) => Some(tls_config(tls, &path.key("tls"))?),
-        (Protocol::Https, None) => {
-            return invalid(
-                path.key("tls"),
-                "required with protocol = \"https\": tls = { cert = \"cert.pem\", key = \"key.pem\" }",
-            )
-        }
+        (Protocol::Https, None) => return invalid(
+            path.key("tls"),
+            "required with protocol = \"https\": tls = { cert = \"cert.pem\", key = \"key.pem\" }",
+        ),
         (_, Some(_)) => {
             return invalid(
                 path.key("tls"),
@@ -750,7 +763,11 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
 /// The regex crate's syntax errors draw a caret under the pattern over several lines; keep the reason.
 fn regex_reason(error: &regex::Error) -> String {
     let text = error.to_string();
-    let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     last.trim().trim_start_matches("error: ").to_owned()
 }
 
@@ -881,7 +898,11 @@ fn bind_address(text: &str, path: KeyPath) -> Result<SocketAddr> {
 fn server_address(text: &str, path: KeyPath) -> Result<SocketAddr> {
     let port_zero = || invalid(path.clone(), format!("invalid address {text:?}: port 0"));
     if let Ok(addr) = text.parse::<SocketAddr>() {
-        return if addr.port() == 0 { port_zero() } else { Ok(addr) };
+        return if addr.port() == 0 {
+            port_zero()
+        } else {
+            Ok(addr)
+        };
     }
     let Some((host, port)) = split_host_port(text) else {
         return invalid(
@@ -897,7 +918,7 @@ fn server_address(text: &str, path: KeyPath) -> Result<SocketAddr> {
     }
     let addrs: Vec<SocketAddr> = (host, port)
         .to_socket_addrs()
-        .map_err(|e| Invalid::new(path.clone(), format!("cannot resolve {host:?}: {e}")))?
+        .map_err(|e| Invalid::new(path.clone(), format!("cannot resolve {text:?}: {e}")))?
         .collect();
     addrs
         .iter()
@@ -945,12 +966,8 @@ fn duration(
     let Some(RawDuration(text)) = raw else {
         return Ok(default);
     };
-    let parsed = humantime::parse_duration(text.trim()).map_err(|e| {
-        Invalid::new(
-            path.clone(),
-            format!("invalid duration {text:?}: {e} (write e.g. \"500ms\", \"2s\" or \"1m\")"),
-        )
-    })?;
+    let parsed = humantime::parse_duration(text.trim())
+        .map_err(|e| Invalid::new(path.clone(), format!("invalid duration {text:?}: {e}")))?;
     if parsed.is_zero() && zero == Zero::Rejected {
         return invalid(path, "must be greater than zero");
     }

@@ -9,7 +9,8 @@
 //! - once the request has been written, it is never sent again: a failure answers 502, a server that
 //!   does not answer within `response_timeout` 504.
 //!
-//! With no available server the answer is an immediate 503.
+//! With no available server, or when no server could be reached within the retry budget (nothing was
+//! sent anywhere), the answer is 503, as HAProxy answers; 502 means a server took the request and failed.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -129,11 +130,9 @@ async fn forward(pool: &Pool, client: &Client, proto: &'static str, mut req: Req
 
     let mut candidates = snapshot.pick();
     let mut attempts = snapshot.settings.retries + 1;
-    let mut tried = false;
     while attempts > 0 {
         let Some(server) = snapshot.next_available(&mut candidates) else { break };
         attempts -= 1;
-        tried = true;
         let guard = InFlight::start(server.clone());
         match exchange(server, &snapshot.settings, req).await {
             Ok((resp, sender, elapsed)) => {
@@ -150,11 +149,7 @@ async fn forward(pool: &Pool, client: &Client, proto: &'static str, mut req: Req
             }
         }
     }
-    if tried {
-        local(StatusCode::BAD_GATEWAY)
-    } else {
-        local(StatusCode::SERVICE_UNAVAILABLE)
-    }
+    local(StatusCode::SERVICE_UNAVAILABLE)
 }
 
 /// Sends `req` to `server` and waits for the response head.

@@ -3,7 +3,11 @@
 //! Each worker thread runs its own accept loop on its own `SO_REUSEPORT` socket. Accepting waits for a
 //! permit of the listener's connection limit, so a full listener leaves new connections in the kernel's
 //! backlog instead of failing them. Accept errors (out of file descriptors) back off instead of spinning.
+//!
+//! The protocol is told from the first bytes (`PRI` starts the HTTP/2 preface) with one `peek`, under
+//! the request-header timeout, so a connection that never sends anything is closed like an idle one.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,20 +15,23 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::proxy::{self, Client, HttpListener};
 
 /// The answer to a client that started a request head and did not finish it in time.
 const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n\
 content-length: 60\r\nconnection: close\r\n\r\n408 Request Timeout: the request head did not arrive in time\n";
+
+/// The start of the HTTP/2 connection preface.
+const H2_PREFACE_START: &[u8] = b"PRI ";
 
 /// Connection-level settings of an HTTP listener.
 #[derive(Debug, Clone)]
@@ -35,12 +42,21 @@ pub struct ServeOptions {
     pub max_connections: Arc<Semaphore>,
 }
 
-/// Builds the hyper connection builder shared by every connection of a listener.
-pub fn builder(opts: &ServeOptions) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).header_read_timeout(opts.request_header_timeout).keep_alive(true);
-    b.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
-    b
+/// hyper's connection builders, configured once per listener and worker.
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
+    header_timeout: Duration,
+}
+
+impl Builders {
+    fn new(opts: &ServeOptions) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new()).header_read_timeout(opts.request_header_timeout).keep_alive(true);
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new()).max_concurrent_streams(256);
+        Builders { h1, h2, header_timeout: opts.request_header_timeout }
+    }
 }
 
 /// Accepts and serves connections until `shutdown` fires, then lets open connections finish (each
@@ -52,8 +68,8 @@ pub async fn serve(
     shutdown: CancellationToken,
     drain_deadline: CancellationToken,
 ) {
-    let builder = Arc::new(builder(&opts));
-    let graceful = GracefulShutdown::new();
+    let builders = Arc::new(Builders::new(&opts));
+    let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {
@@ -78,35 +94,139 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let http = http.clone();
-        let builder = builder.clone();
-        let timed_out = Arc::new(AtomicBool::new(false));
-        let io = TokioIo::new(ClientIo::new(stream, timed_out.clone()));
-        let client = Client::new(addr);
         http.stats.active_connections.fetch_add(1, Ordering::Relaxed);
         http.stats.connections_total.fetch_add(1, Ordering::Relaxed);
-        let svc_http = http.clone();
-        let svc = service_fn(move |req| proxy::handle(svc_http.clone(), client.clone(), req));
-        let conn = graceful.watch(builder.serve_connection_with_upgrades(io, svc).into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                let header_timeout =
-                    e.downcast_ref::<hyper::Error>().is_some_and(|e| e.is_timeout());
-                if header_timeout {
-                    timed_out.store(true, Ordering::Relaxed);
-                } else {
-                    tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
-                }
-            }
+        let http = http.clone();
+        let builders = builders.clone();
+        let shutdown = shutdown.clone();
+        let deadline = drain_deadline.clone();
+        tracker.spawn(async move {
+            serve_connection(stream, Client::new(addr), &http, &builders, &shutdown, &deadline).await;
             http.stats.active_connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
     drop(listener);
+    tracker.close();
     tokio::select! {
-        _ = graceful.shutdown() => {}
+        _ = tracker.wait() => {}
         _ = drain_deadline.cancelled() => {}
     }
+}
+
+/// Is this connection HTTP/2 with prior knowledge? `None` when it closed or sent nothing in time.
+async fn sniff_h2(stream: &TcpStream, timeout: Duration) -> Option<bool> {
+    let sniff = async {
+        let mut buf = [0u8; H2_PREFACE_START.len()];
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE_START[..n] {
+                return Some(false);
+            }
+            if n == buf.len() {
+                return Some(true);
+            }
+            // A preface split over segments: wait for the rest rather than spin on the same bytes.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(timeout, sniff).await.ok().flatten()
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    client: Client,
+    http: &Arc<HttpListener>,
+    builders: &Builders,
+    shutdown: &CancellationToken,
+    deadline: &CancellationToken,
+) {
+    let Some(h2) = sniff_h2(&stream, builders.header_timeout).await else { return };
+    let timed_out = Arc::new(AtomicBool::new(false));
+    let io = TokioIo::new(ClientIo::new(stream, timed_out.clone()));
+    let svc_http = http.clone();
+    let addr = client.addr;
+    let svc = service_fn(move |req| proxy::handle(svc_http.clone(), client.clone(), req));
+    let result = if h2 {
+        drive(builders.h2.serve_connection(io, svc), shutdown, deadline, &timed_out).await
+    } else {
+        drive(builders.h1.serve_connection(io, svc).with_upgrades(), shutdown, deadline, &timed_out).await
+    };
+    if let Err(e) = result {
+        if !e.is_timeout() {
+            tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
+        }
+    }
+}
+
+/// A hyper server connection that can be asked to finish its current exchange and close.
+trait GracefulConn: Future<Output = hyper::Result<()>> {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<I, S, B> GracefulConn for http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, S, B, E> GracefulConn for http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Runs `conn` to its end; on `shutdown` asks it to close after the current exchange, on `deadline`
+/// drops it. A header timeout is flagged before the connection (and its socket) is dropped.
+async fn drive<C: GracefulConn>(
+    conn: C,
+    shutdown: &CancellationToken,
+    deadline: &CancellationToken,
+    timed_out: &AtomicBool,
+) -> hyper::Result<()> {
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        biased;
+        r = conn.as_mut() => Some(r),
+        _ = shutdown.cancelled() => None,
+    };
+    let result = match result {
+        Some(r) => r,
+        None => {
+            conn.as_mut().graceful();
+            tokio::select! {
+                biased;
+                r = conn.as_mut() => r,
+                _ = deadline.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = &result {
+        if e.is_timeout() {
+            timed_out.store(true, Ordering::Relaxed);
+        }
+    }
+    result
 }
 
 /// A client connection that remembers whether a request head is half-read, so that a header timeout

@@ -1,0 +1,116 @@
+//! Test harness: real fulcrum-app servers and a real balancer on 127.0.0.1, plain HTTP clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fulcrum::runtime::{self, Running};
+use fulcrum_app::{AppConfig, AppHandle};
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub const LOCAL: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
+/// Starts one demo server per name.
+pub async fn apps(names: &[&str]) -> Vec<AppHandle> {
+    apps_with(names.iter().map(|n| AppConfig::new(*n)).collect()).await
+}
+
+pub async fn apps_with(configs: Vec<AppConfig>) -> Vec<AppHandle> {
+    let mut out = Vec::new();
+    for cfg in configs {
+        out.push(fulcrum_app::spawn(LOCAL, cfg).await.expect("start fulcrum-app"));
+    }
+    out
+}
+
+/// A config with one HTTP listener `web` on a free port and one pool `p` over `servers`
+/// (name, address, weight); `pool_extra` and `listener_extra` are appended to those tables.
+pub fn config(algorithm: &str, servers: &[(String, SocketAddr, u32)], listener_extra: &str, pool_extra: &str) -> String {
+    let list: Vec<String> = servers
+        .iter()
+        .map(|(n, a, w)| format!("{{ name = \"{n}\", address = \"{a}\", weight = {w} }}"))
+        .collect();
+    format!(
+        "shutdown_timeout = \"5s\"\n[admin]\nbind = \"127.0.0.1:0\"\n\n\
+         [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n{listener_extra}\n\n\
+         [[pools]]\nname = \"p\"\nalgorithm = \"{algorithm}\"\nservers = [{}]\n{pool_extra}\n",
+        list.join(", ")
+    )
+}
+
+/// The (name, address, weight 1) triples of running apps, named A, B, C, …
+pub fn servers(apps: &[AppHandle]) -> Vec<(String, SocketAddr, u32)> {
+    apps.iter().enumerate().map(|(i, a)| (((b'A' + i as u8) as char).to_string(), a.addr(), 1)).collect()
+}
+
+/// Starts a balancer (two workers) from config text.
+pub fn fulcrum(text: &str) -> Running {
+    let cfg = fulcrum::config::parse(text, "test.toml").unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+    runtime::start_with_workers(cfg, 2).expect("start fulcrum")
+}
+
+pub fn web(running: &Running) -> SocketAddr {
+    running.listener_addr("web").expect("listener web")
+}
+
+/// Stops a balancer from async code.
+pub async fn stop(running: Running) {
+    tokio::task::spawn_blocking(move || running.stop()).await.unwrap();
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2c_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    /// The demo server's name from the first line of its `/` answer, or the `x-server` header.
+    pub fn server(&self) -> String {
+        match self.headers.get("x-server") {
+            Some(v) => v.to_str().unwrap().to_string(),
+            None => self.body.lines().next().unwrap_or("").trim_start_matches("server: ").to_string(),
+        }
+    }
+}
+
+pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
+    let resp = tokio::time::timeout(Duration::from_secs(20), client.request(req))
+        .await
+        .expect("response within 20s")
+        .expect("response");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+}
+
+pub async fn get(client: &HttpClient, url: &str) -> Reply {
+    send(client, Request::get(url).body(Full::default()).unwrap()).await
+}
+
+/// The first `n` responses' server names for `GET /` through `addr`.
+pub async fn pick_sequence(addr: SocketAddr, n: usize) -> Vec<String> {
+    let c = client();
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = get(&c, &format!("http://{addr}/")).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        out.push(r.server());
+    }
+    out
+}
