@@ -29,9 +29,14 @@ impl Default for DemoOptions {
 }
 
 /// The demo's configuration: one HTTP listener, one round-robin pool over `servers`.
-pub fn config(opts: &DemoOptions, servers: &[(String, SocketAddr)]) -> Result<Config, config::ConfigError> {
-    let list: Vec<String> =
-        servers.iter().map(|(name, addr)| format!("  {{ name = \"{name}\", address = \"{addr}\" }},")).collect();
+pub fn config(
+    opts: &DemoOptions,
+    servers: &[(String, SocketAddr)],
+) -> Result<Config, config::ConfigError> {
+    let list: Vec<String> = servers
+        .iter()
+        .map(|(name, addr)| format!("  {{ name = \"{name}\", address = \"{addr}\" }},"))
+        .collect();
     let text = format!(
         "# fulcrum demo: generated\nshutdown_timeout = \"5s\"\n\n[admin]\nbind = \"{admin}\"\n\n\
          [[listeners]]\nname = \"web\"\nbind = \"{bind}\"\nprotocol = \"http\"\npool = \"demo\"\n\n\
@@ -48,7 +53,9 @@ pub async fn start_servers(n: usize) -> std::io::Result<Vec<AppHandle>> {
     let mut apps = Vec::with_capacity(n);
     for i in 1..=n {
         let name = format!("app-{i}");
-        apps.push(fulcrum_app::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), AppConfig::new(name)).await?);
+        apps.push(
+            fulcrum_app::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), AppConfig::new(name)).await?,
+        );
     }
     Ok(apps)
 }

@@ -64,7 +64,15 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(config),
-        Command::Demo { servers, bind, admin } => demo(DemoOptions { servers: usize::from(servers), bind, admin }),
+        Command::Demo {
+            servers,
+            bind,
+            admin,
+        } => demo(DemoOptions {
+            servers: usize::from(servers),
+            bind,
+            admin,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,14 +95,22 @@ fn demo(opts: DemoOptions) -> anyhow::Result<()> {
         .thread_name("fulcrum-demo-app")
         .enable_all()
         .build()?;
-    let apps = apps_rt.block_on(demo::start_servers(opts.servers)).context("starting the demo servers")?;
-    let servers: Vec<(String, SocketAddr)> =
-        apps.iter().enumerate().map(|(i, a)| (format!("app-{}", i + 1), a.addr())).collect();
+    let apps = apps_rt
+        .block_on(demo::start_servers(opts.servers))
+        .context("starting the demo servers")?;
+    let servers: Vec<(String, SocketAddr)> = apps
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (format!("app-{}", i + 1), a.addr()))
+        .collect();
     let config = demo::config(&opts, &servers).map_err(|e| anyhow::anyhow!("{e}"))?;
     let running = runtime::start(config)?;
     let bind = running.listener_addr("web").unwrap_or(opts.bind);
     let admin = running.admin_addr().unwrap_or(opts.admin);
-    println!("fulcrum demo: {} servers behind a round-robin pool", servers.len());
+    println!(
+        "fulcrum demo: {} servers behind a round-robin pool",
+        servers.len()
+    );
     println!("  balancer   http://{bind}/");
     println!("  dashboard  http://{admin}/");
     println!("  metrics    http://{admin}/metrics");
@@ -112,7 +128,9 @@ fn demo(opts: DemoOptions) -> anyhow::Result<()> {
 /// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. SIGHUP is logged.
 fn serve_until_signal(running: Running) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let (mut term, mut int, mut hup) = rt.block_on(async {
         Ok::<_, std::io::Error>((
             signal(SignalKind::terminate())?,

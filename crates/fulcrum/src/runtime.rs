@@ -66,10 +66,17 @@ impl Shared {
 pub enum StartError {
     /// A listening socket could not be bound.
     #[error("listener `{name}`: cannot bind {addr}: {source}")]
-    Bind { name: String, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// The admin socket could not be bound.
     #[error("admin: cannot bind {addr}: {source}")]
-    AdminBind { addr: SocketAddr, source: std::io::Error },
+    AdminBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// A thread or runtime could not be created.
     #[error("cannot start: {0}")]
     Io(#[from] std::io::Error),
@@ -94,12 +101,20 @@ pub fn default_workers() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|&n: &usize| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
 }
 
 fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol as SockProto, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProto::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM,
+        Some(SockProto::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
@@ -125,7 +140,11 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, StartError> {
     raise_fd_limit();
     let workers = workers.max(1);
-    let pools: Vec<Arc<Pool>> = config.pools.iter().map(|p| Arc::new(Pool::new(p, workers))).collect();
+    let pools: Vec<Arc<Pool>> = config
+        .pools
+        .iter()
+        .map(|p| Arc::new(Pool::new(p, workers)))
+        .collect();
 
     // Bind everything first, so that a taken port fails the start before any thread runs.
     let mut listeners = Vec::new();
@@ -137,7 +156,11 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
             // Rejected by configuration validation until their listeners land.
             Protocol::Https | Protocol::Tcp | Protocol::Udp => unreachable!("validated"),
         };
-        let bind_err = |source| StartError::Bind { name: l.name.clone(), addr: l.bind, source };
+        let bind_err = |source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
+            source,
+        };
         let first = bind_reuseport(l.bind).map_err(bind_err)?;
         let bound = first.local_addr().map_err(bind_err)?;
         sockets[0].push(first);
@@ -145,7 +168,11 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
             worker_sockets.push(bind_reuseport(bound).map_err(bind_err)?);
         }
         let router = HttpRouter {
-            routes: l.routes.iter().map(|r| (r.matcher.clone(), pools[r.pool].clone())).collect(),
+            routes: l
+                .routes
+                .iter()
+                .map(|r| (r.matcher.clone(), pools[r.pool].clone()))
+                .collect(),
             default_pool: pools[l.pool].clone(),
         };
         let http = Arc::new(HttpListener {
@@ -158,13 +185,21 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
             request_header_timeout: l.request_header_timeout,
             max_connections: Arc::new(Semaphore::new(l.max_connections)),
         });
-        listeners.push(ListenerInfo { name: l.name.clone(), bound, protocol, http });
+        listeners.push(ListenerInfo {
+            name: l.name.clone(),
+            bound,
+            protocol,
+            http,
+        });
     }
     let admin_socket = match &config.admin {
         Some(a) => Some(
             std::net::TcpListener::bind(a.bind)
                 .and_then(|s| s.set_nonblocking(true).map(|_| s))
-                .map_err(|source| StartError::AdminBind { addr: a.bind, source })?,
+                .map_err(|source| StartError::AdminBind {
+                    addr: a.bind,
+                    source,
+                })?,
         ),
         None => None,
     };
@@ -189,7 +224,9 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
         let shutdown = shutdown.clone();
         let drain_deadline = drain_deadline.clone();
         let done_tx = done_tx.clone();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         threads.push(std::thread::Builder::new().name(format!("fulcrum-worker-{id}")).spawn(move || {
             upstream::set_worker_id(id);
             rt.block_on(async move {
@@ -219,15 +256,21 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
     if let Some(socket) = admin_socket {
         let shared = shared.clone();
         let stop = admin_stop.clone();
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        threads.push(std::thread::Builder::new().name("fulcrum-admin".into()).spawn(move || {
-            rt.block_on(async move {
-                match tokio::net::TcpListener::from_std(socket) {
-                    Ok(listener) => crate::admin::serve(listener, shared, stop).await,
-                    Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
-                }
-            });
-        })?);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        threads.push(
+            std::thread::Builder::new()
+                .name("fulcrum-admin".into())
+                .spawn(move || {
+                    rt.block_on(async move {
+                        match tokio::net::TcpListener::from_std(socket) {
+                            Ok(listener) => crate::admin::serve(listener, shared, stop).await,
+                            Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+                        }
+                    });
+                })?,
+        );
     }
 
     for l in &shared.listeners {
@@ -236,7 +279,16 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
     if let Some(addr) = admin_addr {
         tracing::info!(bind = %addr, "admin API and dashboard");
     }
-    Ok(Running { shared, shutdown, drain_deadline, admin_stop, admin_addr, done, threads, workers })
+    Ok(Running {
+        shared,
+        shutdown,
+        drain_deadline,
+        admin_stop,
+        admin_addr,
+        done,
+        threads,
+        workers,
+    })
 }
 
 impl Running {
@@ -247,7 +299,11 @@ impl Running {
 
     /// The address a listener is bound to, by name.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.shared.listeners.iter().find(|l| l.name == name).map(|l| l.bound)
+        self.shared
+            .listeners
+            .iter()
+            .find(|l| l.name == name)
+            .map(|l| l.bound)
     }
 
     /// The admin API's address, when configured.

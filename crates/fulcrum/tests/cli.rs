@@ -25,7 +25,10 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
 
 /// A free port on 127.0.0.1 (bound then released; the test binds it right after).
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn spawn_fulcrum(config: &std::path::Path) -> Child {
@@ -42,13 +45,20 @@ fn spawn_fulcrum(config: &std::path::Path) -> Child {
 async fn wait_listening(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(Instant::now() < deadline, "fulcrum did not listen on {addr}");
+        assert!(
+            Instant::now() < deadline,
+            "fulcrum did not listen on {addr}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok, "kill {sig}");
 }
 
@@ -84,12 +94,27 @@ fn check_accepts_a_good_file_and_names_key_and_line_of_a_bad_one() {
         "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:8080\"\nprotocol = \"http\"\npool = \"p\"\n\n\
          [[pools]]\nname = \"p\"\nservers = [{ address = \"127.0.0.1:9001\" }]\n",
     );
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "configuration OK");
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "configuration OK"
+    );
 
     // Also through $FULCRUM_CONFIG.
-    let out = Command::new(BIN).arg("check").env("FULCRUM_CONFIG", &good).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check")
+        .env("FULCRUM_CONFIG", &good)
+        .output()
+        .unwrap();
     assert!(out.status.success());
 
     let bad = dir.path().join("bad.toml");
@@ -99,13 +124,20 @@ fn check_accepts_a_good_file_and_names_key_and_line_of_a_bad_one() {
          [[pools]]\nname = \"p\"\nservers = [\n  { address = \"127.0.0.1:9001\", weight = 0 },\n]\n",
     )
     .unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("pools[0].servers[0].weight"), "{err}");
     assert!(err.contains(":10:"), "line 10 named: {err}");
 
-    let missing = Command::new(BIN).args(["check", "--config", "/nonexistent/fulcrum.toml"]).output().unwrap();
+    let missing = Command::new(BIN)
+        .args(["check", "--config", "/nonexistent/fulcrum.toml"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/fulcrum.toml"));
 }
@@ -130,11 +162,17 @@ async fn sigterm_drains_an_in_flight_request_then_exits_zero() {
     // Draining: readiness fails, new connections are refused, the slow request still finishes.
     let ready = get(&client(), &format!("http://{admin}/readyz")).await;
     assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(tokio::net::TcpStream::connect(web).await.is_err(), "listener closed while draining");
+    assert!(
+        tokio::net::TcpStream::connect(web).await.is_err(),
+        "listener closed while draining"
+    );
     let r = slow.await.unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert!(r.body.contains("delayed 1500ms"));
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10))).await.unwrap();
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
 
@@ -152,7 +190,12 @@ async fn hundred_megabyte_bodies_stream_both_ways_intact_in_flat_memory() {
     const SIZE: usize = 100 * 1024 * 1024;
     const CHUNK: usize = 64 * 1024;
     let apps = apps(&["A"]).await;
-    let (text, web, _admin) = fixed_ports(&config("round_robin", &servers(&apps), "", "response_timeout = \"120s\""));
+    let (text, web, _admin) = fixed_ports(&config(
+        "round_robin",
+        &servers(&apps),
+        "",
+        "response_timeout = \"120s\"",
+    ));
     let dir = tempfile::tempdir().unwrap();
     let mut child = spawn_fulcrum(&write_config(&dir, &text));
     wait_listening(web).await;
@@ -174,10 +217,19 @@ async fn hundred_megabyte_bodies_stream_both_ways_intact_in_flat_memory() {
         chunks.push(Bytes::copy_from_slice(&block));
     }
     let expected = hex::encode(expected.finalize());
-    let stream = futures_util::stream::iter(chunks.into_iter().map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(c))));
+    let stream = futures_util::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok::<_, std::convert::Infallible>(http_body::Frame::data(c))),
+    );
     let c: Client<_, StreamBody<_>> = Client::builder(TokioExecutor::new()).build_http();
-    let req = Request::post(format!("http://{web}/sha256")).body(StreamBody::new(stream)).unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(120), c.request(req)).await.unwrap().unwrap();
+    let req = Request::post(format!("http://{web}/sha256"))
+        .body(StreamBody::new(stream))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(120), c.request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
@@ -186,7 +238,10 @@ async fn hundred_megabyte_bodies_stream_both_ways_intact_in_flat_memory() {
 
     // Download: hash 100 MiB as it streams in.
     let c = client();
-    let resp = c.get(format!("http://{web}/bytes/{SIZE}").parse().unwrap()).await.unwrap();
+    let resp = c
+        .get(format!("http://{web}/bytes/{SIZE}").parse().unwrap())
+        .await
+        .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let mut body = resp.into_body();
     let mut got = Sha256::new();
@@ -199,7 +254,10 @@ async fn hundred_megabyte_bodies_stream_both_ways_intact_in_flat_memory() {
     }
     assert_eq!(n, SIZE);
     let mut want = Sha256::new();
-    let pattern: Vec<u8> = (0..SIZE).map(|i| b'a' + (i % 26) as u8).take(26 * 4096).collect();
+    let pattern: Vec<u8> = (0..SIZE)
+        .map(|i| b'a' + (i % 26) as u8)
+        .take(26 * 4096)
+        .collect();
     let mut left = SIZE;
     while left > 0 {
         let k = left.min(pattern.len());
@@ -214,14 +272,25 @@ async fn hundred_megabyte_bodies_stream_both_ways_intact_in_flat_memory() {
         "fulcrum's peak memory grew from {baseline} KiB to {peak} KiB moving 200 MiB"
     );
     signal(&child, "-TERM");
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10))).await.unwrap();
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
     assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_its_urls_and_balances() {
     let mut child = Command::new(BIN)
-        .args(["demo", "--servers", "2", "--bind", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--servers",
+            "2",
+            "--bind",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -238,14 +307,18 @@ async fn demo_prints_its_urls_and_balances() {
                 balancer = Some(u.trim().to_string());
             }
             if let Some(u) = line.strip_prefix("dashboard") {
-                let _ = tx.send((balancer.clone().expect("balancer line first"), u.trim().to_string()));
+                let _ = tx.send((
+                    balancer.clone().expect("balancer line first"),
+                    u.trim().to_string(),
+                ));
             }
         }
     });
-    let (balancer, dashboard) = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
-        .await
-        .unwrap()
-        .expect("demo printed its URLs");
+    let (balancer, dashboard) =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(20)))
+            .await
+            .unwrap()
+            .expect("demo printed its URLs");
     let c = client();
     let mut seen = Vec::new();
     for _ in 0..4 {
@@ -255,6 +328,9 @@ async fn demo_prints_its_urls_and_balances() {
     let dash = get(&c, &dashboard).await;
     assert_eq!(dash.status, StatusCode::OK);
     signal(&child, "-INT");
-    let status = tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10))).await.unwrap();
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
     assert!(status.success());
 }

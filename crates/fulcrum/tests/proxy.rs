@@ -27,7 +27,11 @@ async fn round_robin_is_exact_and_in_turn() {
         assert_eq!(count(&seq, n), 10, "{seq:?}");
     }
     // In turn: each window of three distinct.
-    assert!(seq.chunks(3).all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2]), "{seq:?}");
+    assert!(
+        seq.chunks(3)
+            .all(|w| w[0] != w[1] && w[1] != w[2] && w[0] != w[2]),
+        "{seq:?}"
+    );
     stop(lb).await;
 }
 
@@ -39,9 +43,16 @@ async fn weighted_round_robin_one_two_three_is_exact_and_interleaved() {
     s[2].2 = 3;
     let lb = fulcrum(&config("weighted_round_robin", &s, "", ""));
     let seq = pick_sequence(web(&lb), 60).await;
-    assert_eq!((count(&seq, "A"), count(&seq, "B"), count(&seq, "C")), (10, 20, 30), "{seq:?}");
+    assert_eq!(
+        (count(&seq, "A"), count(&seq, "B"), count(&seq, "C")),
+        (10, 20, 30),
+        "{seq:?}"
+    );
     // Smooth: C (weight 3 of 6) never gets three in a row, and every cycle of 6 holds 1 A, 2 B, 3 C.
-    assert!(seq.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])), "bursty: {seq:?}");
+    assert!(
+        seq.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])),
+        "bursty: {seq:?}"
+    );
     for cycle in seq.chunks(6) {
         assert_eq!(
             (count(cycle, "A"), count(cycle, "B"), count(cycle, "C")),
@@ -65,7 +76,10 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_stripped() {
     s.write_all(req.as_bytes()).await.unwrap();
     let text = read_response(&mut s).await;
     let lower = text.to_ascii_lowercase();
-    assert!(lower.starts_with("http/1.1 404"), "demo server answers unknown paths with 404: {text}");
+    assert!(
+        lower.starts_with("http/1.1 404"),
+        "demo server answers unknown paths with 404: {text}"
+    );
     // The app echoes only on `/`; send that too on the same connection.
     let req = "GET /?x=1 HTTP/1.1\r\nHost: shop.example:81\r\nConnection: keep-alive, x-secret\r\n\
                X-Secret: hidden\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: h2c\r\n\
@@ -73,12 +87,27 @@ async fn forwarding_headers_are_set_and_hop_by_hop_headers_stripped() {
     s.write_all(req.as_bytes()).await.unwrap();
     let text = read_response(&mut s).await.to_ascii_lowercase();
     let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
-    assert!(body.starts_with("server: a\nget /?x=1 http/1.1\n"), "{body}");
-    assert!(body.contains("\nx-forwarded-for: 203.0.113.9, 127.0.0.1\n"), "{body}");
+    assert!(
+        body.starts_with("server: a\nget /?x=1 http/1.1\n"),
+        "{body}"
+    );
+    assert!(
+        body.contains("\nx-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{body}"
+    );
     assert!(body.contains("\nx-forwarded-proto: http\n"), "{body}");
-    assert!(body.contains("\nx-forwarded-host: shop.example:81\n"), "{body}");
+    assert!(
+        body.contains("\nx-forwarded-host: shop.example:81\n"),
+        "{body}"
+    );
     assert!(body.contains("\nx-custom: kept\n"), "{body}");
-    for gone in ["x-secret", "keep-alive:", "\nte:", "upgrade", "proxy-connection"] {
+    for gone in [
+        "x-secret",
+        "keep-alive:",
+        "\nte:",
+        "upgrade",
+        "proxy-connection",
+    ] {
         assert!(!body.contains(gone), "{gone} reached the server: {body}");
     }
     stop(lb).await;
@@ -89,7 +118,10 @@ async fn read_response(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
         if n == 0 {
             break;
         }
@@ -98,7 +130,11 @@ async fn read_response(s: &mut TcpStream) -> String {
         if let Some(end) = text.find("\r\n\r\n") {
             let len = text[..end]
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
                 break;
@@ -112,11 +148,19 @@ async fn read_response(s: &mut TcpStream) -> String {
 async fn websocket_echo_through_the_proxy() {
     let apps = apps(&["A"]).await;
     let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
-    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", web(&lb))).await.expect("ws handshake");
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", web(&lb)))
+        .await
+        .expect("ws handshake");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     for msg in ["hello", "through", "fulcrum"] {
-        ws.send(tokio_tungstenite::tungstenite::Message::text(msg)).await.unwrap();
-        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+        ws.send(tokio_tungstenite::tungstenite::Message::text(msg))
+            .await
+            .unwrap();
+        let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(echoed.into_text().unwrap().as_str(), msg);
     }
     ws.close(None).await.unwrap();
@@ -130,8 +174,16 @@ async fn h2c_clients_are_served_over_http1_servers() {
     let c = h2c_client();
     let r = get(&c, &format!("http://{}/?via=h2", web(&lb))).await;
     assert_eq!(r.status, StatusCode::OK);
-    assert!(r.body.contains("GET /?via=h2 HTTP/1.1"), "server sees HTTP/1.1: {}", r.body);
-    assert!(r.body.contains(&format!("host: {}", web(&lb))), "authority becomes Host: {}", r.body);
+    assert!(
+        r.body.contains("GET /?via=h2 HTTP/1.1"),
+        "server sees HTTP/1.1: {}",
+        r.body
+    );
+    assert!(
+        r.body.contains(&format!("host: {}", web(&lb))),
+        "authority becomes Host: {}",
+        r.body
+    );
     stop(lb).await;
 }
 
@@ -167,7 +219,10 @@ async fn dead_addr() -> std::net::SocketAddr {
 async fn server_failure_gives_502_and_the_request_is_never_replayed() {
     let (addr, seen) = black_hole().await;
     let apps = apps(&["B"]).await;
-    let s = vec![("hole".to_string(), addr, 1), ("B".to_string(), apps[0].addr(), 1)];
+    let s = vec![
+        ("hole".to_string(), addr, 1),
+        ("B".to_string(), apps[0].addr(), 1),
+    ];
     let lb = fulcrum(&config("round_robin", &s, "", "retries = 2"));
     let c = client();
     // Round robin starts at the black hole: it takes the POST, and the POST must not go to B as well.
@@ -178,9 +233,17 @@ async fn server_failure_gives_502_and_the_request_is_never_replayed() {
     let r = send(&c, req).await;
     assert_eq!(r.status, StatusCode::BAD_GATEWAY);
     assert!(r.body.contains("502 Bad Gateway"), "{}", r.body);
-    assert_eq!(seen.load(Ordering::SeqCst), 1, "the server saw the request exactly once");
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        1,
+        "the server saw the request exactly once"
+    );
     let snap = lb.shared().pools[0].snapshot_full();
-    assert_eq!(snap.servers[1].stats.requests_total(), 0, "the POST was not replayed on B");
+    assert_eq!(
+        snap.servers[1].stats.requests_total(),
+        0,
+        "the POST was not replayed on B"
+    );
     stop(lb).await;
 }
 
@@ -200,15 +263,28 @@ async fn connect_failures_are_retried_on_the_next_server() {
             .body(Full::new(Bytes::from_static(br#"{"user":"u"}"#)))
             .unwrap();
         let r = send(&c, req).await;
-        assert_eq!(r.status, StatusCode::OK, "a refused connect sent nothing, so even a POST moves on: {}", r.body);
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "a refused connect sent nothing, so even a POST moves on: {}",
+            r.body
+        );
     }
-    assert!(lb.shared().pools[0].snapshot_full().servers[0].stats.failures_total() >= 4);
+    assert!(
+        lb.shared().pools[0].snapshot_full().servers[0]
+            .stats
+            .failures_total()
+            >= 4
+    );
     stop(lb).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_reachable_server_gives_503_with_a_body_at_once() {
-    let s = vec![("x".to_string(), dead_addr().await, 1), ("y".to_string(), dead_addr().await, 1)];
+    let s = vec![
+        ("x".to_string(), dead_addr().await, 1),
+        ("y".to_string(), dead_addr().await, 1),
+    ];
     let lb = fulcrum(&config("round_robin", &s, "", ""));
     let started = Instant::now();
     let r = get(&client(), &format!("http://{}/", web(&lb))).await;
@@ -221,7 +297,12 @@ async fn no_reachable_server_gives_503_with_a_body_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_server_gives_504() {
     let apps = apps(&["A"]).await;
-    let lb = fulcrum(&config("round_robin", &servers(&apps), "", "response_timeout = \"300ms\""));
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "",
+        "response_timeout = \"300ms\"",
+    ));
     let r = get(&client(), &format!("http://{}/delay/3000", web(&lb))).await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(r.body.contains("did not answer in time"), "{}", r.body);
@@ -234,20 +315,37 @@ async fn slow_server_gives_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_client_gets_408() {
     let apps = apps(&["A"]).await;
-    let lb = fulcrum(&config("round_robin", &servers(&apps), "request_header_timeout = \"300ms\"", ""));
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "request_header_timeout = \"300ms\"",
+        "",
+    ));
     let mut s = TcpStream::connect(web(&lb)).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: slow\r\n").await.unwrap(); // head never finished
+    s.write_all(b"GET / HTTP/1.1\r\nHost: slow\r\n")
+        .await
+        .unwrap(); // head never finished
     let started = Instant::now();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("closed in time").unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap();
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 408"), "got {text:?}");
     assert!(started.elapsed() >= Duration::from_millis(250));
     // An idle keep-alive connection is closed silently, not with a 408.
     let mut idle = TcpStream::connect(web(&lb)).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf)).await.expect("closed in time").unwrap();
-    assert!(buf.is_empty(), "idle connection got {:?}", String::from_utf8_lossy(&buf));
+    tokio::time::timeout(Duration::from_secs(5), idle.read_to_end(&mut buf))
+        .await
+        .expect("closed in time")
+        .unwrap();
+    assert!(
+        buf.is_empty(),
+        "idle connection got {:?}",
+        String::from_utf8_lossy(&buf)
+    );
     stop(lb).await;
 }
 
@@ -275,10 +373,22 @@ async fn routes_send_requests_to_their_pools() {
         (via(Request::get(format!("{base}/"))), "A"),
         (via(Request::get(format!("{base}/api/users"))), "B"),
         (via(Request::get(format!("{base}/apix"))), "A"),
-        (via(Request::get(format!("{base}/")).header("host", "x.beta.test")), "B"),
-        (via(Request::get(format!("{base}/")).header("x-version", "2")), "B"),
-        (via(Request::get(format!("{base}/")).header("x-version", "3")), "A"),
-        (via(Request::get(format!("{base}/")).header("cookie", "a=b; beta=1")), "B"),
+        (
+            via(Request::get(format!("{base}/")).header("host", "x.beta.test")),
+            "B",
+        ),
+        (
+            via(Request::get(format!("{base}/")).header("x-version", "2")),
+            "B",
+        ),
+        (
+            via(Request::get(format!("{base}/")).header("x-version", "3")),
+            "A",
+        ),
+        (
+            via(Request::get(format!("{base}/")).header("cookie", "a=b; beta=1")),
+            "B",
+        ),
         (via(Request::get(format!("{base}/?v=2"))), "B"),
         (via(Request::post(format!("{base}/?v=2"))), "A"),
         (via(Request::get(format!("{base}/v2/x"))), "B"),
@@ -303,7 +413,16 @@ async fn admin_api_metrics_probes_and_dashboard() {
     let servers = &v["pools"][0]["servers"];
     assert_eq!(v["pools"][0]["name"], "p");
     for s in servers.as_array().unwrap() {
-        for key in ["name", "address", "weight", "state", "active_connections", "requests_total", "failures_total", "latency_ewma_ms"] {
+        for key in [
+            "name",
+            "address",
+            "weight",
+            "state",
+            "active_connections",
+            "requests_total",
+            "failures_total",
+            "latency_ewma_ms",
+        ] {
             assert!(s.get(key).is_some(), "missing {key}: {s}");
         }
         assert_eq!(s["state"], "up");
@@ -311,14 +430,43 @@ async fn admin_api_metrics_probes_and_dashboard() {
         assert_eq!(s["active_connections"], 0, "in flight ends with the body");
     }
     let m = get(&c, &format!("http://{admin}/metrics")).await;
-    assert!(m.body.contains("fulcrum_listener_responses_total{listener=\"web\",class=\"2xx\"} 4"), "{}", m.body);
-    assert!(m.body.contains("fulcrum_server_requests_total{pool=\"p\",server=\"A\",class=\"2xx\"} 2"), "{}", m.body);
-    assert!(m.body.contains("fulcrum_server_response_seconds_count{pool=\"p\",server=\"A\"} 2"), "{}", m.body);
-    assert!(m.body.contains("fulcrum_server_state{pool=\"p\",server=\"B\",state=\"up\"} 1"), "{}", m.body);
-    assert_eq!(get(&c, &format!("http://{admin}/healthz")).await.status, StatusCode::OK);
-    assert_eq!(get(&c, &format!("http://{admin}/readyz")).await.status, StatusCode::OK);
+    assert!(
+        m.body
+            .contains("fulcrum_listener_responses_total{listener=\"web\",class=\"2xx\"} 4"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("fulcrum_server_requests_total{pool=\"p\",server=\"A\",class=\"2xx\"} 2"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("fulcrum_server_response_seconds_count{pool=\"p\",server=\"A\"} 2"),
+        "{}",
+        m.body
+    );
+    assert!(
+        m.body
+            .contains("fulcrum_server_state{pool=\"p\",server=\"B\",state=\"up\"} 1"),
+        "{}",
+        m.body
+    );
+    assert_eq!(
+        get(&c, &format!("http://{admin}/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        get(&c, &format!("http://{admin}/readyz")).await.status,
+        StatusCode::OK
+    );
     let dash = get(&c, &format!("http://{admin}/")).await;
-    assert!(dash.body.contains("<html") && dash.body.contains("/api/v1/pools"), "dashboard page");
+    assert!(
+        dash.body.contains("<html") && dash.body.contains("/api/v1/pools"),
+        "dashboard page"
+    );
     let status = get(&c, &format!("http://{admin}/api/v1/status")).await;
     let v: serde_json::Value = serde_json::from_str(&status.body).unwrap();
     assert_eq!(v["listeners"][0]["requests_total"], 4);

@@ -51,8 +51,16 @@ pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusView> {
             bind: l.bound.to_string(),
             protocol: l.protocol,
             pool: l.http.router.default_pool.name.clone(),
-            active_connections: l.http.stats.active_connections.load(std::sync::atomic::Ordering::Relaxed),
-            connections_total: l.http.stats.connections_total.load(std::sync::atomic::Ordering::Relaxed),
+            active_connections: l
+                .http
+                .stats
+                .active_connections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            connections_total: l
+                .http
+                .stats
+                .connections_total
+                .load(std::sync::atomic::Ordering::Relaxed),
             requests_total: l.http.stats.requests_total(),
         })
         .collect();
@@ -114,5 +122,7 @@ fn pool_view(pool: &Pool) -> PoolView {
 }
 
 pub async fn pools(State(shared): State<Arc<Shared>>) -> Json<PoolsView> {
-    Json(PoolsView { pools: shared.pools.iter().map(|p| pool_view(p)).collect() })
+    Json(PoolsView {
+        pools: shared.pools.iter().map(|p| pool_view(p)).collect(),
+    })
 }

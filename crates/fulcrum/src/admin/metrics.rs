@@ -31,17 +31,32 @@ impl Collector for FulcrumCollector {
         let shared = &self.shared;
 
         let version = [("version", env!("CARGO_PKG_VERSION"))];
-        ConstGauge::new(1i64).encode(enc.encode_descriptor("build_info", "fulcrum version", None, MetricType::Gauge)?.encode_family(&version)?)?;
+        ConstGauge::new(1i64).encode(
+            enc.encode_descriptor("build_info", "fulcrum version", None, MetricType::Gauge)?
+                .encode_family(&version)?,
+        )?;
 
-        let mut m = enc.encode_descriptor("listener_connections_active", "Open client connections", None, MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor(
+            "listener_connections_active",
+            "Open client connections",
+            None,
+            MetricType::Gauge,
+        )?;
         for l in &shared.listeners {
             let labels = [("listener", l.name.as_str())];
-            ConstGauge::new(l.http.stats.active_connections.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+            ConstGauge::new(l.http.stats.active_connections.load(Ordering::Relaxed))
+                .encode(m.encode_family(&labels)?)?;
         }
-        let mut m = enc.encode_descriptor("listener_connections", "Client connections accepted", None, MetricType::Counter)?;
+        let mut m = enc.encode_descriptor(
+            "listener_connections",
+            "Client connections accepted",
+            None,
+            MetricType::Counter,
+        )?;
         for l in &shared.listeners {
             let labels = [("listener", l.name.as_str())];
-            ConstCounter::new(l.http.stats.connections_total.load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+            ConstCounter::new(l.http.stats.connections_total.load(Ordering::Relaxed))
+                .encode(m.encode_family(&labels)?)?;
         }
         let mut m = enc.encode_descriptor(
             "listener_responses",
@@ -52,40 +67,74 @@ impl Collector for FulcrumCollector {
         for l in &shared.listeners {
             for (i, class) in CLASSES.iter().enumerate() {
                 let labels = [("listener", l.name.as_str()), ("class", class)];
-                ConstCounter::new(l.http.stats.responses[i].load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+                ConstCounter::new(l.http.stats.responses[i].load(Ordering::Relaxed))
+                    .encode(m.encode_family(&labels)?)?;
             }
         }
 
-        let snapshots: Vec<_> = shared.pools.iter().map(|p| (p.name.as_str(), p.snapshot_full())).collect();
-        let mut m = enc.encode_descriptor("server_requests", "Responses from servers, by status class", None, MetricType::Counter)?;
+        let snapshots: Vec<_> = shared
+            .pools
+            .iter()
+            .map(|p| (p.name.as_str(), p.snapshot_full()))
+            .collect();
+        let mut m = enc.encode_descriptor(
+            "server_requests",
+            "Responses from servers, by status class",
+            None,
+            MetricType::Counter,
+        )?;
         for (pool, snap) in &snapshots {
             for s in &snap.servers {
                 for (i, class) in CLASSES.iter().enumerate() {
-                    let labels = [("pool", *pool), ("server", s.name.as_str()), ("class", class)];
-                    ConstCounter::new(s.stats.responses[i].load(Ordering::Relaxed)).encode(m.encode_family(&labels)?)?;
+                    let labels = [
+                        ("pool", *pool),
+                        ("server", s.name.as_str()),
+                        ("class", class),
+                    ];
+                    ConstCounter::new(s.stats.responses[i].load(Ordering::Relaxed))
+                        .encode(m.encode_family(&labels)?)?;
                 }
             }
         }
-        let mut m = enc.encode_descriptor("server_failures", "Requests that failed at the server (connect, reset, timeout)", None, MetricType::Counter)?;
+        let mut m = enc.encode_descriptor(
+            "server_failures",
+            "Requests that failed at the server (connect, reset, timeout)",
+            None,
+            MetricType::Counter,
+        )?;
         for (pool, snap) in &snapshots {
             for s in &snap.servers {
                 let labels = [("pool", *pool), ("server", s.name.as_str())];
                 ConstCounter::new(s.stats.failures_total()).encode(m.encode_family(&labels)?)?;
             }
         }
-        let mut m = enc.encode_descriptor("server_active_requests", "Requests in flight on the server", None, MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor(
+            "server_active_requests",
+            "Requests in flight on the server",
+            None,
+            MetricType::Gauge,
+        )?;
         for (pool, snap) in &snapshots {
             for s in &snap.servers {
                 let labels = [("pool", *pool), ("server", s.name.as_str())];
                 ConstGauge::new(s.stats.in_flight()).encode(m.encode_family(&labels)?)?;
             }
         }
-        let mut m = enc.encode_descriptor("server_state", "1 for the server's current state, 0 for the others", None, MetricType::Gauge)?;
+        let mut m = enc.encode_descriptor(
+            "server_state",
+            "1 for the server's current state, 0 for the others",
+            None,
+            MetricType::Gauge,
+        )?;
         for (pool, snap) in &snapshots {
             for s in &snap.servers {
                 let current = s.state();
                 for st in ServerState::ALL {
-                    let labels = [("pool", *pool), ("server", s.name.as_str()), ("state", st.as_str())];
+                    let labels = [
+                        ("pool", *pool),
+                        ("server", s.name.as_str()),
+                        ("state", st.as_str()),
+                    ];
                     ConstGauge::new(i64::from(current == st)).encode(m.encode_family(&labels)?)?;
                 }
             }
@@ -100,7 +149,10 @@ impl Collector for FulcrumCollector {
             for s in &snap.servers {
                 let labels = [("pool", *pool), ("server", s.name.as_str())];
                 let (buckets, count, sum) = s.stats.latency_histogram();
-                m.encode_family(&labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(sum, count, &buckets, None)?;
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        sum, count, &buckets, None,
+                    )?;
             }
         }
         Ok(())
@@ -118,5 +170,11 @@ pub fn render(shared: Arc<Shared>) -> String {
 }
 
 pub async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], render(shared))
+    (
+        [(
+            CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        render(shared),
+    )
 }

@@ -29,10 +29,17 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Serves the admin API on `listener` until `stop` fires.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let addr: Option<SocketAddr> = listener.local_addr().ok();
     let app = router(shared);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
+    if let Err(e) = axum::serve(listener, app)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
         tracing::error!(admin = ?addr, error = %e, "admin server failed");
     }
 }

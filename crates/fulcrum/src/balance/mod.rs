@@ -32,7 +32,10 @@ impl Selector {
         match algorithm {
             Algorithm::RoundRobin => Selector::RoundRobin(RoundRobin::new(weights.len())),
             Algorithm::WeightedRoundRobin => Selector::Weighted(SmoothWeighted::new(weights)),
-            other => unreachable!("algorithm {} is rejected by config validation", other.as_str()),
+            other => unreachable!(
+                "algorithm {} is rejected by config validation",
+                other.as_str()
+            ),
         }
     }
 
@@ -62,7 +65,11 @@ impl Candidates {
     #[inline]
     pub fn starting_at(first: usize, len: usize) -> Self {
         debug_assert!(len == 0 || first < len);
-        Candidates { first, len, next: 0 }
+        Candidates {
+            first,
+            len,
+            next: 0,
+        }
     }
 }
 

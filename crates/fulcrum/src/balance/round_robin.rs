@@ -14,7 +14,10 @@ pub struct RoundRobin {
 impl RoundRobin {
     /// A round robin over `len` servers, starting with the first.
     pub fn new(len: usize) -> Self {
-        RoundRobin { len, next: AtomicUsize::new(0) }
+        RoundRobin {
+            len,
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// The next server in turn, then the others in order.

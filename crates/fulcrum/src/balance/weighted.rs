@@ -43,7 +43,11 @@ impl SmoothWeighted {
             current[best] -= total as i64;
             cycle.push(best as u32);
         }
-        SmoothWeighted { len: weights.len(), cycle: cycle.into_boxed_slice(), next: AtomicUsize::new(0) }
+        SmoothWeighted {
+            len: weights.len(),
+            cycle: cycle.into_boxed_slice(),
+            next: AtomicUsize::new(0),
+        }
     }
 
     /// The next server of the cycle, then the others in index order.
@@ -79,7 +83,10 @@ fn reduce(weights: &[u32]) -> Vec<u32> {
     let total: u64 = reduced.iter().sum();
     if total > MAX_CYCLE {
         let budget = MAX_CYCLE.saturating_sub(reduced.len() as u64).max(1);
-        reduced = reduced.iter().map(|&w| (w * budget / total).max(1)).collect();
+        reduced = reduced
+            .iter()
+            .map(|&w| (w * budget / total).max(1))
+            .collect();
     }
     reduced.into_iter().map(|w| w as u32).collect()
 }
@@ -108,7 +115,10 @@ mod tests {
         // With 1:2:3 no server is chosen more than twice in a row.
         let s = SmoothWeighted::new(&[1, 2, 3]);
         let picks = firsts(&s, 60);
-        assert!(picks.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])), "{picks:?}");
+        assert!(
+            picks.windows(3).all(|w| !(w[0] == w[1] && w[1] == w[2])),
+            "{picks:?}"
+        );
     }
 
     #[test]

@@ -28,7 +28,10 @@ impl InFlight {
     #[inline]
     pub fn start(server: Arc<Server>) -> Self {
         server.stats.active.fetch_add(1, Ordering::Relaxed);
-        InFlight { server, sender: None }
+        InFlight {
+            server,
+            sender: None,
+        }
     }
 
     /// The server this request went to.
@@ -76,7 +79,10 @@ impl ProxyBody {
     /// A body streamed from a server, holding `guard` until it ends.
     #[inline]
     pub fn upstream(body: Incoming, guard: InFlight) -> Self {
-        let mut b = ProxyBody::Upstream { body, guard: Some(guard) };
+        let mut b = ProxyBody::Upstream {
+            body,
+            guard: Some(guard),
+        };
         b.finish_if_done();
         b
     }

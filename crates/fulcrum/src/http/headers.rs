@@ -67,7 +67,12 @@ pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
 ///
 /// `client_ip` is the peer's address, preformatted once per connection. `websocket` keeps the upgrade
 /// headers. The URI becomes origin-form; an HTTP/2 `:authority` becomes the `Host` header.
-pub fn rewrite_request<B>(req: &mut Request<B>, client_ip: &HeaderValue, proto: &'static str, websocket: bool) {
+pub fn rewrite_request<B>(
+    req: &mut Request<B>,
+    client_ip: &HeaderValue,
+    proto: &'static str,
+    websocket: bool,
+) {
     let uri_authority = req.uri().authority().cloned();
     let parts_version = req.version();
     let headers = req.headers_mut();
@@ -93,7 +98,11 @@ pub fn rewrite_request<B>(req: &mut Request<B>, client_ip: &HeaderValue, proto: 
 
     *req.version_mut() = Version::HTTP_11;
     if uri_authority.is_some() {
-        let origin = req.uri().path_and_query().map(|pq| pq.as_str()).unwrap_or("/");
+        let origin = req
+            .uri()
+            .path_and_query()
+            .map(|pq| pq.as_str())
+            .unwrap_or("/");
         if let Ok(uri) = origin.parse::<Uri>() {
             *req.uri_mut() = uri;
         }
@@ -169,7 +178,11 @@ mod tests {
 
     #[test]
     fn forwarded_for_is_appended() {
-        let mut req = Request::builder().uri("/").header("x-forwarded-for", "10.0.0.1").body(()).unwrap();
+        let mut req = Request::builder()
+            .uri("/")
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(())
+            .unwrap();
         rewrite_request(&mut req, &ip(), "http", false);
         assert_eq!(req.headers()["x-forwarded-for"], "10.0.0.1, 127.0.0.7");
     }
@@ -187,7 +200,12 @@ mod tests {
         assert_eq!(ws.headers()["upgrade"], "websocket");
         assert_eq!(ws.headers()["connection"], "upgrade");
 
-        let h2c = Request::builder().uri("/").header("connection", "upgrade").header("upgrade", "h2c").body(()).unwrap();
+        let h2c = Request::builder()
+            .uri("/")
+            .header("connection", "upgrade")
+            .header("upgrade", "h2c")
+            .body(())
+            .unwrap();
         assert!(!is_websocket_upgrade(&h2c));
     }
 

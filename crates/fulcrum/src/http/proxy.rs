@@ -45,7 +45,10 @@ pub struct ListenerStats {
 impl ListenerStats {
     /// Responses sent so far.
     pub fn requests_total(&self) -> u64 {
-        self.responses.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.responses
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     #[inline]
@@ -68,7 +71,11 @@ impl HttpRouter {
     /// The pool for `req`.
     #[inline]
     pub fn route<B>(&self, req: &Request<B>) -> &Arc<Pool> {
-        self.routes.iter().find(|(m, _)| route::matches(m, req)).map(|(_, p)| p).unwrap_or(&self.default_pool)
+        self.routes
+            .iter()
+            .find(|(m, _)| route::matches(m, req))
+            .map(|(_, p)| p)
+            .unwrap_or(&self.default_pool)
     }
 }
 
@@ -97,7 +104,8 @@ pub struct Client {
 impl Client {
     /// Describes the peer at `addr`.
     pub fn new(addr: SocketAddr) -> Self {
-        let ip = HeaderValue::from_str(&addr.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
+        let ip = HeaderValue::from_str(&addr.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
         Client { addr, ip }
     }
 }
@@ -117,12 +125,17 @@ pub async fn handle(
 /// Why a request got no response from a server.
 enum Failure {
     /// Nothing was sent; the request can go to another server.
-    NotSent(Request<Incoming>),
+    NotSent(Box<Request<Incoming>>),
     /// The request was sent and the exchange failed.
     Failed(StatusCode),
 }
 
-async fn forward(pool: &Pool, client: &Client, proto: &'static str, mut req: Request<Incoming>) -> Response<ProxyBody> {
+async fn forward(
+    pool: &Pool,
+    client: &Client,
+    proto: &'static str,
+    mut req: Request<Incoming>,
+) -> Response<ProxyBody> {
     let snapshot = pool.snapshot_full();
     let websocket = is_websocket_upgrade(&req);
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
@@ -131,17 +144,21 @@ async fn forward(pool: &Pool, client: &Client, proto: &'static str, mut req: Req
     let mut candidates = snapshot.pick();
     let mut attempts = snapshot.settings.retries + 1;
     while attempts > 0 {
-        let Some(server) = snapshot.next_available(&mut candidates) else { break };
+        let Some(server) = snapshot.next_available(&mut candidates) else {
+            break;
+        };
         attempts -= 1;
         let guard = InFlight::start(server.clone());
         match exchange(server, &snapshot.settings, req).await {
             Ok((resp, sender, elapsed)) => {
-                server.stats.record_response(resp.status().as_u16(), elapsed);
+                server
+                    .stats
+                    .record_response(resp.status().as_u16(), elapsed);
                 return respond(resp, sender, guard, client_upgrade);
             }
             Err(Failure::NotSent(r)) => {
                 server.stats.record_failure();
-                req = r;
+                req = *r;
             }
             Err(Failure::Failed(status)) => {
                 server.stats.record_failure();
@@ -169,7 +186,7 @@ async fn exchange(
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(server = %server.name, error = %e, "server connect failed");
-                    return Err(Failure::NotSent(req));
+                    return Err(Failure::NotSent(Box::new(req)));
                 }
             },
         };
@@ -177,14 +194,14 @@ async fn exchange(
             if reused {
                 continue;
             }
-            return Err(Failure::NotSent(req));
+            return Err(Failure::NotSent(Box::new(req)));
         }
         let started = Instant::now();
         match tokio::time::timeout(settings.response_timeout, sender.try_send_request(req)).await {
             Ok(Ok(resp)) => return Ok((resp, sender, started.elapsed())),
             Ok(Err(mut e)) => match e.take_message() {
                 Some(r) if reused => req = r,
-                Some(r) => return Err(Failure::NotSent(r)),
+                Some(r) => return Err(Failure::NotSent(Box::new(r))),
                 None => {
                     tracing::warn!(server = %server.name, error = %e.error(), "server exchange failed");
                     return Err(Failure::Failed(StatusCode::BAD_GATEWAY));
@@ -218,7 +235,11 @@ fn respond(
 }
 
 /// Copies bytes both ways between an upgraded client and server connection until either closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, server: hyper::upgrade::OnUpgrade, guard: InFlight) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    server: hyper::upgrade::OnUpgrade,
+    guard: InFlight,
+) {
     let (client, server) = match tokio::try_join!(client, server) {
         Ok(pair) => pair,
         Err(e) => {
@@ -244,6 +265,9 @@ pub fn local(status: StatusCode) -> Response<ProxyBody> {
     };
     let mut resp = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }

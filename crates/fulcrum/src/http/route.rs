@@ -25,13 +25,20 @@ pub fn matches<B>(m: &RouteMatch, req: &Request<B>) -> bool {
         }
     }
     if let Some(host) = &m.host {
-        let Some(h) = request_host(req) else { return false };
+        let Some(h) = request_host(req) else {
+            return false;
+        };
         if !host_matches(host, h) {
             return false;
         }
     }
     for (name, value) in &m.headers {
-        if !req.headers().get_all(name).iter().any(|v| v.as_bytes() == value.as_bytes()) {
+        if !req
+            .headers()
+            .get_all(name)
+            .iter()
+            .any(|v| v.as_bytes() == value.as_bytes())
+        {
             return false;
         }
     }
@@ -63,7 +70,10 @@ pub fn request_host<B>(req: &Request<B>) -> Option<&str> {
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
-        return host.split_once(']').map(|(h, _)| &host[..h.len() + 1]).unwrap_or(host);
+        return host
+            .split_once(']')
+            .map(|(h, _)| &host[..h.len() + 1])
+            .unwrap_or(host);
     }
     host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
 }
@@ -73,7 +83,8 @@ fn host_matches(m: &HostMatch, host: &str) -> bool {
         HostMatch::Exact(want) => host.eq_ignore_ascii_case(want),
         HostMatch::Suffix(suffix) => {
             host.len() > suffix.len()
-                && host.as_bytes()[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                && host.as_bytes()[host.len() - suffix.len()..]
+                    .eq_ignore_ascii_case(suffix.as_bytes())
         }
     }
 }
@@ -91,7 +102,9 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 fn query_pairs(q: &str) -> impl Iterator<Item = (&str, &str)> {
-    q.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, "")))
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
 }
 
 #[cfg(test)]
@@ -117,23 +130,50 @@ mod tests {
 
     #[test]
     fn path_prefix_and_regex() {
-        let m = RouteMatch { path_prefix: Some("/api/".into()), ..empty() };
+        let m = RouteMatch {
+            path_prefix: Some("/api/".into()),
+            ..empty()
+        };
         assert!(matches(&m, &req("/api/x").body(()).unwrap()));
         assert!(!matches(&m, &req("/apix").body(()).unwrap()));
-        let m = RouteMatch { path_regex: Some(regex::Regex::new(r"^/v[0-9]+/").unwrap()), ..empty() };
+        let m = RouteMatch {
+            path_regex: Some(regex::Regex::new(r"^/v[0-9]+/").unwrap()),
+            ..empty()
+        };
         assert!(matches(&m, &req("/v2/users").body(()).unwrap()));
         assert!(!matches(&m, &req("/vx/users").body(()).unwrap()));
     }
 
     #[test]
     fn host_exact_and_wildcard_ignore_port_and_case() {
-        let m = RouteMatch { host: Some(HostMatch::Exact("example.com".into())), ..empty() };
-        assert!(matches(&m, &req("/").header("host", "Example.com:8080").body(()).unwrap()));
-        assert!(!matches(&m, &req("/").header("host", "a.example.com").body(()).unwrap()));
+        let m = RouteMatch {
+            host: Some(HostMatch::Exact("example.com".into())),
+            ..empty()
+        };
+        assert!(matches(
+            &m,
+            &req("/")
+                .header("host", "Example.com:8080")
+                .body(())
+                .unwrap()
+        ));
+        assert!(!matches(
+            &m,
+            &req("/").header("host", "a.example.com").body(()).unwrap()
+        ));
         assert!(!matches(&m, &req("/").body(()).unwrap()));
-        let m = RouteMatch { host: Some(HostMatch::Suffix(".example.com".into())), ..empty() };
-        assert!(matches(&m, &req("/").header("host", "a.b.example.com").body(()).unwrap()));
-        assert!(!matches(&m, &req("/").header("host", "example.com").body(()).unwrap()));
+        let m = RouteMatch {
+            host: Some(HostMatch::Suffix(".example.com".into())),
+            ..empty()
+        };
+        assert!(matches(
+            &m,
+            &req("/").header("host", "a.b.example.com").body(()).unwrap()
+        ));
+        assert!(!matches(
+            &m,
+            &req("/").header("host", "example.com").body(()).unwrap()
+        ));
         assert_eq!(strip_port("[::1]:80"), "[::1]");
     }
 
@@ -153,14 +193,25 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches(&m, &ok));
-        let wrong_cookie =
-            req("/p?v=2").method("POST").header("x-version", "2").header("cookie", "beta=0").body(()).unwrap();
+        let wrong_cookie = req("/p?v=2")
+            .method("POST")
+            .header("x-version", "2")
+            .header("cookie", "beta=0")
+            .body(())
+            .unwrap();
         assert!(!matches(&m, &wrong_cookie));
-        let wrong_query =
-            req("/p?v=3").method("POST").header("x-version", "2").header("cookie", "beta=1").body(()).unwrap();
+        let wrong_query = req("/p?v=3")
+            .method("POST")
+            .header("x-version", "2")
+            .header("cookie", "beta=1")
+            .body(())
+            .unwrap();
         assert!(!matches(&m, &wrong_query));
-        let wrong_method =
-            req("/p?v=2").header("x-version", "2").header("cookie", "beta=1").body(()).unwrap();
+        let wrong_method = req("/p?v=2")
+            .header("x-version", "2")
+            .header("cookie", "beta=1")
+            .body(())
+            .unwrap();
         assert!(!matches(&m, &wrong_method));
     }
 }

@@ -52,10 +52,16 @@ struct Builders {
 impl Builders {
     fn new(opts: &ServeOptions) -> Self {
         let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new()).header_read_timeout(opts.request_header_timeout).keep_alive(true);
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(opts.request_header_timeout)
+            .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new()).max_concurrent_streams(256);
-        Builders { h1, h2, header_timeout: opts.request_header_timeout }
+        Builders {
+            h1,
+            h2,
+            header_timeout: opts.request_header_timeout,
+        }
     }
 }
 
@@ -94,15 +100,27 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        http.stats.active_connections.fetch_add(1, Ordering::Relaxed);
+        http.stats
+            .active_connections
+            .fetch_add(1, Ordering::Relaxed);
         http.stats.connections_total.fetch_add(1, Ordering::Relaxed);
         let http = http.clone();
         let builders = builders.clone();
         let shutdown = shutdown.clone();
         let deadline = drain_deadline.clone();
         tracker.spawn(async move {
-            serve_connection(stream, Client::new(addr), &http, &builders, &shutdown, &deadline).await;
-            http.stats.active_connections.fetch_sub(1, Ordering::Relaxed);
+            serve_connection(
+                stream,
+                Client::new(addr),
+                &http,
+                &builders,
+                &shutdown,
+                &deadline,
+            )
+            .await;
+            http.stats
+                .active_connections
+                .fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -144,16 +162,30 @@ async fn serve_connection(
     shutdown: &CancellationToken,
     deadline: &CancellationToken,
 ) {
-    let Some(h2) = sniff_h2(&stream, builders.header_timeout).await else { return };
+    let Some(h2) = sniff_h2(&stream, builders.header_timeout).await else {
+        return;
+    };
     let timed_out = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(ClientIo::new(stream, timed_out.clone()));
     let svc_http = http.clone();
     let addr = client.addr;
     let svc = service_fn(move |req| proxy::handle(svc_http.clone(), client.clone(), req));
     let result = if h2 {
-        drive(builders.h2.serve_connection(io, svc), shutdown, deadline, &timed_out).await
+        drive(
+            builders.h2.serve_connection(io, svc),
+            shutdown,
+            deadline,
+            &timed_out,
+        )
+        .await
     } else {
-        drive(builders.h1.serve_connection(io, svc).with_upgrades(), shutdown, deadline, &timed_out).await
+        drive(
+            builders.h1.serve_connection(io, svc).with_upgrades(),
+            shutdown,
+            deadline,
+            &timed_out,
+        )
+        .await
     };
     if let Err(e) = result {
         if !e.is_timeout() {
@@ -244,7 +276,11 @@ struct ClientIo {
 
 impl ClientIo {
     fn new(stream: TcpStream, timed_out: Arc<AtomicBool>) -> Self {
-        ClientIo { stream, partial: false, timed_out }
+        ClientIo {
+            stream,
+            partial: false,
+            timed_out,
+        }
     }
 }
 
@@ -260,7 +296,11 @@ impl Drop for ClientIo {
 
 impl AsyncRead for ClientIo {
     #[inline]
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -272,7 +312,11 @@ impl AsyncRead for ClientIo {
 
 impl AsyncWrite for ClientIo {
     #[inline]
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.partial = false;
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }

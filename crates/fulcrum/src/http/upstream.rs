@@ -40,7 +40,11 @@ pub struct IdleConns {
 impl IdleConns {
     /// Empty stacks for `workers` worker threads.
     pub fn new(workers: usize) -> Self {
-        IdleConns { per_worker: (0..workers.max(1)).map(|_| Mutex::new(Vec::new())).collect() }
+        IdleConns {
+            per_worker: (0..workers.max(1))
+                .map(|_| Mutex::new(Vec::new()))
+                .collect(),
+        }
     }
 
     fn slot(&self) -> &Mutex<Vec<Sender>> {

@@ -46,11 +46,18 @@ impl ServerState {
     }
 
     /// Every state, in the order of its discriminant.
-    pub const ALL: [ServerState; 4] =
-        [ServerState::Up, ServerState::Down, ServerState::Draining, ServerState::Maint];
+    pub const ALL: [ServerState; 4] = [
+        ServerState::Up,
+        ServerState::Down,
+        ServerState::Draining,
+        ServerState::Maint,
+    ];
 
     fn from_u8(v: u8) -> Self {
-        Self::ALL.get(usize::from(v)).copied().unwrap_or(ServerState::Down)
+        Self::ALL
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or(ServerState::Down)
     }
 }
 
@@ -133,7 +140,9 @@ impl PoolSnapshot {
     /// The next candidate that may take a request, if any.
     #[inline]
     pub fn next_available(&self, candidates: &mut Candidates) -> Option<&Arc<Server>> {
-        candidates.map(|i| &self.servers[i]).find(|s| s.is_available())
+        candidates
+            .map(|i| &self.servers[i])
+            .find(|s| s.is_available())
     }
 }
 
@@ -150,8 +159,11 @@ pub struct Pool {
 impl Pool {
     /// Builds a pool and its first snapshot from configuration.
     pub fn new(cfg: &PoolConfig, workers: usize) -> Self {
-        let servers: Vec<Arc<Server>> =
-            cfg.servers.iter().map(|s| Arc::new(Server::new(s, workers))).collect();
+        let servers: Vec<Arc<Server>> = cfg
+            .servers
+            .iter()
+            .map(|s| Arc::new(Server::new(s, workers)))
+            .collect();
         let settings = PoolSettings {
             retries: cfg.retries,
             connect_timeout: cfg.connect_timeout,
@@ -164,9 +176,17 @@ impl Pool {
         }
     }
 
-    fn build(algorithm: Algorithm, servers: Vec<Arc<Server>>, settings: PoolSettings) -> PoolSnapshot {
+    fn build(
+        algorithm: Algorithm,
+        servers: Vec<Arc<Server>>,
+        settings: PoolSettings,
+    ) -> PoolSnapshot {
         let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
-        PoolSnapshot { selector: Selector::new(algorithm, &weights), servers, settings }
+        PoolSnapshot {
+            selector: Selector::new(algorithm, &weights),
+            servers,
+            settings,
+        }
     }
 
     /// The current snapshot; cheap, lock-free, and valid for as long as it is held.

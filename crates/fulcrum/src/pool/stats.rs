@@ -6,8 +6,9 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the request duration histogram buckets.
-pub const LATENCY_BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Smoothing factor of the latency EWMA (weight of the newest sample).
 const EWMA_ALPHA: f64 = 0.1;
@@ -33,7 +34,10 @@ pub struct ServerStats {
 impl ServerStats {
     /// Requests answered so far (every status class).
     pub fn requests_total(&self) -> u64 {
-        self.responses.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.responses
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Failed requests so far.
@@ -68,13 +72,21 @@ impl ServerStats {
     #[inline]
     fn record_latency(&self, elapsed: Duration) {
         let secs = elapsed.as_secs_f64();
-        let bucket = LATENCY_BUCKETS.iter().position(|&b| secs <= b).unwrap_or(LATENCY_BUCKETS.len());
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_us.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
         // A lost update between two racing requests only delays the average by one sample.
         let sample = elapsed.as_nanos() as f64;
         let old = self.latency_ewma_ns.load(Ordering::Relaxed) as f64;
-        let new = if old == 0.0 { sample } else { old + EWMA_ALPHA * (sample - old) };
+        let new = if old == 0.0 {
+            sample
+        } else {
+            old + EWMA_ALPHA * (sample - old)
+        };
         self.latency_ewma_ns.store(new as u64, Ordering::Relaxed);
     }
 
@@ -82,7 +94,11 @@ impl ServerStats {
     pub fn latency_histogram(&self) -> (Vec<(f64, u64)>, u64, f64) {
         let mut acc = 0;
         let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
-        for (i, bound) in LATENCY_BUCKETS.iter().chain(std::iter::once(&f64::INFINITY)).enumerate() {
+        for (i, bound) in LATENCY_BUCKETS
+            .iter()
+            .chain(std::iter::once(&f64::INFINITY))
+            .enumerate()
+        {
             acc += self.latency_buckets[i].load(Ordering::Relaxed);
             buckets.push((*bound, acc));
         }

@@ -12,7 +12,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-pub const LOCAL: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+pub const LOCAL: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 
 /// Starts one demo server per name.
 pub async fn apps(names: &[&str]) -> Vec<AppHandle> {
@@ -22,14 +23,23 @@ pub async fn apps(names: &[&str]) -> Vec<AppHandle> {
 pub async fn apps_with(configs: Vec<AppConfig>) -> Vec<AppHandle> {
     let mut out = Vec::new();
     for cfg in configs {
-        out.push(fulcrum_app::spawn(LOCAL, cfg).await.expect("start fulcrum-app"));
+        out.push(
+            fulcrum_app::spawn(LOCAL, cfg)
+                .await
+                .expect("start fulcrum-app"),
+        );
     }
     out
 }
 
 /// A config with one HTTP listener `web` on a free port and one pool `p` over `servers`
 /// (name, address, weight); `pool_extra` and `listener_extra` are appended to those tables.
-pub fn config(algorithm: &str, servers: &[(String, SocketAddr, u32)], listener_extra: &str, pool_extra: &str) -> String {
+pub fn config(
+    algorithm: &str,
+    servers: &[(String, SocketAddr, u32)],
+    listener_extra: &str,
+    pool_extra: &str,
+) -> String {
     let list: Vec<String> = servers
         .iter()
         .map(|(n, a, w)| format!("{{ name = \"{n}\", address = \"{a}\", weight = {w} }}"))
@@ -44,12 +54,16 @@ pub fn config(algorithm: &str, servers: &[(String, SocketAddr, u32)], listener_e
 
 /// The (name, address, weight 1) triples of running apps, named A, B, C, …
 pub fn servers(apps: &[AppHandle]) -> Vec<(String, SocketAddr, u32)> {
-    apps.iter().enumerate().map(|(i, a)| (((b'A' + i as u8) as char).to_string(), a.addr(), 1)).collect()
+    apps.iter()
+        .enumerate()
+        .map(|(i, a)| (((b'A' + i as u8) as char).to_string(), a.addr(), 1))
+        .collect()
 }
 
 /// Starts a balancer (two workers) from config text.
 pub fn fulcrum(text: &str) -> Running {
-    let cfg = fulcrum::config::parse(text, "test.toml").unwrap_or_else(|e| panic!("config: {e}\n{text}"));
+    let cfg =
+        fulcrum::config::parse(text, "test.toml").unwrap_or_else(|e| panic!("config: {e}\n{text}"));
     runtime::start_with_workers(cfg, 2).expect("start fulcrum")
 }
 
@@ -59,7 +73,9 @@ pub fn web(running: &Running) -> SocketAddr {
 
 /// Stops a balancer from async code.
 pub async fn stop(running: Running) {
-    tokio::task::spawn_blocking(move || running.stop()).await.unwrap();
+    tokio::task::spawn_blocking(move || running.stop())
+        .await
+        .unwrap();
 }
 
 pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
@@ -69,7 +85,9 @@ pub fn client() -> HttpClient {
 }
 
 pub fn h2c_client() -> HttpClient {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 pub struct Reply {
@@ -83,7 +101,13 @@ impl Reply {
     pub fn server(&self) -> String {
         match self.headers.get("x-server") {
             Some(v) => v.to_str().unwrap().to_string(),
-            None => self.body.lines().next().unwrap_or("").trim_start_matches("server: ").to_string(),
+            None => self
+                .body
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim_start_matches("server: ")
+                .to_string(),
         }
     }
 }
@@ -96,7 +120,11 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
     let status = resp.status();
     let headers = resp.headers().clone();
     let body = resp.into_body().collect().await.expect("body").to_bytes();
-    Reply { status, headers, body: String::from_utf8_lossy(&body).into_owned() }
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
 }
 
 pub async fn get(client: &HttpClient, url: &str) -> Reply {

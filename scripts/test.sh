@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The one test command: installs what the tests need on a fresh Debian machine, then runs formatting,
+# lints and every test (unit, property and black-box integration tests against real processes).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the tests use (none is needed beyond the Rust toolchain yet; later features add
+# redis-server here). Installed only when missing; needs root, as on CI.
+packages=()
+if ((${#packages[@]})); then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
+  else
+    echo "missing packages: ${packages[*]} (run as root to install them)" >&2
+    exit 1
+  fi
+fi
+
+rustup component add clippy rustfmt >/dev/null 2>&1 || true
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
