@@ -10,6 +10,10 @@ use fulcrum::demo::{self, DemoOptions};
 use fulcrum::logging::{self, LogFormat};
 use fulcrum::runtime::{self, Running};
 
+/// mimalloc's thread-local free lists suit a proxy's many short-lived, same-sized allocations.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A load balancer for HTTP and TCP/UDP.
 #[derive(Debug, Parser)]
 #[command(name = "fulcrum", version, about)]

@@ -472,3 +472,23 @@ async fn admin_api_metrics_probes_and_dashboard() {
     assert_eq!(v["listeners"][0]["requests_total"], 4);
     stop(lb).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_listener_queues_new_connections_instead_of_failing_them() {
+    let apps = apps(&["A"]).await;
+    let extra = "max_connections = 1\nrequest_header_timeout = \"600ms\"";
+    let lb = fulcrum(&config("round_robin", &servers(&apps), extra, ""));
+    // The first connection takes the only slot and sends nothing; it is closed after 600 ms.
+    let hog = TcpStream::connect(web(&lb)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let r = get(&client(), &format!("http://{}/", web(&lb))).await;
+    assert_eq!(r.status, StatusCode::OK, "served once the slot frees up");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "waited for the slot: {:?}",
+        started.elapsed()
+    );
+    drop(hog);
+    stop(lb).await;
+}

@@ -16,7 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -167,9 +166,12 @@ async fn serve_connection(
     };
     let timed_out = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(ClientIo::new(stream, timed_out.clone()));
-    let svc_http = http.clone();
     let addr = client.addr;
-    let svc = service_fn(move |req| proxy::handle(svc_http.clone(), client.clone(), req));
+    let ctx = Arc::new(proxy::ConnContext {
+        listener: http.clone(),
+        client,
+    });
+    let svc = hyper::service::service_fn(move |req| proxy::handle(ctx.clone(), req));
     let result = if h2 {
         drive(
             builders.h2.serve_connection(io, svc),
