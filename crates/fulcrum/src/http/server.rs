@@ -1,8 +1,8 @@
 //! Accepting client connections and serving HTTP/1.1 and h2c (prior knowledge) on them with hyper.
 //!
-//! Each worker thread runs its own accept loop on its own `SO_REUSEPORT` socket. Accepting waits for a
-//! permit of the listener's connection limit, so a full listener leaves new connections in the kernel's
-//! backlog instead of failing them. Accept errors (out of file descriptors) back off instead of spinning.
+//! Each worker thread runs its own accept loop on its own `SO_REUSEPORT` socket. A full listener (at
+//! `max_connections`) holds the connection it just accepted until a slot frees and stops accepting, so
+//! further clients wait in the kernel's backlog instead of failing. Accept errors (out of file descriptors) back off instead of spinning.
 //!
 //! The protocol is told from the first bytes (`PRI` starts the HTTP/2 preface) with one `peek`, under
 //! the request-header timeout, so a connection that never sends anything is closed like an idle one.
@@ -77,14 +77,6 @@ pub async fn serve(
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(5);
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            p = opts.max_connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let (stream, addr) = tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -96,6 +88,16 @@ pub async fn serve(
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                     continue;
                 }
+            },
+        };
+        // Accept first, then wait for a slot: a permit taken before `accept` could sit idle on this
+        // worker's socket while the next client queues on another worker's socket.
+        let permit = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            p = opts.max_connections.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
             },
         };
         let _ = stream.set_nodelay(true);
