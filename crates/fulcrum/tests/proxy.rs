@@ -492,3 +492,114 @@ async fn a_full_listener_queues_new_connections_instead_of_failing_them() {
     drop(hog);
     stop(lb).await;
 }
+
+/// A bare HTTP/1.1 server: answers every request on a connection with `ok`, counting connections;
+/// with `close_after_each`, it closes each connection after answering without saying so.
+async fn counting_server(close_after_each: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = l.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    if sock
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                        || close_after_each
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_connections_are_kept_alive_and_reused() {
+    let (addr, conns) = counting_server(false).await;
+    let lb = fulcrum(&config("round_robin", &[("s".into(), addr, 1)], "", ""));
+    let c = client();
+    for _ in 0..20 {
+        let r = get(&c, &format!("http://{}/", web(&lb))).await;
+        assert_eq!((r.status, r.body.as_str()), (StatusCode::OK, "ok"));
+    }
+    assert_eq!(
+        conns.load(Ordering::SeqCst),
+        1,
+        "one server connection carried all 20 requests"
+    );
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keep_alive_connection_the_server_closed_is_not_reused() {
+    let (addr, conns) = counting_server(true).await;
+    let lb = fulcrum(&config("round_robin", &[("s".into(), addr, 1)], "", ""));
+    let c = client();
+    for i in 0..10 {
+        // Give the server's close time to arrive, as between real requests.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let req = Request::post(format!("http://{}/", web(&lb)))
+            .body(Full::new(Bytes::from_static(b"x")))
+            .unwrap();
+        let r = send(&c, req).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (StatusCode::OK, "ok"),
+            "request {i}"
+        );
+    }
+    assert_eq!(conns.load(Ordering::SeqCst), 10);
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_head_and_bodiless_statuses_pass_through() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
+    let base = format!("http://{}", web(&lb));
+    let c = client();
+    // /echo streams its answer back (chunked), the request body here has a length.
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let req = Request::post(format!("{base}/echo"))
+        .body(Full::new(Bytes::from(payload.clone())))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    use http_body_util::BodyExt;
+    let echoed = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(echoed.len(), payload.len());
+    assert!(echoed[..] == payload[..], "echo intact");
+    // HEAD: a Content-Length but no body; must not wait for one.
+    let r = send(
+        &c,
+        Request::head(format!("{base}/bytes/5000"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body, "");
+    // 204 and 304 carry no body; the connection stays usable after them.
+    for code in [204u16, 304, 200] {
+        let r = get(&c, &format!("{base}/status/{code}")).await;
+        assert_eq!(r.status.as_u16(), code);
+    }
+    stop(lb).await;
+}

@@ -1,26 +1,28 @@
-//! The response body fulcrum sends to clients: a server's body streamed through, or a short local body.
+//! The response body fulcrum sends to clients: a server's body read straight from its connection as
+//! the client side asks for it, or a short local body.
 //!
-//! A streamed body carries an [`InFlight`] guard. The request counts as in flight on its server until
-//! the guard goes: when the body has been read to its end (the server connection then returns to the
-//! idle pool) or when the client goes away (the connection is closed with the body unread).
+//! A streamed body carries an [`InFlight`] guard: the request counts as in flight on its server until
+//! the body is dropped, which hyper does once the last byte has been written to the client (or the
+//! client went away). The server connection goes back to the idle pool as soon as the body has been
+//! read to its end, if the server allows keep-alive and sent nothing past it.
 
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 
-use super::upstream::Sender;
+use super::chunked::Step;
+use super::upstream::{Framing, UpstreamConn};
 use crate::pool::Server;
 
-/// Keeps a request counted on its server until its response body is done.
+/// Keeps a request counted on its server until its response has been sent.
 #[derive(Debug)]
 pub struct InFlight {
     server: Arc<Server>,
-    sender: Option<Sender>,
 }
 
 impl InFlight {
@@ -28,29 +30,12 @@ impl InFlight {
     #[inline]
     pub fn start(server: Arc<Server>) -> Self {
         server.stats.active.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            server,
-            sender: None,
-        }
+        InFlight { server }
     }
 
     /// The server this request went to.
     pub fn server(&self) -> &Arc<Server> {
         &self.server
-    }
-
-    /// Attaches the connection, returned to the idle pool if the body completes.
-    #[inline]
-    pub fn attach(&mut self, sender: Sender) {
-        self.sender = Some(sender);
-    }
-
-    /// The body was read to its end: the connection may be reused.
-    #[inline]
-    fn complete(mut self) {
-        if let Some(sender) = self.sender.take() {
-            self.server.idle.put(sender);
-        }
     }
 }
 
@@ -61,32 +46,146 @@ impl Drop for InFlight {
     }
 }
 
+/// A server's response body, read from its connection.
+#[derive(Debug)]
+pub struct UpstreamBody {
+    /// `None` once the body is complete (the connection went back to the pool or was closed).
+    conn: Option<UpstreamConn>,
+    framing: Framing,
+    keep_alive: bool,
+    guard: InFlight,
+}
+
+impl UpstreamBody {
+    /// The body delimited by `framing` on `conn`.
+    pub fn new(conn: UpstreamConn, framing: Framing, keep_alive: bool, guard: InFlight) -> Self {
+        let mut body = UpstreamBody {
+            conn: Some(conn),
+            framing,
+            keep_alive,
+            guard,
+        };
+        if matches!(body.framing, Framing::Empty) {
+            body.finish(true);
+        }
+        body
+    }
+
+    /// The body is read: reuse the connection if the exchange ended cleanly, else close it.
+    fn finish(&mut self, clean: bool) {
+        self.framing = Framing::Empty;
+        if let Some(conn) = self.conn.take() {
+            if clean && self.keep_alive && conn.buf.is_empty() {
+                self.guard.server.idle.put(conn);
+            }
+        }
+    }
+
+    fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.guard.server.stats.record_failure();
+        self.finish(false);
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+fn cut_short() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the server closed the connection inside the body",
+    )
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.framing {
+                Framing::Empty => {
+                    this.finish(true);
+                    return Poll::Ready(None);
+                }
+                Framing::Length(remaining) => {
+                    if !conn.buf.is_empty() {
+                        let n = (*remaining).min(conn.buf.len() as u64);
+                        let data = conn.buf.split_to(n as usize).freeze();
+                        *remaining -= n;
+                        if *remaining == 0 {
+                            this.finish(true);
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    let want = (*remaining).min(usize::MAX as u64) as usize;
+                    match ready!(conn.poll_fill(cx, want)) {
+                        Ok(0) => return this.fail(cut_short()),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+                Framing::Chunked(decoder) => match decoder.step(&mut conn.buf) {
+                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Step::Done) => {
+                        this.finish(true);
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::NeedMore) => match ready!(conn.poll_fill(cx, 0)) {
+                        Ok(0) => return this.fail(cut_short()),
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    },
+                    Err(e) => return this.fail(io::Error::new(io::ErrorKind::InvalidData, e)),
+                },
+                Framing::Close => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    match ready!(conn.poll_fill(cx, 0)) {
+                        Ok(0) => {
+                            this.finish(false);
+                            return Poll::Ready(None);
+                        }
+                        Ok(_) => {}
+                        Err(e) => return this.fail(e),
+                    }
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || matches!(self.framing, Framing::Empty | Framing::Length(0))
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match (&self.conn, &self.framing) {
+            (None, _) | (_, Framing::Empty) => SizeHint::with_exact(0),
+            (_, Framing::Length(n)) => SizeHint::with_exact(*n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
 /// A response body: streamed from a server, or generated by fulcrum.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// A server's body, passed through frame by frame.
-    Upstream {
-        /// The server's body.
-        body: Incoming,
-        /// Present until the body ends.
-        guard: Option<InFlight>,
-    },
+    /// A server's body, passed through as it arrives.
+    Upstream(UpstreamBody),
     /// A complete body (error pages, local answers); `None` once sent.
     Full(Option<Bytes>),
 }
 
 impl ProxyBody {
-    /// A body streamed from a server, holding `guard` until it ends.
-    #[inline]
-    pub fn upstream(body: Incoming, guard: InFlight) -> Self {
-        let mut b = ProxyBody::Upstream {
-            body,
-            guard: Some(guard),
-        };
-        b.finish_if_done();
-        b
-    }
-
     /// A complete body.
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
@@ -97,48 +196,19 @@ impl ProxyBody {
     pub fn empty() -> Self {
         ProxyBody::Full(None)
     }
-
-    #[inline]
-    fn finish_if_done(&mut self) {
-        if let ProxyBody::Upstream { body, guard } = self {
-            if body.is_end_stream() {
-                if let Some(g) = guard.take() {
-                    g.complete();
-                }
-            }
-        }
-    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        match this {
-            ProxyBody::Upstream { body, guard } => {
-                let polled = Pin::new(body).poll_frame(cx);
-                match &polled {
-                    Poll::Ready(None) => {
-                        if let Some(g) = guard.take() {
-                            g.complete();
-                        }
-                    }
-                    Poll::Ready(Some(Ok(_))) => this.finish_if_done(),
-                    Poll::Ready(Some(Err(_))) => {
-                        if let Some(g) = guard.take() {
-                            g.server().stats.record_failure();
-                        }
-                    }
-                    Poll::Pending => {}
-                }
-                polled
-            }
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
@@ -146,7 +216,7 @@ impl Body for ProxyBody {
     #[inline]
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
+            ProxyBody::Upstream(body) => body.is_end_stream(),
             ProxyBody::Full(bytes) => bytes.is_none(),
         }
     }
@@ -154,7 +224,7 @@ impl Body for ProxyBody {
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream { body, .. } => body.size_hint(),
+            ProxyBody::Upstream(body) => body.size_hint(),
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
         }

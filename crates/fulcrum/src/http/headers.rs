@@ -92,6 +92,9 @@ pub fn rewrite_request<B>(
     let parts_version = req.version();
     let headers = req.headers_mut();
     strip_hop_by_hop(headers);
+    // fulcrum streams the body to the server at once, and hyper answers the client's
+    // `Expect: 100-continue` itself when the body is first read.
+    headers.remove(header::EXPECT);
     if websocket {
         headers.insert(header::CONNECTION, UPGRADE_VALUE.clone());
         headers.insert(header::UPGRADE, WEBSOCKET.clone());

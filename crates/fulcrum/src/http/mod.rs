@@ -1,7 +1,8 @@
 //! The HTTP side: accepting clients ([`server`]), routing ([`route`]), forwarding ([`proxy`]) over
-//! pooled server connections ([`upstream`]), header rewriting ([`headers`]) and streamed bodies ([`body`]).
+//! pooled server connections ([`upstream`], [`chunked`]), header rewriting ([`headers`]) and streamed bodies ([`body`]).
 
 pub mod body;
+pub mod chunked;
 pub mod headers;
 pub mod proxy;
 pub mod route;

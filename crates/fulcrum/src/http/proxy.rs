@@ -16,18 +16,19 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 
-use super::body::{InFlight, ProxyBody};
+use super::body::{InFlight, ProxyBody, UpstreamBody};
 use super::headers::{is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
-use super::upstream::{self, Sender};
+use super::upstream::{self, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn};
 use crate::config::RouteMatch;
 use crate::pool::{Pool, PoolSettings, Server};
 
@@ -134,10 +135,12 @@ pub async fn handle(
 
 /// Why a request got no response from a server.
 enum Failure {
-    /// Nothing was sent; the request can go to another server.
-    NotSent(Box<Request<Incoming>>),
-    /// The request was sent and the exchange failed.
+    /// Nothing the server could act on was sent: the request can go to another server.
+    NotSent,
+    /// The exchange failed after the request was sent: answer with this status.
     Failed(StatusCode),
+    /// The client's own request body failed (it went away or sent a malformed body).
+    Client,
 }
 
 async fn forward(
@@ -150,6 +153,8 @@ async fn forward(
     let websocket = is_websocket_upgrade(&req);
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     rewrite_request(&mut req, &client.ip, proto, websocket);
+    let (parts, mut body) = req.into_parts();
+    let framing = RequestBody::of(&parts.headers, &body);
 
     let mut candidates = snapshot.pick();
     let mut attempts = snapshot.settings.retries + 1;
@@ -159,106 +164,132 @@ async fn forward(
         };
         attempts -= 1;
         let guard = InFlight::start(server.clone());
-        match exchange(server, &snapshot.settings, req).await {
-            Ok((resp, sender, elapsed)) => {
-                server
-                    .stats
-                    .record_response(resp.status().as_u16(), elapsed);
-                return respond(resp, sender, guard, client_upgrade);
+        match exchange(server, &snapshot.settings, &parts, &mut body, framing).await {
+            Ok((head, conn, elapsed)) => {
+                server.stats.record_response(head.status.as_u16(), elapsed);
+                return respond(head, conn, guard, client_upgrade);
             }
-            Err(Failure::NotSent(r)) => {
-                server.stats.record_failure();
-                req = *r;
-            }
+            Err(Failure::NotSent) => server.stats.record_failure(),
             Err(Failure::Failed(status)) => {
                 server.stats.record_failure();
                 return local(status);
             }
+            Err(Failure::Client) => return local(StatusCode::BAD_REQUEST),
         }
     }
     local(StatusCode::SERVICE_UNAVAILABLE)
 }
 
-/// Sends `req` to `server` and waits for the response head.
+/// Where an exchange failed.
+enum Stage {
+    Send(SendError),
+    Read(ReadError),
+}
+
+/// Sends the request to `server` and reads the response head.
 async fn exchange(
     server: &Arc<Server>,
     settings: &PoolSettings,
-    mut req: Request<Incoming>,
-) -> Result<(Response<Incoming>, Sender, std::time::Duration), Failure> {
-    // An idle connection may have been closed by the server in the meantime; one fresh connection
-    // follows a stale idle one.
+    parts: &http::request::Parts,
+    body: &mut Incoming,
+    framing: RequestBody,
+) -> Result<(ResponseHead, UpstreamConn, Duration), Failure> {
+    // A request without a body and with an idempotent method may be sent again when a reused
+    // connection turns out closed before any byte of answer came back (RFC 9110 §9.2.2).
+    let replayable = framing == RequestBody::Empty && parts.method.is_idempotent();
     let mut idle = server.idle.take();
     loop {
         let reused = idle.is_some();
-        let mut sender = match idle.take() {
-            Some(s) => s,
+        let mut conn = match idle.take() {
+            Some(c) => c,
             None => match upstream::connect(server.address, settings.connect_timeout).await {
-                Ok(s) => s,
+                Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(server = %server.name, error = %e, "server connect failed");
-                    return Err(Failure::NotSent(Box::new(req)));
+                    return Err(Failure::NotSent);
                 }
             },
         };
-        if sender.ready().await.is_err() {
-            if reused {
-                continue;
-            }
-            return Err(Failure::NotSent(Box::new(req)));
-        }
         let started = Instant::now();
-        match tokio::time::timeout(settings.response_timeout, sender.try_send_request(req)).await {
-            Ok(Ok(resp)) => return Ok((resp, sender, started.elapsed())),
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(r) if reused => req = r,
-                Some(r) => return Err(Failure::NotSent(Box::new(r))),
-                None => {
-                    tracing::warn!(server = %server.name, error = %e.error(), "server exchange failed");
-                    return Err(Failure::Failed(StatusCode::BAD_GATEWAY));
-                }
-            },
+        let attempt = async {
+            conn.send(parts, body, framing).await.map_err(Stage::Send)?;
+            conn.read_head(&parts.method).await.map_err(Stage::Read)
+        };
+        let error = match tokio::time::timeout(settings.response_timeout, attempt).await {
+            Ok(Ok(head)) => return Ok((head, conn, started.elapsed())),
+            Ok(Err(e)) => e,
             Err(_) => {
                 tracing::warn!(server = %server.name, timeout = ?settings.response_timeout, "server timed out");
                 return Err(Failure::Failed(StatusCode::GATEWAY_TIMEOUT));
+            }
+        };
+        match error {
+            Stage::Send(SendError::Head(_)) if reused => continue,
+            Stage::Read(ReadError::Closed) if reused && replayable => continue,
+            Stage::Send(SendError::Head(e)) => {
+                tracing::warn!(server = %server.name, error = %e, "sending to the server failed");
+                return Err(Failure::NotSent);
+            }
+            Stage::Send(SendError::Client(e)) => {
+                tracing::debug!(error = %e, "client request body failed");
+                return Err(Failure::Client);
+            }
+            Stage::Send(e) => {
+                tracing::warn!(server = %server.name, error = %e, "server exchange failed");
+                return Err(Failure::Failed(StatusCode::BAD_GATEWAY));
+            }
+            Stage::Read(e) => {
+                tracing::warn!(server = %server.name, error = %e, "server exchange failed");
+                return Err(Failure::Failed(StatusCode::BAD_GATEWAY));
             }
         }
     }
 }
 
 fn respond(
-    mut resp: Response<Incoming>,
-    sender: Sender,
-    mut guard: InFlight,
+    head: ResponseHead,
+    conn: UpstreamConn,
+    guard: InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ProxyBody> {
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
-    rewrite_response(resp.headers_mut(), switching && client_upgrade.is_some());
-    if switching {
-        if let Some(client_upgrade) = client_upgrade {
-            let server_upgrade = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(client_upgrade, server_upgrade, guard));
-            return resp.map(|_| ProxyBody::empty());
-        }
-    }
-    guard.attach(sender);
-    resp.map(|body| ProxyBody::upstream(body, guard))
+    let ResponseHead {
+        status,
+        mut headers,
+        framing,
+        keep_alive,
+    } = head;
+    let body = if status == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            // A server may not switch protocols unasked.
+            guard.server().stats.record_failure();
+            return local(StatusCode::BAD_GATEWAY);
+        };
+        tokio::spawn(tunnel(client_upgrade, conn, guard));
+        ProxyBody::empty()
+    } else {
+        rewrite_response(&mut headers, false);
+        ProxyBody::Upstream(UpstreamBody::new(conn, framing, keep_alive, guard))
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
 }
 
-/// Copies bytes both ways between an upgraded client and server connection until either closes.
-async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
-    server: hyper::upgrade::OnUpgrade,
-    guard: InFlight,
-) {
-    let (client, server) = match tokio::try_join!(client, server) {
-        Ok(pair) => pair,
+/// Copies bytes both ways between an upgraded client connection and the server until either closes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, conn: UpstreamConn, guard: InFlight) {
+    let upgraded = match client.await {
+        Ok(u) => u,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
+            tracing::debug!(error = %e, "client upgrade failed");
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut server = TokioIo::new(server);
+    let mut client = TokioIo::new(upgraded);
+    let (mut server, early) = conn.into_parts();
+    if !early.is_empty() && client.write_all(&early).await.is_err() {
+        return;
+    }
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
         tracing::debug!(server = %guard.server().name, error = %e, "tunnel closed");
     }

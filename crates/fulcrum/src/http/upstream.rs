@@ -1,23 +1,41 @@
-//! Connections to servers: HTTP/1.1 with keep-alive, pooled per server and per worker thread.
+//! Connections to servers: a lean HTTP/1.1 client, driven from the request's own task.
 //!
-//! Each worker thread keeps its own stack of idle connections per server, so checking one out takes an
-//! uncontended lock and no hashing. A connection goes back to the stack only when the response body it
-//! carried has been read to its end (see [`super::body`]); a connection whose response was abandoned is
-//! closed, never reused with bytes still in flight.
+//! fulcrum speaks HTTP/1.1 to servers itself rather than through a client library: the request head is
+//! encoded into a reused buffer and written with one syscall, the response head is parsed with
+//! `httparse` straight from the read buffer (header values are zero-copy slices of it), and the
+//! response body is read by [`super::body::ProxyBody`] as the client side asks for it. No connection
+//! task, no channel and no wake-up sits between the client and the server socket.
+//!
+//! Idle keep-alive connections are kept per server and per worker thread, so checking one out takes an
+//! uncontended lock and no hashing. A connection goes back only when its response has been read to the
+//! end with nothing left over; before reuse, the reactor's cached readiness tells (without a syscall)
+//! whether the server closed it meanwhile.
 
 use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use bytes::BytesMut;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::chunked::{encode_size_line, ChunkedDecoder};
 
 /// Idle connections kept per server and worker; more are closed when returned.
 const MAX_IDLE_PER_WORKER: usize = 512;
+/// The largest response head accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// The most response headers accepted.
+const MAX_HEADERS: usize = 128;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 16 * 1024;
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
@@ -28,13 +46,365 @@ pub fn set_worker_id(id: usize) {
     WORKER.with(|w| w.set(id));
 }
 
-/// A request sender on an established HTTP/1.1 connection.
-pub type Sender = SendRequest<Incoming>;
+/// An open HTTP/1.1 connection to a server.
+#[derive(Debug)]
+pub struct UpstreamConn {
+    pub(super) stream: TcpStream,
+    /// Bytes read from the server and not consumed yet.
+    pub(super) buf: BytesMut,
+    /// The request head being written (kept to reuse its allocation).
+    out: Vec<u8>,
+}
+
+/// How a request body is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestBody {
+    /// No body (and, for methods that expect one, `Content-Length: 0`).
+    Empty,
+    /// The client's `Content-Length` is kept; bytes are copied as they come.
+    Length,
+    /// Length unknown: `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+impl RequestBody {
+    /// How to send the body of a request with these headers.
+    pub fn of(headers: &HeaderMap, body: &Incoming) -> Self {
+        use http_body::Body;
+        if body.is_end_stream() {
+            RequestBody::Empty
+        } else if headers.contains_key(header::CONTENT_LENGTH) {
+            RequestBody::Length
+        } else {
+            RequestBody::Chunked
+        }
+    }
+}
+
+/// How the response body is delimited.
+#[derive(Debug, Clone)]
+pub enum Framing {
+    /// No body (HEAD, 1xx, 204, 304) or the body has been read.
+    Empty,
+    /// `Content-Length`: this many bytes remain.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked(ChunkedDecoder),
+    /// Until the server closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub struct ResponseHead {
+    /// The status.
+    pub status: StatusCode,
+    /// The headers, hop-by-hop included (the caller strips them).
+    pub headers: HeaderMap,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// The connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+/// Why sending a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Writing the head failed: the server cannot have acted on an incomplete request.
+    #[error("writing the request head: {0}")]
+    Head(io::Error),
+    /// Writing the body to the server failed.
+    #[error("writing the request body: {0}")]
+    Body(io::Error),
+    /// The client's body failed (client went away, malformed).
+    #[error("reading the client's request body: {0}")]
+    Client(hyper::Error),
+}
+
+/// Why reading a response head failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The server closed (or reset) the connection before sending a byte.
+    #[error("the server closed the connection without answering")]
+    Closed,
+    /// The connection ended inside the response head.
+    #[error("the response head was cut short")]
+    Truncated,
+    /// Reading failed.
+    #[error("reading the response: {0}")]
+    Io(io::Error),
+    /// The response head is not valid HTTP/1.x.
+    #[error("malformed response head: {0}")]
+    Malformed(&'static str),
+}
+
+impl UpstreamConn {
+    fn new(stream: TcpStream) -> Self {
+        UpstreamConn {
+            stream,
+            buf: BytesMut::new(),
+            out: Vec::with_capacity(1024),
+        }
+    }
+
+    /// False when the server closed the connection (or sent something unasked) while it was idle.
+    ///
+    /// Uses the reactor's cached readiness: an idle connection that is not readable is open, and
+    /// finding that out costs no syscall.
+    fn is_usable(&self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
+    }
+
+    /// Writes the request: its head, then its body as the client sends it.
+    pub async fn send(
+        &mut self,
+        parts: &http::request::Parts,
+        body: &mut Incoming,
+        framing: RequestBody,
+    ) -> Result<(), SendError> {
+        encode_head(&mut self.out, parts, framing);
+        self.stream
+            .write_all(&self.out)
+            .await
+            .map_err(SendError::Head)?;
+        if framing == RequestBody::Empty {
+            return Ok(());
+        }
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(SendError::Client)?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            if framing == RequestBody::Chunked {
+                self.out.clear();
+                encode_size_line(data.len(), &mut self.out);
+                self.stream
+                    .write_all(&self.out)
+                    .await
+                    .map_err(SendError::Body)?;
+                self.stream
+                    .write_all(&data)
+                    .await
+                    .map_err(SendError::Body)?;
+                self.stream
+                    .write_all(b"\r\n")
+                    .await
+                    .map_err(SendError::Body)?;
+            } else {
+                self.stream
+                    .write_all(&data)
+                    .await
+                    .map_err(SendError::Body)?;
+            }
+        }
+        if framing == RequestBody::Chunked {
+            self.stream
+                .write_all(b"0\r\n\r\n")
+                .await
+                .map_err(SendError::Body)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the response head (skipping `100 Continue` and other interim answers except `101`).
+    pub async fn read_head(&mut self, method: &Method) -> Result<ResponseHead, ReadError> {
+        let mut received = !self.buf.is_empty();
+        loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = parse_head(&mut self.buf, method)? {
+                    if head.status.is_informational()
+                        && head.status != StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        continue;
+                    }
+                    return Ok(head);
+                }
+                if self.buf.len() >= MAX_HEAD {
+                    return Err(ReadError::Malformed("response head too large"));
+                }
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            match self.stream.read_buf(&mut self.buf).await {
+                Ok(0) if received => return Err(ReadError::Truncated),
+                Ok(0) => return Err(ReadError::Closed),
+                Ok(_) => received = true,
+                Err(e) if !received && e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(ReadError::Closed)
+                }
+                Err(e) => return Err(ReadError::Io(e)),
+            }
+        }
+    }
+
+    /// Reads more of the response into the buffer; `Ok(0)` at end of stream.
+    pub(super) fn poll_fill(
+        &mut self,
+        cx: &mut Context<'_>,
+        want: usize,
+    ) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(want.clamp(READ_CHUNK, 4 * READ_CHUNK));
+        }
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut self.stream), cx, &mut self.buf)
+    }
+
+    /// The socket and whatever was read past the response head (for an upgraded connection).
+    pub fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.stream, self.buf)
+    }
+}
+
+fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: RequestBody) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestBody::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestBody::Empty
+            if !parts.headers.contains_key(header::CONTENT_LENGTH)
+                && matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) =>
+        {
+            out.extend_from_slice(b"content-length: 0\r\n")
+        }
+        _ => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Parses a complete response head off the front of `buf`; `None` when more bytes are needed.
+fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, ReadError> {
+    // Offsets of (name, value) in `buf`, so the head can be split off before building the map.
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let (len, code, minor, count) = {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        let len = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(httparse::Error::TooManyHeaders) => {
+                return Err(ReadError::Malformed("too many headers"))
+            }
+            Err(_) => return Err(ReadError::Malformed("not an HTTP/1.x response")),
+        };
+        let base = buf.as_ptr() as usize;
+        for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            *span = (
+                (h.name.as_ptr() as usize - base) as u32,
+                h.name.len() as u32,
+                (h.value.as_ptr() as usize - base) as u32,
+                h.value.len() as u32,
+            );
+        }
+        (
+            len,
+            resp.code.unwrap_or(0),
+            resp.version.unwrap_or(1),
+            resp.headers.len(),
+        )
+    };
+    let head = buf.split_to(len).freeze();
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ReadError::Malformed("invalid status code"))?;
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(no, nl, vo, vl) in &spans[..count] {
+        let name = HeaderName::from_bytes(&head[no as usize..(no + nl) as usize])
+            .map_err(|_| ReadError::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vo as usize..(vo + vl) as usize))
+            .map_err(|_| ReadError::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+
+    let framing = if method == Method::HEAD
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if let Some(te) = headers.get_all(header::TRANSFER_ENCODING).iter().last() {
+        let chunked = te
+            .to_str()
+            .ok()
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        if chunked {
+            Framing::Chunked(ChunkedDecoder::default())
+        } else {
+            Framing::Close
+        }
+    } else {
+        let mut length = None;
+        for v in headers.get_all(header::CONTENT_LENGTH) {
+            let n: u64 = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or(ReadError::Malformed("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ReadError::Malformed("conflicting content-length"));
+            }
+            length = Some(n);
+        }
+        match length {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => Framing::Close,
+        }
+    };
+    let keep_alive = !matches!(framing, Framing::Close)
+        && if minor >= 1 {
+            !has_token(&headers, header::CONNECTION, "close")
+        } else {
+            has_token(&headers, header::CONNECTION, "keep-alive")
+        };
+    Ok(Some(ResponseHead {
+        status,
+        headers,
+        framing,
+        keep_alive,
+    }))
+}
 
 /// Idle keep-alive connections to one server, one stack per worker thread.
 #[derive(Debug)]
 pub struct IdleConns {
-    per_worker: Box<[Mutex<Vec<Sender>>]>,
+    per_worker: Box<[Mutex<Vec<UpstreamConn>>]>,
 }
 
 impl IdleConns {
@@ -47,18 +417,18 @@ impl IdleConns {
         }
     }
 
-    fn slot(&self) -> &Mutex<Vec<Sender>> {
+    fn slot(&self) -> &Mutex<Vec<UpstreamConn>> {
         let id = WORKER.with(Cell::get);
         &self.per_worker[id % self.per_worker.len()]
     }
 
     /// The most recently used idle connection that is still open.
     #[inline]
-    pub fn take(&self) -> Option<Sender> {
+    pub fn take(&self) -> Option<UpstreamConn> {
         let mut stack = self.slot().lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(sender) = stack.pop() {
-            if !sender.is_closed() {
-                return Some(sender);
+        while let Some(conn) = stack.pop() {
+            if conn.is_usable() {
+                return Some(conn);
             }
         }
         None
@@ -66,13 +436,10 @@ impl IdleConns {
 
     /// Returns a connection whose last exchange is complete.
     #[inline]
-    pub fn put(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put(&self, conn: UpstreamConn) {
         let mut stack = self.slot().lock().unwrap_or_else(|e| e.into_inner());
         if stack.len() < MAX_IDLE_PER_WORKER {
-            stack.push(sender);
+            stack.push(conn);
         }
     }
 
@@ -93,29 +460,114 @@ pub enum ConnectError {
     /// The TCP connect did not complete within the pool's `connect_timeout`.
     #[error("connect to {0}: timed out after {1:?}")]
     Timeout(SocketAddr, Duration),
-    /// The HTTP/1.1 handshake failed.
-    #[error("handshake with {0}: {1}")]
-    Handshake(SocketAddr, hyper::Error),
 }
 
-/// Opens a new HTTP/1.1 connection to `addr` and spawns its driver on the current runtime.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+/// Opens a new connection to `addr`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<UpstreamConn, ConnectError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
         Err(_) => return Err(ConnectError::Timeout(addr, timeout)),
     };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ConnectError::Handshake(addr, e))?;
-    tokio::spawn(async move {
-        // Upgrades (WebSocket) take the connection over; otherwise it ends when the server or the last
-        // sender closes it. Errors here were already reported to the request that saw them.
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(server = %addr, error = %e, "server connection closed");
-        }
-    });
-    Ok(sender)
+    Ok(UpstreamConn::new(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, method: Method) -> Result<Option<ResponseHead>, ReadError> {
+        let mut buf = BytesMut::from(text.as_bytes());
+        parse_head(&mut buf, &method)
+    }
+
+    #[test]
+    fn parses_a_head_and_leaves_the_body() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\nX-A: 2\r\n\r\nabc"[..],
+        );
+        let head = parse_head(&mut buf, &Method::GET).unwrap().unwrap();
+        assert_eq!(head.status, StatusCode::OK);
+        assert!(matches!(head.framing, Framing::Length(3)));
+        assert!(head.keep_alive);
+        assert_eq!(head.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&buf[..], b"abc");
+    }
+
+    #[test]
+    fn partial_heads_wait_for_more() {
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Le", Method::GET)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn framing_rules() {
+        let f = |t: &str, m: Method| parse(t, m).unwrap().unwrap();
+        assert!(matches!(
+            f(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Method::GET
+            )
+            .framing,
+            Framing::Chunked(_)
+        ));
+        assert!(matches!(
+            f("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", Method::HEAD).framing,
+            Framing::Empty
+        ));
+        assert!(matches!(
+            f("HTTP/1.1 204 No Content\r\n\r\n", Method::GET).framing,
+            Framing::Empty
+        ));
+        let close = f("HTTP/1.1 200 OK\r\n\r\n", Method::GET);
+        assert!(matches!(close.framing, Framing::Close) && !close.keep_alive);
+        assert!(
+            !f(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                Method::GET
+            )
+            .keep_alive
+        );
+        assert!(!f("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", Method::GET).keep_alive);
+        assert!(
+            f(
+                "HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+                Method::GET
+            )
+            .keep_alive
+        );
+    }
+
+    #[test]
+    fn malformed_heads_are_errors() {
+        assert!(parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            Method::GET
+        )
+        .is_err());
+        assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", Method::GET).is_err());
+        assert!(parse("SSH-2.0-OpenSSH\r\n\r\n", Method::GET).is_err());
+    }
+
+    #[test]
+    fn request_head_encoding() {
+        let (parts, _) = http::Request::post("/a?b=c")
+            .header("host", "h")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = Vec::new();
+        encode_head(&mut out, &parts, RequestBody::Empty);
+        assert_eq!(
+            out,
+            b"POST /a?b=c HTTP/1.1\r\nhost: h\r\ncontent-length: 0\r\n\r\n"
+        );
+        encode_head(&mut out, &parts, RequestBody::Chunked);
+        assert_eq!(
+            out,
+            b"POST /a?b=c HTTP/1.1\r\nhost: h\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+    }
 }
