@@ -61,7 +61,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     remove_fixed_hop_by_hop(headers);
 }
 
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+/// True when a comma-separated header (`Connection`, `Upgrade`, …) lists `token`, in any case.
+pub(crate) fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     headers
         .get_all(name)
         .iter()

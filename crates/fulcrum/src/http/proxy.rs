@@ -156,7 +156,7 @@ async fn forward(
     let (parts, mut body) = req.into_parts();
     let framing = RequestBody::of(&parts.headers, &body);
 
-    let mut candidates = snapshot.pick();
+    let mut candidates = snapshot.pick(None);
     let mut attempts = snapshot.settings.retries + 1;
     while attempts > 0 {
         let Some(server) = snapshot.next_available(&mut candidates) else {

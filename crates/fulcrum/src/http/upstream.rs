@@ -27,6 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::chunked::{encode_size_line, ChunkedDecoder};
+use super::headers::has_token;
 
 /// Idle connections kept per server and worker; more are closed when returned.
 const MAX_IDLE_PER_WORKER: usize = 512;
@@ -297,15 +298,6 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Request
         _ => {}
     }
     out.extend_from_slice(b"\r\n");
-}
-
-fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Parses a complete response head off the front of `buf`; `None` when more bytes are needed.
