@@ -1,50 +1,272 @@
 //! Server selection: the pure heart of balancing.
 //!
-//! A [`Selector`] is built once per pool snapshot (off the request path) from the servers' weights and
-//! answers [`Selector::pick`] with [`Candidates`]: the first choice followed by every other server in a
-//! fixed fallback order, so that retries and failover need no second call. A pick is synchronous,
-//! lock-free and allocation-free; the only shared mutable state is one atomic counter. This module knows
-//! nothing of sockets, HTTP or tokio, so it is tested with plain unit tests.
+//! A [`Selector`] is built once per pool snapshot (off the request path) from the servers' identities
+//! and weights ([`ServerSpec`]) and answers [`Selector::pick`] with [`Candidates`]: the first choice
+//! followed by every other server in index order, so that retries and failover need no second call.
+//! This module knows nothing of sockets, HTTP or tokio, so it is tested with plain unit tests.
+//!
+//! | algorithm | file | pick cost | source |
+//! |---|---|---|---|
+//! | `round_robin` | `round_robin.rs` | O(1) | — |
+//! | `weighted_round_robin` | `weighted.rs` | O(1), precomputed cycle | nginx smooth WRR |
+//! | `least_connections` | `least_conn.rs` | O(n) scan | nginx `least_conn`, HAProxy `leastconn` |
+//! | `least_response_time` | `ewma.rs` | O(n) scan | Finagle / linkerd / tower peak EWMA |
+//! | `ip_hash` | `rendezvous.rs` | O(n) | Thaler & Ravishankar HRW, weighted |
+//! | `consistent_hash` | `ring.rs` | O(log n); O(n) bounded | Karger et al. ketama; Mirrokni et al., HAProxy |
+//! | `maglev` | `maglev.rs` | O(1) | Eisenbud et al., NSDI 2016 |
+//! | `random` | `random.rs` | O(log n) | — |
+//! | `p2c` | `p2c.rs` | O(log n) | Mitzenmacher 2001, tower `p2c` |
+//!
+//! **Live load** reaches the selector only through the [`Loads`] trait, which the pool implements over
+//! its servers' counters: the metric (in flight, peak-EWMA latency, availability) is kept apart from the
+//! algorithm, as in tower's `Load`. Load-aware algorithms choose among available servers only.
+//!
+//! **Keys.** The hash algorithms (`ip_hash`, `consistent_hash`, `maglev`) take a `u64` key, which the
+//! caller computes with [`hash_key`] from the source address, URI, header or cookie. Every hash is fixed
+//! and specified (xxh3 with constant seeds, SplitMix64) and depends on server *names*, never on list
+//! position or process randomness, so every fulcrum instance and every restart sends a key to the same
+//! server. When a request has no key (`None`: the header or cookie is absent), a hash algorithm falls back
+//! to smooth weighted round robin over the same servers.
+//!
+//! **Randomness** (`random`, `p2c`, tie-breaks) comes from a SplitMix64 sequence over one atomic counter,
+//! seeded by [`SelectorOptions::seed`]: lock-free and deterministic under test.
+//!
+//! **No allocation, no lock.** Selectors hold only boxed slices built by [`Selector::new`]; a pick reads
+//! them, the [`Loads`], and at most a couple of relaxed atomics, and returns [`Candidates`], an iterator
+//! over a range. No `Vec`, `Box` or `String` is created on the pick path (`tests/pick_alloc.rs` counts
+//! allocations during picks of every algorithm and finds none).
 
+mod ewma;
+mod hash;
+mod least_conn;
+mod maglev;
+mod p2c;
+#[cfg(test)]
+mod props;
+mod random;
+mod rendezvous;
+mod ring;
+mod rng;
 mod round_robin;
+#[cfg(test)]
+mod testing;
 mod weighted;
 
+pub use ewma::LeastResponseTime;
+pub use hash::{hash_key, KEY_SEED};
+pub use least_conn::LeastConnections;
+pub use maglev::{Maglev, DEFAULT_TABLE_SIZE};
+pub use p2c::P2c;
+pub use random::WeightedRandom;
+pub use rendezvous::Rendezvous;
+pub use ring::Ring;
 pub use round_robin::RoundRobin;
 pub use weighted::SmoothWeighted;
 
 use crate::config::Algorithm;
 
-/// The algorithm of one pool, built from its servers' weights.
+/// What the selector needs to know about live load, implemented by the pool over its servers.
+///
+/// Indices are server positions, `0..len()`. `len()` must equal the number of servers the selector was
+/// built with; on a mismatch the selector ignores the loads (every server counts as available and idle)
+/// rather than index out of range.
+pub trait Loads {
+    /// The number of servers.
+    fn len(&self) -> usize;
+
+    /// True when there is no server.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Requests in flight on server `i` now.
+    fn in_flight(&self, i: usize) -> u64;
+
+    /// Server `i`'s peak-EWMA response time in nanoseconds; 0 when it has no sample yet.
+    fn latency_ns(&self, i: usize) -> u64;
+
+    /// Whether server `i` may take a new request (up, not draining or in maintenance).
+    fn available(&self, i: usize) -> bool;
+}
+
+/// Loads for when the caller's do not match the selector: every server available and idle.
+struct Unknown(usize);
+
+impl Loads for Unknown {
+    fn len(&self) -> usize {
+        self.0
+    }
+
+    fn in_flight(&self, _: usize) -> u64 {
+        0
+    }
+
+    fn latency_ns(&self, _: usize) -> u64 {
+        0
+    }
+
+    fn available(&self, _: usize) -> bool {
+        true
+    }
+}
+
+/// One server as the selector sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSpec<'a> {
+    /// The server's identity, unique in its pool (its configured name): what hash algorithms hash, so
+    /// that a key's server does not depend on the order of the list.
+    pub id: &'a str,
+    /// Relative share of traffic (0 counts as 1).
+    pub weight: u32,
+}
+
+/// Tunables of a selector, fixed when it is built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectorOptions {
+    /// Seed of the random sequence of `random`, `p2c` and tie-breaks.
+    pub seed: u64,
+    /// Size of the Maglev lookup table, rounded up to a prime and to at least the number of servers.
+    pub maglev_table_size: usize,
+    /// `consistent_hash` with bounded loads (HAProxy's `hash-balance-factor`): a server may hold at most
+    /// this percentage of the average load per unit of weight (values below 100 count as 100). `None`:
+    /// unbounded.
+    pub hash_balance_factor: Option<u32>,
+}
+
+/// The default seed: the golden ratio's 64 fractional bits.
+pub const DEFAULT_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl Default for SelectorOptions {
+    fn default() -> Self {
+        SelectorOptions {
+            seed: DEFAULT_SEED,
+            maglev_table_size: DEFAULT_TABLE_SIZE,
+            hash_balance_factor: None,
+        }
+    }
+}
+
+/// The algorithm of one pool, built from its servers' identities and weights.
 #[derive(Debug)]
-pub enum Selector {
-    /// Every server in turn, ignoring weights.
+pub struct Selector {
+    algorithm: Algorithm,
+    len: usize,
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
     RoundRobin(RoundRobin),
-    /// Smooth weighted round robin (nginx): shares follow weights, interleaved.
     Weighted(SmoothWeighted),
+    LeastConnections(LeastConnections),
+    LeastResponseTime(LeastResponseTime),
+    Random(WeightedRandom),
+    P2c(P2c),
+    /// A hash algorithm, and what picks for requests without a key.
+    Hashed {
+        hash: Hashed,
+        no_key: SmoothWeighted,
+    },
+}
+
+#[derive(Debug)]
+enum Hashed {
+    Rendezvous(Rendezvous),
+    Ring(Ring),
+    Maglev(Maglev),
 }
 
 impl Selector {
-    /// Builds the selector for `algorithm` over servers with these weights (index = server position).
-    ///
-    /// # Panics
-    /// If `algorithm` has no selector yet; configuration validation rejects those before this is called.
-    pub fn new(algorithm: Algorithm, weights: &[u32]) -> Self {
-        match algorithm {
-            Algorithm::RoundRobin => Selector::RoundRobin(RoundRobin::new(weights.len())),
-            Algorithm::WeightedRoundRobin => Selector::Weighted(SmoothWeighted::new(weights)),
-            other => unreachable!(
-                "algorithm {} is rejected by config validation",
-                other.as_str()
-            ),
+    /// Builds the selector for `algorithm` over `servers` (index = server position). Building may take
+    /// milliseconds for large pools (the ring hashes up to 2^20 points, Maglev fills its
+    /// table): do it off the request path.
+    pub fn new(algorithm: Algorithm, servers: &[ServerSpec<'_>], opts: &SelectorOptions) -> Self {
+        let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
+        let ids: Vec<&str> = servers.iter().map(|s| s.id).collect();
+        let hashed = |hash| Kind::Hashed {
+            hash,
+            no_key: SmoothWeighted::new(&weights),
+        };
+        let kind = match algorithm {
+            Algorithm::RoundRobin => Kind::RoundRobin(RoundRobin::new(servers.len())),
+            Algorithm::WeightedRoundRobin => Kind::Weighted(SmoothWeighted::new(&weights)),
+            Algorithm::LeastConnections => {
+                Kind::LeastConnections(LeastConnections::new(&weights, opts.seed))
+            }
+            Algorithm::LeastResponseTime => {
+                Kind::LeastResponseTime(LeastResponseTime::new(&weights, opts.seed))
+            }
+            Algorithm::IpHash => hashed(Hashed::Rendezvous(Rendezvous::new(&ids, &weights))),
+            Algorithm::ConsistentHash => hashed(Hashed::Ring(Ring::new(
+                &ids,
+                &weights,
+                opts.hash_balance_factor,
+            ))),
+            Algorithm::Maglev => hashed(Hashed::Maglev(Maglev::new(
+                &ids,
+                &weights,
+                opts.maglev_table_size,
+            ))),
+            Algorithm::Random => Kind::Random(WeightedRandom::new(&weights, opts.seed)),
+            Algorithm::P2c => Kind::P2c(P2c::new(&weights, opts.seed)),
+        };
+        Selector {
+            algorithm,
+            len: servers.len(),
+            kind,
         }
     }
 
-    /// Picks a server: the first candidate is the choice, the rest are fallbacks in order.
+    /// The algorithm this selector runs.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The number of servers.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty pool.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Picks a server: the first candidate is the choice, the rest are fallbacks in index order.
+    ///
+    /// `key` is the request's hash key ([`hash_key`]) for the hash algorithms (ignored by the others;
+    /// `None` makes a hash algorithm fall back to weighted round robin). `loads` is read by the
+    /// load-aware and hash algorithms; round robin and weighted round robin ignore it. Never allocates,
+    /// never blocks, never panics (see [`Loads`] for a length mismatch).
     #[inline]
-    pub fn pick(&self) -> Candidates {
-        match self {
-            Selector::RoundRobin(s) => s.pick(),
-            Selector::Weighted(s) => s.pick(),
+    pub fn pick<L: Loads + ?Sized>(&self, key: Option<u64>, loads: &L) -> Candidates {
+        if loads.len() != self.len {
+            return self.pick_with(key, &Unknown(self.len));
+        }
+        self.pick_with(key, loads)
+    }
+
+    #[inline]
+    fn pick_with<L: Loads + ?Sized>(&self, key: Option<u64>, loads: &L) -> Candidates {
+        match &self.kind {
+            Kind::RoundRobin(s) => s.pick(),
+            Kind::Weighted(s) => s.pick(),
+            Kind::LeastConnections(s) => s.pick(loads),
+            Kind::LeastResponseTime(s) => s.pick(loads),
+            Kind::Random(s) => s.pick(loads),
+            Kind::P2c(s) => s.pick(loads),
+            Kind::Hashed { hash, no_key } => match key {
+                None => no_key.pick(),
+                Some(_) if self.len == 0 => Candidates::starting_at(0, 0),
+                Some(key) => {
+                    let first = match hash {
+                        Hashed::Rendezvous(h) => h.pick_key(key, loads),
+                        Hashed::Ring(h) => h.pick_key(key, loads),
+                        Hashed::Maglev(h) => h.pick_key(key, loads),
+                    };
+                    Candidates::starting_at(first, self.len)
+                }
+            },
         }
     }
 }

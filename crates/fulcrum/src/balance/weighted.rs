@@ -29,6 +29,14 @@ impl SmoothWeighted {
     /// Builds the cycle for servers with these weights (a weight of 0 is treated as 1).
     pub fn new(weights: &[u32]) -> Self {
         let weights = reduce(weights);
+        if weights.iter().all(|&w| w == 1) {
+            // Equal weights: the cycle is every server in order, no need for the O(n²) construction.
+            return SmoothWeighted {
+                len: weights.len(),
+                cycle: (0..weights.len() as u32).collect(),
+                next: AtomicUsize::new(0),
+            };
+        }
         let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
         let mut current = vec![0i64; weights.len()];
         let mut cycle = Vec::with_capacity(total as usize);
@@ -67,7 +75,8 @@ impl SmoothWeighted {
     }
 }
 
-fn gcd(a: u64, b: u64) -> u64 {
+/// Greatest common divisor (0 with anything gives the other).
+pub(super) fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
     } else {

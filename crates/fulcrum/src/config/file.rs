@@ -115,6 +115,8 @@ pub(crate) struct RawPool {
     pub name: String,
     pub algorithm: Option<Algorithm>,
     pub hash_key: Option<String>,
+    pub hash_balance_factor: Option<i64>,
+    pub hash_fallback: Option<Algorithm>,
     /// Defaulted so that a missing `servers` gets the same message as `servers = []`.
     #[serde(default)]
     pub servers: Vec<RawServer>,

@@ -269,6 +269,13 @@ pub struct PoolConfig {
     /// `hash_key` (hash algorithms only): what is hashed. Always `Some` for `ip_hash`, `consistent_hash`
     /// and `maglev` (default `source_ip`), always `None` for the other algorithms.
     pub hash_key: Option<HashKey>,
+    /// `hash_balance_factor` (consistent_hash only, optional, 101–10000): bounded loads, as HAProxy's
+    /// `hash-balance-factor`: no server takes more than this percentage of the pool's average in-flight
+    /// load; a key whose server is over the bound goes on along the ring. Absent: no bound.
+    pub hash_balance_factor: Option<u32>,
+    /// `hash_fallback` (hash algorithms only, default `round_robin`): the algorithm for requests that lack
+    /// the hash key (no such header or cookie). Any algorithm that needs no key.
+    pub hash_fallback: Algorithm,
     /// `servers` (required, non-empty).
     pub servers: Vec<ServerConfig>,
     /// `slow_start` (optional): a server that comes up (or is added) ramps its share of traffic up linearly

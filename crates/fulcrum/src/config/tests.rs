@@ -1284,26 +1284,6 @@ fn unsupported_features_are_rejected() {
             "idle_timeout = \"60s\"",
             "listeners[0].idle_timeout",
         ),
-        (
-            "# POOL",
-            "algorithm = \"least_connections\"",
-            "pools[0].algorithm",
-        ),
-        (
-            "# POOL",
-            "algorithm = \"least_response_time\"",
-            "pools[0].algorithm",
-        ),
-        ("# POOL", "algorithm = \"ip_hash\"", "pools[0].algorithm"),
-        (
-            "# POOL",
-            "algorithm = \"consistent_hash\"",
-            "pools[0].algorithm",
-        ),
-        ("# POOL", "algorithm = \"maglev\"", "pools[0].algorithm"),
-        ("# POOL", "algorithm = \"random\"", "pools[0].algorithm"),
-        ("# POOL", "algorithm = \"p2c\"", "pools[0].algorithm"),
-        ("# POOL", "hash_key = \"source_ip\"", "pools[0].hash_key"),
         ("# POOL", "slow_start = \"30s\"", "pools[0].slow_start"),
         (
             "# POOL",
@@ -1327,16 +1307,27 @@ fn unsupported_features_are_rejected() {
         assert_error(&err(&text), key, line, "is not supported yet");
     }
     // What is built is accepted.
-    ok(&variant("# POOL", "algorithm = \"weighted_round_robin\""));
-    ok(&variant("# POOL", "algorithm = \"round_robin\""));
+    for algorithm in Algorithm::ALL {
+        ok(&variant(
+            "# POOL",
+            &format!("algorithm = \"{}\"", algorithm.as_str()),
+        ));
+    }
+    ok(&variant(
+        "# POOL",
+        "algorithm = \"maglev\"\nhash_key = \"uri\"",
+    ));
 }
 
 #[test]
 fn not_supported_message_names_the_value() {
-    let text = variant("# POOL", "algorithm = \"p2c\"");
+    let text = variant("protocol = \"http\"", "protocol = \"udp\"");
+    let line = line_of(&text, "protocol = \"udp\"");
     assert_eq!(
         err(&text).to_string(),
-        "fulcrum.toml:25:1: pools[0].algorithm: algorithm = \"p2c\" is not supported yet"
+        format!(
+            "fulcrum.toml:{line}:1: listeners[0].protocol: protocol = \"udp\" is not supported yet"
+        )
     );
 }
 
@@ -1389,4 +1380,56 @@ fn algorithm_names_round_trip() {
         let text = variant("# POOL", &format!("algorithm = \"{}\"", algorithm.as_str()));
         assert_eq!(ok_all(&text).pools[0].algorithm, algorithm);
     }
+}
+
+#[test]
+fn hash_balance_factor_and_fallback_rules() {
+    let cfg = ok(&variant(
+        "# POOL",
+        "algorithm = \"consistent_hash\"\nhash_key = \"cookie:uid\"\nhash_balance_factor = 150\nhash_fallback = \"least_connections\"",
+    ));
+    let pool = &cfg.pools[0];
+    assert_eq!(pool.hash_balance_factor, Some(150));
+    assert_eq!(pool.hash_fallback, Algorithm::LeastConnections);
+    let plain = ok(&variant("# POOL", "algorithm = \"maglev\""));
+    assert_eq!(plain.pools[0].hash_fallback, Algorithm::RoundRobin);
+    assert_eq!(plain.pools[0].hash_balance_factor, None);
+
+    let text = variant(
+        "# POOL",
+        "algorithm = \"maglev\"\nhash_balance_factor = 150",
+    );
+    assert_error(
+        &err(&text),
+        "pools[0].hash_balance_factor",
+        line_of(&text, "hash_balance_factor"),
+        "only used by the consistent_hash algorithm",
+    );
+    let text = variant(
+        "# POOL",
+        "algorithm = \"consistent_hash\"\nhash_balance_factor = 100",
+    );
+    assert_error(
+        &err(&text),
+        "pools[0].hash_balance_factor",
+        line_of(&text, "hash_balance_factor"),
+        "must be at least 101",
+    );
+    let text = variant("# POOL", "hash_fallback = \"random\"");
+    assert_error(
+        &err(&text),
+        "pools[0].hash_fallback",
+        line_of(&text, "hash_fallback"),
+        "only used by the ip_hash",
+    );
+    let text = variant(
+        "# POOL",
+        "algorithm = \"ip_hash\"\nhash_fallback = \"maglev\"",
+    );
+    assert_error(
+        &err(&text),
+        "pools[0].hash_fallback",
+        line_of(&text, "hash_fallback"),
+        "needs one too",
+    );
 }

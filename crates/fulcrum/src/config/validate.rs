@@ -70,16 +70,6 @@ fn reject_unsupported(raw: &RawConfig) -> Result<()> {
     }
     for (i, pool) in raw.pools.iter().enumerate() {
         let at = |key: &str| KeyPath::root("pools").index(i).key(key);
-        let chosen = pool.algorithm.unwrap_or(Algorithm::RoundRobin);
-        let algorithm = |a: Algorithm| (chosen == a, format!("algorithm = \"{}\"", a.as_str()));
-        deny(algorithm(Algorithm::LeastConnections), at("algorithm"))?;
-        deny(algorithm(Algorithm::LeastResponseTime), at("algorithm"))?;
-        deny(algorithm(Algorithm::IpHash), at("algorithm"))?;
-        deny(algorithm(Algorithm::ConsistentHash), at("algorithm"))?;
-        deny(algorithm(Algorithm::Maglev), at("algorithm"))?;
-        deny(algorithm(Algorithm::Random), at("algorithm"))?;
-        deny(algorithm(Algorithm::P2c), at("algorithm"))?;
-        deny((pool.hash_key.is_some(), "`hash_key`".into()), at("hash_key"))?;
         deny((pool.slow_start.is_some(), "`slow_start`".into()), at("slow_start"))?;
         deny((pool.health_check.is_some(), "`[pools.health_check]`".into()), at("health_check"))?;
         deny((pool.sticky.is_some(), "`[pools.sticky]`".into()), at("sticky"))?;
@@ -269,6 +259,48 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         }
     };
 
+    let hash_balance_factor = match raw.hash_balance_factor {
+        None => None,
+        Some(_) if algorithm != Algorithm::ConsistentHash => {
+            return invalid(
+                path.key("hash_balance_factor"),
+                format!(
+                    "only used by the consistent_hash algorithm, and this pool uses {}",
+                    algorithm.as_str()
+                ),
+            );
+        }
+        Some(_) => Some(integer(
+            raw.hash_balance_factor,
+            path.key("hash_balance_factor"),
+            0,
+            101,
+            10_000,
+        )? as u32),
+    };
+    let hash_fallback = match raw.hash_fallback {
+        None => Algorithm::RoundRobin,
+        Some(_) if !algorithm.uses_hash_key() => {
+            return invalid(
+                path.key("hash_fallback"),
+                format!(
+                    "only used by the ip_hash, consistent_hash and maglev algorithms, and this pool uses {}",
+                    algorithm.as_str()
+                ),
+            );
+        }
+        Some(fallback) if fallback.uses_hash_key() => {
+            return invalid(
+                path.key("hash_fallback"),
+                format!(
+                    "the fallback is for requests without a hash key: {} needs one too",
+                    fallback.as_str()
+                ),
+            );
+        }
+        Some(fallback) => fallback,
+    };
+
     if raw.servers.is_empty() {
         return invalid(path.key("servers"), "a pool needs at least one server");
     }
@@ -332,6 +364,8 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         name,
         algorithm,
         hash_key,
+        hash_balance_factor,
+        hash_fallback,
         servers,
         slow_start,
         retries,

@@ -13,7 +13,7 @@
 //! sent anywhere), the answer is 503, as HAProxy answers; 502 means a server took the request and failed.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +29,8 @@ use super::body::{InFlight, ProxyBody, UpstreamBody};
 use super::headers::{is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
 use super::upstream::{self, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn};
-use crate::config::RouteMatch;
+use crate::balance::hash_key;
+use crate::config::{HashKey, RouteMatch};
 use crate::pool::{Pool, PoolSettings, Server};
 
 /// Live counters of one listener.
@@ -150,13 +151,18 @@ async fn forward(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let snapshot = pool.snapshot_full();
+    let key = snapshot
+        .settings
+        .hash_key
+        .as_ref()
+        .and_then(|k| request_key(k, &req, client));
     let websocket = is_websocket_upgrade(&req);
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     rewrite_request(&mut req, &client.ip, proto, websocket);
     let (parts, mut body) = req.into_parts();
     let framing = RequestBody::of(&parts.headers, &body);
 
-    let mut candidates = snapshot.pick(None);
+    let mut candidates = snapshot.pick(key);
     let mut attempts = snapshot.settings.retries + 1;
     while attempts > 0 {
         let Some(server) = snapshot.next_available(&mut candidates) else {
@@ -178,6 +184,40 @@ async fn forward(
         }
     }
     local(StatusCode::SERVICE_UNAVAILABLE)
+}
+
+/// The request's hash key for the pool's `hash_key`; `None` when the request lacks it.
+fn request_key<B>(key: &HashKey, req: &Request<B>, client: &Client) -> Option<u64> {
+    Some(match key {
+        HashKey::SourceIp => match client.addr.ip() {
+            IpAddr::V4(ip) => hash_key(&ip.octets()),
+            IpAddr::V6(ip) => hash_key(&ip.octets()),
+        },
+        HashKey::SourceIpPort => {
+            let mut bytes = [0u8; 18];
+            let n = match client.addr.ip() {
+                IpAddr::V4(ip) => {
+                    bytes[..4].copy_from_slice(&ip.octets());
+                    4
+                }
+                IpAddr::V6(ip) => {
+                    bytes[..16].copy_from_slice(&ip.octets());
+                    16
+                }
+            };
+            bytes[n..n + 2].copy_from_slice(&client.addr.port().to_be_bytes());
+            hash_key(&bytes[..n + 2])
+        }
+        HashKey::Uri => hash_key(
+            req.uri()
+                .path_and_query()
+                .map(|pq| pq.as_str())
+                .unwrap_or("/")
+                .as_bytes(),
+        ),
+        HashKey::Header(name) => hash_key(req.headers().get(name)?.as_bytes()),
+        HashKey::Cookie(name) => hash_key(route::cookie(req.headers(), name)?.as_bytes()),
+    })
 }
 
 /// Where an exchange failed.

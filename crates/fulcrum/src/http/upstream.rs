@@ -349,7 +349,11 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Empty
-    } else if let Some(te) = headers.get_all(header::TRANSFER_ENCODING).iter().last() {
+    } else if let Some(te) = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+    {
         let chunked = te
             .to_str()
             .ok()

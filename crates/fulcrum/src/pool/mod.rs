@@ -16,8 +16,8 @@ use arc_swap::ArcSwap;
 
 pub use stats::{ServerStats, LATENCY_BUCKETS};
 
-use crate::balance::{Candidates, Selector};
-use crate::config::{Algorithm, PoolConfig, ServerConfig};
+use crate::balance::{Candidates, Loads, Selector, SelectorOptions, ServerSpec};
+use crate::config::{Algorithm, HashKey, PoolConfig, ServerConfig};
 use crate::http::upstream::IdleConns;
 
 /// Whether a server takes traffic.
@@ -117,6 +117,8 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     /// Limit on a server answering with its response head.
     pub response_timeout: Duration,
+    /// What the hash algorithms hash, when the pool uses one.
+    pub hash_key: Option<HashKey>,
 }
 
 /// What a request picks from: the servers and the algorithm built over them, immutable once published.
@@ -126,15 +128,22 @@ pub struct PoolSnapshot {
     pub servers: Vec<Arc<Server>>,
     /// The algorithm, built over `servers`.
     pub selector: Selector,
+    /// For a hash algorithm: the `hash_fallback` algorithm for requests without a key (absent when that
+    /// is weighted round robin, which the hash selectors do by themselves).
+    pub fallback: Option<Selector>,
     /// Retry and timeout settings.
     pub settings: PoolSettings,
 }
 
 impl PoolSnapshot {
     /// Candidates in the order to try them; unavailable servers are skipped by [`PoolSnapshot::next_available`].
+    /// `key` is the request's hash key (`balance::hash_key`), for the hash algorithms.
     #[inline]
-    pub fn pick(&self) -> Candidates {
-        self.selector.pick()
+    pub fn pick(&self, key: Option<u64>) -> Candidates {
+        match (key, &self.fallback) {
+            (None, Some(fallback)) => fallback.pick(None, self),
+            _ => self.selector.pick(key, self),
+        }
     }
 
     /// The next candidate that may take a request, if any.
@@ -146,6 +155,29 @@ impl PoolSnapshot {
     }
 }
 
+/// The selector reads live load straight from the servers' counters.
+impl Loads for PoolSnapshot {
+    #[inline]
+    fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    #[inline]
+    fn in_flight(&self, i: usize) -> u64 {
+        self.servers[i].stats.in_flight() as u64
+    }
+
+    #[inline]
+    fn latency_ns(&self, i: usize) -> u64 {
+        self.servers[i].stats.latency_estimate_ns()
+    }
+
+    #[inline]
+    fn available(&self, i: usize) -> bool {
+        self.servers[i].is_available()
+    }
+}
+
 /// A named group of servers behind one algorithm.
 #[derive(Debug)]
 pub struct Pool {
@@ -153,6 +185,9 @@ pub struct Pool {
     pub name: String,
     /// The algorithm's name.
     pub algorithm: Algorithm,
+    /// The algorithm for requests without a hash key (hash algorithms only).
+    pub hash_fallback: Algorithm,
+    options: SelectorOptions,
     snapshot: ArcSwap<PoolSnapshot>,
 }
 
@@ -168,25 +203,59 @@ impl Pool {
             retries: cfg.retries,
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
+            hash_key: cfg.hash_key.clone(),
         };
+        let options = SelectorOptions {
+            hash_balance_factor: cfg.hash_balance_factor,
+            ..SelectorOptions::default()
+        };
+        let snapshot = Self::build(
+            cfg.algorithm,
+            cfg.hash_fallback,
+            &options,
+            servers,
+            settings,
+        );
         Pool {
             name: cfg.name.clone(),
             algorithm: cfg.algorithm,
-            snapshot: ArcSwap::from_pointee(Self::build(cfg.algorithm, servers, settings)),
+            hash_fallback: cfg.hash_fallback,
+            options,
+            snapshot: ArcSwap::from_pointee(snapshot),
         }
     }
 
+    /// Builds a snapshot: the selector (and fallback) over `servers`. Off the request path.
     fn build(
         algorithm: Algorithm,
+        hash_fallback: Algorithm,
+        options: &SelectorOptions,
         servers: Vec<Arc<Server>>,
         settings: PoolSettings,
     ) -> PoolSnapshot {
-        let weights: Vec<u32> = servers.iter().map(|s| s.weight).collect();
+        let specs: Vec<ServerSpec<'_>> = servers
+            .iter()
+            .map(|s| ServerSpec {
+                id: &s.name,
+                weight: s.weight,
+            })
+            .collect();
+        let selector = Selector::new(algorithm, &specs, options);
+        // The hash selectors fall back to smooth weighted round robin by themselves.
+        let fallback = (algorithm.uses_hash_key()
+            && hash_fallback != Algorithm::WeightedRoundRobin)
+            .then(|| Selector::new(hash_fallback, &specs, options));
         PoolSnapshot {
-            selector: Selector::new(algorithm, &weights),
+            selector,
+            fallback,
             servers,
             settings,
         }
+    }
+
+    /// The selector options every snapshot of this pool is built with.
+    pub fn selector_options(&self) -> &SelectorOptions {
+        &self.options
     }
 
     /// The current snapshot; cheap, lock-free, and valid for as long as it is held.

@@ -3,15 +3,35 @@
 //! locks and no label lookups).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 /// Upper bounds (seconds) of the request duration histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// Smoothing factor of the latency EWMA (weight of the newest sample).
-const EWMA_ALPHA: f64 = 0.1;
+/// Decay time constant τ of the peak latency EWMA, in nanoseconds (Finagle's and linkerd's 10 s): a
+/// sample `Δt` after the previous one weighs `1 − e^(−Δt/τ)`, so the average moves at the same speed in
+/// real time whatever the request rate.
+const EWMA_DECAY_NS: f64 = 10e9;
+
+/// Below this age a latency estimate is read as stored (its decay would be under 1 %).
+const READ_DECAY_AFTER_NS: u64 = 100_000_000;
+
+/// The process's time origin for latency timestamps.
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// The latest time (ns since [`EPOCH`], to within a millisecond) at which any server recorded a
+/// response: a coarse clock that lets the selector decay latency estimates on read without a clock
+/// call per server. It advances as long as any server answers, which is when decay matters: a server
+/// that gets no traffic while others do is the one whose stale estimate must fade.
+static RECENT_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Now, in ns since [`EPOCH`], plus one (so 0 can mean "never").
+fn clock_ns() -> u64 {
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+}
 
 /// Counters of one server.
 #[derive(Debug, Default)]
@@ -27,8 +47,12 @@ pub struct ServerStats {
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     /// Sum of observed response times in microseconds.
     pub latency_sum_us: AtomicU64,
-    /// Exponentially weighted moving average of response time, in nanoseconds.
+    /// Peak exponentially weighted moving average of response time, in nanoseconds (0: no sample yet).
+    /// A sample above the average replaces it; one below is blended in by the time since the previous
+    /// sample (decay time constant 10 s). Read with [`ServerStats::latency_estimate_ns`] for balancing.
     pub latency_ewma_ns: AtomicU64,
+    /// When `latency_ewma_ns` was last updated (ns since the process's clock origin).
+    latency_stamp_ns: AtomicU64,
 }
 
 impl ServerStats {
@@ -48,6 +72,24 @@ impl ServerStats {
     /// Requests in flight now.
     pub fn in_flight(&self) -> i64 {
         self.active.load(Ordering::Relaxed).max(0)
+    }
+
+    /// The latency EWMA as the balancer sees it now: decayed towards 0 for the time since the last sample
+    /// when that is over 100 ms (Finagle's decay on read), so a server that gets no traffic is probed
+    /// again instead of being judged forever by its last slow answer. 0 when there is no estimate.
+    #[inline]
+    pub fn latency_estimate_ns(&self) -> u64 {
+        self.latency_estimate_at(RECENT_NS.load(Ordering::Relaxed))
+    }
+
+    #[inline]
+    fn latency_estimate_at(&self, now_ns: u64) -> u64 {
+        let ewma = self.latency_ewma_ns.load(Ordering::Relaxed);
+        let age = now_ns.saturating_sub(self.latency_stamp_ns.load(Ordering::Relaxed));
+        if ewma == 0 || age < READ_DECAY_AFTER_NS {
+            return ewma;
+        }
+        (ewma as f64 * decay(age)) as u64
     }
 
     /// The latency EWMA in milliseconds.
@@ -79,15 +121,31 @@ impl ServerStats {
         self.latency_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
-        // A lost update between two racing requests only delays the average by one sample.
-        let sample = elapsed.as_nanos() as f64;
-        let old = self.latency_ewma_ns.load(Ordering::Relaxed) as f64;
-        let new = if old == 0.0 {
+        let now = clock_ns();
+        // Advance the coarse clock at most once a millisecond, so responses on every core do not all
+        // write the same cache line.
+        if now > RECENT_NS.load(Ordering::Relaxed) + 1_000_000 {
+            RECENT_NS.fetch_max(now, Ordering::Relaxed);
+        }
+        self.observe_latency(elapsed.as_nanos() as u64, now);
+    }
+
+    /// Peak EWMA update (Finagle `PeakEwma`): a slower sample is taken at once, a faster one is blended in
+    /// with weight `1 − e^(−Δt/τ)`. A lost update between two racing requests only delays the average by
+    /// one sample.
+    #[inline]
+    fn observe_latency(&self, sample_ns: u64, now_ns: u64) {
+        let sample = sample_ns.max(1); // 0 means "no estimate"
+        let old = self.latency_ewma_ns.load(Ordering::Relaxed);
+        let then = self.latency_stamp_ns.load(Ordering::Relaxed);
+        let new = if old == 0 || sample >= old {
             sample
         } else {
-            old + EWMA_ALPHA * (sample - old)
+            let w = decay(now_ns.saturating_sub(then));
+            ((old as f64) * w + (sample as f64) * (1.0 - w)).max(1.0) as u64
         };
-        self.latency_ewma_ns.store(new as u64, Ordering::Relaxed);
+        self.latency_ewma_ns.store(new, Ordering::Relaxed);
+        self.latency_stamp_ns.store(now_ns, Ordering::Relaxed);
     }
 
     /// Cumulative histogram buckets `(upper bound, count)` and the total count, for Prometheus.
@@ -107,9 +165,72 @@ impl ServerStats {
     }
 }
 
+/// The weight kept by an average `age_ns` old: `e^(−age/τ)`.
+#[inline]
+fn decay(age_ns: u64) -> f64 {
+    (-(age_ns as f64) / EWMA_DECAY_NS).exp()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn latency_is_a_peak_ewma_that_jumps_up_and_decays_in_real_time() {
+        let s = ServerStats::default();
+        let mut now = 1;
+        // Fast samples every 10 ms settle at 10 ms.
+        for _ in 0..100 {
+            now += 10 * MS;
+            s.observe_latency(10 * MS, now);
+        }
+        assert_eq!(s.latency_ewma_ns.load(Ordering::Relaxed), 10 * MS);
+        // One slow answer is taken at once: no averaging on the way up.
+        now += 10 * MS;
+        s.observe_latency(1_000 * MS, now);
+        assert_eq!(s.latency_ewma_ns.load(Ordering::Relaxed), 1_000 * MS);
+        // Back to 10 ms: after 1 s of samples the estimate has lost about 10 % of the gap (e^-0.1) ...
+        for _ in 0..100 {
+            now += 10 * MS;
+            s.observe_latency(10 * MS, now);
+        }
+        let after_1s = s.latency_ewma_ns.load(Ordering::Relaxed) as f64;
+        let want = 10.0 * MS as f64 + 990.0 * MS as f64 * (-0.1f64).exp();
+        assert!((after_1s / want - 1.0).abs() < 0.01, "{after_1s} vs {want}");
+        // ... and the same whatever the request rate: 10 samples 100 ms apart decay alike.
+        let t = ServerStats::default();
+        t.observe_latency(1_000 * MS, 1);
+        for i in 1..=10 {
+            t.observe_latency(10 * MS, 1 + i * 100 * MS);
+        }
+        let sparse = t.latency_ewma_ns.load(Ordering::Relaxed) as f64;
+        assert!((sparse / want - 1.0).abs() < 0.01, "{sparse} vs {want}");
+    }
+
+    #[test]
+    fn an_idle_estimate_decays_on_read() {
+        let s = ServerStats::default();
+        assert_eq!(
+            s.latency_estimate_at(1_000 * MS),
+            0,
+            "no sample, no estimate"
+        );
+        s.observe_latency(500 * MS, 1);
+        assert_eq!(
+            s.latency_estimate_at(50 * MS),
+            500 * MS,
+            "fresh: read as stored"
+        );
+        let later = s.latency_estimate_at(1 + 10_000 * MS) as f64;
+        assert!((later / (500.0 * MS as f64 * (-1f64).exp()) - 1.0).abs() < 1e-6);
+        assert_eq!(
+            s.latency_ewma_ns.load(Ordering::Relaxed),
+            500 * MS,
+            "reads do not write"
+        );
+    }
 
     #[test]
     fn responses_are_counted_by_class_and_latency_by_bucket() {
