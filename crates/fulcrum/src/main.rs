@@ -51,6 +51,19 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
     },
+    /// Run one demo server, as `fulcrum-app` does (for tests and quick experiments).
+    #[command(hide = true)]
+    App {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9001")]
+        listen: SocketAddr,
+        /// The server's name (defaults to the address).
+        #[arg(long)]
+        name: Option<String>,
+        /// Latency added to every response, e.g. "50ms".
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        delay: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -77,6 +90,11 @@ fn main() -> ExitCode {
             bind,
             admin,
         }),
+        Command::App {
+            listen,
+            name,
+            delay,
+        } => app(listen, name, delay),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -127,6 +145,32 @@ fn demo(opts: DemoOptions) -> anyhow::Result<()> {
     drop(apps);
     drop(apps_rt);
     result
+}
+
+fn app(listen: SocketAddr, name: Option<String>, delay: std::time::Duration) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let bound = listener.local_addr()?;
+        let cfg = fulcrum_app::AppConfig::new(name.unwrap_or_else(|| bound.to_string()))
+            .with_delay(delay);
+        tracing::info!(listen = %bound, name = %cfg.name, "demo server");
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            if let Ok(mut term) = signal(SignalKind::terminate()) {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+        };
+        fulcrum_app::serve(listener, cfg, shutdown).await?;
+        Ok(())
+    })
 }
 
 /// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. SIGHUP is logged.

@@ -253,7 +253,9 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
         })?);
     }
 
-    if let Some(socket) = admin_socket {
+    // The control thread: the admin API (if configured) and the active health checks, apart from the
+    // workers so that both keep their pace when the workers are saturated.
+    {
         let shared = shared.clone();
         let stop = admin_stop.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -261,12 +263,16 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
             .build()?;
         threads.push(
             std::thread::Builder::new()
-                .name("fulcrum-admin".into())
+                .name("fulcrum-control".into())
                 .spawn(move || {
                     rt.block_on(async move {
-                        match tokio::net::TcpListener::from_std(socket) {
-                            Ok(listener) => crate::admin::serve(listener, shared, stop).await,
-                            Err(e) => tracing::error!(error = %e, "cannot register admin listener"),
+                        start_health_checks(&shared, &stop);
+                        match admin_socket.map(tokio::net::TcpListener::from_std) {
+                            Some(Ok(listener)) => crate::admin::serve(listener, shared, stop).await,
+                            Some(Err(e)) => {
+                                tracing::error!(error = %e, "cannot register admin listener")
+                            }
+                            None => stop.cancelled().await,
                         }
                     });
                 })?,
@@ -289,6 +295,30 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
         threads,
         workers,
     })
+}
+
+/// Starts the active health checks of every pool that has them, on the current (control) runtime.
+fn start_health_checks(shared: &Shared, stop: &CancellationToken) {
+    for (pool, cfg) in shared.pools.iter().zip(&shared.config.pools) {
+        let Some(check) = &cfg.health_check else {
+            continue;
+        };
+        for server in &pool.snapshot_full().servers {
+            // The seed spreads the first checks over the first interval, the same way on every start.
+            let seed =
+                crate::balance::hash_key(format!("{}/{}", pool.name, server.name).as_bytes());
+            crate::health::spawn_checks(
+                pool.name.clone(),
+                server.name.clone(),
+                server.address,
+                server.clone(),
+                check.clone(),
+                stop.clone(),
+                seed,
+            );
+        }
+        tracing::info!(pool = %pool.name, kind = check.kind.as_str(), interval = ?check.interval, "health checks started");
+    }
 }
 
 impl Running {

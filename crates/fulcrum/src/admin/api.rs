@@ -94,8 +94,12 @@ struct ServerView {
     requests_total: u64,
     failures_total: u64,
     latency_ewma_ms: f64,
-    /// Active health checks land with the health-check feature; until then there is none.
-    last_check: Option<()>,
+    /// The last active health check, if checks are configured.
+    last_check: Option<crate::health::CheckResult>,
+    /// The last up/down change and why (checks or passive ejection).
+    last_change: Option<crate::health::StateChange>,
+    /// Passive detection holds the server out right now.
+    ejected: bool,
 }
 
 fn pool_view(pool: &Pool) -> PoolView {
@@ -110,12 +114,14 @@ fn pool_view(pool: &Pool) -> PoolView {
                 name: s.name.clone(),
                 address: s.address.to_string(),
                 weight: s.weight,
-                state: s.state().as_str(),
+                state: s.effective_state().as_str(),
                 active_connections: s.stats.in_flight(),
                 requests_total: s.stats.requests_total(),
                 failures_total: s.stats.failures_total(),
                 latency_ewma_ms: (s.stats.latency_ewma_ms() * 1000.0).round() / 1000.0,
-                last_check: None,
+                last_check: s.health.last_check(),
+                last_change: s.health.last_change(),
+                ejected: s.health.is_ejected(),
             })
             .collect(),
     }

@@ -128,7 +128,7 @@ impl Collector for FulcrumCollector {
         )?;
         for (pool, snap) in &snapshots {
             for s in &snap.servers {
-                let current = s.state();
+                let current = s.effective_state();
                 for st in ServerState::ALL {
                     let labels = [
                         ("pool", *pool),
@@ -137,6 +137,30 @@ impl Collector for FulcrumCollector {
                     ];
                     ConstGauge::new(i64::from(current == st)).encode(m.encode_family(&labels)?)?;
                 }
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "server_transitions",
+            "Health changes of the server (up to down and back, passive ejections included)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, snap) in &snapshots {
+            for s in &snap.servers {
+                let labels = [("pool", *pool), ("server", s.name.as_str())];
+                ConstCounter::new(s.health.transitions()).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "server_ejections",
+            "Passive ejections of the server",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, snap) in &snapshots {
+            for s in &snap.servers {
+                let labels = [("pool", *pool), ("server", s.name.as_str())];
+                ConstCounter::new(s.health.ejections_total()).encode(m.encode_family(&labels)?)?;
             }
         }
         let mut m = enc.encode_descriptor(

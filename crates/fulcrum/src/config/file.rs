@@ -125,6 +125,7 @@ pub(crate) struct RawPool {
     pub connect_timeout: Option<RawDuration>,
     pub response_timeout: Option<RawDuration>,
     pub health_check: Option<RawHealthCheck>,
+    pub passive: Option<RawPassive>,
     pub sticky: Option<RawSticky>,
 }
 
@@ -148,6 +149,27 @@ pub(crate) struct RawHealthCheck {
     pub timeout: Option<RawDuration>,
     pub rise: Option<i64>,
     pub fall: Option<i64>,
+    pub method: Option<String>,
+    pub host: Option<String>,
+    pub expect_body: Option<String>,
+    pub initial_state: Option<RawInitialState>,
+}
+
+/// `health_check.initial_state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawInitialState {
+    Up,
+    Down,
+}
+
+/// `[pools.passive]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPassive {
+    pub consecutive_failures: Option<i64>,
+    pub base_ejection: Option<RawDuration>,
+    pub max_ejected_percent: Option<i64>,
 }
 
 /// `[pools.sticky]`.

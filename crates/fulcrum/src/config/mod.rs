@@ -291,6 +291,8 @@ pub struct PoolConfig {
     pub response_timeout: Duration,
     /// `[pools.health_check]` (optional): active health checks. Absent: every server is considered up.
     pub health_check: Option<HealthCheckConfig>,
+    /// `[pools.passive]` (optional): passive health checking. Absent: off.
+    pub passive: Option<PassiveConfig>,
     /// `[pools.sticky]` (optional): session persistence.
     pub sticky: Option<StickyConfig>,
 }
@@ -401,6 +403,29 @@ pub struct HealthCheckConfig {
     pub rise: u32,
     /// `fall` (default 3, at least 1): consecutive failures that mark an up server down.
     pub fall: u32,
+    /// `method` (http only, default `"GET"`): the request method of the check.
+    pub method: http::Method,
+    /// `host` (http only, optional): the `Host` header of the check; default: the server's address.
+    pub host: Option<String>,
+    /// `expect_body` (http only, optional): the response body must contain this text.
+    pub expect_body: Option<String>,
+    /// `initial_state` (default `"up"`): the state of a server before its first checks complete.
+    pub initial_up: bool,
+}
+
+/// `[pools.passive]`: passive health checking (outlier detection, as Envoy's): a server that fails
+/// requests in a row is ejected for a while, without waiting for the active checks.
+#[derive(Debug, Clone)]
+pub struct PassiveConfig {
+    /// `consecutive_failures` (default 5, at least 1): connect failures, resets, timeouts or 5xx answers in
+    /// a row that eject a server.
+    pub consecutive_failures: u32,
+    /// `base_ejection` (default `"30s"`): an ejection lasts this times the number of times the server has
+    /// been ejected (reset once it has stayed healthy for a while).
+    pub base_ejection: Duration,
+    /// `max_ejected_percent` (default 50, 0 to 100): never eject more than this share of the pool's servers
+    /// (but always allow one).
+    pub max_ejected_percent: u32,
 }
 
 /// `health_check.kind`.

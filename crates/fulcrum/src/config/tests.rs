@@ -1284,12 +1284,6 @@ fn unsupported_features_are_rejected() {
             "idle_timeout = \"60s\"",
             "listeners[0].idle_timeout",
         ),
-        ("# POOL", "slow_start = \"30s\"", "pools[0].slow_start"),
-        (
-            "# POOL",
-            "[pools.health_check]\nkind = \"tcp\"",
-            "pools[0].health_check",
-        ),
         (
             "# POOL",
             "[pools.sticky]\nkind = \"source_ip\"",
@@ -1306,6 +1300,13 @@ fn unsupported_features_are_rejected() {
         let line = line_of(&text, to.lines().next().unwrap());
         assert_error(&err(&text), key, line, "is not supported yet");
     }
+    let text = variant("# POOL", "[pools.health_check]\nkind = \"icmp\"");
+    assert_error(
+        &err(&text),
+        "pools[0].health_check.kind",
+        line_of(&text, "kind = \"icmp\""),
+        "is not supported yet",
+    );
     // What is built is accepted.
     for algorithm in Algorithm::ALL {
         ok(&variant(

@@ -13,13 +13,13 @@ use regex::Regex;
 
 use super::error::KeyPath;
 use super::file::{
-    RawAdmin, RawConfig, RawDuration, RawHealthCheck, RawListener, RawPool, RawRoute, RawServer,
-    RawSticky, RawStore, RawStoreKind, RawTls,
+    RawAdmin, RawConfig, RawDuration, RawHealthCheck, RawInitialState, RawListener, RawPassive,
+    RawPool, RawRoute, RawServer, RawSticky, RawStore, RawStoreKind, RawTls,
 };
 use super::{
     AdminConfig, Algorithm, Config, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch,
-    ListenerConfig, PoolConfig, Protocol, RedisTarget, RouteConfig, RouteMatch, ServerConfig,
-    StickyConfig, StickyKind, StoreConfig, TlsConfig,
+    ListenerConfig, PassiveConfig, PoolConfig, Protocol, RedisTarget, RouteConfig, RouteMatch,
+    ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
 };
 
 /// A validation error: what is wrong with the key at `path`.
@@ -70,8 +70,8 @@ fn reject_unsupported(raw: &RawConfig) -> Result<()> {
     }
     for (i, pool) in raw.pools.iter().enumerate() {
         let at = |key: &str| KeyPath::root("pools").index(i).key(key);
-        deny((pool.slow_start.is_some(), "`slow_start`".into()), at("slow_start"))?;
-        deny((pool.health_check.is_some(), "`[pools.health_check]`".into()), at("health_check"))?;
+        let icmp = pool.health_check.as_ref().is_some_and(|h| h.kind == HealthCheckKind::Icmp);
+        deny((icmp, "kind = \"icmp\"".into()), at("health_check").key("kind"))?;
         deny((pool.sticky.is_some(), "`[pools.sticky]`".into()), at("sticky"))?;
     }
     let redis = raw.store.as_ref().and_then(|s| s.kind) == Some(RawStoreKind::Redis);
@@ -356,6 +356,10 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         .health_check
         .map(|h| health_check(h, &path.key("health_check")))
         .transpose()?;
+    let passive = raw
+        .passive
+        .map(|p| passive(p, &path.key("passive")))
+        .transpose()?;
     let sticky = raw
         .sticky
         .map(|s| sticky(s, &path.key("sticky")))
@@ -372,6 +376,7 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         connect_timeout,
         response_timeout,
         health_check,
+        passive,
         sticky,
     })
 }
@@ -423,6 +428,9 @@ fn health_check(raw: RawHealthCheck, path: &KeyPath) -> Result<HealthCheckConfig
         let http_only = [
             ("path", raw.path.is_some()),
             ("expect_status", raw.expect_status.is_some()),
+            ("method", raw.method.is_some()),
+            ("host", raw.host.is_some()),
+            ("expect_body", raw.expect_body.is_some()),
         ];
         if let Some((key, _)) = http_only.iter().find(|(_, set)| *set) {
             return invalid(
@@ -464,6 +472,56 @@ fn health_check(raw: RawHealthCheck, path: &KeyPath) -> Result<HealthCheckConfig
         )?,
         rise: integer(raw.rise, path.key("rise"), 2, 1, u32::MAX.into())? as u32,
         fall: integer(raw.fall, path.key("fall"), 3, 1, u32::MAX.into())? as u32,
+        method: match raw.method {
+            None => http::Method::GET,
+            Some(m) => http::Method::from_bytes(m.as_bytes())
+                .ok()
+                .filter(|_| m.bytes().all(|b| b.is_ascii_uppercase()))
+                .ok_or_else(|| {
+                    Invalid::new(
+                        path.key("method"),
+                        format!("invalid method {m:?} (write it in capitals, e.g. \"HEAD\")"),
+                    )
+                })?,
+        },
+        host: match raw.host {
+            Some(h) if h.is_empty() || http::HeaderValue::from_str(&h).is_err() => {
+                return invalid(path.key("host"), format!("invalid Host header value {h:?}"));
+            }
+            h => h,
+        },
+        expect_body: match raw.expect_body {
+            Some(b) if b.is_empty() => {
+                return invalid(path.key("expect_body"), "must not be empty")
+            }
+            b => b,
+        },
+        initial_up: raw.initial_state != Some(RawInitialState::Down),
+    })
+}
+
+fn passive(raw: RawPassive, path: &KeyPath) -> Result<PassiveConfig> {
+    Ok(PassiveConfig {
+        consecutive_failures: integer(
+            raw.consecutive_failures,
+            path.key("consecutive_failures"),
+            5,
+            1,
+            1000,
+        )? as u32,
+        base_ejection: duration(
+            raw.base_ejection.as_ref(),
+            path.key("base_ejection"),
+            Duration::from_secs(30),
+            Zero::Rejected,
+        )?,
+        max_ejected_percent: integer(
+            raw.max_ejected_percent,
+            path.key("max_ejected_percent"),
+            50,
+            0,
+            100,
+        )? as u32,
     })
 }
 

@@ -173,11 +173,16 @@ async fn forward(
         match exchange(server, &snapshot.settings, &parts, &mut body, framing).await {
             Ok((head, conn, elapsed)) => {
                 server.stats.record_response(head.status.as_u16(), elapsed);
+                snapshot.observe(server, !head.status.is_server_error());
                 return respond(head, conn, guard, client_upgrade);
             }
-            Err(Failure::NotSent) => server.stats.record_failure(),
+            Err(Failure::NotSent) => {
+                server.stats.record_failure();
+                snapshot.observe(server, false);
+            }
             Err(Failure::Failed(status)) => {
                 server.stats.record_failure();
+                snapshot.observe(server, false);
                 return local(status);
             }
             Err(Failure::Client) => return local(StatusCode::BAD_REQUEST),
@@ -266,6 +271,12 @@ async fn exchange(
         match error {
             Stage::Send(SendError::Head(_)) if reused => continue,
             Stage::Read(ReadError::Closed) if reused && replayable => continue,
+            // Closed before a byte of answer on a fresh connection: an idempotent request without a
+            // body may go to the next server.
+            Stage::Read(ReadError::Closed) if replayable => {
+                tracing::warn!(server = %server.name, "server closed the connection without answering; trying the next one");
+                return Err(Failure::NotSent);
+            }
             Stage::Send(SendError::Head(e)) => {
                 tracing::warn!(server = %server.name, error = %e, "sending to the server failed");
                 return Err(Failure::NotSent);

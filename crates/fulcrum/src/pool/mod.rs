@@ -17,7 +17,8 @@ use arc_swap::ArcSwap;
 pub use stats::{ServerStats, LATENCY_BUCKETS};
 
 use crate::balance::{Candidates, Loads, Selector, SelectorOptions, ServerSpec};
-use crate::config::{Algorithm, HashKey, PoolConfig, ServerConfig};
+use crate::config::{Algorithm, HashKey, PassiveConfig, PoolConfig, ServerConfig};
+use crate::health::{self, Health};
 use crate::http::upstream::IdleConns;
 
 /// Whether a server takes traffic.
@@ -75,11 +76,20 @@ pub struct Server {
     pub stats: ServerStats,
     /// Idle keep-alive connections to this server, owned by the HTTP layer (one set per worker thread).
     pub(crate) idle: IdleConns,
+    /// Active and passive health, slow start.
+    pub health: Health,
+}
+
+impl AsRef<Health> for Server {
+    fn as_ref(&self) -> &Health {
+        &self.health
+    }
 }
 
 impl Server {
-    /// A server in state `up` with zeroed counters.
-    pub fn new(cfg: &ServerConfig, workers: usize) -> Self {
+    /// A server in administrative state `up` with zeroed counters; `healthy` is its health before any
+    /// check has run.
+    pub fn new(cfg: &ServerConfig, workers: usize, healthy: bool) -> Self {
         Server {
             name: cfg.name.clone(),
             address: cfg.address,
@@ -87,10 +97,20 @@ impl Server {
             state: AtomicU8::new(ServerState::Up as u8),
             stats: ServerStats::default(),
             idle: IdleConns::new(workers),
+            health: Health::new(healthy),
         }
     }
 
-    /// The server's current state.
+    /// The state shown to operators: the administrative state (`draining`, `maint`) if set, else `down`
+    /// while health checks or passive detection hold the server out, else `up`.
+    pub fn effective_state(&self) -> ServerState {
+        match self.state() {
+            ServerState::Up if !self.health.is_healthy() => ServerState::Down,
+            other => other,
+        }
+    }
+
+    /// The server's administrative state.
     #[inline]
     pub fn state(&self) -> ServerState {
         ServerState::from_u8(self.state.load(Ordering::Relaxed))
@@ -101,10 +121,10 @@ impl Server {
         self.state.store(state as u8, Ordering::Relaxed);
     }
 
-    /// True when the server may take a new request.
+    /// True when the server may take a new request: administratively up and healthy.
     #[inline]
     pub fn is_available(&self) -> bool {
-        self.state() == ServerState::Up
+        self.state() == ServerState::Up && self.health.is_healthy()
     }
 }
 
@@ -119,6 +139,10 @@ pub struct PoolSettings {
     pub response_timeout: Duration,
     /// What the hash algorithms hash, when the pool uses one.
     pub hash_key: Option<HashKey>,
+    /// Passive health checking, when configured.
+    pub passive: Option<PassiveConfig>,
+    /// Ramp-up time of a server that comes (back) up.
+    pub slow_start: Option<Duration>,
 }
 
 /// What a request picks from: the servers and the algorithm built over them, immutable once published.
@@ -147,12 +171,60 @@ impl PoolSnapshot {
     }
 
     /// The next candidate that may take a request, if any.
+    ///
+    /// With `slow_start`, a server still ramping up is taken with a probability equal to its share of
+    /// the ramp so far, so its traffic grows linearly whatever the algorithm; when every remaining
+    /// candidate is ramping and none is drawn, the first of them is taken rather than none.
     #[inline]
     pub fn next_available(&self, candidates: &mut Candidates) -> Option<&Arc<Server>> {
-        candidates
-            .map(|i| &self.servers[i])
-            .find(|s| s.is_available())
+        let mut ramping = None;
+        for i in candidates.by_ref() {
+            let server = &self.servers[i];
+            if !server.is_available() {
+                continue;
+            }
+            if let Some(window) = self.settings.slow_start {
+                let share = server.health.slow_start_factor(window);
+                if share < 1.0 && !chance(share) {
+                    ramping.get_or_insert(server);
+                    continue;
+                }
+            }
+            return Some(server);
+        }
+        ramping
     }
+
+    /// Reports the outcome of an exchange with `server` to passive health checking, if configured.
+    #[inline]
+    pub fn observe(&self, server: &Server, ok: bool) {
+        if let Some(passive) = &self.settings.passive {
+            health::observe(
+                &server.health,
+                ok,
+                passive,
+                &server.name,
+                self.servers.iter().map(|s| &s.health),
+            );
+        }
+    }
+}
+
+/// True with probability `p`, from a per-thread xorshift generator (slow-start draws need no more).
+fn chance(p: f64) -> bool {
+    use std::cell::Cell;
+    thread_local! {
+        static STATE: Cell<u64> = const { Cell::new(0x2545_f491_4f6c_dd1d) };
+    }
+    let x = STATE.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        x
+    });
+    ((x >> 11) as f64 / (1u64 << 53) as f64) < p
 }
 
 /// The selector reads live load straight from the servers' counters.
@@ -194,16 +266,19 @@ pub struct Pool {
 impl Pool {
     /// Builds a pool and its first snapshot from configuration.
     pub fn new(cfg: &PoolConfig, workers: usize) -> Self {
+        let healthy = cfg.health_check.as_ref().is_none_or(|h| h.initial_up);
         let servers: Vec<Arc<Server>> = cfg
             .servers
             .iter()
-            .map(|s| Arc::new(Server::new(s, workers)))
+            .map(|s| Arc::new(Server::new(s, workers, healthy)))
             .collect();
         let settings = PoolSettings {
             retries: cfg.retries,
             connect_timeout: cfg.connect_timeout,
             response_timeout: cfg.response_timeout,
             hash_key: cfg.hash_key.clone(),
+            passive: cfg.passive.clone(),
+            slow_start: cfg.slow_start,
         };
         let options = SelectorOptions {
             hash_balance_factor: cfg.hash_balance_factor,

@@ -1,0 +1,217 @@
+//! Active checks: an L4 TCP connect or an L7 HTTP request, each bounded by the check's `timeout`,
+//! repeated every `interval` with jitter.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::{unix_ms, CheckResult, Health};
+use crate::config::{HealthCheckConfig, HealthCheckKind};
+
+/// The most of an HTTP check's answer that is read.
+const MAX_ANSWER: usize = 64 * 1024;
+
+/// Starts the check loop of one server on the current runtime; it ends when `stop` fires.
+///
+/// `target` is anything that leads to the server's [`Health`] (the pool passes its `Arc<Server>`).
+/// `seed` spreads the first checks of a pool's servers over the first interval.
+pub fn spawn_checks<S>(
+    pool: String,
+    server: String,
+    address: SocketAddr,
+    target: Arc<S>,
+    cfg: HealthCheckConfig,
+    stop: CancellationToken,
+    seed: u64,
+) where
+    S: AsRef<Health> + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let health: &Health = S::as_ref(&target);
+        let mut rng = seed | 1;
+        let first = cfg.interval.mul_f64(unit(&mut rng));
+        if sleep_or_stop(first, &stop).await {
+            return;
+        }
+        loop {
+            let started = Instant::now();
+            let outcome = match tokio::time::timeout(cfg.timeout, probe(&cfg, address)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("timed out after {:?}", cfg.timeout)),
+            };
+            let latency_ms = started.elapsed().as_secs_f64() * 1e3;
+            let (ok, message) = match outcome {
+                Ok(message) => (true, message),
+                Err(message) => (false, message),
+            };
+            let result = CheckResult {
+                ok,
+                at_unix_ms: unix_ms(),
+                latency_ms: (latency_ms * 1000.0).round() / 1000.0,
+                message,
+            };
+            if let Some(up) = health.record_check(result, cfg.rise, cfg.fall) {
+                let reason = health.last_change().map(|c| c.reason).unwrap_or_default();
+                if up {
+                    tracing::info!(pool = %pool, server = %server, %reason, "server is up");
+                } else {
+                    tracing::warn!(pool = %pool, server = %server, %reason, "server is down");
+                }
+            }
+            // ±10% jitter keeps servers checked at the same moment from staying in step.
+            let next = cfg.interval.mul_f64(0.9 + 0.2 * unit(&mut rng));
+            if sleep_or_stop(next, &stop).await {
+                return;
+            }
+        }
+    });
+}
+
+async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => false,
+        _ = stop.cancelled() => true,
+    }
+}
+
+/// A uniform number in [0, 1) from a xorshift state.
+fn unit(state: &mut u64) -> f64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    (*state >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// One check: `Ok(what was seen)` or `Err(why it failed)`.
+pub(super) async fn probe(cfg: &HealthCheckConfig, address: SocketAddr) -> Result<String, String> {
+    let mut stream = TcpStream::connect(address)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    match cfg.kind {
+        HealthCheckKind::Tcp => Ok("TCP connect".to_owned()),
+        HealthCheckKind::Http => http_probe(cfg, address, &mut stream).await,
+        // Rejected by configuration validation until ICMP checks land.
+        HealthCheckKind::Icmp => Err("icmp checks are not supported yet".to_owned()),
+    }
+}
+
+async fn http_probe(
+    cfg: &HealthCheckConfig,
+    address: SocketAddr,
+    stream: &mut TcpStream,
+) -> Result<String, String> {
+    let host = cfg.host.clone().unwrap_or_else(|| address.to_string());
+    let request = format!(
+        "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: fulcrum-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+        cfg.method, cfg.path
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let mut answer = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        if n == 0 || answer.len() >= MAX_ANSWER {
+            break;
+        }
+        answer.extend_from_slice(&chunk[..n.min(MAX_ANSWER - answer.len())]);
+        // Without a body to check, the status line is enough.
+        if cfg.expect_body.is_none() && answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(&answer) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Err("incomplete HTTP answer".to_owned()),
+        Err(e) => return Err(format!("invalid HTTP answer: {e}")),
+    };
+    let status = response.code.unwrap_or(0);
+    let (low, high) = cfg.expect_status;
+    if !(low..=high).contains(&status) {
+        return Err(format!("HTTP {status}, expected {low}-{high}"));
+    }
+    if let Some(want) = &cfg.expect_body {
+        let body = &answer[head_len..];
+        if !body.windows(want.len()).any(|w| w == want.as_bytes()) {
+            return Err(format!("HTTP {status}, body lacks {want:?}"));
+        }
+    }
+    Ok(format!("HTTP {status}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(kind: HealthCheckKind) -> HealthCheckConfig {
+        HealthCheckConfig {
+            kind,
+            path: "/health".into(),
+            expect_status: (200, 399),
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+            method: http::Method::GET,
+            host: None,
+            expect_body: None,
+            initial_up: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn http_checks_read_status_and_body() {
+        let app = fulcrum_app::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            fulcrum_app::AppConfig::new("A"),
+        )
+        .await
+        .unwrap();
+        let http = cfg(HealthCheckKind::Http);
+        assert_eq!(probe(&http, app.addr()).await, Ok("HTTP 200".to_owned()));
+        let mut body = cfg(HealthCheckKind::Http);
+        body.expect_body = Some("ok".into());
+        assert!(probe(&body, app.addr()).await.is_ok());
+        body.expect_body = Some("nope".into());
+        assert!(probe(&body, app.addr())
+            .await
+            .unwrap_err()
+            .contains("body lacks"));
+        let mut missing = cfg(HealthCheckKind::Http);
+        missing.path = "/nothing-here".into();
+        assert!(probe(&missing, app.addr())
+            .await
+            .unwrap_err()
+            .contains("HTTP 404"));
+        assert_eq!(
+            probe(&cfg(HealthCheckKind::Tcp), app.addr()).await,
+            Ok("TCP connect".to_owned())
+        );
+        let addr = app.addr();
+        app.stop().await;
+        assert!(probe(&cfg(HealthCheckKind::Tcp), addr)
+            .await
+            .unwrap_err()
+            .starts_with("connect:"));
+    }
+
+    #[test]
+    fn jitter_stays_in_range() {
+        let mut s = 42;
+        for _ in 0..1000 {
+            let u = unit(&mut s);
+            assert!((0.0..1.0).contains(&u));
+        }
+    }
+}

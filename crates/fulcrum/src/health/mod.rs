@@ -1,0 +1,302 @@
+//! Server health: active checks (L4 TCP connect, L7 HTTP request) with rise/fall thresholds, passive
+//! detection of failing servers (outlier ejection, as Envoy's), and slow start.
+//!
+//! Each server carries a [`Health`]: the verdict of its active checks, its passive-ejection deadline,
+//! and when it last became available. The request path reads two atomics per candidate
+//! ([`Health::is_healthy`]); everything else (check results, the reason of the last change) sits behind
+//! a mutex that only the checkers and the admin API take.
+//!
+//! Model (defaults as HAProxy's): a server starts `up` (unless `initial_state = "down"`); `fall`
+//! consecutive failed checks mark it down, `rise` consecutive successes mark it up again. Checks run
+//! every `interval` (±10% jitter, the first one at a random point of the first interval, so a thousand
+//! servers are not probed in the same millisecond), each bounded by `timeout`.
+
+mod check;
+mod passive;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+pub use check::spawn_checks;
+pub use passive::observe;
+
+/// Milliseconds since this process's health clock started (monotonic).
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The outcome of one active check.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckResult {
+    /// The check passed.
+    pub ok: bool,
+    /// When it completed (Unix time, ms).
+    pub at_unix_ms: u64,
+    /// How long it took, in ms.
+    pub latency_ms: f64,
+    /// What was seen: `HTTP 200`, `connection refused`, `timed out after 1s`, …
+    pub message: String,
+}
+
+/// The last change of a server's health.
+#[derive(Debug, Clone, Serialize)]
+pub struct StateChange {
+    /// When (Unix time, ms).
+    pub at_unix_ms: u64,
+    /// `up` or `down`.
+    pub state: &'static str,
+    /// Why: the check results or the passive failures that caused it.
+    pub reason: String,
+}
+
+#[derive(Debug, Default)]
+struct Record {
+    last_check: Option<CheckResult>,
+    last_change: Option<StateChange>,
+    ok_streak: u32,
+    fail_streak: u32,
+}
+
+/// Health of one server.
+#[derive(Debug)]
+pub struct Health {
+    /// The active checks' verdict (always true without checks).
+    checked_up: AtomicBool,
+    /// Passive ejection: unavailable until this `now_ms()`; 0 when not ejected.
+    ejected_until_ms: AtomicU64,
+    /// Passive: failures in a row.
+    pub(crate) consecutive_failures: AtomicU32,
+    /// Passive: how many times ejected (the multiplier of the next ejection).
+    pub(crate) ejections: AtomicU32,
+    /// When the server last became available (`now_ms()`), for slow start.
+    up_since_ms: AtomicU64,
+    /// Up/down transitions so far.
+    transitions: AtomicU64,
+    /// Passive ejections so far.
+    ejections_total: AtomicU64,
+    record: Mutex<Record>,
+}
+
+impl Health {
+    /// A server that is up (or down, awaiting `rise` good checks).
+    pub fn new(initially_up: bool) -> Self {
+        Health {
+            checked_up: AtomicBool::new(initially_up),
+            ejected_until_ms: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            up_since_ms: AtomicU64::new(0),
+            transitions: AtomicU64::new(0),
+            ejections_total: AtomicU64::new(0),
+            record: Mutex::new(Record::default()),
+        }
+    }
+
+    /// True when neither the active checks nor passive ejection hold the server out.
+    #[inline]
+    pub fn is_healthy(&self) -> bool {
+        if !self.checked_up.load(Ordering::Relaxed) {
+            return false;
+        }
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until == 0 || now_ms() >= until
+    }
+
+    /// True while passively ejected.
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// The share of full weight a server in slow start gets now: 1.0 when `window` has passed since it
+    /// became available (or it has never been down).
+    #[inline]
+    pub fn slow_start_factor(&self, window: Duration) -> f64 {
+        let since = self.up_since_ms.load(Ordering::Relaxed);
+        if since == 0 {
+            return 1.0;
+        }
+        let elapsed = now_ms().saturating_sub(since) as f64;
+        let window = window.as_millis().max(1) as f64;
+        if elapsed >= window {
+            1.0
+        } else {
+            // Never quite 0: a recovering server gets a trickle from the first moment.
+            (elapsed / window).max(0.01)
+        }
+    }
+
+    /// Marks the start of a slow-start ramp (the server just became available, or was added).
+    pub fn start_ramp(&self) {
+        self.up_since_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Up/down transitions so far.
+    pub fn transitions(&self) -> u64 {
+        self.transitions.load(Ordering::Relaxed)
+    }
+
+    /// Passive ejections so far.
+    pub fn ejections_total(&self) -> u64 {
+        self.ejections_total.load(Ordering::Relaxed)
+    }
+
+    /// The last check's result.
+    pub fn last_check(&self) -> Option<CheckResult> {
+        self.lock().last_check.clone()
+    }
+
+    /// The last state change and its reason.
+    pub fn last_change(&self) -> Option<StateChange> {
+        self.lock().last_change.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Record> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records a check result; returns the new state when it changed (`Some(true)` = came up).
+    fn record_check(&self, result: CheckResult, rise: u32, fall: u32) -> Option<bool> {
+        let mut r = self.lock();
+        if result.ok {
+            r.ok_streak += 1;
+            r.fail_streak = 0;
+        } else {
+            r.fail_streak += 1;
+            r.ok_streak = 0;
+        }
+        let up = self.checked_up.load(Ordering::Relaxed);
+        let change = if up && r.fail_streak >= fall {
+            Some((
+                false,
+                format!(
+                    "{} failed check(s) in a row, last: {}",
+                    r.fail_streak, result.message
+                ),
+            ))
+        } else if !up && r.ok_streak >= rise {
+            Some((
+                true,
+                format!(
+                    "{} good check(s) in a row, last: {}",
+                    r.ok_streak, result.message
+                ),
+            ))
+        } else {
+            None
+        };
+        r.last_check = Some(result);
+        let (now_up, reason) = change?;
+        self.checked_up.store(now_up, Ordering::Relaxed);
+        if now_up {
+            self.start_ramp();
+        }
+        self.transitions.fetch_add(1, Ordering::Relaxed);
+        r.last_change = Some(StateChange {
+            at_unix_ms: unix_ms(),
+            state: if now_up { "up" } else { "down" },
+            reason,
+        });
+        Some(now_up)
+    }
+
+    /// Ejects the server until `now + duration` (passive detection).
+    fn eject(&self, duration: Duration, reason: String) {
+        self.ejected_until_ms
+            .store(now_ms() + duration.as_millis() as u64, Ordering::Relaxed);
+        self.ejections_total.fetch_add(1, Ordering::Relaxed);
+        self.transitions.fetch_add(1, Ordering::Relaxed);
+        self.lock().last_change = Some(StateChange {
+            at_unix_ms: unix_ms(),
+            state: "down",
+            reason,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn result(ok: bool) -> CheckResult {
+        CheckResult {
+            ok,
+            at_unix_ms: 0,
+            latency_ms: 0.1,
+            message: if ok {
+                "HTTP 200".into()
+            } else {
+                "refused".into()
+            },
+        }
+    }
+
+    #[test]
+    fn fall_failures_mark_down_and_rise_successes_mark_up() {
+        let h = Health::new(true);
+        assert_eq!(h.record_check(result(false), 2, 3), None);
+        assert_eq!(h.record_check(result(false), 2, 3), None);
+        assert!(h.is_healthy());
+        assert_eq!(h.record_check(result(false), 2, 3), Some(false));
+        assert!(!h.is_healthy());
+        assert_eq!(h.record_check(result(true), 2, 3), None);
+        assert_eq!(
+            h.record_check(result(false), 2, 3),
+            None,
+            "a failure resets the rise count"
+        );
+        assert_eq!(h.record_check(result(true), 2, 3), None);
+        assert_eq!(h.record_check(result(true), 2, 3), Some(true));
+        assert!(h.is_healthy());
+        assert_eq!(h.transitions(), 2);
+        let change = h.last_change().unwrap();
+        assert_eq!(change.state, "up");
+        assert!(
+            change.reason.contains("2 good check(s)"),
+            "{}",
+            change.reason
+        );
+    }
+
+    #[test]
+    fn a_server_may_start_down() {
+        let h = Health::new(false);
+        assert!(!h.is_healthy());
+        assert_eq!(h.record_check(result(true), 1, 3), Some(true));
+    }
+
+    #[test]
+    fn ejection_expires() {
+        let h = Health::new(true);
+        h.eject(Duration::from_millis(30), "test".into());
+        assert!(!h.is_healthy() && h.is_ejected());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(h.is_healthy() && !h.is_ejected());
+    }
+
+    #[test]
+    fn slow_start_ramps_from_a_trickle_to_full() {
+        let h = Health::new(true);
+        assert_eq!(
+            h.slow_start_factor(Duration::from_secs(10)),
+            1.0,
+            "never down: full share"
+        );
+        h.start_ramp();
+        let f = h.slow_start_factor(Duration::from_secs(10));
+        assert!((0.01..0.05).contains(&f), "{f}");
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(h.slow_start_factor(Duration::from_millis(50)), 1.0);
+    }
+}
