@@ -70,8 +70,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     logging::init(cli.log_format);
     let result = match cli.command {
-        Command::Check { config } => match fulcrum::config::load(&config) {
-            Ok(_) => {
+        Command::Check { config } => match fulcrum::config::load(&config)
+            .map_err(|e| e.to_string())
+            .and_then(|c| runtime::check_capabilities(&c).map_err(|e| e.to_string()))
+        {
+            Ok(()) => {
                 println!("configuration OK");
                 Ok(())
             }

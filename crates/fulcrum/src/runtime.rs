@@ -77,6 +77,9 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// ICMP health checks are configured but this process may not send ICMP.
+    #[error("pool `{pool}`: {message}")]
+    Icmp { pool: String, message: String },
     /// A thread or runtime could not be created.
     #[error("cannot start: {0}")]
     Io(#[from] std::io::Error),
@@ -131,6 +134,18 @@ fn raise_fd_limit() {
     }
 }
 
+/// Checks what the configuration needs from the host beyond sockets (ICMP for `kind = "icmp"`).
+pub fn check_capabilities(config: &Config) -> Result<(), StartError> {
+    for pool in &config.pools {
+        let icmp = pool.health_check.as_ref().is_some_and(|h| h.kind == crate::config::HealthCheckKind::Icmp);
+        if icmp {
+            crate::health::icmp::available()
+                .map_err(|message| StartError::Icmp { pool: pool.name.clone(), message })?;
+        }
+    }
+    Ok(())
+}
+
 /// Starts the system described by `config` with the default number of workers.
 pub fn start(config: Config) -> Result<Running, StartError> {
     start_with_workers(config, default_workers())
@@ -139,6 +154,7 @@ pub fn start(config: Config) -> Result<Running, StartError> {
 /// Starts the system described by `config` with `workers` worker threads.
 pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, StartError> {
     raise_fd_limit();
+    check_capabilities(&config)?;
     let workers = workers.max(1);
     let pools: Vec<Arc<Pool>> = config
         .pools
@@ -303,6 +319,16 @@ fn start_health_checks(shared: &Shared, stop: &CancellationToken) {
         let Some(check) = &cfg.health_check else {
             continue;
         };
+        let pinger = match check.kind {
+            crate::config::HealthCheckKind::Icmp => match crate::health::icmp::Pinger::new() {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(pool = %pool.name, error = %e, "icmp health checks cannot run");
+                    continue;
+                }
+            },
+            _ => None,
+        };
         for server in &pool.snapshot_full().servers {
             // The seed spreads the first checks over the first interval, the same way on every start.
             let seed =
@@ -313,6 +339,7 @@ fn start_health_checks(shared: &Shared, stop: &CancellationToken) {
                 server.address,
                 server.clone(),
                 check.clone(),
+                pinger.clone(),
                 stop.clone(),
                 seed,
             );

@@ -398,3 +398,83 @@ async fn passive_detection_ejects_a_failing_server_within_the_bound() {
     );
     stop(lb).await;
 }
+
+/// A network namespace with a veth pair, removed on drop: a host of our own at 10.231.77.2.
+struct Namespace {
+    name: String,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+impl Namespace {
+    fn create() -> Option<Self> {
+        let name = format!("fulcrum-icmp-{}", std::process::id());
+        let (here, there) = ("fulcrumv0", "fulcrumv1");
+        let _ = ip(&["netns", "del", &name]);
+        let _ = ip(&["link", "del", here]);
+        if !ip(&["netns", "add", &name]) {
+            return None;
+        }
+        let ns = Namespace { name };
+        let n = ns.name.as_str();
+        let ok = ip(&["link", "add", here, "type", "veth", "peer", "name", there])
+            && ip(&["link", "set", there, "netns", n])
+            && ip(&["addr", "add", "10.231.77.1/30", "dev", here])
+            && ip(&["link", "set", here, "up"])
+            && ip(&["-n", n, "addr", "add", "10.231.77.2/30", "dev", there])
+            && ip(&["-n", n, "link", "set", there, "up"])
+            && ip(&["-n", n, "link", "set", "lo", "up"]);
+        ok.then_some(ns)
+    }
+
+    fn set_host_link(&self, up: bool) {
+        assert!(ip(&["-n", &self.name, "link", "set", "fulcrumv1", if up { "up" } else { "down" }]));
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", "fulcrumv0"]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn icmp_checks_answer_on_loopback_and_see_a_host_go_away() {
+    if let Err(e) = fulcrum::health::icmp::available() {
+        panic!("this test needs ICMP sockets (run as root, as CI does): {e}");
+    }
+    let Some(ns) = Namespace::create() else {
+        panic!("this test needs `ip netns` (root, iproute2), as CI has");
+    };
+    let text = "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n\
+                [[pools]]\nname = \"p\"\nservers = [{ name = \"loopback\", address = \"127.0.0.1:9\" }, \
+                { name = \"host\", address = \"10.231.77.2:9\" }]\n\
+                [pools.health_check]\nkind = \"icmp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nrise = 1\nfall = 2\n";
+    let lb = fulcrum(text);
+    // Both answer pings first.
+    let started = Instant::now();
+    loop {
+        let snap = lb.shared().pools[0].snapshot_full();
+        let checked: Vec<_> = snap.servers.iter().filter_map(|s| s.health.last_check()).collect();
+        if checked.len() == 2 && checked.iter().all(|c| c.ok) {
+            assert!(checked[0].message.starts_with("ICMP echo reply"), "{:?}", checked[0]);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "no ICMP replies: {checked:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state(&lb, 0, "host"), "up");
+    // The host's link goes down: its pings go unanswered, loopback's do not.
+    ns.set_host_link(false);
+    wait_state(&lb, 0, "host", "down", Duration::from_secs(3)).await;
+    assert_eq!(state(&lb, 0, "loopback"), "up");
+    let last = lb.shared().pools[0].snapshot_full().servers[1].health.last_check().unwrap();
+    assert!(last.message.contains("no ICMP echo reply"), "{last:?}");
+    ns.set_host_link(true);
+    wait_state(&lb, 0, "host", "up", Duration::from_secs(3)).await;
+    stop(lb).await;
+    drop(ns);
+}

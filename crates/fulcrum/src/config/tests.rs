@@ -1300,14 +1300,10 @@ fn unsupported_features_are_rejected() {
         let line = line_of(&text, to.lines().next().unwrap());
         assert_error(&err(&text), key, line, "is not supported yet");
     }
-    let text = variant("# POOL", "[pools.health_check]\nkind = \"icmp\"");
-    assert_error(
-        &err(&text),
-        "pools[0].health_check.kind",
-        line_of(&text, "kind = \"icmp\""),
-        "is not supported yet",
-    );
     // What is built is accepted.
+    for kind in ["icmp", "tcp", "http"] {
+        ok(&variant("# POOL", &format!("slow_start = \"30s\"\n[pools.health_check]\nkind = \"{kind}\"")));
+    }
     for algorithm in Algorithm::ALL {
         ok(&variant(
             "# POOL",

@@ -70,8 +70,6 @@ fn reject_unsupported(raw: &RawConfig) -> Result<()> {
     }
     for (i, pool) in raw.pools.iter().enumerate() {
         let at = |key: &str| KeyPath::root("pools").index(i).key(key);
-        let icmp = pool.health_check.as_ref().is_some_and(|h| h.kind == HealthCheckKind::Icmp);
-        deny((icmp, "kind = \"icmp\"".into()), at("health_check").key("kind"))?;
         deny((pool.sticky.is_some(), "`[pools.sticky]`".into()), at("sticky"))?;
     }
     let redis = raw.store.as_ref().and_then(|s| s.kind) == Some(RawStoreKind::Redis);

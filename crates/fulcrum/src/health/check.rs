@@ -9,6 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use super::icmp::Pinger;
 use super::{unix_ms, CheckResult, Health};
 use crate::config::{HealthCheckConfig, HealthCheckKind};
 
@@ -25,6 +26,7 @@ pub fn spawn_checks<S>(
     address: SocketAddr,
     target: Arc<S>,
     cfg: HealthCheckConfig,
+    pinger: Option<Pinger>,
     stop: CancellationToken,
     seed: u64,
 ) where
@@ -37,9 +39,20 @@ pub fn spawn_checks<S>(
         if sleep_or_stop(first, &stop).await {
             return;
         }
+        let ident = seed as u16;
+        let mut seq: u16 = 0;
         loop {
             let started = Instant::now();
-            let outcome = match tokio::time::timeout(cfg.timeout, probe(&cfg, address)).await {
+            seq = seq.wrapping_add(1);
+            let check = async {
+                match (&pinger, cfg.kind) {
+                    (Some(p), HealthCheckKind::Icmp) => p.ping(address.ip(), ident, seq, cfg.timeout).await,
+                    _ => probe(&cfg, address).await,
+                }
+            };
+            // ICMP enforces `timeout` itself (and says so); the outer bound is only a safety net there.
+            let bound = if pinger.is_some() { cfg.timeout * 2 } else { cfg.timeout };
+            let outcome = match tokio::time::timeout(bound, check).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("timed out after {:?}", cfg.timeout)),
             };
@@ -88,14 +101,17 @@ fn unit(state: &mut u64) -> f64 {
 
 /// One check: `Ok(what was seen)` or `Err(why it failed)`.
 pub(super) async fn probe(cfg: &HealthCheckConfig, address: SocketAddr) -> Result<String, String> {
+    if cfg.kind == HealthCheckKind::Icmp {
+        return Err("no ICMP socket".to_owned());
+    }
     let mut stream = TcpStream::connect(address)
         .await
         .map_err(|e| format!("connect: {e}"))?;
     match cfg.kind {
         HealthCheckKind::Tcp => Ok("TCP connect".to_owned()),
         HealthCheckKind::Http => http_probe(cfg, address, &mut stream).await,
-        // Rejected by configuration validation until ICMP checks land.
-        HealthCheckKind::Icmp => Err("icmp checks are not supported yet".to_owned()),
+        // ICMP goes through a `Pinger`; without one, reaching the port is all that can be said.
+        HealthCheckKind::Icmp => Err("no ICMP socket".to_owned()),
     }
 }
 

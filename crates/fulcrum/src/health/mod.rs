@@ -1,4 +1,4 @@
-//! Server health: active checks (L4 TCP connect, L7 HTTP request) with rise/fall thresholds, passive
+//! Server health: active checks (L3 ICMP echo, L4 TCP connect, L7 HTTP request) with rise/fall thresholds, passive
 //! detection of failing servers (outlier ejection, as Envoy's), and slow start.
 //!
 //! Each server carries a [`Health`]: the verdict of its active checks, its passive-ejection deadline,
@@ -12,6 +12,7 @@
 //! servers are not probed in the same millisecond), each bounded by `timeout`.
 
 mod check;
+pub mod icmp;
 mod passive;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
