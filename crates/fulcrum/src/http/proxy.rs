@@ -6,8 +6,11 @@
 //! - a connect failure (refused, timed out) sent nothing: the next candidate is tried, up to `retries`;
 //! - an idle keep-alive connection found closed before the request was written sent nothing either:
 //!   a fresh connection to the same server is tried (this does not use up a retry);
-//! - once the request has been written, it is never sent again: a failure answers 502, a server that
-//!   does not answer within `response_timeout` 504.
+//! - a request without a body and with an idempotent method whose connection closed before a byte of
+//!   answer came back is sent again (RFC 9110 §9.2.2): on a fresh connection to the same server when
+//!   the closed one was a reused keep-alive connection, else to the next candidate;
+//! - any other request, once written, is never sent again: a failure answers 502, a server that does
+//!   not answer within `response_timeout` 504.
 //!
 //! With no available server, or when no server could be reached within the retry budget (nothing was
 //! sent anywhere), the answer is 503, as HAProxy answers; 502 means a server took the request and failed.
