@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use (none is needed beyond the Rust toolchain yet; later features add
-# redis-server here). Installed only when missing; needs root, as on CI.
+# System packages the tests use, installed only when missing (needs root, as on CI):
+# redis-server for the session tests, iproute2 (`ip netns`) for the ICMP health-check test.
 packages=()
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v ip >/dev/null 2>&1 || packages+=(iproute2)
 if ((${#packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"
