@@ -16,3 +16,4 @@ pub mod http;
 pub mod logging;
 pub mod pool;
 pub mod runtime;
+pub mod sticky;

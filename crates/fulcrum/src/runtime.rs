@@ -22,10 +22,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, Protocol};
-use crate::http::proxy::{HttpListener, HttpRouter, ListenerStats};
+use crate::http::proxy::{HttpListener, HttpRouter, ListenerStats, Target};
 use crate::http::server::{self, ServeOptions};
 use crate::http::upstream;
 use crate::pool::Pool;
+use crate::sticky::Sticky;
 
 /// A listener as the admin side sees it.
 #[derive(Debug)]
@@ -137,10 +138,15 @@ fn raise_fd_limit() {
 /// Checks what the configuration needs from the host beyond sockets (ICMP for `kind = "icmp"`).
 pub fn check_capabilities(config: &Config) -> Result<(), StartError> {
     for pool in &config.pools {
-        let icmp = pool.health_check.as_ref().is_some_and(|h| h.kind == crate::config::HealthCheckKind::Icmp);
+        let icmp = pool
+            .health_check
+            .as_ref()
+            .is_some_and(|h| h.kind == crate::config::HealthCheckKind::Icmp);
         if icmp {
-            crate::health::icmp::available()
-                .map_err(|message| StartError::Icmp { pool: pool.name.clone(), message })?;
+            crate::health::icmp::available().map_err(|message| StartError::Icmp {
+                pool: pool.name.clone(),
+                message,
+            })?;
         }
     }
     Ok(())
@@ -160,6 +166,13 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
         .pools
         .iter()
         .map(|p| Arc::new(Pool::new(p, workers)))
+        .collect();
+
+    // One stickiness (and stick table) per pool, shared by every route to it.
+    let sticky: Vec<Option<Arc<Sticky>>> = config
+        .pools
+        .iter()
+        .map(|p| p.sticky.as_ref().map(|s| Arc::new(Sticky::new(&p.name, s))))
         .collect();
 
     // Bind everything first, so that a taken port fails the start before any thread runs.
@@ -183,13 +196,17 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
         for worker_sockets in sockets.iter_mut().skip(1) {
             worker_sockets.push(bind_reuseport(bound).map_err(bind_err)?);
         }
+        let target = |i: usize| Target {
+            pool: pools[i].clone(),
+            sticky: sticky[i].clone(),
+        };
         let router = HttpRouter {
             routes: l
                 .routes
                 .iter()
-                .map(|r| (r.matcher.clone(), pools[r.pool].clone()))
+                .map(|r| (r.matcher.clone(), target(r.pool)))
                 .collect(),
-            default_pool: pools[l.pool].clone(),
+            default: target(l.pool),
         };
         let http = Arc::new(HttpListener {
             name: l.name.clone(),

@@ -50,7 +50,7 @@ pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusView> {
             name: l.name.clone(),
             bind: l.bound.to_string(),
             protocol: l.protocol,
-            pool: l.http.router.default_pool.name.clone(),
+            pool: l.http.router.default.pool.name.clone(),
             active_connections: l
                 .http
                 .stats

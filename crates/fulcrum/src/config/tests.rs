@@ -1302,7 +1302,10 @@ fn unsupported_features_are_rejected() {
     }
     // What is built is accepted.
     for kind in ["icmp", "tcp", "http"] {
-        ok(&variant("# POOL", &format!("slow_start = \"30s\"\n[pools.health_check]\nkind = \"{kind}\"")));
+        ok(&variant(
+            "# POOL",
+            &format!("slow_start = \"30s\"\n[pools.health_check]\nkind = \"{kind}\""),
+        ));
     }
     for algorithm in Algorithm::ALL {
         ok(&variant(

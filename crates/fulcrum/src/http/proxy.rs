@@ -35,6 +35,7 @@ use super::upstream::{self, ReadError, RequestBody, ResponseHead, SendError, Ups
 use crate::balance::hash_key;
 use crate::config::{HashKey, RouteMatch};
 use crate::pool::{Pool, PoolSettings, Server};
+use crate::sticky::Sticky;
 
 /// Live counters of one listener.
 #[derive(Debug, Default)]
@@ -63,24 +64,33 @@ impl ListenerStats {
     }
 }
 
+/// Where a route sends requests: a pool, and the pool's stickiness if it has any.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// Session persistence of the pool (shared by every route to it).
+    pub sticky: Option<Arc<Sticky>>,
+}
+
 /// What an HTTP listener routes with.
 #[derive(Debug)]
 pub struct HttpRouter {
     /// Routes in order; the first match wins.
-    pub routes: Vec<(RouteMatch, Arc<Pool>)>,
-    /// The pool for requests no route matches.
-    pub default_pool: Arc<Pool>,
+    pub routes: Vec<(RouteMatch, Target)>,
+    /// Where requests no route matches go.
+    pub default: Target,
 }
 
 impl HttpRouter {
-    /// The pool for `req`.
+    /// The target for `req`.
     #[inline]
-    pub fn route<B>(&self, req: &Request<B>) -> &Arc<Pool> {
+    pub fn route<B>(&self, req: &Request<B>) -> &Target {
         self.routes
             .iter()
             .find(|(m, _)| route::matches(m, req))
-            .map(|(_, p)| p)
-            .unwrap_or(&self.default_pool)
+            .map(|(_, t)| t)
+            .unwrap_or(&self.default)
     }
 }
 
@@ -131,8 +141,8 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let listener = &ctx.listener;
-    let pool = listener.router.route(&req);
-    let resp = forward(pool, &ctx.client, listener.proto, req).await;
+    let target = listener.router.route(&req);
+    let resp = forward(target, &ctx.client, listener.proto, req).await;
     listener.stats.count(resp.status());
     Ok(resp)
 }
@@ -148,12 +158,16 @@ enum Failure {
 }
 
 async fn forward(
-    pool: &Pool,
+    target: &Target,
     client: &Client,
     proto: &'static str,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
-    let snapshot = pool.snapshot_full();
+    let snapshot = target.pool.snapshot_full();
+    let sticky = target
+        .sticky
+        .as_ref()
+        .map(|s| (s, s.lookup(req.headers(), client.addr.ip(), &snapshot)));
     let key = snapshot
         .settings
         .hash_key
@@ -165,19 +179,41 @@ async fn forward(
     let (parts, mut body) = req.into_parts();
     let framing = RequestBody::of(&parts.headers, &body);
 
+    // A sticky client goes to its server first; the algorithm picks for the others, and for it when
+    // its server cannot take it.
+    let sticky_server = sticky
+        .as_ref()
+        .and_then(|(_, c)| c.server)
+        .map(|i| &snapshot.servers[i]);
+    let mut sticky_first = sticky_server;
     let mut candidates = snapshot.pick(key);
     let mut attempts = snapshot.settings.retries + 1;
     while attempts > 0 {
-        let Some(server) = snapshot.next_available(&mut candidates) else {
-            break;
+        let server = match sticky_first.take() {
+            Some(s) => Some(s),
+            None => loop {
+                match snapshot.next_available(&mut candidates) {
+                    // The sticky server was tried first already.
+                    Some(s) if sticky_server.is_some_and(|t| Arc::ptr_eq(t, s)) => continue,
+                    other => break other,
+                }
+            },
         };
+        let Some(server) = server else { break };
         attempts -= 1;
         let guard = InFlight::start(server.clone());
         match exchange(server, &snapshot.settings, &parts, &mut body, framing).await {
             Ok((head, conn, elapsed)) => {
                 server.stats.record_response(head.status.as_u16(), elapsed);
                 snapshot.observe(server, !head.status.is_server_error());
-                return respond(head, conn, guard, client_upgrade);
+                let mut resp = respond(head, conn, guard, client_upgrade);
+                if let Some((sticky, client)) = &sticky {
+                    let stuck_here = client
+                        .server
+                        .is_some_and(|i| Arc::ptr_eq(&snapshot.servers[i], server));
+                    sticky.remember(client, server, stuck_here, resp.headers_mut());
+                }
+                return resp;
             }
             Err(Failure::NotSent) => {
                 server.stats.record_failure();

@@ -1,0 +1,235 @@
+//! Sessions: the problem (a login on one server is unknown to the others) and the balancer-side cures
+//! (sticky cookie, learned application cookie, client address), with real fulcrum-app servers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// A browser-like client: keeps the cookies it is given and sends them back.
+struct Browser {
+    http: HttpClient,
+    jar: HashMap<String, String>,
+}
+
+impl Browser {
+    fn new() -> Self {
+        Browser {
+            http: client(),
+            jar: HashMap::new(),
+        }
+    }
+
+    fn from(ip: Ipv4Addr) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(IpAddr::V4(ip)));
+        Browser {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            jar: HashMap::new(),
+        }
+    }
+
+    async fn call(&mut self, method: &str, url: &str, body: &'static str) -> Reply {
+        let mut req = Request::builder().method(method).uri(url);
+        if !self.jar.is_empty() {
+            let cookies: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            req = req.header("cookie", cookies.join("; "));
+        }
+        let req = req
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let reply = send(&self.http, req).await;
+        for set in reply.headers.get_all("set-cookie") {
+            let text = set.to_str().unwrap();
+            let (name, rest) = text.split_once('=').unwrap();
+            let value = rest.split(';').next().unwrap().to_string();
+            if value.is_empty() {
+                self.jar.remove(name);
+            } else {
+                self.jar.insert(name.to_string(), value);
+            }
+        }
+        reply
+    }
+
+    async fn login(&mut self, base: &str) -> String {
+        let r = self
+            .call("POST", &format!("{base}/login"), r#"{"user":"martin"}"#)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        r.server()
+    }
+
+    async fn me(&mut self, base: &str) -> Reply {
+        self.call("GET", &format!("{base}/me"), "").await
+    }
+}
+
+fn sticky_config(apps: &[fulcrum_app::AppHandle], sticky: &str) -> String {
+    config(
+        "round_robin",
+        &servers(apps),
+        "",
+        &format!("[pools.sticky]\n{sticky}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_problem_round_robin_loses_the_login() {
+    let apps = apps(&["A", "B", "C"]).await;
+    let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
+    let base = format!("http://{}", web(&lb));
+    let mut browser = Browser::new();
+    let at = browser.login(&base).await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = browser.me(&base).await;
+        statuses.push((r.server(), r.status.as_u16()));
+    }
+    // The session lives on one server only: the others answer 401.
+    assert!(
+        statuses
+            .iter()
+            .filter(|(s, _)| *s != at)
+            .all(|(_, code)| *code == 401),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().any(|(_, code)| *code == 401),
+        "{statuses:?}"
+    );
+    stop(lb).await;
+}
+
+async fn every_me_succeeds(sticky: &str, browser: impl FnOnce() -> Browser) {
+    let apps = apps(&["A", "B", "C"]).await;
+    let lb = fulcrum(&sticky_config(&apps, sticky));
+    let base = format!("http://{}", web(&lb));
+    let mut b = browser();
+    let at = b.login(&base).await;
+    for i in 0..10 {
+        let r = b.me(&base).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{sticky}: /me #{i} on {}: {}",
+            r.server(),
+            r.body
+        );
+        assert_eq!(
+            r.server(),
+            at,
+            "{sticky}: stays on the server that holds the session"
+        );
+    }
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cure_a_cookie_inserted_by_the_balancer() {
+    every_me_succeeds("kind = \"cookie\"", Browser::new).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cure_the_application_session_cookie_learned() {
+    every_me_succeeds(
+        "kind = \"app_cookie\"\ncookie = \"SESSIONID\"",
+        Browser::new,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cure_the_client_address() {
+    let apps = apps(&["A", "B", "C"]).await;
+    let lb = fulcrum(&sticky_config(&apps, "kind = \"source_ip\""));
+    let base = format!("http://{}", web(&lb));
+    let mut homes = Vec::new();
+    for last in 2..=7u8 {
+        let mut b = Browser::from(Ipv4Addr::new(127, 0, 0, last));
+        let at = b.login(&base).await;
+        for _ in 0..4 {
+            let r = b.me(&base).await;
+            assert_eq!(
+                (r.status, r.server()),
+                (StatusCode::OK, at.clone()),
+                "127.0.0.{last}"
+            );
+        }
+        homes.push(at);
+    }
+    homes.sort();
+    homes.dedup();
+    assert!(
+        homes.len() >= 2,
+        "new clients are still spread by the algorithm: {homes:?}"
+    );
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cookie_is_opaque_and_well_formed() {
+    let apps = apps(&["A", "B"]).await;
+    let lb = fulcrum(&sticky_config(&apps, "kind = \"cookie\""));
+    let r = get(&client(), &format!("http://{}/", web(&lb))).await;
+    let set = r
+        .headers
+        .get("set-cookie")
+        .expect("cookie set")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(set.starts_with("FULCRUM_SRV="), "{set}");
+    assert!(
+        set.contains("; Path=/") && set.contains("; HttpOnly") && set.contains("; SameSite=Lax"),
+        "{set}"
+    );
+    for app in &apps {
+        assert!(
+            !set.contains(&app.addr().to_string()) && !set.contains(&app.addr().port().to_string()),
+            "no address in {set}"
+        );
+    }
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_sticky_server_dies_the_client_is_redispatched_without_a_5xx() {
+    for sticky in [
+        "kind = \"cookie\"",
+        "kind = \"app_cookie\"\ncookie = \"SESSIONID\"",
+    ] {
+        let mut apps = apps(&["A", "B", "C"]).await;
+        let lb = fulcrum(&sticky_config(&apps, sticky));
+        let base = format!("http://{}", web(&lb));
+        let mut b = Browser::new();
+        let at = b.login(&base).await;
+        let index = (at.as_bytes()[0] - b'A') as usize;
+        apps.remove(index).stop().await;
+        // Memory sessions: the new server does not know the user (401), but nothing fails.
+        let r = b.me(&base).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{sticky}: {}", r.body);
+        let moved_to = r.server();
+        assert_ne!(moved_to, at);
+        // Logged in again there, the client now sticks to its new server.
+        assert_eq!(b.login(&base).await, moved_to, "{sticky}");
+        for _ in 0..5 {
+            let r = b.me(&base).await;
+            assert_eq!(
+                (r.status, r.server()),
+                (StatusCode::OK, moved_to.clone()),
+                "{sticky}"
+            );
+        }
+        stop(lb).await;
+    }
+}
