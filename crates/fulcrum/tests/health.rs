@@ -405,7 +405,12 @@ struct Namespace {
 }
 
 fn ip(args: &[&str]) -> bool {
-    Command::new("ip").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 impl Namespace {
@@ -430,7 +435,14 @@ impl Namespace {
     }
 
     fn set_host_link(&self, up: bool) {
-        assert!(ip(&["-n", &self.name, "link", "set", "fulcrumv1", if up { "up" } else { "down" }]));
+        assert!(ip(&[
+            "-n",
+            &self.name,
+            "link",
+            "set",
+            "fulcrumv1",
+            if up { "up" } else { "down" }
+        ]));
     }
 }
 
@@ -458,12 +470,23 @@ async fn icmp_checks_answer_on_loopback_and_see_a_host_go_away() {
     let started = Instant::now();
     loop {
         let snap = lb.shared().pools[0].snapshot_full();
-        let checked: Vec<_> = snap.servers.iter().filter_map(|s| s.health.last_check()).collect();
+        let checked: Vec<_> = snap
+            .servers
+            .iter()
+            .filter_map(|s| s.health.last_check())
+            .collect();
         if checked.len() == 2 && checked.iter().all(|c| c.ok) {
-            assert!(checked[0].message.starts_with("ICMP echo reply"), "{:?}", checked[0]);
+            assert!(
+                checked[0].message.starts_with("ICMP echo reply"),
+                "{:?}",
+                checked[0]
+            );
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(3), "no ICMP replies: {checked:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "no ICMP replies: {checked:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(state(&lb, 0, "host"), "up");
@@ -471,7 +494,10 @@ async fn icmp_checks_answer_on_loopback_and_see_a_host_go_away() {
     ns.set_host_link(false);
     wait_state(&lb, 0, "host", "down", Duration::from_secs(3)).await;
     assert_eq!(state(&lb, 0, "loopback"), "up");
-    let last = lb.shared().pools[0].snapshot_full().servers[1].health.last_check().unwrap();
+    let last = lb.shared().pools[0].snapshot_full().servers[1]
+        .health
+        .last_check()
+        .unwrap();
     assert!(last.message.contains("no ICMP echo reply"), "{last:?}");
     ns.set_host_link(true);
     wait_state(&lb, 0, "host", "up", Duration::from_secs(3)).await;

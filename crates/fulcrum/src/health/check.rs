@@ -46,12 +46,18 @@ pub fn spawn_checks<S>(
             seq = seq.wrapping_add(1);
             let check = async {
                 match (&pinger, cfg.kind) {
-                    (Some(p), HealthCheckKind::Icmp) => p.ping(address.ip(), ident, seq, cfg.timeout).await,
+                    (Some(p), HealthCheckKind::Icmp) => {
+                        p.ping(address.ip(), ident, seq, cfg.timeout).await
+                    }
                     _ => probe(&cfg, address).await,
                 }
             };
             // ICMP enforces `timeout` itself (and says so); the outer bound is only a safety net there.
-            let bound = if pinger.is_some() { cfg.timeout * 2 } else { cfg.timeout };
+            let bound = if pinger.is_some() {
+                cfg.timeout * 2
+            } else {
+                cfg.timeout
+            };
             let outcome = match tokio::time::timeout(bound, check).await {
                 Ok(outcome) => outcome,
                 Err(_) => Err(format!("timed out after {:?}", cfg.timeout)),

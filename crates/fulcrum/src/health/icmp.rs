@@ -48,16 +48,30 @@ impl Pinger {
     }
 
     /// One echo request; `Ok` with the round trip, or why it failed.
-    pub async fn ping(&self, ip: IpAddr, ident: u16, seq: u16, timeout: Duration) -> Result<String, String> {
+    pub async fn ping(
+        &self,
+        ip: IpAddr,
+        ident: u16,
+        seq: u16,
+        timeout: Duration,
+    ) -> Result<String, String> {
         let client = match ip {
             IpAddr::V4(_) => &self.v4,
             IpAddr::V6(_) => self.v6.as_ref().ok_or("no ICMPv6 socket on this host")?,
         };
         let mut pinger = client.pinger(ip, PingIdentifier(ident)).await;
         pinger.timeout(timeout);
-        match pinger.ping(PingSequence(seq), b"fulcrum-health-check").await {
-            Ok((_, rtt)) => Ok(format!("ICMP echo reply in {:.3} ms", rtt.as_secs_f64() * 1e3)),
-            Err(surge_ping::SurgeError::Timeout { .. }) => Err(format!("no ICMP echo reply within {timeout:?}")),
+        match pinger
+            .ping(PingSequence(seq), b"fulcrum-health-check")
+            .await
+        {
+            Ok((_, rtt)) => Ok(format!(
+                "ICMP echo reply in {:.3} ms",
+                rtt.as_secs_f64() * 1e3
+            )),
+            Err(surge_ping::SurgeError::Timeout { .. }) => {
+                Err(format!("no ICMP echo reply within {timeout:?}"))
+            }
             Err(e) => Err(format!("icmp: {e}")),
         }
     }
