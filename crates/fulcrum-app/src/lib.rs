@@ -22,6 +22,24 @@
 //! | `POST /sha256`        | `{"bytes": N, "sha256": "…"}` of the streamed request body |
 //! | `GET /ws`             | WebSocket echo |
 //!
+//! # Sessions
+//!
+//! [`Sessions::Memory`] (the default) keeps sessions in the process: a login
+//! only counts on the instance that made it, which is what sticky balancing is
+//! for. With [`Sessions::Redis`] (`--sessions redis://host:port[/db]`, or
+//! `rediss://` for TLS) sessions live in Redis under
+//! `fulcrum-app:session:{id}` as JSON `{"user": "…"}` with a 30 minute TTL that
+//! `GET /me` refreshes, so every instance using that Redis honours every login.
+//!
+//! Redis is connected to lazily, so an instance starts (and serves everything
+//! else) while Redis is down. Each Redis step is bounded (500 ms to connect,
+//! 500 ms per command); when one fails the session endpoints answer
+//! `503 {"error": "session store unavailable", "server": NAME}` and a warning
+//! is logged. Broken connections are replaced on the next request, so sessions
+//! work again as soon as Redis is back, without a restart (sessions stored
+//! before a Redis restart survive only if Redis persisted them). A request
+//! without a `SESSIONID` cookie never needs Redis: `GET /me` answers `401`.
+//!
 //! The `fulcrum-app` binary wraps [`serve`]; the balancer's `fulcrum demo` and
 //! integration tests embed instances with [`spawn`].
 
@@ -38,7 +56,7 @@ use tokio::task::JoinHandle;
 mod routes;
 mod sessions;
 
-pub use sessions::{ParseSessionsError, Sessions};
+pub use sessions::{ParseSessionsError, Sessions, REDIS_KEY_PREFIX, REDIS_SESSION_TTL};
 
 /// Configuration of one app instance.
 #[derive(Debug, Clone)]
@@ -52,7 +70,8 @@ pub struct AppConfig {
 }
 
 impl AppConfig {
-    /// A config named `name` with in-memory sessions and no added delay.
+    /// A config named `name` with in-memory sessions and no added delay; see
+    /// [`AppConfig::with_sessions`] for Redis.
     pub fn new(name: impl Into<String>) -> Self {
         Self {
             name: name.into(),
@@ -68,7 +87,8 @@ impl AppConfig {
         self
     }
 
-    /// Sets the session store.
+    /// Sets the session store, e.g. `"redis://127.0.0.1:6379".parse()?` to
+    /// share sessions with every instance using that Redis.
     #[must_use]
     pub fn with_sessions(mut self, sessions: Sessions) -> Self {
         self.sessions = sessions;
@@ -78,6 +98,10 @@ impl AppConfig {
 
 /// The app's routes as an [`axum::Router`], with fresh state (sessions, health)
 /// built from `cfg`.
+///
+/// A Redis session store connects on first use, so this needs no Redis (nor a
+/// runtime). An invalid hand-built [`Sessions::Redis`] URL is logged and makes
+/// the session endpoints answer `503`; [`serve`] and [`spawn`] reject it.
 pub fn router(cfg: AppConfig) -> axum::Router {
     routes::router(cfg)
 }
@@ -85,11 +109,15 @@ pub fn router(cfg: AppConfig) -> axum::Router {
 /// Serves the app on an already-bound `listener` (HTTP/1.1 with keep-alive,
 /// WebSocket upgrades) until `shutdown` resolves, then stops accepting, lets
 /// in-flight requests finish and returns.
+///
+/// Fails at once with [`io::ErrorKind::InvalidInput`] if `cfg.sessions` holds a
+/// Redis URL that does not parse; an unreachable Redis is no error.
 pub async fn serve(
     listener: TcpListener,
     cfg: AppConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
+    validate(&cfg)?;
     let listener = listener.tap_io(|tcp| {
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!("failed to set TCP_NODELAY: {err}");
@@ -105,8 +133,9 @@ pub async fn serve(
 ///
 /// The returned handle knows the bound address. Dropping it starts a graceful
 /// shutdown in the background; [`AppHandle::stop`] does the same and waits for
-/// it to finish.
+/// it to finish. Fails like [`serve`] on an invalid Redis URL.
 pub async fn spawn(addr: SocketAddr, cfg: AppConfig) -> io::Result<AppHandle> {
+    validate(&cfg)?;
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (shutdown, stopped) = oneshot::channel::<()>();
@@ -125,6 +154,12 @@ pub async fn spawn(addr: SocketAddr, cfg: AppConfig) -> io::Result<AppHandle> {
         shutdown,
         task,
     })
+}
+
+fn validate(cfg: &AppConfig) -> io::Result<()> {
+    cfg.sessions
+        .validate()
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))
 }
 
 /// A running app instance started by [`spawn`].

@@ -21,8 +21,14 @@ struct Args {
     #[arg(long)]
     name: Option<String>,
 
-    /// Session store: `memory`.
-    #[arg(long, default_value = "memory")]
+    /// Session store: `memory` (this instance only) or `redis://HOST:PORT[/DB]` (shared).
+    ///
+    /// `memory` keeps sessions in this process. A Redis URL,
+    /// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` (`rediss://` for TLS, add
+    /// `#insecure` to skip certificate checks), keeps them in Redis, so every
+    /// instance using that Redis shares them. Redis may be down at start or go
+    /// away later: the session endpoints answer 503 until it is reachable again.
+    #[arg(long, default_value = "memory", value_name = "memory|URL")]
     sessions: Sessions,
 
     /// Latency added before every response, e.g. `50ms` or `1s`.

@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
-use crate::sessions::{session_cookie, SessionStore, COOKIE_NAME};
+use crate::sessions::{session_cookie, SessionStore, StoreUnavailable, COOKIE_NAME};
 use crate::AppConfig;
 
 /// Header naming the server on every response.
@@ -167,7 +167,9 @@ async fn login(State(state): State<Shared>, body: Bytes) -> Response {
         Ok(Login { user }) if !user.trim().is_empty() => user,
         _ => return bad_request(r#"expected JSON {"user": "<non-empty name>"}"#),
     };
-    let id = state.sessions.create(user.clone());
+    let Ok(id) = state.sessions.create(&user).await else {
+        return store_unavailable(&state);
+    };
     let cookie = format!("{COOKIE_NAME}={id}; Path=/; HttpOnly; SameSite=Lax");
     (
         [(SET_COOKIE, cookie)],
@@ -176,9 +178,17 @@ async fn login(State(state): State<Shared>, body: Bytes) -> Response {
         .into_response()
 }
 
-/// `GET /me`: who is logged in under the request's session cookie.
+/// `GET /me`: who is logged in under the request's session cookie. Without a
+/// cookie the answer is `401` straight away, whatever the store's state.
 async fn me(State(state): State<Shared>, headers: http::HeaderMap) -> Response {
-    match session_cookie(&headers).and_then(|id| state.sessions.get(id)) {
+    let user = match session_cookie(&headers) {
+        Some(id) => match state.sessions.get(id).await {
+            Ok(user) => user,
+            Err(StoreUnavailable) => return store_unavailable(&state),
+        },
+        None => None,
+    };
+    match user {
         Some(user) => Json(json!({ "user": user, "server": state.name })).into_response(),
         None => (
             StatusCode::UNAUTHORIZED,
@@ -190,11 +200,27 @@ async fn me(State(state): State<Shared>, headers: http::HeaderMap) -> Response {
 
 /// `POST /logout`: ends the session and clears its cookie.
 async fn logout(State(state): State<Shared>, headers: http::HeaderMap) -> Response {
-    let ended = session_cookie(&headers).and_then(|id| state.sessions.remove(id));
+    let ended = match session_cookie(&headers) {
+        Some(id) => match state.sessions.remove(id).await {
+            Ok(ended) => ended,
+            // The session still exists: keep the cookie.
+            Err(StoreUnavailable) => return store_unavailable(&state),
+        },
+        None => false,
+    };
     let cookie = format!("{COOKIE_NAME}=; Path=/; Max-Age=0");
     (
         [(SET_COOKIE, cookie)],
-        Json(json!({ "logged_out": ended.is_some(), "server": state.name })),
+        Json(json!({ "logged_out": ended, "server": state.name })),
+    )
+        .into_response()
+}
+
+/// `503` for a session endpoint while the session store cannot answer.
+fn store_unavailable(state: &AppState) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({ "error": "session store unavailable", "server": state.name })),
     )
         .into_response()
 }

@@ -1,12 +1,23 @@
 //! Login session storage and the `SESSIONID` cookie.
+//!
+//! Two stores exist: [`MemoryStore`], private to one process, and
+//! [`RedisStore`], which every app instance pointed at the same Redis shares.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
+use std::io;
 use std::str::FromStr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use http::header::COOKIE;
 use http::HeaderMap;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, RedisResult};
+use serde::{Deserialize, Serialize};
 
 /// Name of the cookie that carries the session id.
 pub(crate) const COOKIE_NAME: &str = "SESSIONID";
@@ -14,23 +25,74 @@ pub(crate) const COOKIE_NAME: &str = "SESSIONID";
 /// How many sessions the in-memory store keeps before evicting the oldest.
 const MEMORY_CAPACITY: usize = 100_000;
 
+/// Prefix of every session key in Redis; the session id follows it.
+pub const REDIS_KEY_PREFIX: &str = "fulcrum-app:session:";
+
+/// How long a Redis session lives without use; `GET /me` starts it afresh.
+pub const REDIS_SESSION_TTL: Duration = Duration::from_secs(30 * 60);
+
+/// Longest wait for a connection to Redis (including waiting for another
+/// request's connection attempt).
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Longest wait for the answer to one Redis command (or pipeline).
+const REDIS_COMMAND_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// While Redis stays unreachable, repeat the warning at most this often.
+const REDIS_WARN_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Where the app keeps its login sessions.
 ///
 /// Parsed from the `--sessions` flag with [`FromStr`]: `memory` selects
-/// [`Sessions::Memory`]. `redis://…` URLs are recognised but rejected until
-/// redis support lands.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// [`Sessions::Memory`]; a `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` URL
+/// (`rediss://` for TLS, with a `#insecure` fragment to skip certificate
+/// checks) selects [`Sessions::Redis`].
+///
+/// [`Display`](fmt::Display) and [`Debug`] never show a password from the URL.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub enum Sessions {
     /// Sessions live in this process only: each app instance has its own set,
     /// so a login is only visible to the instance that created it.
     #[default]
     Memory,
+    /// Sessions live in the Redis at this URL, so every app instance that uses
+    /// the same Redis (and database) sees every login.
+    ///
+    /// Keys are `fulcrum-app:session:{id}`, values JSON `{"user": "…"}`, with a
+    /// 30 minute TTL that `GET /me` refreshes. The app connects lazily and
+    /// reconnects by itself; while Redis is unreachable the session endpoints
+    /// answer `503`. Build it with [`FromStr`] to have the URL checked; [`serve`]
+    /// and [`spawn`] refuse an invalid one.
+    ///
+    /// [`serve`]: crate::serve
+    /// [`spawn`]: crate::spawn
+    Redis(String),
+}
+
+impl Sessions {
+    /// Checks that the store can be built: a Redis URL must parse.
+    pub(crate) fn validate(&self) -> Result<(), ParseSessionsError> {
+        match self {
+            Sessions::Memory => Ok(()),
+            Sessions::Redis(url) => redis_client(url).map(drop),
+        }
+    }
 }
 
 impl fmt::Display for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Sessions::Memory => f.write_str("memory"),
+            Sessions::Redis(url) => f.write_str(&redact_password(url)),
+        }
+    }
+}
+
+impl fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sessions::Memory => f.write_str("Memory"),
+            Sessions::Redis(url) => f.debug_tuple("Redis").field(&redact_password(url)).finish(),
         }
     }
 }
@@ -42,16 +104,67 @@ impl FromStr for Sessions {
         let s = s.trim();
         if s.eq_ignore_ascii_case("memory") {
             Ok(Sessions::Memory)
-        } else if s.starts_with("redis://") {
-            Err(ParseSessionsError(
-                "redis sessions are not supported yet; use `memory`".to_owned(),
-            ))
+        } else if is_redis_url(s) {
+            redis_client(s)?;
+            Ok(Sessions::Redis(s.to_owned()))
         } else {
-            Err(ParseSessionsError(format!(
-                "invalid session store {s:?}: expected `memory` or a `redis://host:port` URL"
-            )))
+            // Not echoed: it might be a mistyped URL with a password in it.
+            Err(ParseSessionsError(
+                "invalid session store: expected `memory` or a `redis://host:port[/db]` \
+                 (or `rediss://`) URL"
+                    .to_owned(),
+            ))
         }
     }
+}
+
+fn is_redis_url(s: &str) -> bool {
+    ["redis://", "rediss://"].iter().any(|scheme| {
+        s.get(..scheme.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(scheme))
+    })
+}
+
+/// A Redis client for `url` (which does not connect yet), or why the URL is bad.
+fn redis_client(url: &str) -> Result<redis::Client, ParseSessionsError> {
+    if !is_redis_url(url) {
+        return Err(ParseSessionsError(
+            "invalid redis URL: the scheme must be `redis://` or `rediss://`".to_owned(),
+        ));
+    }
+    redis::Client::open(url).map_err(|err| {
+        // Drop the `- InvalidClientConfig` the redis crate puts after its message.
+        let kind = format!("{:?}", err.kind());
+        let reason = err
+            .to_string()
+            .replacen(&format!(" - {kind}"), "", 1)
+            .replacen(&format!("- {kind}"), "", 1);
+        ParseSessionsError(format!(
+            "invalid redis URL {}: {reason}; expected redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]",
+            redact_password(url)
+        ))
+    })
+}
+
+/// `url` with the password of its user info, if any, replaced by `***`.
+fn redact_password(url: &str) -> Cow<'_, str> {
+    let Some(scheme_end) = url.find("://") else {
+        return Cow::Borrowed(url);
+    };
+    let authority_start = scheme_end + 3;
+    let rest = &url[authority_start..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else {
+        return Cow::Borrowed(url);
+    };
+    let Some(colon) = authority[..at].find(':') else {
+        return Cow::Borrowed(url);
+    };
+    Cow::Owned(format!(
+        "{}:***{}",
+        &url[..authority_start + colon],
+        &url[authority_start + at..]
+    ))
 }
 
 /// Error returned when a `--sessions` value cannot be parsed into [`Sessions`].
@@ -66,39 +179,56 @@ impl fmt::Display for ParseSessionsError {
 
 impl std::error::Error for ParseSessionsError {}
 
+/// The session store could not answer (Redis down, slow or refusing us); the
+/// cause has been logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoreUnavailable;
+
 /// The running session store behind [`Sessions`].
 #[derive(Debug)]
 pub(crate) enum SessionStore {
     Memory(MemoryStore),
+    Redis(RedisStore),
 }
 
 impl SessionStore {
     pub(crate) fn new(kind: &Sessions) -> Self {
         match kind {
             Sessions::Memory => SessionStore::Memory(MemoryStore::new(MEMORY_CAPACITY)),
+            Sessions::Redis(url) => SessionStore::Redis(RedisStore::new(url)),
         }
     }
 
     /// Creates a session for `user` and returns its new id.
-    pub(crate) fn create(&self, user: String) -> String {
+    pub(crate) async fn create(&self, user: &str) -> Result<String, StoreUnavailable> {
         let id = new_session_id();
         match self {
-            SessionStore::Memory(store) => store.insert(id.clone(), user),
+            SessionStore::Memory(store) => store.insert(id.clone(), user.to_owned()),
+            SessionStore::Redis(store) => store.insert(&id, user).await?,
         }
-        id
+        Ok(id)
     }
 
-    /// The user logged in under session `id`, if any.
-    pub(crate) fn get(&self, id: &str) -> Option<String> {
+    /// The user logged in under session `id`, if any. Redis sessions get their
+    /// TTL refreshed.
+    pub(crate) async fn get(&self, id: &str) -> Result<Option<String>, StoreUnavailable> {
+        if !is_session_id(id) {
+            return Ok(None);
+        }
         match self {
-            SessionStore::Memory(store) => store.get(id),
+            SessionStore::Memory(store) => Ok(store.get(id)),
+            SessionStore::Redis(store) => store.get(id).await,
         }
     }
 
-    /// Ends session `id`, returning the user it belonged to.
-    pub(crate) fn remove(&self, id: &str) -> Option<String> {
+    /// Ends session `id`; tells whether it existed.
+    pub(crate) async fn remove(&self, id: &str) -> Result<bool, StoreUnavailable> {
+        if !is_session_id(id) {
+            return Ok(false);
+        }
         match self {
-            SessionStore::Memory(store) => store.remove(id),
+            SessionStore::Memory(store) => Ok(store.remove(id).is_some()),
+            SessionStore::Redis(store) => store.remove(id).await,
         }
     }
 }
@@ -106,6 +236,251 @@ impl SessionStore {
 /// 128 random bits, hex encoded.
 fn new_session_id() -> String {
     hex::encode(rand::random::<[u8; 16]>())
+}
+
+/// Whether `id` could have come from [`new_session_id`]; other cookie values
+/// are not looked up at all.
+fn is_session_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The JSON stored under each Redis session key.
+#[derive(Serialize, Deserialize)]
+struct RedisSession<'a> {
+    #[serde(borrow)]
+    user: Cow<'a, str>,
+}
+
+/// Sessions in Redis, reached through a [`ConnectionManager`].
+///
+/// The manager is created lazily, on the first request that needs it, so an app
+/// starts even while Redis is unreachable; until a connection succeeds, every
+/// request makes one bounded attempt. Once created, the manager replaces a
+/// broken connection by itself: a command (or reconnection) failing with a
+/// connection error triggers a single new connection attempt in the
+/// background, which later requests wait for. After other errors the manager
+/// is dropped and the next request creates a new one. Every wait is bounded,
+/// so requests fail fast with [`StoreUnavailable`] instead of hanging.
+pub(crate) struct RedisStore {
+    /// `None` when the URL does not parse (only possible when [`Sessions::Redis`]
+    /// was built by hand and the app was started through [`crate::router`]).
+    client: Option<redis::Client>,
+    /// The URL without its password, for logs.
+    url: String,
+    /// Created by the first request that finds it missing; replaced after
+    /// errors the manager cannot recover from (see [`RedisStore::forget`]).
+    manager: tokio::sync::Mutex<Option<Arc<ConnectionManager>>>,
+    /// Whether the last operation succeeded (starts `true` so that the first
+    /// failure is logged as a warning).
+    available: AtomicBool,
+    /// When the last "unavailable" warning was logged.
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .field("available", &self.available.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    fn new(url: &str) -> Self {
+        let client = match redis_client(url) {
+            Ok(client) => Some(client),
+            Err(err) => {
+                tracing::error!("session store disabled: {err}");
+                None
+            }
+        };
+        if client.as_ref().is_some_and(|c| {
+            matches!(
+                c.get_connection_info().addr,
+                redis::ConnectionAddr::TcpTls { .. }
+            )
+        }) {
+            install_crypto_provider();
+        }
+        Self {
+            client,
+            url: redact_password(url).into_owned(),
+            manager: tokio::sync::Mutex::new(None),
+            available: AtomicBool::new(true),
+            last_warning: Mutex::new(None),
+        }
+    }
+
+    async fn insert(&self, id: &str, user: &str) -> Result<(), StoreUnavailable> {
+        let key = redis_key(id);
+        let value = serde_json::to_string(&RedisSession { user: user.into() })
+            .expect("a struct with one string field serializes");
+        self.run("SET", |mut conn| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("EX")
+                .arg(REDIS_SESSION_TTL.as_secs())
+                .query_async::<()>(&mut conn)
+                .await
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<String>, StoreUnavailable> {
+        let key = redis_key(id);
+        // GET + EXPIRE in one round trip (GETEX would need Redis 6.2).
+        let value: Option<String> = self
+            .run("GET", |mut conn| async move {
+                let (value,): (Option<String>,) = redis::pipe()
+                    .cmd("GET")
+                    .arg(&key)
+                    .cmd("EXPIRE")
+                    .arg(&key)
+                    .arg(REDIS_SESSION_TTL.as_secs())
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await?;
+                Ok(value)
+            })
+            .await?;
+        Ok(
+            value.and_then(|json| match serde_json::from_str::<RedisSession>(&json) {
+                Ok(session) => Some(session.user.into_owned()),
+                Err(err) => {
+                    tracing::debug!(
+                        store = %self.url,
+                        "ignoring session {id}: not a JSON {{\"user\": ...}}: {err}"
+                    );
+                    None
+                }
+            }),
+        )
+    }
+
+    async fn remove(&self, id: &str) -> Result<bool, StoreUnavailable> {
+        let key = redis_key(id);
+        let removed: u64 = self
+            .run("DEL", |mut conn| async move {
+                redis::cmd("DEL").arg(key).query_async(&mut conn).await
+            })
+            .await?;
+        Ok(removed > 0)
+    }
+
+    /// Runs `command` on a connection, each step bounded in time, and logs a
+    /// failure (or the recovery after one).
+    async fn run<T, F, Fut>(&self, name: &str, command: F) -> Result<T, StoreUnavailable>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let result = async {
+            let manager = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, self.connection())
+                .await
+                .map_err(|_| timed_out("connecting to redis timed out"))??;
+            let result = tokio::time::timeout(REDIS_COMMAND_TIMEOUT, command((*manager).clone()))
+                .await
+                .unwrap_or_else(|_| Err(timed_out("redis command timed out")));
+            if let Err(err) = &result {
+                if !(err.is_io_error() && err.is_unrecoverable_error()) {
+                    self.forget(&manager);
+                }
+            }
+            result
+        }
+        .await;
+        match result {
+            Ok(value) => {
+                if !self.available.swap(true, Ordering::Relaxed) {
+                    tracing::info!(store = %self.url, "session store available again");
+                }
+                Ok(value)
+            }
+            Err(err) => {
+                self.report_failure(name, &err);
+                Err(StoreUnavailable)
+            }
+        }
+    }
+
+    /// The connection manager, created on first use.
+    async fn connection(&self) -> RedisResult<Arc<ConnectionManager>> {
+        let mut slot = self.manager.lock().await;
+        if let Some(manager) = slot.as_ref() {
+            return Ok(Arc::clone(manager));
+        }
+        let Some(client) = self.client.clone() else {
+            return Err(RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "invalid redis URL",
+            )));
+        };
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(REDIS_CONNECT_TIMEOUT)
+            .set_response_timeout(REDIS_COMMAND_TIMEOUT)
+            // One attempt per reconnection: requests trigger the next one, so
+            // no backoff sleep delays the recovery once Redis is back.
+            .set_number_of_retries(0);
+        let manager = ConnectionManager::new_with_config(client, config).await?;
+        tracing::debug!(store = %self.url, "connected to redis");
+        Ok(Arc::clone(slot.insert(Arc::new(manager))))
+    }
+
+    /// Drops `manager` so that the next request builds a new one.
+    ///
+    /// The manager replaces its connection by itself only after I/O errors
+    /// such as a refused or dropped connection. After anything else (a
+    /// timeout on a silent connection, a failed handshake: `LOADING`, `NOAUTH`,
+    /// a bad password…) it would keep the broken connection, or its failed
+    /// attempt, forever.
+    fn forget(&self, manager: &Arc<ConnectionManager>) {
+        // Skip if busy: whoever holds the lock is connecting anew or will
+        // fail on the same manager and forget it then.
+        if let Ok(mut slot) = self.manager.try_lock() {
+            if slot
+                .as_ref()
+                .is_some_and(|current| Arc::ptr_eq(current, manager))
+            {
+                *slot = None;
+                tracing::debug!(store = %self.url, "dropping the redis connection");
+            }
+        }
+    }
+
+    fn report_failure(&self, command: &str, err: &RedisError) {
+        let was_available = self.available.swap(false, Ordering::Relaxed);
+        let now = Instant::now();
+        let mut last = self
+            .last_warning
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let due = last.is_none_or(|at| now.duration_since(at) >= REDIS_WARN_INTERVAL);
+        if was_available || due {
+            *last = Some(now);
+            tracing::warn!(store = %self.url, "session store unavailable ({command}): {err}");
+        } else {
+            tracing::debug!(store = %self.url, "session store unavailable ({command}): {err}");
+        }
+    }
+}
+
+fn redis_key(id: &str) -> String {
+    format!("{REDIS_KEY_PREFIX}{id}")
+}
+
+fn timed_out(what: &'static str) -> RedisError {
+    RedisError::from(io::Error::new(io::ErrorKind::TimedOut, what))
+}
+
+/// Makes rustls use ring for `rediss://` unless the process already chose a
+/// crypto provider (rustls cannot pick one itself when several are compiled in).
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race against another installer is fine: one is in place.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 /// A bounded in-process session map that evicts the oldest session when full.
@@ -188,14 +563,90 @@ mod tests {
     fn parses_session_kinds() {
         assert_eq!("memory".parse::<Sessions>(), Ok(Sessions::Memory));
         assert_eq!(" Memory ".parse::<Sessions>(), Ok(Sessions::Memory));
-        let redis = "redis://127.0.0.1:6379".parse::<Sessions>().unwrap_err();
-        assert!(redis
-            .to_string()
-            .contains("redis sessions are not supported yet"));
-        let other = "postgres://x".parse::<Sessions>().unwrap_err();
-        assert!(other.to_string().contains("`memory`"), "{other}");
-        assert!(other.to_string().contains("redis://"), "{other}");
         assert_eq!(Sessions::Memory.to_string(), "memory");
+        assert_eq!(format!("{:?}", Sessions::Memory), "Memory");
+
+        for url in [
+            "redis://127.0.0.1:6379",
+            "redis://127.0.0.1",
+            "redis://localhost:6380/2",
+            "redis://[::1]:6379/0",
+            "REDIS://127.0.0.1:6379",
+            "rediss://redis.example.com:6380/1",
+            "rediss://127.0.0.1:6380/#insecure",
+        ] {
+            let parsed = url.parse::<Sessions>();
+            assert_eq!(parsed, Ok(Sessions::Redis(url.to_owned())), "{url}");
+            assert_eq!(parsed.unwrap().to_string(), url);
+        }
+        assert_eq!(
+            " redis://127.0.0.1:6379 \n".parse::<Sessions>(),
+            Ok(Sessions::Redis("redis://127.0.0.1:6379".into()))
+        );
+
+        for bad in [
+            "",
+            "redis",
+            "postgres://x",
+            "redis+unix:///tmp/redis.sock",
+            "http://127.0.0.1:6379",
+        ] {
+            let err = bad.parse::<Sessions>().unwrap_err().to_string();
+            assert!(err.contains("`memory`"), "{bad:?}: {err}");
+            assert!(err.contains("redis://"), "{bad:?}: {err}");
+        }
+        for bad in [
+            "redis://",
+            "redis://127.0.0.1:99999",
+            "redis://127.0.0.1:6379/db",
+            "redis://:hunter2@127.0.0.1:6379/x",
+            "rediss://127.0.0.1:6380/#nope",
+        ] {
+            let err = bad.parse::<Sessions>().unwrap_err().to_string();
+            assert!(err.starts_with("invalid redis URL"), "{bad:?}: {err}");
+            assert!(!err.contains("hunter2"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn redis_passwords_are_never_shown() {
+        let cases = [
+            (
+                "redis://:hunter2@127.0.0.1:6379/0",
+                "redis://:***@127.0.0.1:6379/0",
+            ),
+            ("redis://app:hunter2@127.0.0.1", "redis://app:***@127.0.0.1"),
+            (
+                "rediss://app:p%40ss@h:1#insecure",
+                "rediss://app:***@h:1#insecure",
+            ),
+            ("redis://app@127.0.0.1", "redis://app@127.0.0.1"),
+            ("redis://127.0.0.1/0?x=a@b:c", "redis://127.0.0.1/0?x=a@b:c"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(redact_password(url), shown);
+            let sessions: Sessions = url.parse().unwrap();
+            assert_eq!(sessions, Sessions::Redis(url.to_owned()));
+            assert_eq!(sessions.to_string(), shown);
+            assert_eq!(format!("{sessions:?}"), format!("Redis({shown:?})"));
+        }
+        assert_eq!(redact_password("not a url"), "not a url");
+    }
+
+    #[test]
+    fn validates_hand_built_urls() {
+        assert_eq!(Sessions::Memory.validate(), Ok(()));
+        assert_eq!(Sessions::Redis("redis://h:1/2".into()).validate(), Ok(()));
+        assert!(Sessions::Redis("memory".into()).validate().is_err());
+        assert!(Sessions::Redis("redis://h:1/x".into()).validate().is_err());
+    }
+
+    #[test]
+    fn only_well_formed_ids_are_looked_up() {
+        assert!(is_session_id(&new_session_id()));
+        assert!(!is_session_id("0123456789abcdef"));
+        assert!(!is_session_id("0123456789abcdef0123456789abcdeg"));
+        assert!(!is_session_id("*"));
     }
 
     #[test]

@@ -78,6 +78,9 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The stick table's store could not be set up (a malformed Redis address).
+    #[error("pool `{pool}`: stick table: {message}")]
+    Store { pool: String, message: String },
     /// ICMP health checks are configured but this process may not send ICMP.
     #[error("pool `{pool}`: {message}")]
     Icmp { pool: String, message: String },
@@ -169,11 +172,18 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
         .collect();
 
     // One stickiness (and stick table) per pool, shared by every route to it.
-    let sticky: Vec<Option<Arc<Sticky>>> = config
-        .pools
-        .iter()
-        .map(|p| p.sticky.as_ref().map(|s| Arc::new(Sticky::new(&p.name, s))))
-        .collect();
+    let mut sticky: Vec<Option<Arc<Sticky>>> = Vec::with_capacity(config.pools.len());
+    for p in &config.pools {
+        sticky.push(match &p.sticky {
+            Some(s) => Some(Arc::new(Sticky::new(&p.name, s, &config.store).map_err(
+                |message| StartError::Store {
+                    pool: p.name.clone(),
+                    message,
+                },
+            )?)),
+            None => None,
+        });
+    }
 
     // Bind everything first, so that a taken port fails the start before any thread runs.
     let mut listeners = Vec::new();

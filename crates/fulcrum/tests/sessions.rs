@@ -233,3 +233,177 @@ async fn when_the_sticky_server_dies_the_client_is_redispatched_without_a_5xx() 
         stop(lb).await;
     }
 }
+
+/// A real `redis-server` on a free loopback port, killed on drop.
+struct RedisServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RedisServer {
+    async fn start(port: Option<u16>) -> Self {
+        let port = port.unwrap_or_else(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        });
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "redis-server did not start"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        RedisServer { child, port }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn with_redis(text: String, port: u16) -> String {
+    let store = format!("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\nkey_prefix = \"test{}\"\n\n[admin]", std::process::id());
+    text.replacen("[admin]", &store, 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_balancers_share_the_stick_table_through_redis() {
+    let redis = RedisServer::start(None).await;
+    let apps = apps(&["A", "B", "C"]).await;
+    let text = with_redis(
+        sticky_config(&apps, "kind = \"app_cookie\"\ncookie = \"SESSIONID\""),
+        redis.port,
+    );
+    let (lb1, lb2) = (fulcrum(&text), fulcrum(&text));
+    let (base1, base2) = (
+        format!("http://{}", web(&lb1)),
+        format!("http://{}", web(&lb2)),
+    );
+    let mut b = Browser::new();
+    let at = b.login(&base1).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    for i in 0..6 {
+        let r = b.me(&base2).await;
+        assert_eq!(
+            (r.status, r.server()),
+            (StatusCode::OK, at.clone()),
+            "/me #{i} through the second balancer"
+        );
+    }
+    stop(lb1).await;
+    stop(lb2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_never_becomes_a_client_error_and_sharing_resumes() {
+    let mut redis = RedisServer::start(None).await;
+    let port = redis.port;
+    let apps = apps(&["A", "B", "C"]).await;
+    let text = with_redis(sticky_config(&apps, "kind = \"source_ip\""), port);
+    let (lb1, lb2) = (fulcrum(&text), fulcrum(&text));
+    let addr = web(&lb1);
+    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop_load = stop_load.clone();
+        tokio::spawn(async move {
+            let mut b = Browser::from(Ipv4Addr::new(127, 0, 0, 11));
+            let mut statuses = Vec::new();
+            for _ in 0..5_000 {
+                if stop_load.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                statuses.push(
+                    b.call("GET", &format!("http://{addr}/"), "")
+                        .await
+                        .status
+                        .as_u16(),
+                );
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    redis.kill();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let _redis = RedisServer::start(Some(port)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = load.await.unwrap();
+    let errors = statuses.iter().filter(|&&s| s >= 500).count();
+    assert!(statuses.len() > 50, "the load ran: {}", statuses.len());
+    assert_eq!(
+        errors,
+        0,
+        "{errors} server errors out of {} during the outage",
+        statuses.len()
+    );
+    let redis_errors = lb1.shared().listeners[0]
+        .http
+        .router
+        .default
+        .sticky
+        .as_ref()
+        .unwrap()
+        .shared()
+        .unwrap()
+        .errors();
+    assert!(redis_errors > 0, "the outage was seen and counted");
+
+    // Sharing resumes once Redis is back (after the breaker): a client that arrives through the first
+    // balancer keeps its server through the second.
+    let started = std::time::Instant::now();
+    loop {
+        let ip = Ipv4Addr::new(127, 0, 0, 20 + (started.elapsed().as_millis() / 300) as u8);
+        let first = Browser::from(ip)
+            .call("GET", &format!("http://{}/", web(&lb1)), "")
+            .await
+            .server();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            seen.push(
+                Browser::from(ip)
+                    .call("GET", &format!("http://{}/", web(&lb2)), "")
+                    .await
+                    .server(),
+            );
+        }
+        if seen.iter().all(|s| *s == first) {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "sharing did not resume: {first} vs {seen:?}"
+        );
+    }
+    stop(lb1).await;
+    stop(lb2).await;
+}

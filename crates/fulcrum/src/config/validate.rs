@@ -68,8 +68,6 @@ fn reject_unsupported(raw: &RawConfig) -> Result<()> {
         // Idle keep-alive connections close after `request_header_timeout` until this lands.
         deny((listener.idle_timeout.is_some(), "`idle_timeout`".into()), at("idle_timeout"))?;
     }
-    let redis = raw.store.as_ref().and_then(|s| s.kind) == Some(RawStoreKind::Redis);
-    deny((redis, "kind = \"redis\"".into()), KeyPath::root("store").key("kind"))?;
     Ok(())
 }
 

@@ -164,10 +164,13 @@ async fn forward(
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
     let snapshot = target.pool.snapshot_full();
-    let sticky = target
-        .sticky
-        .as_ref()
-        .map(|s| (s, s.lookup(req.headers(), client.addr.ip(), &snapshot)));
+    let sticky = match &target.sticky {
+        Some(s) => Some((
+            s,
+            s.lookup(req.headers(), client.addr.ip(), &snapshot).await,
+        )),
+        None => None,
+    };
     let key = snapshot
         .settings
         .hash_key

@@ -12,15 +12,19 @@
 //! or in maintenance is replaced by the algorithm's pick and the entry rewritten — never a 5xx, never a
 //! loop; a draining server keeps its sticky clients but gets no new ones.
 
+mod redis;
 mod table;
 
 use std::net::IpAddr;
 
 use http::header::{HeaderMap, HeaderValue, SET_COOKIE};
 
+pub use self::redis::RedisTable;
 pub use table::MemoryTable;
 
-use crate::config::{StickyConfig, StickyKind};
+use std::sync::Arc;
+
+use crate::config::{StickyConfig, StickyKind, StoreConfig};
 use crate::http::route::cookie;
 use crate::pool::{PoolSnapshot, Server, ServerState};
 
@@ -44,6 +48,9 @@ pub struct Sticky {
     /// Keys the opaque `cookie` values: derived from the pool's name, so every instance agrees.
     secret: u64,
     table: MemoryTable,
+    /// The shared table, with `[store] kind = "redis"`; the local table then caches it and stands in
+    /// for it while Redis does not answer.
+    shared: Option<Arc<RedisTable>>,
 }
 
 /// True when `server` may keep a sticky client: up or draining, and healthy.
@@ -53,13 +60,27 @@ pub fn can_stick(server: &Server) -> bool {
 
 impl Sticky {
     /// The stickiness of pool `pool` as configured.
-    pub fn new(pool: &str, cfg: &StickyConfig) -> Self {
-        Sticky {
+    pub fn new(pool: &str, cfg: &StickyConfig, store: &StoreConfig) -> Result<Self, String> {
+        let shared = match (store, cfg.kind) {
+            // The cookie names its server itself: nothing to share.
+            (_, StickyKind::Cookie) | (StoreConfig::Memory, _) => None,
+            (StoreConfig::Redis { target, key_prefix }, kind) => {
+                let prefix = format!("{key_prefix}:stick:{pool}:{}", kind.as_str());
+                Some(Arc::new(RedisTable::new(target, prefix, cfg.ttl)?))
+            }
+        };
+        Ok(Sticky {
             kind: cfg.kind,
             cookie: cfg.cookie.clone(),
             secret: crate::balance::hash_key(format!("fulcrum-sticky/{pool}").as_bytes()),
             table: MemoryTable::new(TABLE_CAPACITY, cfg.ttl),
-        }
+            shared,
+        })
+    }
+
+    /// The shared (Redis) table, if configured.
+    pub fn shared(&self) -> Option<&Arc<RedisTable>> {
+        self.shared.as_ref()
     }
 
     /// The stick table (for `app_cookie` and `source_ip`).
@@ -76,7 +97,7 @@ impl Sticky {
     }
 
     /// Recognises the client of a request and finds its server, if it has one that may take it.
-    pub fn lookup(
+    pub async fn lookup(
         &self,
         headers: &HeaderMap,
         client_ip: IpAddr,
@@ -97,14 +118,36 @@ impl Sticky {
                 .iter()
                 .position(|s| self.cookie_value(&s.name) == key),
             StickyKind::AppCookie | StickyKind::SourceIp => self
-                .table
-                .get(&key)
+                .entry(&key)
+                .await
                 .and_then(|name| snapshot.servers.iter().position(|s| s.name == name)),
         };
         let server = server.filter(|&i| can_stick(&snapshot.servers[i]));
         ClientKey {
             key: Some(key),
             server,
+        }
+    }
+
+    /// The server `key` sticks to: from Redis when it answers (caching it locally), else locally.
+    async fn entry(&self, key: &str) -> Option<String> {
+        if let Some(shared) = &self.shared {
+            if let Some(answer) = shared.get(key).await {
+                if let Some(name) = &answer {
+                    self.table.set(key, name);
+                }
+                return answer;
+            }
+        }
+        self.table.get(key)
+    }
+
+    /// Records `key` → `server` locally and, in the background, in Redis.
+    fn stick(&self, key: &str, server: &str) {
+        self.table.set(key, server);
+        if let Some(shared) = &self.shared {
+            let (shared, key, server) = (shared.clone(), key.to_owned(), server.to_owned());
+            tokio::spawn(async move { shared.set(&key, &server).await });
         }
     }
 
@@ -143,17 +186,17 @@ impl Sticky {
                         .trim()
                         .trim_matches('"');
                     if !value.is_empty() {
-                        self.table.set(value, &server.name);
+                        self.stick(value, &server.name);
                     }
                 }
                 // A client whose session moved (its server went away) now belongs here.
                 if let (Some(key), false) = (&client.key, stuck_here) {
-                    self.table.set(key, &server.name);
+                    self.stick(key, &server.name);
                 }
             }
             StickyKind::SourceIp => {
                 if let (Some(key), false) = (&client.key, stuck_here) {
-                    self.table.set(key, &server.name);
+                    self.stick(key, &server.name);
                 }
             }
         }

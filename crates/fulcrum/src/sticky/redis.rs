@@ -1,0 +1,165 @@
+//! The shared stick table in Redis (single node or through Sentinel).
+//!
+//! Redis is the source of truth when it answers: a lookup is one `GETEX key EX ttl` (get and slide the
+//! TTL in one round trip), a new entry one `SET key server EX ttl`. Every instance pointed at the same
+//! Redis and `key_prefix` therefore shares the table, and a client may land on any of them.
+//!
+//! Redis slow or down never becomes a client error: each command is bounded (100 ms); a failure drops
+//! the connection, counts the error, and opens a one-second breaker during which the local table alone
+//! answers; the next attempt reconnects — through Sentinel that means asking the sentinels for the
+//! current master, which is how a failover is followed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::sentinel::{SentinelClient, SentinelServerType};
+
+use crate::config::RedisTarget;
+use crate::health::now_ms;
+
+/// Bound on one Redis command (connecting included).
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(100);
+/// After a failure, Redis is left alone this long.
+const BREAKER_MS: u64 = 1000;
+
+enum Source {
+    Node(redis::Client),
+    Sentinel(tokio::sync::Mutex<SentinelClient>),
+}
+
+/// A Redis-backed stick table.
+pub struct RedisTable {
+    source: Source,
+    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    prefix: String,
+    ttl_secs: u64,
+    down_until_ms: AtomicU64,
+    errors: AtomicU64,
+}
+
+impl std::fmt::Debug for RedisTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTable")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl RedisTable {
+    /// A table under `prefix` whose entries live `ttl` after their last use. Connects lazily.
+    pub fn new(target: &RedisTarget, prefix: String, ttl: Duration) -> Result<Self, String> {
+        let source = match target {
+            RedisTarget::Url(url) => Source::Node(
+                redis::Client::open(url.as_str()).map_err(|e| format!("redis url: {e}"))?,
+            ),
+            RedisTarget::Sentinel { master, nodes } => {
+                let urls: Vec<String> = nodes
+                    .iter()
+                    .map(|n| {
+                        if n.contains("://") {
+                            n.clone()
+                        } else {
+                            format!("redis://{n}")
+                        }
+                    })
+                    .collect();
+                let client =
+                    SentinelClient::build(urls, master.clone(), None, SentinelServerType::Master)
+                        .map_err(|e| format!("redis sentinel: {e}"))?;
+                Source::Sentinel(tokio::sync::Mutex::new(client))
+            }
+        };
+        Ok(RedisTable {
+            source,
+            conn: tokio::sync::Mutex::new(None),
+            prefix,
+            ttl_secs: ttl.as_secs().max(1),
+            down_until_ms: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        })
+    }
+
+    /// Redis errors so far (timeouts, refused connections, failovers in progress).
+    pub fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}:{key}", self.prefix)
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, String> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let conn = match &self.source {
+            Source::Node(client) => client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?,
+            Source::Sentinel(client) => client
+                .lock()
+                .await
+                .get_async_connection()
+                .await
+                .map_err(|e| e.to_string())?,
+        };
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Option<T> {
+        if now_ms() < self.down_until_ms.load(Ordering::Relaxed) {
+            return None;
+        }
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            cmd.query_async::<T>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                self.fail(&e).await;
+                None
+            }
+            Err(_) => {
+                self.fail("timed out").await;
+                None
+            }
+        }
+    }
+
+    async fn fail(&self, why: &str) {
+        *self.conn.lock().await = None;
+        self.down_until_ms
+            .store(now_ms() + BREAKER_MS, Ordering::Relaxed);
+        let n = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
+        // One line per breaker period is enough to see an outage in the logs.
+        tracing::warn!(
+            error = why,
+            errors = n,
+            "redis stick table unavailable; using the local table for 1s"
+        );
+    }
+
+    /// `Some(entry)` when Redis answered (`None` inside: no entry); `None` when it did not.
+    pub async fn get(&self, key: &str) -> Option<Option<String>> {
+        let mut cmd = redis::cmd("GETEX");
+        cmd.arg(self.key(key)).arg("EX").arg(self.ttl_secs);
+        self.run::<Option<String>>(cmd).await
+    }
+
+    /// Stores `key` → `server` with the TTL; failures are counted, not returned.
+    pub async fn set(&self, key: &str, server: &str) {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(key))
+            .arg(server)
+            .arg("EX")
+            .arg(self.ttl_secs);
+        let _ = self.run::<()>(cmd).await;
+    }
+}
