@@ -387,23 +387,263 @@ async fn a_redis_outage_never_becomes_a_client_error_and_sharing_resumes() {
             .await
             .server();
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let mut seen = Vec::new();
-        for _ in 0..4 {
-            seen.push(
-                Browser::from(ip)
-                    .call("GET", &format!("http://{}/", web(&lb2)), "")
-                    .await
-                    .server(),
-            );
-        }
-        if seen.iter().all(|s| *s == first) {
+        let key = format!("test{}:stick:p:source_ip:{ip}", std::process::id());
+        let stored = redis_get(port, &key).await;
+        let second = Browser::from(ip)
+            .call("GET", &format!("http://{}/", web(&lb2)), "")
+            .await
+            .server();
+        if stored.as_deref() == Some(first.as_str()) && second == first {
             break;
         }
         assert!(
             started.elapsed() < std::time::Duration::from_secs(5),
-            "sharing did not resume: {first} vs {seen:?}"
+            "sharing did not resume: {first}, stored {stored:?}, second balancer {second}"
         );
     }
     stop(lb1).await;
     stop(lb2).await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET key` on a Redis at `port`, over plain RESP.
+async fn redis_get(port: u16, key: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let cmd = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    s.write_all(cmd.as_bytes()).await.ok()?;
+    let mut buf = vec![0u8; 512];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    if text.starts_with("$-1") {
+        return None;
+    }
+    text.lines().nth(1).map(|l| l.trim().to_string())
+}
+
+/// `INFO replication` of a Redis at `port`.
+async fn redis_info(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    if s.write_all(b"INFO replication\r\n").await.is_err() {
+        return String::new();
+    }
+    let mut buf = vec![0u8; 4096];
+    match tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut buf)).await {
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).to_string(),
+        _ => String::new(),
+    }
+}
+
+/// Asks a sentinel which address the master has now.
+async fn sentinel_master(sentinel: u16) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", sentinel))
+        .await
+        .ok()?;
+    s.write_all(b"SENTINEL get-master-addr-by-name mymaster\r\n")
+        .await
+        .ok()?;
+    let mut buf = vec![0u8; 256];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    text.lines()
+        .filter(|l| !l.starts_with(['*', '$']))
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fulcrum_follows_a_sentinel_failover_without_client_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut master = RedisServer::start(None).await;
+    let replica_port = free_port();
+    let replica = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &replica_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _replica = RedisServer {
+        child: replica,
+        port: replica_port,
+    };
+    // The sentinels learn the replica from the master's INFO: let it be in sync before they start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !redis_info(replica_port)
+        .await
+        .contains("master_link_status:up")
+    {
+        assert!(std::time::Instant::now() < deadline, "replica did not sync");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut sentinels = Vec::new();
+    for i in 0..3 {
+        let port = free_port();
+        let conf = dir.path().join(format!("sentinel-{i}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {} 2\n\
+                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
+                master.port
+            ),
+        )
+        .unwrap();
+        let child = std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        sentinels.push(RedisServer { child, port });
+    }
+    for s in &sentinels {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while sentinel_master(s.port).await != Some(master.port) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sentinel {} did not come up",
+                s.port
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    let apps = apps(&["A", "B", "C"]).await;
+    let nodes: Vec<String> = sentinels
+        .iter()
+        .map(|s| format!("\"127.0.0.1:{}\"", s.port))
+        .collect();
+    let store = format!(
+        "[store]\nkind = \"redis\"\nsentinel = {{ master = \"mymaster\", nodes = [{}] }}\nkey_prefix = \"sentinel{}\"\n\n[admin]",
+        nodes.join(", "),
+        std::process::id()
+    );
+    let text = sticky_config(&apps, "kind = \"source_ip\"").replacen("[admin]", &store, 1);
+    let (lb1, lb2) = (fulcrum(&text), fulcrum(&text));
+    let addr = web(&lb1);
+    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop_load = stop_load.clone();
+        tokio::spawn(async move {
+            let mut b = Browser::from(Ipv4Addr::new(127, 0, 0, 31));
+            let mut statuses = Vec::new();
+            for _ in 0..20_000 {
+                if stop_load.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                statuses.push(
+                    b.call("GET", &format!("http://{addr}/"), "")
+                        .await
+                        .status
+                        .as_u16(),
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    master.kill();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while sentinel_master(sentinels[0].port).await != Some(replica_port) {
+        assert!(std::time::Instant::now() < deadline, "no failover");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    eprintln!("failover done");
+    // After the failover (and the breaker), entries written through one balancer reach the other.
+    let started = std::time::Instant::now();
+    loop {
+        let ip = Ipv4Addr::new(127, 0, 0, 40 + (started.elapsed().as_millis() / 300) as u8);
+        let first = Browser::from(ip)
+            .call("GET", &format!("http://{}/", web(&lb1)), "")
+            .await
+            .server();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The entry is in the new master, and the second balancer honours it.
+        let key = format!("sentinel{}:stick:p:source_ip:{ip}", std::process::id());
+        let stored = redis_get(replica_port, &key).await;
+        let second = Browser::from(ip)
+            .call("GET", &format!("http://{}/", web(&lb2)), "")
+            .await
+            .server();
+        if stored.as_deref() == Some(first.as_str()) && second == first {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(8),
+            "not following the new master: {first}, stored {stored:?}, second balancer {second}"
+        );
+    }
+    stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
+    let statuses = load.await.unwrap();
+    let errors = statuses.iter().filter(|&&s| s >= 500).count();
+    assert!(statuses.len() > 50, "the load ran: {}", statuses.len());
+    assert_eq!(
+        errors,
+        0,
+        "{errors} server errors out of {} across the failover",
+        statuses.len()
+    );
+    stop(lb1).await;
+    stop(lb2).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sessions_in_redis_a_dying_server_loses_no_login() {
+    let redis = RedisServer::start(None).await;
+    let url = format!("redis://127.0.0.1:{}", redis.port);
+    let configs = ["A", "B", "C"]
+        .iter()
+        .map(|n| {
+            fulcrum_app::AppConfig::new(*n).with_sessions(fulcrum_app::Sessions::Redis(url.clone()))
+        })
+        .collect();
+    let mut apps = apps_with(configs).await;
+    let lb = fulcrum(&sticky_config(&apps, "kind = \"cookie\""));
+    let base = format!("http://{}", web(&lb));
+    let mut b = Browser::new();
+    let at = b.login(&base).await;
+    let index = (at.as_bytes()[0] - b'A') as usize;
+    apps.remove(index).stop().await;
+    for _ in 0..5 {
+        let r = b.me(&base).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "the session lives in Redis: {}",
+            r.body
+        );
+        assert_ne!(r.server(), at);
+    }
+    stop(lb).await;
 }
