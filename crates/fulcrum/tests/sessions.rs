@@ -259,6 +259,8 @@ impl RedisServer {
                 "",
                 "--appendonly",
                 "no",
+                "--dir",
+                &std::env::temp_dir().to_string_lossy(),
             ])
             .stdout(std::process::Stdio::null())
             .spawn()
@@ -489,6 +491,8 @@ async fn fulcrum_follows_a_sentinel_failover_without_client_errors() {
             "no",
         ])
         .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
+        .arg("--dir")
+        .arg(dir.path())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

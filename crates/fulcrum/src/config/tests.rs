@@ -1292,7 +1292,10 @@ fn unsupported_features_are_rejected() {
     }
     // What is built is accepted.
     ok(&variant("# POOL", "[pools.sticky]\nkind = \"source_ip\""));
-    ok(&variant("kind = \"memory\"", "kind = \"redis\"\nurl = \"redis://127.0.0.1:6379\""));
+    ok(&variant(
+        "kind = \"memory\"",
+        "kind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"",
+    ));
     for kind in ["icmp", "tcp", "http"] {
         ok(&variant(
             "# POOL",
