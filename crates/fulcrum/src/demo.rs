@@ -16,6 +16,10 @@ pub struct DemoOptions {
     pub bind: SocketAddr,
     /// The admin API and dashboard.
     pub admin: SocketAddr,
+    /// Where the demo servers keep their login sessions.
+    pub sessions: fulcrum_app::Sessions,
+    /// Session persistence on the balancer: `cookie`, `app_cookie` or `source_ip`; `None` for none.
+    pub sticky: Option<String>,
 }
 
 impl Default for DemoOptions {
@@ -24,11 +28,13 @@ impl Default for DemoOptions {
             servers: 3,
             bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            sessions: fulcrum_app::Sessions::Memory,
+            sticky: None,
         }
     }
 }
 
-/// The demo's configuration: one HTTP listener, one round-robin pool over `servers`.
+/// The demo's configuration: one HTTP listener, one round-robin pool over `servers`, sticky if asked.
 pub fn config(
     opts: &DemoOptions,
     servers: &[(String, SocketAddr)],
@@ -40,21 +46,34 @@ pub fn config(
     let text = format!(
         "# fulcrum demo: generated\nshutdown_timeout = \"5s\"\n\n[admin]\nbind = \"{admin}\"\n\n\
          [[listeners]]\nname = \"web\"\nbind = \"{bind}\"\nprotocol = \"http\"\npool = \"demo\"\n\n\
-         [[pools]]\nname = \"demo\"\nalgorithm = \"round_robin\"\nservers = [\n{list}\n]\n",
+         [[pools]]\nname = \"demo\"\nalgorithm = \"round_robin\"\nservers = [\n{list}\n]\n{sticky}",
         admin = opts.admin,
         bind = opts.bind,
         list = list.join("\n"),
+        sticky = match opts.sticky.as_deref() {
+            None => String::new(),
+            Some("app_cookie") =>
+                "\n[pools.sticky]\nkind = \"app_cookie\"\ncookie = \"SESSIONID\"\n".to_owned(),
+            Some(kind) => format!("\n[pools.sticky]\nkind = \"{kind}\"\n"),
+        },
     );
     config::parse(&text, "<demo>")
 }
 
 /// Starts the demo servers ("app-1", "app-2", …) on free loopback ports.
-pub async fn start_servers(n: usize) -> std::io::Result<Vec<AppHandle>> {
+pub async fn start_servers(
+    n: usize,
+    sessions: &fulcrum_app::Sessions,
+) -> std::io::Result<Vec<AppHandle>> {
     let mut apps = Vec::with_capacity(n);
     for i in 1..=n {
         let name = format!("app-{i}");
         apps.push(
-            fulcrum_app::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), AppConfig::new(name)).await?,
+            fulcrum_app::spawn(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                AppConfig::new(name).with_sessions(sessions.clone()),
+            )
+            .await?,
         );
     }
     Ok(apps)

@@ -50,6 +50,13 @@ enum Command {
         /// The admin API and dashboard's address.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
+        /// Where the demo servers keep login sessions: `memory` (each its own) or `redis://HOST:PORT`
+        /// (shared).
+        #[arg(long, default_value = "memory")]
+        sessions: fulcrum_app::Sessions,
+        /// Keep each client on one server: `cookie`, `app_cookie` or `source_ip`.
+        #[arg(long, value_parser = ["cookie", "app_cookie", "source_ip"])]
+        sticky: Option<String>,
     },
     /// Run one demo server, as `fulcrum-app` does (for tests and quick experiments).
     #[command(hide = true)]
@@ -88,10 +95,14 @@ fn main() -> ExitCode {
             servers,
             bind,
             admin,
+            sessions,
+            sticky,
         } => demo(DemoOptions {
             servers: usize::from(servers),
             bind,
             admin,
+            sessions,
+            sticky,
         }),
         Command::App {
             listen,
@@ -121,7 +132,7 @@ fn demo(opts: DemoOptions) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let apps = apps_rt
-        .block_on(demo::start_servers(opts.servers))
+        .block_on(demo::start_servers(opts.servers, &opts.sessions))
         .context("starting the demo servers")?;
     let servers: Vec<(String, SocketAddr)> = apps
         .iter()
@@ -142,7 +153,17 @@ fn demo(opts: DemoOptions) -> anyhow::Result<()> {
     for (name, addr) in &servers {
         println!("  server     {name} at http://{addr}/");
     }
+    println!(
+        "  sessions   {} on the servers; stickiness: {}",
+        opts.sessions,
+        opts.sticky.as_deref().unwrap_or("none")
+    );
     println!("Try:  for i in 1 2 3 4 5 6; do curl -s http://{bind}/ | head -1; done");
+    println!(
+        "Log in, then ask who you are (the sessions problem, and its cures with --sticky or --sessions redis://…):\n  \
+         curl -s -c /tmp/jar -b /tmp/jar -X POST -d '{{\"user\":\"martin\"}}' http://{bind}/login; \
+         for i in 1 2 3; do curl -s -b /tmp/jar -c /tmp/jar http://{bind}/me; echo; done"
+    );
     println!("Ctrl-C stops the demo.");
     let result = serve_until_signal(running);
     drop(apps);
