@@ -190,6 +190,10 @@ async fn the_cookie_is_opaque_and_well_formed() {
         .to_string();
     assert!(set.starts_with("FULCRUM_SRV="), "{set}");
     assert!(
+        !set.contains("Max-Age"),
+        "a session cookie unless max_age is set: {set}"
+    );
+    assert!(
         set.contains("; Path=/") && set.contains("; HttpOnly") && set.contains("; SameSite=Lax"),
         "{set}"
     );
@@ -378,6 +382,18 @@ async fn a_redis_outage_never_becomes_a_client_error_and_sharing_resumes() {
         .unwrap()
         .errors();
     assert!(redis_errors > 0, "the outage was seen and counted");
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb1.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    assert!(
+        metrics.contains(&format!(
+            "fulcrum_store_errors_total{{pool=\"p\"}} {redis_errors}"
+        )) || metrics.contains("fulcrum_store_errors_total{pool=\"p\"}"),
+        "{metrics}"
+    );
 
     // Sharing resumes once Redis is back (after the breaker): a client that arrives through the first
     // balancer keeps its server through the second.
@@ -649,5 +665,27 @@ async fn with_sessions_in_redis_a_dying_server_loses_no_login() {
         );
         assert_ne!(r.server(), at);
     }
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cookie_may_carry_a_max_age_and_a_custom_name() {
+    let apps = apps(&["A", "B"]).await;
+    let lb = fulcrum(&sticky_config(
+        &apps,
+        "kind = \"cookie\"\ncookie = \"LB\"\nmax_age = \"1h\"",
+    ));
+    let r = get(&client(), &format!("http://{}/", web(&lb))).await;
+    let set = r
+        .headers
+        .get("set-cookie")
+        .expect("cookie set")
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        set.starts_with("LB=") && set.ends_with("; Max-Age=3600"),
+        "{set}"
+    );
     stop(lb).await;
 }

@@ -72,6 +72,34 @@ impl Collector for FulcrumCollector {
             }
         }
 
+        // Shared stick tables (one per sticky pool, reachable from every route to it).
+        let mut tables: Vec<(&str, u64)> = Vec::new();
+        for l in &shared.listeners {
+            let router = &l.http.router;
+            for target in
+                std::iter::once(&router.default).chain(router.routes.iter().map(|(_, t)| t))
+            {
+                let Some(table) = target.sticky.as_ref().and_then(|s| s.shared()) else {
+                    continue;
+                };
+                if !tables.iter().any(|(p, _)| *p == target.pool.name) {
+                    tables.push((target.pool.name.as_str(), table.errors()));
+                }
+            }
+        }
+        if !tables.is_empty() {
+            let mut m = enc.encode_descriptor(
+                "store_errors",
+                "Redis stick-table commands that failed or timed out (the local table answered instead)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (pool, errors) in &tables {
+                let labels = [("pool", *pool)];
+                ConstCounter::new(*errors).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
         let snapshots: Vec<_> = shared
             .pools
             .iter()

@@ -179,6 +179,7 @@ pub(crate) struct RawSticky {
     pub kind: StickyKind,
     pub cookie: Option<String>,
     pub ttl: Option<RawDuration>,
+    pub max_age: Option<RawDuration>,
 }
 
 /// A duration as written (`"500ms"`, `"2s"`, `"1m"`); parsed by validation so that a bad one is reported

@@ -463,6 +463,8 @@ pub struct StickyConfig {
     /// `ttl` (default `"30m"`): how long an unused entry stays in the stick table (`app_cookie`,
     /// `source_ip`).
     pub ttl: Duration,
+    /// `max_age` (`cookie` only, optional): `Max-Age` of fulcrum's cookie; absent: a session cookie.
+    pub max_age: Option<Duration>,
 }
 
 /// `sticky.kind`.

@@ -563,10 +563,29 @@ fn sticky(raw: RawSticky, path: &KeyPath) -> Result<StickyConfig> {
         Duration::from_secs(30 * 60),
         Zero::Rejected,
     )?;
+    let max_age = match (raw.kind, raw.max_age.as_ref()) {
+        (_, None) => None,
+        (StickyKind::Cookie, Some(d)) => Some(duration(
+            Some(d),
+            path.key("max_age"),
+            Duration::ZERO,
+            Zero::Rejected,
+        )?),
+        (kind, Some(_)) => {
+            return invalid(
+                path.key("max_age"),
+                format!(
+                    "only used with kind = \"cookie\" (this is {})",
+                    kind.as_str()
+                ),
+            )
+        }
+    };
     Ok(StickyConfig {
         kind: raw.kind,
         cookie,
         ttl,
+        max_age,
     })
 }
 

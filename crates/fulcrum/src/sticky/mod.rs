@@ -51,6 +51,8 @@ pub struct Sticky {
     /// The shared table, with `[store] kind = "redis"`; the local table then caches it and stands in
     /// for it while Redis does not answer.
     shared: Option<Arc<RedisTable>>,
+    /// `; Max-Age=N` for our cookie, if configured.
+    max_age: String,
 }
 
 /// True when `server` may keep a sticky client: up or draining, and healthy.
@@ -75,6 +77,10 @@ impl Sticky {
             secret: crate::balance::hash_key(format!("fulcrum-sticky/{pool}").as_bytes()),
             table: MemoryTable::new(TABLE_CAPACITY, cfg.ttl),
             shared,
+            max_age: cfg
+                .max_age
+                .map(|d| format!("; Max-Age={}", d.as_secs().max(1)))
+                .unwrap_or_default(),
         })
     }
 
@@ -164,7 +170,10 @@ impl Sticky {
             StickyKind::Cookie => {
                 let value = self.cookie_value(&server.name);
                 if client.key.as_deref() != Some(value.as_str()) || !stuck_here {
-                    let header = format!("{}={value}; Path=/; HttpOnly; SameSite=Lax", self.cookie);
+                    let header = format!(
+                        "{}={value}; Path=/; HttpOnly; SameSite=Lax{}",
+                        self.cookie, self.max_age
+                    );
                     if let Ok(v) = HeaderValue::from_str(&header) {
                         response.append(SET_COOKIE, v);
                     }
