@@ -360,16 +360,15 @@ fn start_health_checks(shared: &Shared, stop: &CancellationToken) {
             // The seed spreads the first checks over the first interval, the same way on every start.
             let seed =
                 crate::balance::hash_key(format!("{}/{}", pool.name, server.name).as_bytes());
-            crate::health::spawn_checks(
-                pool.name.clone(),
-                server.name.clone(),
-                server.address,
-                server.clone(),
-                check.clone(),
-                pinger.clone(),
-                stop.clone(),
+            let spec = crate::health::CheckSpec {
+                pool: pool.name.clone(),
+                server: server.name.clone(),
+                address: server.address,
+                cfg: check.clone(),
+                pinger: pinger.clone(),
                 seed,
-            );
+            };
+            crate::health::spawn_checks(spec, server.clone(), stop.clone());
         }
         tracing::info!(pool = %pool.name, kind = check.kind.as_str(), interval = ?check.interval, "health checks started");
     }

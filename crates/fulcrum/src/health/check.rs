@@ -16,22 +16,38 @@ use crate::config::{HealthCheckConfig, HealthCheckKind};
 /// The most of an HTTP check's answer that is read.
 const MAX_ANSWER: usize = 64 * 1024;
 
+/// What to check, and how.
+#[derive(Debug, Clone)]
+pub struct CheckSpec {
+    /// The pool's name (for logs).
+    pub pool: String,
+    /// The server's name (for logs).
+    pub server: String,
+    /// Where to check.
+    pub address: SocketAddr,
+    /// The pool's `[health_check]`.
+    pub cfg: HealthCheckConfig,
+    /// ICMP sockets, for `kind = "icmp"`.
+    pub pinger: Option<Pinger>,
+    /// Spreads the first checks of a pool's servers over the first interval (and picks the ICMP id).
+    pub seed: u64,
+}
+
 /// Starts the check loop of one server on the current runtime; it ends when `stop` fires.
 ///
 /// `target` is anything that leads to the server's [`Health`] (the pool passes its `Arc<Server>`).
-/// `seed` spreads the first checks of a pool's servers over the first interval.
-pub fn spawn_checks<S>(
-    pool: String,
-    server: String,
-    address: SocketAddr,
-    target: Arc<S>,
-    cfg: HealthCheckConfig,
-    pinger: Option<Pinger>,
-    stop: CancellationToken,
-    seed: u64,
-) where
+pub fn spawn_checks<S>(spec: CheckSpec, target: Arc<S>, stop: CancellationToken)
+where
     S: AsRef<Health> + Send + Sync + 'static,
 {
+    let CheckSpec {
+        pool,
+        server,
+        address,
+        cfg,
+        pinger,
+        seed,
+    } = spec;
     tokio::spawn(async move {
         let health: &Health = S::as_ref(&target);
         let mut rng = seed | 1;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-pub use check::spawn_checks;
+pub use check::{spawn_checks, CheckSpec};
 pub use passive::observe;
 
 /// Milliseconds since this process's health clock started (monotonic).
