@@ -6,6 +6,13 @@
 //! selector only reads it through [`Loads::latency_ns`]. The cheapest available server wins; ties are
 //! broken as in least connections (at random, in proportion to weight).
 //!
+//! **Large pools** are handled as in least connections (`least_conn.rs`): up to
+//! [`SCAN_MAX`](super::least_conn::SCAN_MAX) (64) servers every server is compared, above that the
+//! cheapest of a random sample of [`SAMPLE`](super::least_conn::SAMPLE) (8) distinct available servers
+//! wins — the power of d choices, O(d) instead of O(n). Unlike p2c's two, eight candidates nearly always
+//! include fast servers, so a slow server still gets next to nothing; a new server is probed when it is
+//! drawn, so it gets its first requests a little later than with a full scan.
+//!
 //! **How a slow server loses its traffic.** Three mechanisms, from fastest to slowest:
 //!
 //! 1. *In flight.* A server that starts answering slowly keeps its requests longer, so its `in_flight`
@@ -44,8 +51,8 @@ impl LeastResponseTime {
         }
     }
 
-    /// The available server with the lowest `latency · (in_flight + 1) / weight`, then the others in
-    /// index order.
+    /// The available server with the lowest `latency · (in_flight + 1) / weight` (of the whole pool up to
+    /// 64 servers, of a random sample of 8 above), then the others in index order.
     #[inline]
     pub fn pick<L: Loads + ?Sized>(&self, loads: &L) -> Candidates {
         let first = least(&self.weights, loads, &self.rng, |i| {
@@ -131,6 +138,40 @@ mod tests {
         // one; by Little's law that leaves the slow server about 0.4 % of the traffic (round robin: 33 %).
         assert!(slow_share < 0.02, "{picks:?}");
         assert!(picks[0].abs_diff(picks[1]) < 1_000, "{picks:?}");
+    }
+
+    /// The same simulation over 100 servers (sampled picks): ten answer in 100 ms, ninety in 10 ms, and
+    /// requests arrive every 10 µs, about eleven in flight per fast server.
+    #[test]
+    fn slow_servers_of_a_large_pool_get_almost_no_traffic() {
+        let latency: Vec<u64> = (0..100)
+            .map(|i| if i % 10 == 3 { 100 * MS } else { 10 * MS })
+            .collect();
+        let s = LeastResponseTime::new(&[1; 100], 10);
+        let mut loads = FixedLoads::latency(&latency);
+        let mut done = BinaryHeap::new();
+        let mut slow = 0u32;
+        for n in 0..40_000u64 {
+            let now = n * MS / 100;
+            while let Some(&Reverse((t, i))) = done.peek() {
+                if t > now {
+                    break;
+                }
+                done.pop();
+                loads.in_flight[i] -= 1;
+            }
+            let i = s.pick(&loads).next().unwrap();
+            if latency[i] > 10 * MS {
+                slow += 1;
+            }
+            loads.in_flight[i] += 1;
+            done.push(Reverse((now + latency[i], i)));
+        }
+        // Round robin would give them 10 %; the slow servers hold about one request each.
+        let slow_share = f64::from(slow) / 40_000.0;
+        assert!(slow_share < 0.01, "{slow_share}");
+        let busiest = loads.in_flight.iter().max().unwrap();
+        assert!(*busiest <= 16, "{:?}", loads.in_flight);
     }
 
     #[test]

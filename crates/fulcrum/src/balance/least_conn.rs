@@ -11,8 +11,29 @@
 //! with weighted round robin for the same reason), so an idle pool still honours weights. The second pass
 //! only runs when there is more than one tied server.
 //!
-//! A pick reads every server's load once (twice when tied): O(n). See `docs/balancing.md` for what that
-//! costs at 10 000 servers and the sampling alternative (`p2c`).
+//! **Exact up to [`SCAN_MAX`] servers, sampled above.** A pool of at most [`SCAN_MAX`] (64) servers is
+//! scanned in full: the pick is the exact minimum, O(n), about 0.1–0.3 µs at 64 servers. A larger pool
+//! compares [`SAMPLE`] (8) distinct available servers drawn at random instead: the "power of d choices"
+//! (Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing", IEEE TPDS 2001; Azar, Broder,
+//! Karlin & Upfal, "Balanced allocations", STOC 1994), whose maximum load exceeds the average by only
+//! `ln ln n / ln d` + O(1) at any load (Berenbrink, Czumaj, Steger & Vöcking, STOC 2000), where one
+//! random choice leaves a gap that grows with the load: the balancing behaviour of the full scan, for
+//! O(d) work (about 0.1 µs at any size). The sample is drawn stratified, one server
+//! from each of [`SAMPLE`] equal slices of the index range after a random rotation — so the candidates
+//! are distinct by construction and every server is equally likely to be one (as in Vöcking's
+//! "How asymmetry helps load balancing", J. ACM 2003, which partitions the servers the same way). The
+//! comparison is the same as the scan's (load per unit of weight, ties at random in proportion to
+//! weight); only the candidates differ: the winner is the least loaded of its sample, not of the pool.
+//! An idle pool still favours heavier servers, though slightly less than in proportion (a heavy server
+//! shares its sample with others: with weights 1–4 it gets about 3.4 times a weight-1 server's share
+//! instead of 4); under load the weighted comparison brings in-flight counts to follow weights. A slice
+//! whose drawn server is unavailable is drawn again (up to [`DRAWS_PER_SLICE`] draws in all); only when no
+//! available server at all was drawn (nearly every server down) does the pick fall back to the full scan.
+//!
+//! All randomness comes from one draw of the selector's SplitMix64 generator (one relaxed atomic), which
+//! seeds a private sequence for the rest of the pick. See `docs/balancing.md` for the measurements.
+
+use std::cmp::Ordering;
 
 use super::rng::Rng;
 use super::{Candidates, Loads};
@@ -33,7 +54,8 @@ impl LeastConnections {
         }
     }
 
-    /// The least loaded available server relative to its weight, then the others in index order.
+    /// The least loaded available server relative to its weight (of the whole pool up to [`SCAN_MAX`]
+    /// servers, of a random sample of [`SAMPLE`] above), then the others in index order.
     #[inline]
     pub fn pick<L: Loads + ?Sized>(&self, loads: &L) -> Candidates {
         let first = least(&self.weights, loads, &self.rng, |i| {
@@ -43,13 +65,42 @@ impl LeastConnections {
     }
 }
 
+/// Pools of at most this many servers are scanned in full; larger ones are sampled.
+pub const SCAN_MAX: usize = 64;
+/// How many servers a sampled pick compares: the `d` of "power of d choices".
+pub const SAMPLE: usize = 8;
+/// How many times a slice of a sampled pick is drawn before it is left out (its draws all unavailable).
+pub const DRAWS_PER_SLICE: usize = 4;
+
 /// The available server with the lowest `cost(i) / weights[i]`; tied servers are chosen at random in
-/// proportion to their weight. With no server available, 0 (the caller's fallback order then finds none).
-///
-/// Costs are compared by cross-multiplication in `u128`; a product that saturates (only with absurd
-/// loads) compares equal, which only turns a comparison into a tie.
+/// proportion to their weight. Exact for pools up to [`SCAN_MAX`] servers, among a random sample of
+/// [`SAMPLE`] servers above. With no server available, 0 (the caller's fallback order then finds none).
 #[inline]
 pub(super) fn least<L, F>(weights: &[u32], loads: &L, rng: &Rng, cost: F) -> usize
+where
+    L: Loads + ?Sized,
+    F: Fn(usize) -> u128,
+{
+    if weights.len() <= SCAN_MAX {
+        scan(weights, loads, rng, cost)
+    } else {
+        sample(weights, loads, rng, cost)
+    }
+}
+
+/// How `cost_a / weight_a` compares with `cost_b / weight_b`, by cross-multiplication in `u128`; a
+/// product that saturates (only with absurd loads) compares equal, which only turns a comparison into a
+/// tie.
+#[inline]
+fn compare(cost_a: u128, weight_a: u32, cost_b: u128, weight_b: u32) -> Ordering {
+    cost_a
+        .saturating_mul(u128::from(weight_b))
+        .cmp(&cost_b.saturating_mul(u128::from(weight_a)))
+}
+
+/// [`least`] over every server: O(n).
+#[inline]
+fn scan<L, F>(weights: &[u32], loads: &L, rng: &Rng, cost: F) -> usize
 where
     L: Loads + ?Sized,
     F: Fn(usize) -> u128,
@@ -103,6 +154,69 @@ where
         }
     }
     best
+}
+
+/// [`least`] over [`SAMPLE`] distinct available servers drawn at random: one from each of [`SAMPLE`]
+/// equal slices of the index range, rotated by a random offset (so every server is equally likely to be
+/// drawn). O([`SAMPLE`]); the full [`scan`] only when no available server was drawn.
+#[inline]
+fn sample<L, F>(weights: &[u32], loads: &L, rng: &Rng, cost: F) -> usize
+where
+    L: Loads + ?Sized,
+    F: Fn(usize) -> u128,
+{
+    let n = weights.len();
+    debug_assert!(n >= SAMPLE);
+    let mut random = rng.stream();
+    let rotation = random.below(n as u64) as usize;
+    let mut picked = [0usize; SAMPLE];
+    let mut costs = [0u128; SAMPLE];
+    let mut count = 0;
+    let mut lo = 0;
+    for slice in 1..=SAMPLE {
+        let hi = slice * n / SAMPLE;
+        for _ in 0..DRAWS_PER_SLICE {
+            let mut i = rotation + lo + random.below((hi - lo) as u64) as usize;
+            if i >= n {
+                i -= n;
+            }
+            if loads.available(i) {
+                (picked[count], costs[count]) = (i, cost(i));
+                count += 1;
+                break;
+            }
+        }
+        lo = hi;
+    }
+    if count == 0 {
+        return scan(weights, loads, rng, cost);
+    }
+    let weight = |s: usize| weights[picked[s]];
+    let mut best = 0;
+    let mut tied = 1u32;
+    let mut tied_weight = u64::from(weight(0));
+    for s in 1..count {
+        match compare(costs[s], weight(s), costs[best], weight(best)) {
+            Ordering::Greater => {}
+            Ordering::Equal => {
+                tied += 1;
+                tied_weight += u64::from(weight(s));
+            }
+            Ordering::Less => (best, tied, tied_weight) = (s, 1, u64::from(weight(s))),
+        }
+    }
+    if tied > 1 {
+        let mut ticket = random.below(tied_weight);
+        for s in best..count {
+            if compare(costs[s], weight(s), costs[best], weight(best)) == Ordering::Equal {
+                if ticket < u64::from(weight(s)) {
+                    return picked[s];
+                }
+                ticket -= u64::from(weight(s));
+            }
+        }
+    }
+    picked[best]
 }
 
 #[cfg(test)]
@@ -161,5 +275,87 @@ mod tests {
             loads.in_flight[i] += 1;
         }
         assert_eq!(loads.in_flight, vec![100, 200, 300]);
+    }
+
+    fn per_unit_of_weight(loads: &FixedLoads, weights: &[u32]) -> (f64, f64) {
+        let per = loads
+            .in_flight
+            .iter()
+            .zip(weights)
+            .map(|(&f, &w)| f as f64 / f64::from(w));
+        per.fold((f64::MAX, 0.0), |(lo, hi), x| (lo.min(x), hi.max(x)))
+    }
+
+    #[test]
+    fn a_large_pool_is_sampled_and_stays_balanced() {
+        // Closed loop over 1 000 servers of weights 1–4 (total 2 500): 25 000 picks, each adding one in
+        // flight, average 10 per unit of weight. With one random choice the busiest server would hold
+        // about twice the average; the least loaded of 8 stays within a few requests of it.
+        let weights: Vec<u32> = (0..1_000).map(|i| 1 + (i % 4) as u32).collect();
+        let s = LeastConnections::new(&weights, 5);
+        let mut loads = FixedLoads::in_flight(&[0; 1_000]);
+        for _ in 0..25_000 {
+            let i = first(&s, &loads);
+            loads.in_flight[i] += 1;
+        }
+        let (lo, hi) = per_unit_of_weight(&loads, &weights);
+        assert!(lo >= 8.0 && hi <= 12.0, "{lo} – {hi} per unit of weight");
+    }
+
+    #[test]
+    fn an_idle_large_pool_still_favours_heavier_servers() {
+        // Weights 1 and 4 alternate: in proportion, the weight-4 servers would get 80 %. Sampled, a heavy
+        // server shares its sample with others, so a little less; every server gets picked.
+        let weights: Vec<u32> = (0..200).map(|i| if i % 2 == 0 { 1 } else { 4 }).collect();
+        let s = LeastConnections::new(&weights, 7);
+        let loads = FixedLoads::idle(200);
+        let mut counts = [0u32; 200];
+        for _ in 0..100_000 {
+            counts[first(&s, &loads)] += 1;
+        }
+        let heavy: u32 = counts.iter().skip(1).step_by(2).sum();
+        let share = f64::from(heavy) / 100_000.0;
+        assert!((0.74..0.81).contains(&share), "{share}");
+        assert!(counts.iter().all(|&c| c > 0), "{counts:?}");
+    }
+
+    #[test]
+    fn a_sampled_pick_skips_unavailable_servers_and_finds_the_last_one_up() {
+        let s = LeastConnections::new(&[1; 500], 6);
+        let mut loads = FixedLoads::idle(500);
+        for (i, a) in loads.available.iter_mut().enumerate() {
+            *a = i % 3 == 0;
+        }
+        assert!((0..2_000).all(|_| loads.available[first(&s, &loads)]));
+        // One server up: the sample's draws almost never find it, the fallback scan does.
+        loads.available = vec![false; 500];
+        loads.available[123] = true;
+        assert!((0..200).all(|_| first(&s, &loads) == 123));
+        loads.available[123] = false;
+        assert_eq!(
+            s.pick(&loads).len(),
+            500,
+            "still every server as a fallback"
+        );
+    }
+
+    #[test]
+    fn the_sample_is_spread_over_every_server() {
+        // Each server alone is less loaded than the rest in turn: the sample must be able to find it.
+        let n = 100;
+        let s = LeastConnections::new(&vec![1; n], 8);
+        let mut wins = vec![0u32; n];
+        for quiet in 0..n {
+            let mut f = vec![5u64; n];
+            f[quiet] = 0;
+            let loads = FixedLoads::in_flight(&f);
+            for _ in 0..200 {
+                if first(&s, &loads) == quiet {
+                    wins[quiet] += 1;
+                }
+            }
+        }
+        // Drawn in about 8 % of picks (8 of 100): 16 of 200 on average, never none.
+        assert!(wins.iter().all(|&w| (3..40).contains(&w)), "{wins:?}");
     }
 }

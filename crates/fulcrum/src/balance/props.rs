@@ -91,6 +91,22 @@ proptest! {
         prop_assert!(moved > 0 || n > 40, "a server of {n} owned no key of {KEYS}");
     }
 
+    /// `ip_hash` above `RENDEZVOUS_MAX` servers is the ring: still exactly the removed server's keys
+    /// move, about 1/N of them.
+    #[test]
+    fn ip_hash_of_a_large_pool_moves_only_the_removed_servers_keys(
+        weights in prop::collection::vec(1u32..5, RENDEZVOUS_MAX + 2..160),
+        removed in any::<prop::sample::Index>(),
+    ) {
+        let n = weights.len();
+        let (moved, collateral) = disruption(Algorithm::IpHash, n, removed.index(n), &weights);
+        prop_assert_eq!(collateral, 0);
+        let heaviest = f64::from(*weights.iter().max().unwrap());
+        let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+        let frac = moved as f64 / KEYS as f64;
+        prop_assert!(frac <= 1.5 * heaviest / total + 0.02, "{frac} of keys moved, N = {n}");
+    }
+
     /// Ring: only the removed server's keys move (exactly, by construction), and they are about 1/N of
     /// all keys. With 160 points per server a server's share varies by about 1/√160 ≈ 8 % of 1/N, so
     /// 1.5/N is beyond 6σ; the 2 % absolute slack covers sampling 10 000 keys (σ ≤ 0.5 %).
@@ -179,6 +195,50 @@ proptest! {
     ) {
         check_every_pick_covers_every_server(&weights, &loads, key, factor, seed)?;
     }
+}
+
+proptest! {
+    // Pools above the thresholds: sampled least connections / response time, `ip_hash` on the ring,
+    // the bounded ring's running available weight; from all servers up to nearly all down.
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    #[test]
+    fn a_pick_of_a_large_pool_never_panics_and_prefers_available_servers(
+        (weights, loads) in (RENDEZVOUS_MAX + 1..300).prop_flat_map(|n| (
+            prop::collection::vec(0u32..5, n),
+            prop::collection::vec((0u64..100, any::<u64>()), n),
+        )),
+        up_percent in 0u64..=100,
+        key in any::<Option<u64>>(),
+        seed in any::<u64>(),
+    ) {
+        let n = weights.len();
+        let available: Vec<bool> = (0..n as u64).map(|i| mix(i ^ seed) % 100 < up_percent).collect();
+        let triples: Vec<(u64, u64, bool)> = loads
+            .iter()
+            .zip(&available)
+            .map(|(&(f, l), &a)| (f, l, a))
+            .collect();
+        check_every_pick_covers_every_server(&weights, &triples, key, Some(125), seed)?;
+        // The load-aware algorithms choose an available server whenever there is one.
+        let names = names(n);
+        let servers = specs(&names, &weights);
+        let fixed = FixedLoads {
+            in_flight: loads.iter().map(|l| l.0).collect(),
+            latency_ns: loads.iter().map(|l| l.1).collect(),
+            available: available.clone(),
+        };
+        let opts = SelectorOptions { seed, ..SelectorOptions::default() };
+        for algorithm in [Algorithm::LeastConnections, Algorithm::LeastResponseTime] {
+            let s = Selector::new(algorithm, &servers, &opts);
+            let first = s.pick(None, &fixed).next().unwrap();
+            prop_assert!(fixed.available[first] || !available.contains(&true));
+        }
+    }
+}
+
+fn mix(i: u64) -> u64 {
+    super::hash::mix64(i)
 }
 
 proptest! {

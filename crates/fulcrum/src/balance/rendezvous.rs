@@ -13,14 +13,20 @@
 //! over the rest; when it comes back, exactly those keys return. No table to rebuild, nothing that
 //! depends on list order.
 //!
-//! The price is O(n) per pick (one multiply-xorshift per server, one logarithm per distinct weight). That
-//! is one or two nanoseconds per server: cheap for the tens of servers `ip_hash` pools have, and it is why
-//! `ip_hash` uses it rather than the ring or Maglev, which are O(log n) / O(1) but move more keys and
-//! handle unavailable servers less cleanly. For thousands of servers use `maglev` (see
-//! `docs/balancing.md`).
+//! The price is O(n) per pick (one multiply-xorshift per server, one logarithm per distinct weight): one
+//! or two nanoseconds per server, cheap for the tens of servers `ip_hash` pools have, but 14 µs at
+//! 10 000. So `ip_hash` uses rendezvous for pools of at most [`RENDEZVOUS_MAX`] (64) servers, and for
+//! larger ones the consistent-hash ring of `ring.rs` (unbounded): an O(1) lookup with its bucket index,
+//! and the same guarantee that a leaving server — removed, or stepped over while unavailable — gives
+//! away only its own keys (each to the next point's server, spread over the others by its 160 points
+//! per unit of weight); its shares follow weights to within a few per cent instead of exactly. A pool
+//! that crosses the threshold (64 servers ↔ 65) changes method and remaps most keys, once.
 
 use super::hash::{id_hash, mix64, unit_open, RENDEZVOUS_SEED};
 use super::Loads;
+
+/// `ip_hash` uses rendezvous hashing for pools of at most this many servers, the ring above.
+pub const RENDEZVOUS_MAX: usize = 64;
 
 /// Weighted rendezvous hashing over server identities.
 #[derive(Debug)]

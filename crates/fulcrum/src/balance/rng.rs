@@ -3,7 +3,8 @@
 //! SplitMix64 (Steele, Lea & Flood, OOPSLA 2014) over one shared `AtomicU64`: every draw advances the
 //! state by the golden-ratio increment with one relaxed `fetch_add` and returns the mixed state. Concurrent
 //! draws get distinct states, so threads never repeat each other's numbers, and a given seed gives a given
-//! sequence (tests are deterministic). No `thread_rng`, no `RandomState`, no lock.
+//! sequence (tests are deterministic). No `thread_rng`, no `RandomState`, no lock. A pick that needs
+//! several numbers takes one draw and runs a private SplitMix64 [`Stream`] from it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,6 +39,36 @@ impl Rng {
     /// bounds used here).
     #[inline]
     pub(super) fn below(&self, bound: u64) -> u64 {
+        scale(self.next_u64(), bound)
+    }
+
+    /// A private SplitMix64 sequence started from one draw of this generator: for a pick that needs
+    /// several random numbers (a sampled least-loaded pick), at the cost of a single shared atomic.
+    #[inline]
+    pub(super) fn stream(&self) -> Stream {
+        Stream {
+            state: self.next_u64(),
+        }
+    }
+}
+
+/// A SplitMix64 sequence owned by one pick (see [`Rng::stream`]): no atomics.
+#[derive(Debug)]
+pub(super) struct Stream {
+    state: u64,
+}
+
+impl Stream {
+    /// The next 64 random bits.
+    #[inline]
+    pub(super) fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(GAMMA);
+        mix64(self.state)
+    }
+
+    /// A uniform value in `0..bound` (`bound > 0`), as [`Rng::below`].
+    #[inline]
+    pub(super) fn below(&mut self, bound: u64) -> u64 {
         scale(self.next_u64(), bound)
     }
 }

@@ -19,7 +19,7 @@ use super::chunked::Step;
 use super::upstream::{Framing, UpstreamConn};
 use crate::pool::Server;
 
-/// Keeps a request counted on its server until its response has been sent.
+/// Keeps a request counted on its server (and in its pool's total) until its response has been sent.
 #[derive(Debug)]
 pub struct InFlight {
     server: Arc<Server>,
@@ -30,6 +30,7 @@ impl InFlight {
     #[inline]
     pub fn start(server: Arc<Server>) -> Self {
         server.stats.active.fetch_add(1, Ordering::Relaxed);
+        server.pool_active.fetch_add(1, Ordering::Relaxed);
         InFlight { server }
     }
 
@@ -43,6 +44,7 @@ impl Drop for InFlight {
     #[inline]
     fn drop(&mut self) {
         self.server.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.server.pool_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -8,7 +8,7 @@
 mod stats;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -74,6 +74,10 @@ pub struct Server {
     state: AtomicU8,
     /// Live counters (requests, failures, latency, in-flight).
     pub stats: ServerStats,
+    /// Requests in flight on the whole pool: one counter shared by every server of a pool (made by
+    /// [`Pool::new`]), kept next to `stats.active` by the `InFlight` guard, so that the bounded ring reads
+    /// the pool's total in O(1) ([`Loads::total_in_flight`]).
+    pub pool_active: Arc<AtomicI64>,
     /// Idle keep-alive connections to this server, owned by the HTTP layer (one set per worker thread).
     pub(crate) idle: IdleConns,
     /// Active and passive health, slow start.
@@ -96,6 +100,7 @@ impl Server {
             weight: cfg.weight,
             state: AtomicU8::new(ServerState::Up as u8),
             stats: ServerStats::default(),
+            pool_active: Arc::default(),
             idle: IdleConns::new(workers),
             health: Health::new(healthy),
         }
@@ -108,6 +113,13 @@ impl Server {
             ServerState::Up if !self.health.is_healthy() => ServerState::Down,
             other => other,
         }
+    }
+
+    /// Makes the server count its requests in `pool_active`, the counter shared by its pool (a server
+    /// made with [`Server::new`] alone counts in a counter of its own).
+    pub fn in_pool(mut self, pool_active: Arc<AtomicI64>) -> Self {
+        self.pool_active = pool_active;
+        self
     }
 
     /// The server's administrative state.
@@ -248,6 +260,14 @@ impl Loads for PoolSnapshot {
     fn available(&self, i: usize) -> bool {
         self.servers[i].is_available()
     }
+
+    #[inline]
+    fn total_in_flight(&self) -> u64 {
+        // Every server of a snapshot shares its pool's counter.
+        self.servers
+            .first()
+            .map_or(0, |s| s.pool_active.load(Ordering::Relaxed).max(0) as u64)
+    }
 }
 
 /// A named group of servers behind one algorithm.
@@ -267,10 +287,11 @@ impl Pool {
     /// Builds a pool and its first snapshot from configuration.
     pub fn new(cfg: &PoolConfig, workers: usize) -> Self {
         let healthy = cfg.health_check.as_ref().is_none_or(|h| h.initial_up);
+        let pool_active = Arc::new(AtomicI64::new(0));
         let servers: Vec<Arc<Server>> = cfg
             .servers
             .iter()
-            .map(|s| Arc::new(Server::new(s, workers, healthy)))
+            .map(|s| Arc::new(Server::new(s, workers, healthy).in_pool(pool_active.clone())))
             .collect();
         let settings = PoolSettings {
             retries: cfg.retries,
@@ -373,6 +394,21 @@ mod tests {
         let mut c = Candidates::starting_at(0, 3);
         assert_eq!(snap.next_available(&mut c).unwrap().address.port(), 9002);
         assert!(snap.next_available(&mut c).is_none());
+    }
+
+    #[test]
+    fn requests_in_flight_are_counted_per_server_and_per_pool() {
+        let p = pool(&[1, 1, 1]);
+        let snap = p.snapshot();
+        let a = crate::http::body::InFlight::start(snap.servers[0].clone());
+        let b = crate::http::body::InFlight::start(snap.servers[2].clone());
+        let c = crate::http::body::InFlight::start(snap.servers[2].clone());
+        assert_eq!(snap.in_flight(2), 2);
+        assert_eq!(snap.total_in_flight(), 3);
+        drop((a, b));
+        assert_eq!(snap.total_in_flight(), 1);
+        drop(c);
+        assert_eq!(snap.total_in_flight(), 0);
     }
 
     #[test]
