@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::pool::ServerState;
+use crate::pool::{PoolSnapshot, Server, ServerState};
 use crate::runtime::Shared;
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -124,30 +124,20 @@ impl Collector for FulcrumCollector {
                 }
             }
         }
-        let mut m = enc.encode_descriptor(
+        per_server(
+            &mut enc,
+            &snapshots,
             "server_failures",
             "Requests that failed at the server (connect, reset, timeout)",
-            None,
-            MetricType::Counter,
+            |s| Value::Counter(s.stats.failures_total()),
         )?;
-        for (pool, snap) in &snapshots {
-            for s in &snap.servers {
-                let labels = [("pool", *pool), ("server", s.name.as_str())];
-                ConstCounter::new(s.stats.failures_total()).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        let mut m = enc.encode_descriptor(
+        per_server(
+            &mut enc,
+            &snapshots,
             "server_active_requests",
             "Requests in flight on the server",
-            None,
-            MetricType::Gauge,
+            |s| Value::Gauge(s.stats.in_flight()),
         )?;
-        for (pool, snap) in &snapshots {
-            for s in &snap.servers {
-                let labels = [("pool", *pool), ("server", s.name.as_str())];
-                ConstGauge::new(s.stats.in_flight()).encode(m.encode_family(&labels)?)?;
-            }
-        }
         let mut m = enc.encode_descriptor(
             "server_state",
             "1 for the server's current state, 0 for the others",
@@ -167,30 +157,20 @@ impl Collector for FulcrumCollector {
                 }
             }
         }
-        let mut m = enc.encode_descriptor(
+        per_server(
+            &mut enc,
+            &snapshots,
             "server_transitions",
             "Health changes of the server (up to down and back, passive ejections included)",
-            None,
-            MetricType::Counter,
+            |s| Value::Counter(s.health.transitions()),
         )?;
-        for (pool, snap) in &snapshots {
-            for s in &snap.servers {
-                let labels = [("pool", *pool), ("server", s.name.as_str())];
-                ConstCounter::new(s.health.transitions()).encode(m.encode_family(&labels)?)?;
-            }
-        }
-        let mut m = enc.encode_descriptor(
+        per_server(
+            &mut enc,
+            &snapshots,
             "server_ejections",
             "Passive ejections of the server",
-            None,
-            MetricType::Counter,
+            |s| Value::Counter(s.health.ejections_total()),
         )?;
-        for (pool, snap) in &snapshots {
-            for s in &snap.servers {
-                let labels = [("pool", *pool), ("server", s.name.as_str())];
-                ConstCounter::new(s.health.ejections_total()).encode(m.encode_family(&labels)?)?;
-            }
-        }
         let mut m = enc.encode_descriptor(
             "server_response_seconds",
             "Time from sending a request to receiving the server's response head",
@@ -209,6 +189,40 @@ impl Collector for FulcrumCollector {
         }
         Ok(())
     }
+}
+
+/// One sample of a per-server metric.
+enum Value {
+    Counter(u64),
+    Gauge(i64),
+}
+
+/// Encodes one family with a `{pool, server}` sample per server.
+fn per_server(
+    enc: &mut DescriptorEncoder,
+    snapshots: &[(&str, Arc<PoolSnapshot>)],
+    name: &str,
+    help: &str,
+    value: impl Fn(&Server) -> Value,
+) -> Result<(), std::fmt::Error> {
+    let Some(first) = snapshots.iter().flat_map(|(_, s)| s.servers.first()).next() else {
+        return Ok(());
+    };
+    let metric_type = match value(first) {
+        Value::Counter(_) => MetricType::Counter,
+        Value::Gauge(_) => MetricType::Gauge,
+    };
+    let mut m = enc.encode_descriptor(name, help, None, metric_type)?;
+    for (pool, snap) in snapshots {
+        for s in &snap.servers {
+            let labels = [("pool", *pool), ("server", s.name.as_str())];
+            match value(s) {
+                Value::Counter(v) => ConstCounter::new(v).encode(m.encode_family(&labels)?)?,
+                Value::Gauge(v) => ConstGauge::new(v).encode(m.encode_family(&labels)?)?,
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Renders the registry for one scrape.
