@@ -4,7 +4,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,6 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
 
@@ -286,45 +285,13 @@ async fn a_recovered_server_comes_back_after_rise_and_ramps_up_with_slow_start()
     stop(lb).await;
 }
 
-/// A server that answers every request with 500, counting them.
-async fn failing_server() -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let seen = Arc::new(AtomicUsize::new(0));
-    let s = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = l.accept().await {
-            let s = s.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    buf.drain(..end);
-                    s.fetch_add(1, Ordering::SeqCst);
-                    let answer =
-                        b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\nboom";
-                    if sock.write_all(answer).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, seen)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passive_detection_ejects_a_failing_server_within_the_bound() {
     let apps = apps(&["A"]).await;
-    let (bad1, seen1) = failing_server().await;
-    let (bad2, seen2) = failing_server().await;
+    const BOOM: &[u8] = b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 4\r\n\r\nboom";
+    let (failing1, failing2) = (raw_server(BOOM, false).await, raw_server(BOOM, false).await);
+    let (bad1, seen1) = (failing1.addr, failing1.requests.clone());
+    let (bad2, seen2) = (failing2.addr, failing2.requests.clone());
     let s = vec![
         ("A".to_string(), apps[0].addr(), 1),
         ("bad1".to_string(), bad1, 1),

@@ -493,46 +493,10 @@ async fn a_full_listener_queues_new_connections_instead_of_failing_them() {
     stop(lb).await;
 }
 
-/// A bare HTTP/1.1 server: answers every request on a connection with `ok`, counting connections;
-/// with `close_after_each`, it closes each connection after answering without saying so.
-async fn counting_server(close_after_each: bool) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let c = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut sock, _)) = l.accept().await {
-            c.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match sock.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                        }
-                    }
-                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-                    buf.drain(..end);
-                    if sock
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await
-                        .is_err()
-                        || close_after_each
-                    {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (addr, conns)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_connections_are_kept_alive_and_reused() {
-    let (addr, conns) = counting_server(false).await;
+    let ok = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
+    let (addr, conns) = (ok.addr, ok.connections);
     let lb = fulcrum(&config("round_robin", &[("s".into(), addr, 1)], "", ""));
     // One client connection (so one worker), twenty requests in turn.
     let mut s = TcpStream::connect(web(&lb)).await.unwrap();
@@ -556,7 +520,8 @@ async fn server_connections_are_kept_alive_and_reused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_the_server_closed_is_not_reused() {
-    let (addr, conns) = counting_server(true).await;
+    let ok = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
+    let (addr, conns) = (ok.addr, ok.connections);
     let lb = fulcrum(&config("round_robin", &[("s".into(), addr, 1)], "", ""));
     let c = client();
     for i in 0..10 {

@@ -142,3 +142,53 @@ pub async fn pick_sequence(addr: SocketAddr, n: usize) -> Vec<String> {
     }
     out
 }
+
+/// A bare HTTP/1.1 server on 127.0.0.1 that answers every request head with the same bytes.
+pub struct RawServer {
+    pub addr: SocketAddr,
+    /// Connections accepted.
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Request heads answered.
+    pub requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Starts a [`RawServer`] answering `answer`; with `close_after_each` it closes each connection after
+/// answering, without saying so in the answer.
+pub async fn raw_server(answer: &'static [u8], close_after_each: bool) -> RawServer {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (connections, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (c, r) = (connections.clone(), requests.clone());
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = l.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match sock.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    buf.drain(..end);
+                    r.fetch_add(1, Ordering::SeqCst);
+                    if sock.write_all(answer).await.is_err() || close_after_each {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    RawServer {
+        addr,
+        connections,
+        requests,
+    }
+}
