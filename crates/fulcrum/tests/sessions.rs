@@ -397,28 +397,16 @@ async fn a_redis_outage_never_becomes_a_client_error_and_sharing_resumes() {
 
     // Sharing resumes once Redis is back (after the breaker): a client that arrives through the first
     // balancer keeps its server through the second.
-    let started = std::time::Instant::now();
-    loop {
-        let ip = Ipv4Addr::new(127, 0, 0, 20 + (started.elapsed().as_millis() / 300) as u8);
-        let first = Browser::from(ip)
-            .call("GET", &format!("http://{}/", web(&lb1)), "")
-            .await
-            .server();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let key = format!("test{}:stick:p:source_ip:{ip}", std::process::id());
-        let stored = redis_get(port, &key).await;
-        let second = Browser::from(ip)
-            .call("GET", &format!("http://{}/", web(&lb2)), "")
-            .await
-            .server();
-        if stored.as_deref() == Some(first.as_str()) && second == first {
-            break;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(5),
-            "sharing did not resume: {first}, stored {stored:?}, second balancer {second}"
-        );
-    }
+    let prefix = format!("test{}", std::process::id());
+    wait_shared(
+        &lb1,
+        &lb2,
+        port,
+        &prefix,
+        20,
+        std::time::Duration::from_secs(5),
+    )
+    .await;
     stop(lb1).await;
     stop(lb2).await;
 }
@@ -429,6 +417,44 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// Waits (at most `limit`) until a new client (a fresh address from 127.0.0.`first_octet` on) that
+/// arrives through `lb1` is stored in the Redis at `port` and kept on its server through `lb2`.
+async fn wait_shared(
+    lb1: &fulcrum::runtime::Running,
+    lb2: &fulcrum::runtime::Running,
+    port: u16,
+    prefix: &str,
+    first_octet: u8,
+    limit: std::time::Duration,
+) {
+    let started = std::time::Instant::now();
+    loop {
+        let ip = Ipv4Addr::new(
+            127,
+            0,
+            0,
+            first_octet + (started.elapsed().as_millis() / 300) as u8,
+        );
+        let first = Browser::from(ip)
+            .call("GET", &format!("http://{}/", web(lb1)), "")
+            .await
+            .server();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let stored = redis_get(port, &format!("{prefix}:stick:p:source_ip:{ip}")).await;
+        let second = Browser::from(ip)
+            .call("GET", &format!("http://{}/", web(lb2)), "")
+            .await
+            .server();
+        if stored.as_deref() == Some(first.as_str()) && second == first {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "not shared: {first} through the first balancer, stored {stored:?}, {second} through the second"
+        );
+    }
 }
 
 /// `GET key` on a Redis at `port`, over plain RESP.
@@ -601,29 +627,17 @@ async fn fulcrum_follows_a_sentinel_failover_without_client_errors() {
     }
     eprintln!("failover done");
     // After the failover (and the breaker), entries written through one balancer reach the other.
-    let started = std::time::Instant::now();
-    loop {
-        let ip = Ipv4Addr::new(127, 0, 0, 40 + (started.elapsed().as_millis() / 300) as u8);
-        let first = Browser::from(ip)
-            .call("GET", &format!("http://{}/", web(&lb1)), "")
-            .await
-            .server();
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        // The entry is in the new master, and the second balancer honours it.
-        let key = format!("sentinel{}:stick:p:source_ip:{ip}", std::process::id());
-        let stored = redis_get(replica_port, &key).await;
-        let second = Browser::from(ip)
-            .call("GET", &format!("http://{}/", web(&lb2)), "")
-            .await
-            .server();
-        if stored.as_deref() == Some(first.as_str()) && second == first {
-            break;
-        }
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(8),
-            "not following the new master: {first}, stored {stored:?}, second balancer {second}"
-        );
-    }
+    // The entry lands in the new master, and the second balancer honours it.
+    let prefix = format!("sentinel{}", std::process::id());
+    wait_shared(
+        &lb1,
+        &lb2,
+        replica_port,
+        &prefix,
+        40,
+        std::time::Duration::from_secs(8),
+    )
+    .await;
     stop_load.store(true, std::sync::atomic::Ordering::Relaxed);
     let statuses = load.await.unwrap();
     let errors = statuses.iter().filter(|&&s| s >= 500).count();
