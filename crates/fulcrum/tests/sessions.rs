@@ -703,3 +703,32 @@ async fn the_cookie_may_carry_a_max_age_and_a_custom_name() {
     );
     stop(lb).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_server_keeps_its_sticky_clients_but_gets_no_new_ones() {
+    let apps = apps(&["A", "B"]).await;
+    let lb = fulcrum(&sticky_config(&apps, "kind = \"cookie\""));
+    let base = format!("http://{}", web(&lb));
+    let mut old = Browser::new();
+    let at = old.login(&base).await;
+    let snapshot = lb.shared().pools[0].snapshot_full();
+    let draining = snapshot.servers.iter().find(|s| s.name == at).unwrap();
+    draining.set_state(fulcrum::pool::ServerState::Draining);
+    for _ in 0..5 {
+        let r = old.me(&base).await;
+        assert_eq!(
+            (r.status, r.server()),
+            (StatusCode::OK, at.clone()),
+            "a sticky client stays"
+        );
+    }
+    for _ in 0..6 {
+        let newcomer = Browser::new().call("GET", &format!("{base}/"), "").await;
+        assert_ne!(
+            newcomer.server(),
+            at,
+            "no new client goes to a draining server"
+        );
+    }
+    stop(lb).await;
+}
