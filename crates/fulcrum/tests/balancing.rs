@@ -44,7 +44,9 @@ async fn load(addr: std::net::SocketAddr, duration: Duration) -> HashMap<String,
     total
 }
 
-async fn slow_server_share(algorithm: &str) -> f64 {
+/// One server 150 ms slow and two fast ones behind `algorithm`, under 12 clients for `duration`:
+/// the slow server's share of the requests, and the count per server.
+async fn measure_slow_share(algorithm: &str, duration: Duration) -> (f64, HashMap<String, usize>) {
     let apps = apps_with(vec![
         AppConfig::new("slow").with_delay(Duration::from_millis(150)),
         AppConfig::new("fast1"),
@@ -57,15 +59,20 @@ async fn slow_server_share(algorithm: &str) -> f64 {
         .map(|(a, n)| (n.to_string(), a.addr(), 1))
         .collect();
     let lb = fulcrum(&config(algorithm, &s, "", ""));
-    let counts = load(web(&lb), Duration::from_secs(3)).await;
+    let counts = load(web(&lb), duration).await;
     stop(lb).await;
     let total: usize = counts.values().sum();
-    let slow = counts.get("slow").copied().unwrap_or(0);
     assert!(
         total > 100,
         "{algorithm}: too few requests to judge: {counts:?}"
     );
-    let share = slow as f64 / total as f64;
+    let share = counts.get("slow").copied().unwrap_or(0) as f64 / total as f64;
+    (share, counts)
+}
+
+async fn slow_server_share(algorithm: &str) -> f64 {
+    let (share, counts) = measure_slow_share(algorithm, Duration::from_secs(3)).await;
+    let total: usize = counts.values().sum();
     eprintln!(
         "{algorithm}: the slow server took {:.2}% of {total} requests ({counts:?})",
         share * 100.0
@@ -97,22 +104,7 @@ async fn p2c_avoids_a_slow_server() {
 async fn round_robin_does_not_avoid_a_slow_server() {
     // The control: without load awareness the slow server keeps its third of the requests it can
     // answer, which shows the assertion above can fail.
-    let apps = apps_with(vec![
-        AppConfig::new("slow").with_delay(Duration::from_millis(150)),
-        AppConfig::new("fast1"),
-        AppConfig::new("fast2"),
-    ])
-    .await;
-    let s: Vec<_> = apps
-        .iter()
-        .zip(["slow", "fast1", "fast2"])
-        .map(|(a, n)| (n.to_string(), a.addr(), 1))
-        .collect();
-    let lb = fulcrum(&config("round_robin", &s, "", ""));
-    let counts = load(web(&lb), Duration::from_secs(2)).await;
-    stop(lb).await;
-    let total: usize = counts.values().sum();
-    let share = counts.get("slow").copied().unwrap_or(0) as f64 / total as f64;
+    let (share, counts) = measure_slow_share("round_robin", Duration::from_secs(2)).await;
     assert!(
         share > 0.25,
         "round robin gives the slow server its turn: {counts:?}"

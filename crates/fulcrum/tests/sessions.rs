@@ -295,6 +295,38 @@ impl Drop for RedisServer {
     }
 }
 
+/// One client from `ip` sends GETs through `addr` (at most `max`, a 2 ms pause between them) until
+/// the returned flag is set; the task returns every status it got.
+fn steady_load(
+    addr: std::net::SocketAddr,
+    ip: Ipv4Addr,
+    max: usize,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<Vec<u16>>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let load = tokio::spawn(async move {
+        let mut b = Browser::from(ip);
+        let mut statuses = Vec::new();
+        for _ in 0..max {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            statuses.push(
+                b.call("GET", &format!("http://{addr}/"), "")
+                    .await
+                    .status
+                    .as_u16(),
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        statuses
+    });
+    (stop, load)
+}
+
 fn with_redis(text: String, port: u16) -> String {
     let store = format!("[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}\"\nkey_prefix = \"test{}\"\n\n[admin]", std::process::id());
     text.replacen("[admin]", &store, 1)
@@ -336,26 +368,7 @@ async fn a_redis_outage_never_becomes_a_client_error_and_sharing_resumes() {
     let text = with_redis(sticky_config(&apps, "kind = \"source_ip\""), port);
     let (lb1, lb2) = (fulcrum(&text), fulcrum(&text));
     let addr = web(&lb1);
-    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let stop_load = stop_load.clone();
-        tokio::spawn(async move {
-            let mut b = Browser::from(Ipv4Addr::new(127, 0, 0, 11));
-            let mut statuses = Vec::new();
-            for _ in 0..5_000 {
-                if stop_load.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                statuses.push(
-                    b.call("GET", &format!("http://{addr}/"), "")
-                        .await
-                        .status
-                        .as_u16(),
-                );
-            }
-            statuses
-        })
-    };
+    let (stop_load, load) = steady_load(addr, Ipv4Addr::new(127, 0, 0, 11), 5_000);
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     redis.kill();
     tokio::time::sleep(std::time::Duration::from_millis(800)).await;
@@ -597,27 +610,7 @@ async fn fulcrum_follows_a_sentinel_failover_without_client_errors() {
     let text = sticky_config(&apps, "kind = \"source_ip\"").replacen("[admin]", &store, 1);
     let (lb1, lb2) = (fulcrum(&text), fulcrum(&text));
     let addr = web(&lb1);
-    let stop_load = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = {
-        let stop_load = stop_load.clone();
-        tokio::spawn(async move {
-            let mut b = Browser::from(Ipv4Addr::new(127, 0, 0, 31));
-            let mut statuses = Vec::new();
-            for _ in 0..20_000 {
-                if stop_load.load(std::sync::atomic::Ordering::Relaxed) {
-                    break;
-                }
-                statuses.push(
-                    b.call("GET", &format!("http://{addr}/"), "")
-                        .await
-                        .status
-                        .as_u16(),
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-            }
-            statuses
-        })
-    };
+    let (stop_load, load) = steady_load(addr, Ipv4Addr::new(127, 0, 0, 31), 20_000);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     master.kill();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
