@@ -1,19 +1,24 @@
 //! fulcrum: a load balancer.
 //!
-//! The path of a request: a worker accepts a client connection ([`http::server`]), hyper parses the
+//! The path of a request: a worker accepts a client connection ([`listener`]), hyper parses the
 //! request, the listener's router picks a [`pool::Pool`] ([`http::route`]), the pool's selector orders
 //! the candidate servers ([`balance`]), and [`http::proxy`] forwards the request over a pooled
 //! connection ([`http::upstream`]) and streams the response back ([`http::body`]). [`runtime`] builds
-//! all of it from a [`config::Config`] and stops it gracefully; [`admin`] serves the API, metrics and
+//! all of it from a [`config::Config`] and stops it gracefully; [`control`] is the one owner of changes
+//! while it runs (admin API, reload, [`discovery`], [`takeover`]); [`admin`] serves the API, metrics and
 //! dashboard. See `docs/architecture.md`.
 
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod control;
 pub mod demo;
+pub mod discovery;
 pub mod health;
 pub mod http;
+pub mod listener;
 pub mod logging;
 pub mod pool;
 pub mod runtime;
 pub mod sticky;
+pub mod takeover;

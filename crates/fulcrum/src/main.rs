@@ -32,6 +32,11 @@ enum Command {
         /// The configuration file.
         #[arg(long, env = "FULCRUM_CONFIG", default_value = "fulcrum.toml")]
         config: PathBuf,
+        /// Binary upgrade without refusing a connection: when a fulcrum offers its listening sockets
+        /// at this Unix socket, take them over (it then drains and exits); then offer ours there to
+        /// the next one.
+        #[arg(long, env = "FULCRUM_TAKEOVER_SOCKET")]
+        takeover_socket: Option<PathBuf>,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -90,7 +95,10 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        Command::Run { config } => run(config),
+        Command::Run {
+            config,
+            takeover_socket,
+        } => run(config, takeover_socket),
         Command::Demo {
             servers,
             bind,
@@ -119,9 +127,39 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(path: PathBuf) -> anyhow::Result<()> {
+fn run(path: PathBuf, takeover_socket: Option<PathBuf>) -> anyhow::Result<()> {
     let config = fulcrum::config::load(&path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let running = runtime::start(config)?;
+    let mut opts = runtime::StartOptions {
+        config_path: Some(path),
+        handoff: takeover_socket.clone(),
+        ..Default::default()
+    };
+    let mut ready = None;
+    if let Some(socket) = &takeover_socket {
+        match fulcrum::takeover::receive(socket, std::time::Duration::from_secs(10)) {
+            Ok((inherited, r)) => {
+                tracing::info!(sockets = inherited.len(), from = %socket.display(), "taking over the listening sockets of the running fulcrum");
+                opts.inherited = Some(inherited);
+                ready = Some(r);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+                tracing::debug!(socket = %socket.display(), "no running fulcrum to take over from");
+            }
+            Err(e) => {
+                return Err(anyhow::anyhow!(
+                    "taking over from {}: {e}",
+                    socket.display()
+                ))
+            }
+        }
+    }
+    let running = runtime::start_with(config, opts)?;
+    if let Some(ready) = ready {
+        // Serving now: the previous process may drain.
+        if let Err(e) = ready.confirm() {
+            tracing::warn!(error = %e, "could not tell the previous fulcrum to drain");
+        }
+    }
     serve_until_signal(running)
 }
 
@@ -197,7 +235,8 @@ fn app(listen: SocketAddr, name: Option<String>, delay: std::time::Duration) -> 
     })
 }
 
-/// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. SIGHUP is logged.
+/// Serves until SIGTERM or SIGINT (or a successor took over), then drains; a second signal exits at
+/// once. SIGHUP reloads the configuration file.
 fn serve_until_signal(running: Running) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -210,12 +249,21 @@ fn serve_until_signal(running: Running) -> anyhow::Result<()> {
             signal(SignalKind::hangup())?,
         ))
     })?;
+    let stopping = running.shared().stopping();
+    let shared = running.shared().clone();
     rt.block_on(async {
         loop {
             tokio::select! {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
-                _ = hup.recv() => tracing::warn!("SIGHUP: configuration reload is not supported yet; keeping the running configuration"),
+                _ = stopping.cancelled() => break,
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the configuration");
+                    // The outcome is logged by the control task.
+                    let _ = shared
+                        .control(|reply| fulcrum::control::Command::Reload { reply })
+                        .await;
+                }
             }
         }
     });

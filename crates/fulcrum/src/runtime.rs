@@ -1,35 +1,44 @@
 //! Builds the running system from a [`Config`] and runs it: worker threads that serve the listeners,
-//! an admin thread, and a graceful stop.
+//! a control thread (admin API, health checks, discovery, and the one task that changes the running
+//! configuration), and a graceful stop.
 //!
 //! Threads: one worker per available core, each a single-threaded tokio runtime with its own
 //! `SO_REUSEPORT` socket per listener, so the kernel spreads connections and a request never crosses
 //! threads (no work-stealing, no cross-core wakeups). Pools, servers and counters are shared and only
-//! touched with atomics. The admin API runs on its own thread so that it answers even when the workers
+//! touched with atomics. Workers get their listening sockets as commands, so a reload can add a
+//! listener to running workers. The control thread runs apart so that it answers even when the workers
 //! are saturated.
+//!
+//! What the admin side reads is one [`State`] published through `ArcSwap`: the configuration, the pools
+//! (with their stickiness) and the listeners. Only the control task ([`crate::control`]) publishes a
+//! new one.
 //!
 //! Stopping: [`Running::shutdown`] marks the system draining (`/readyz` answers 503), closes the
 //! listening sockets, asks every open connection to close after its current request, and waits for
 //! them up to `shutdown_timeout`; what is still open then is cut.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Semaphore;
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, Protocol};
-use crate::http::proxy::{HttpListener, HttpRouter, ListenerStats, Target};
-use crate::http::server::{self, ServeOptions};
+use crate::config::Config;
+use crate::control::{self, Command, Controller};
+use crate::http::proxy::HttpListener;
 use crate::http::upstream;
+use crate::listener::{ListenerStats, Slots};
 use crate::pool::Pool;
 use crate::sticky::Sticky;
 
 /// A listener as the admin side sees it.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ListenerInfo {
     /// Its name from the configuration.
     pub name: String,
@@ -37,22 +46,75 @@ pub struct ListenerInfo {
     pub bound: SocketAddr,
     /// `http`, `tcp`, …
     pub protocol: &'static str,
-    /// The HTTP request path's state (routes, counters).
+    /// The name of the pool that gets the traffic no route matches.
+    pub pool: String,
+    /// The HTTP handler (routes, counters).
     pub http: Arc<HttpListener>,
+    /// The connection slots (`max_connections`).
+    pub slots: Arc<Slots>,
+    /// Stops this listener's accept loops (at shutdown, or when a reload removes it).
+    pub(crate) stop: CancellationToken,
+    /// Cuts this listener's remaining connections.
+    pub(crate) deadline: CancellationToken,
 }
 
-/// State shared by the workers and the admin side.
+impl ListenerInfo {
+    /// The listener's counters.
+    pub fn stats(&self) -> &ListenerStats {
+        &self.http.stats
+    }
+}
+
+/// A pool and its stickiness (one stick table per pool, shared by every route to it).
+#[derive(Debug, Clone)]
+pub struct PoolEntry {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// Its session persistence, if configured.
+    pub sticky: Option<Arc<Sticky>>,
+}
+
+/// What runs now: published whole by the control task, read by the admin side.
 #[derive(Debug)]
-pub struct Shared {
-    /// The configuration the system was built from.
+pub struct State {
+    /// The configuration the system runs (as last loaded; runtime changes through the API are in the
+    /// pools, not here).
     pub config: Config,
     /// Every pool, in configuration order.
-    pub pools: Vec<Arc<Pool>>,
+    pub pools: Vec<PoolEntry>,
     /// Every listener, in configuration order.
     pub listeners: Vec<ListenerInfo>,
+}
+
+impl State {
+    /// The pool called `name`.
+    pub fn pool(&self, name: &str) -> Option<&PoolEntry> {
+        self.pools.iter().find(|p| p.pool.name == name)
+    }
+}
+
+/// Counters of configuration reloads.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Reloads applied.
+    pub ok: AtomicU64,
+    /// Reloads refused (invalid file, unbindable port); the running configuration stayed.
+    pub failed: AtomicU64,
+}
+
+/// State shared by the workers, the control task and the admin side.
+#[derive(Debug)]
+pub struct Shared {
+    state: ArcSwap<State>,
     /// When the system started.
     pub started: Instant,
     draining: AtomicBool,
+    shutdown: CancellationToken,
+    control: UnboundedSender<Command>,
+    /// Configuration reloads so far.
+    pub reloads: ReloadStats,
+    /// The admin API's bearer token, when configured (changes at reload).
+    pub(crate) admin_token: ArcSwap<Option<String>>,
 }
 
 impl Shared {
@@ -60,9 +122,68 @@ impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
+
+    /// Begins a graceful stop: no new connections, open ones finish their current request.
+    pub fn request_shutdown(&self) {
+        if !self.draining.swap(true, Ordering::Relaxed) {
+            tracing::info!(timeout = ?self.state().config.shutdown_timeout, "draining");
+        }
+        self.shutdown.cancel();
+    }
+
+    /// Fires when a graceful stop begins (a signal, or a successor took over).
+    pub fn stopping(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// What runs now.
+    pub fn state(&self) -> Arc<State> {
+        self.state.load_full()
+    }
+
+    /// Every pool now, in configuration order.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.state
+            .load()
+            .pools
+            .iter()
+            .map(|p| p.pool.clone())
+            .collect()
+    }
+
+    /// The pool called `name`, now.
+    pub fn pool(&self, name: &str) -> Option<Arc<Pool>> {
+        self.state.load().pool(name).map(|p| p.pool.clone())
+    }
+
+    /// Publishes a new state (the control task only).
+    pub(crate) fn publish(&self, state: State) {
+        if let Some(admin) = &state.config.admin {
+            self.admin_token.store(Arc::new(admin.token.clone()));
+        }
+        self.state.store(Arc::new(state));
+    }
+
+    /// Sends a command to the control task and waits for its answer.
+    pub async fn control<T>(
+        &self,
+        make: impl FnOnce(control::Reply<T>) -> Command,
+    ) -> Result<T, control::ControlError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.control
+            .send(make(tx))
+            .map_err(|_| control::ControlError::unavailable())?;
+        rx.await
+            .map_err(|_| control::ControlError::unavailable())?
+    }
+
+    /// Sends a command to the control task without waiting.
+    pub(crate) fn notify(&self, command: Command) {
+        let _ = self.control.send(command);
+    }
 }
 
-/// Why the system could not start.
+/// Why the system could not start (or a reload was refused).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listening socket could not be bound.
@@ -89,6 +210,32 @@ pub enum StartError {
     Io(#[from] std::io::Error),
 }
 
+impl StartError {
+    /// The configuration key at fault, for the admin API's error answers.
+    pub fn field(&self) -> Option<String> {
+        match self {
+            StartError::Bind { name, .. } => Some(format!("listeners.{name}.bind")),
+            StartError::AdminBind { .. } => Some("admin.bind".into()),
+            StartError::Store { pool, .. } => Some(format!("pools.{pool}.sticky")),
+            StartError::Icmp { pool, .. } => Some(format!("pools.{pool}.health_check.kind")),
+            StartError::Io(_) => None,
+        }
+    }
+}
+
+/// How to start, beyond the configuration.
+#[derive(Debug, Default)]
+pub struct StartOptions {
+    /// Worker threads (default: [`default_workers`]).
+    pub workers: Option<usize>,
+    /// The configuration file, re-read by SIGHUP and `POST /api/v1/reload` (none: reloads are refused).
+    pub config_path: Option<PathBuf>,
+    /// Listening sockets taken over from a previous fulcrum process ([`crate::takeover`]).
+    pub inherited: Option<crate::takeover::Inherited>,
+    /// Where to offer this process's listening sockets to a successor (`fulcrum run --handoff PATH`).
+    pub handoff: Option<PathBuf>,
+}
+
 /// The running system.
 #[derive(Debug)]
 pub struct Running {
@@ -113,21 +260,6 @@ pub fn default_workers() -> usize {
                 .map(|n| n.get())
                 .unwrap_or(1)
         })
-}
-
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    use socket2::{Domain, Protocol as SockProto, Socket, Type};
-    let socket = Socket::new(
-        Domain::for_address(addr),
-        Type::STREAM,
-        Some(SockProto::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(4096)?;
-    Ok(socket.into())
 }
 
 /// Raises the open-files soft limit to the hard limit: every proxied connection needs two descriptors.
@@ -157,84 +289,26 @@ pub fn check_capabilities(config: &Config) -> Result<(), StartError> {
 
 /// Starts the system described by `config` with the default number of workers.
 pub fn start(config: Config) -> Result<Running, StartError> {
-    start_with_workers(config, default_workers())
+    start_with(config, StartOptions::default())
 }
 
 /// Starts the system described by `config` with `workers` worker threads.
 pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, StartError> {
+    start_with(
+        config,
+        StartOptions {
+            workers: Some(workers),
+            ..StartOptions::default()
+        },
+    )
+}
+
+/// Starts the system described by `config`.
+pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartError> {
     raise_fd_limit();
     check_capabilities(&config)?;
-    let workers = workers.max(1);
-    let pools: Vec<Arc<Pool>> = config
-        .pools
-        .iter()
-        .map(|p| Arc::new(Pool::new(p, workers)))
-        .collect();
+    let workers = opts.workers.unwrap_or_else(default_workers).max(1);
 
-    // One stickiness (and stick table) per pool, shared by every route to it.
-    let mut sticky: Vec<Option<Arc<Sticky>>> = Vec::with_capacity(config.pools.len());
-    for p in &config.pools {
-        sticky.push(match &p.sticky {
-            Some(s) => Some(Arc::new(Sticky::new(&p.name, s, &config.store).map_err(
-                |message| StartError::Store {
-                    pool: p.name.clone(),
-                    message,
-                },
-            )?)),
-            None => None,
-        });
-    }
-
-    // Bind everything first, so that a taken port fails the start before any thread runs.
-    let mut listeners = Vec::new();
-    let mut sockets: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut options = Vec::new();
-    for l in &config.listeners {
-        let protocol = match l.protocol {
-            Protocol::Http => "http",
-            // Rejected by configuration validation until their listeners land.
-            Protocol::Https | Protocol::Tcp | Protocol::Udp => unreachable!("validated"),
-        };
-        let bind_err = |source| StartError::Bind {
-            name: l.name.clone(),
-            addr: l.bind,
-            source,
-        };
-        let first = bind_reuseport(l.bind).map_err(bind_err)?;
-        let bound = first.local_addr().map_err(bind_err)?;
-        sockets[0].push(first);
-        for worker_sockets in sockets.iter_mut().skip(1) {
-            worker_sockets.push(bind_reuseport(bound).map_err(bind_err)?);
-        }
-        let target = |i: usize| Target {
-            pool: pools[i].clone(),
-            sticky: sticky[i].clone(),
-        };
-        let router = HttpRouter {
-            routes: l
-                .routes
-                .iter()
-                .map(|r| (r.matcher.clone(), target(r.pool)))
-                .collect(),
-            default: target(l.pool),
-        };
-        let http = Arc::new(HttpListener {
-            name: l.name.clone(),
-            proto: "http",
-            router,
-            stats: ListenerStats::default(),
-        });
-        options.push(ServeOptions {
-            request_header_timeout: l.request_header_timeout,
-            max_connections: Arc::new(Semaphore::new(l.max_connections)),
-        });
-        listeners.push(ListenerInfo {
-            name: l.name.clone(),
-            bound,
-            protocol,
-            http,
-        });
-    }
     let admin_socket = match &config.admin {
         Some(a) => Some(
             std::net::TcpListener::bind(a.bind)
@@ -248,81 +322,102 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
     };
     let admin_addr = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
 
+    let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
     let shared = Arc::new(Shared {
-        config,
-        pools,
-        listeners,
+        state: ArcSwap::from_pointee(State {
+            config: config.clone(),
+            pools: Vec::new(),
+            listeners: Vec::new(),
+        }),
         started: Instant::now(),
         draining: AtomicBool::new(false),
+        shutdown: shutdown.clone(),
+        control: control_tx,
+        reloads: ReloadStats::default(),
+        admin_token: ArcSwap::from_pointee(config.admin.as_ref().and_then(|a| a.token.clone())),
     });
-    let shutdown = CancellationToken::new();
     let drain_deadline = CancellationToken::new();
     let admin_stop = CancellationToken::new();
-    let (done_tx, done) = mpsc::channel();
-    let mut threads = Vec::new();
 
-    for (id, worker_sockets) in sockets.into_iter().enumerate() {
-        let shared = shared.clone();
-        let options = options.clone();
-        let shutdown = shutdown.clone();
-        let drain_deadline = drain_deadline.clone();
-        let done_tx = done_tx.clone();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        threads.push(std::thread::Builder::new().name(format!("fulcrum-worker-{id}")).spawn(move || {
-            upstream::set_worker_id(id);
-            rt.block_on(async move {
-                let mut tasks = tokio::task::JoinSet::new();
-                for ((socket, info), opts) in worker_sockets.into_iter().zip(&shared.listeners).zip(options) {
-                    let listener = match tokio::net::TcpListener::from_std(socket) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!(listener = %info.name, error = %e, "cannot register listener");
-                            continue;
-                        }
-                    };
-                    tasks.spawn(server::serve(
-                        listener,
-                        info.http.clone(),
-                        opts,
-                        shutdown.clone(),
-                        drain_deadline.clone(),
-                    ));
-                }
-                while tasks.join_next().await.is_some() {}
-            });
-            let _ = done_tx.send(());
-        })?);
+    let mut worker_txs = Vec::with_capacity(workers);
+    let mut worker_rxs = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        worker_txs.push(tx);
+        worker_rxs.push(rx);
     }
 
-    // The control thread: the admin API (if configured) and the active health checks, apart from the
-    // workers so that both keep their pace when the workers are saturated.
-    {
-        let shared = shared.clone();
-        let stop = admin_stop.clone();
+    let control_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut controller = Controller::new(
+        shared.clone(),
+        worker_txs,
+        shutdown.clone(),
+        drain_deadline.clone(),
+        admin_stop.clone(),
+        opts.config_path,
+    );
+    // Bind and build everything before any thread runs, so that a bad start fails here.
+    let mut inherited = opts.inherited;
+    let prepared = controller.prepare(config, inherited.as_mut())?;
+    control_rt.block_on(async { controller.commit(prepared) });
+    if let Some(left) = inherited.filter(|i| !i.is_empty()) {
+        tracing::warn!(sockets = left.len(), "inherited sockets that no listener uses are closed");
+    }
+
+    let (done_tx, done) = mpsc::channel();
+    let mut threads = Vec::new();
+    for (id, rx) in worker_rxs.into_iter().enumerate() {
+        let shutdown = shutdown.clone();
+        let done_tx = done_tx.clone();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         threads.push(
             std::thread::Builder::new()
+                .name(format!("fulcrum-worker-{id}"))
+                .spawn(move || {
+                    upstream::set_worker_id(id);
+                    rt.block_on(control::run_worker(rx, shutdown));
+                    let _ = done_tx.send(());
+                })?,
+        );
+    }
+
+    // The control thread: the control task, the admin API (if configured), health checks and DNS
+    // discovery, apart from the workers so that all keep their pace when the workers are saturated.
+    {
+        let shared = shared.clone();
+        let stop = admin_stop.clone();
+        let handoff = opts.handoff;
+        threads.push(
+            std::thread::Builder::new()
                 .name("fulcrum-control".into())
                 .spawn(move || {
-                    rt.block_on(async move {
-                        start_health_checks(&shared, &stop);
+                    control_rt.block_on(async move {
+                        if let Some(path) = handoff {
+                            controller.offer_handoff(path);
+                        }
+                        let control = tokio::spawn(controller.run(control_rx));
                         match admin_socket.map(tokio::net::TcpListener::from_std) {
-                            Some(Ok(listener)) => crate::admin::serve(listener, shared, stop).await,
+                            Some(Ok(listener)) => {
+                                crate::admin::serve(listener, shared, stop.clone()).await
+                            }
                             Some(Err(e)) => {
                                 tracing::error!(error = %e, "cannot register admin listener")
                             }
-                            None => stop.cancelled().await,
+                            None => {}
                         }
+                        stop.cancelled().await;
+                        control.abort();
                     });
                 })?,
         );
     }
 
-    for l in &shared.listeners {
+    for l in &shared.state().listeners {
         tracing::info!(listener = %l.name, bind = %l.bound, protocol = l.protocol, workers, "listening");
     }
     if let Some(addr) = admin_addr {
@@ -340,40 +435,6 @@ pub fn start_with_workers(config: Config, workers: usize) -> Result<Running, Sta
     })
 }
 
-/// Starts the active health checks of every pool that has them, on the current (control) runtime.
-fn start_health_checks(shared: &Shared, stop: &CancellationToken) {
-    for (pool, cfg) in shared.pools.iter().zip(&shared.config.pools) {
-        let Some(check) = &cfg.health_check else {
-            continue;
-        };
-        let pinger = match check.kind {
-            crate::config::HealthCheckKind::Icmp => match crate::health::icmp::Pinger::new() {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::error!(pool = %pool.name, error = %e, "icmp health checks cannot run");
-                    continue;
-                }
-            },
-            _ => None,
-        };
-        for server in &pool.snapshot_full().servers {
-            // The seed spreads the first checks over the first interval, the same way on every start.
-            let seed =
-                crate::balance::hash_key(format!("{}/{}", pool.name, server.name).as_bytes());
-            let spec = crate::health::CheckSpec {
-                pool: pool.name.clone(),
-                server: server.name.clone(),
-                address: server.address,
-                cfg: check.clone(),
-                pinger: pinger.clone(),
-                seed,
-            };
-            crate::health::spawn_checks(spec, server.clone(), stop.clone());
-        }
-        tracing::info!(pool = %pool.name, kind = check.kind.as_str(), interval = ?check.interval, "health checks started");
-    }
-}
-
 impl Running {
     /// The shared state (pools, listeners, counters).
     pub fn shared(&self) -> &Arc<Shared> {
@@ -383,6 +444,7 @@ impl Running {
     /// The address a listener is bound to, by name.
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
         self.shared
+            .state()
             .listeners
             .iter()
             .find(|l| l.name == name)
@@ -394,12 +456,17 @@ impl Running {
         self.admin_addr
     }
 
+    /// Reloads the configuration file (as SIGHUP does) and waits for the outcome.
+    pub fn reload(&self) -> Result<control::ReloadReport, control::ControlError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shared.notify(Command::Reload { reply: tx });
+        rx.blocking_recv()
+            .map_err(|_| control::ControlError::unavailable())?
+    }
+
     /// Begins a graceful stop: no new connections, open ones finish their current request.
     pub fn shutdown(&self) {
-        if !self.shared.draining.swap(true, Ordering::Relaxed) {
-            tracing::info!(timeout = ?self.shared.config.shutdown_timeout, "draining");
-        }
-        self.shutdown.cancel();
+        self.shared.request_shutdown();
     }
 
     /// Cuts every open connection now (a second signal).
@@ -412,7 +479,8 @@ impl Running {
     /// (then cuts what is left), stops the admin API, and joins the threads. Returns true when the
     /// drain completed in time.
     pub fn wait(self) -> bool {
-        let deadline = Instant::now() + self.shared.config.shutdown_timeout;
+        let timeout = self.shared.state().config.shutdown_timeout;
+        let deadline = Instant::now() + timeout;
         let mut finished = 0;
         while finished < self.workers {
             let left = deadline.saturating_duration_since(Instant::now());

@@ -61,7 +61,7 @@ impl Drop for AppProcess {
 }
 
 fn state(lb: &fulcrum::runtime::Running, pool: usize, server: &str) -> &'static str {
-    let snap = lb.shared().pools[pool].snapshot_full();
+    let snap = lb.shared().pools()[pool].snapshot_full();
     let s = snap
         .servers
         .iter()
@@ -146,7 +146,7 @@ async fn a_killed_server_is_marked_down_in_time_and_no_client_request_fails() {
         detection <= Duration::from_millis(550 + 40 + 250),
         "detection took {detection:?}"
     );
-    let change = lb.shared().pools[0].snapshot_full().servers[1]
+    let change = lb.shared().pools()[0].snapshot_full().servers[1]
         .health
         .last_change()
         .unwrap();
@@ -234,7 +234,7 @@ async fn an_l7_check_sees_what_an_l4_check_cannot() {
         "up",
         "the TCP check still connects, so B looks fine at L4"
     );
-    let last = lb.shared().pools[0].snapshot_full().servers[1]
+    let last = lb.shared().pools()[0].snapshot_full().servers[1]
         .health
         .last_check()
         .unwrap();
@@ -305,7 +305,7 @@ async fn passive_detection_ejects_a_failing_server_within_the_bound() {
         let r = get(&c, &format!("http://{}/", web(&lb))).await;
         fives += usize::from(r.status == StatusCode::INTERNAL_SERVER_ERROR);
     }
-    let snap = lb.shared().pools[0].snapshot_full();
+    let snap = lb.shared().pools()[0].snapshot_full();
     let ejected: Vec<_> = snap
         .servers
         .iter()
@@ -436,7 +436,7 @@ async fn icmp_checks_answer_on_loopback_and_see_a_host_go_away() {
     // Both answer pings first.
     let started = Instant::now();
     loop {
-        let snap = lb.shared().pools[0].snapshot_full();
+        let snap = lb.shared().pools()[0].snapshot_full();
         let checked: Vec<_> = snap
             .servers
             .iter()
@@ -461,7 +461,7 @@ async fn icmp_checks_answer_on_loopback_and_see_a_host_go_away() {
     ns.set_host_link(false);
     wait_state(&lb, 0, "host", "down", Duration::from_secs(3)).await;
     assert_eq!(state(&lb, 0, "loopback"), "up");
-    let last = lb.shared().pools[0].snapshot_full().servers[1]
+    let last = lb.shared().pools()[0].snapshot_full().servers[1]
         .health
         .last_check()
         .unwrap();

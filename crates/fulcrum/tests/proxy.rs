@@ -238,7 +238,7 @@ async fn server_failure_gives_502_and_the_request_is_never_replayed() {
         1,
         "the server saw the request exactly once"
     );
-    let snap = lb.shared().pools[0].snapshot_full();
+    let snap = lb.shared().pools()[0].snapshot_full();
     assert_eq!(
         snap.servers[1].stats.requests_total(),
         0,
@@ -271,7 +271,7 @@ async fn connect_failures_are_retried_on_the_next_server() {
         );
     }
     assert!(
-        lb.shared().pools[0].snapshot_full().servers[0]
+        lb.shared().pools()[0].snapshot_full().servers[0]
             .stats
             .failures_total()
             >= 4

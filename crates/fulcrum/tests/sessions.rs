@@ -384,10 +384,7 @@ async fn a_redis_outage_never_becomes_a_client_error_and_sharing_resumes() {
         "{errors} server errors out of {} during the outage",
         statuses.len()
     );
-    let redis_errors = lb1.shared().listeners[0]
-        .http
-        .router
-        .default
+    let redis_errors = lb1.shared().state().pools[0]
         .sticky
         .as_ref()
         .unwrap()
@@ -704,7 +701,7 @@ async fn a_draining_server_keeps_its_sticky_clients_but_gets_no_new_ones() {
     let base = format!("http://{}", web(&lb));
     let mut old = Browser::new();
     let at = old.login(&base).await;
-    let snapshot = lb.shared().pools[0].snapshot_full();
+    let snapshot = lb.shared().pools()[0].snapshot_full();
     let draining = snapshot.servers.iter().find(|s| s.name == at).unwrap();
     draining.set_state(fulcrum::pool::ServerState::Draining);
     for _ in 0..5 {

@@ -1,14 +1,171 @@
 //! JSON endpoints of the admin API.
+//!
+//! Reads answer from the published state; changes are sent to the control task
+//! ([`crate::control`]), which applies them one at a time. Every mutating call needs the bearer token
+//! when `admin.token` is set (compared in constant time) and, for `POST` and `PUT`, a JSON body
+//! (`Content-Type: application/json`): a web page cannot send one to another origin without the
+//! browser asking first, so no cross-site form can change the balancer. Errors are JSON
+//! `{"error": "...", "field": "..."}` naming the field at fault.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
 use serde::Serialize;
+use serde_json::{Map, Value};
 
-use crate::pool::Pool;
+use crate::config::ServerConfig;
+use crate::control::{AdminState, Command, ControlError};
+use crate::pool::{Pool, Server, ServerState};
 use crate::runtime::Shared;
+
+/// An error answer: status and `{"error", "field"}`.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, ControlError);
+
+impl ApiError {
+    fn new(status: StatusCode, error: impl Into<String>, field: Option<&str>) -> Self {
+        ApiError(
+            status,
+            ControlError {
+                status: status.as_u16(),
+                error: error.into(),
+                field: field.map(str::to_owned),
+            },
+        )
+    }
+
+    fn bad(error: impl Into<String>, field: &str) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, error, Some(field))
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> Self {
+        let status =
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiError(status, e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.0, Json(self.1)).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer realm=\"fulcrum\""),
+            );
+        }
+        resp
+    }
+}
+
+/// Checks the bearer token, when one is configured, in constant time.
+fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let token = shared.admin_token.load();
+    let Some(token) = token.as_ref() else {
+        return Ok(());
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(given) = given else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "this call needs `Authorization: Bearer <admin.token>`",
+            Some("authorization"),
+        ));
+    };
+    use subtle::ConstantTimeEq;
+    if bool::from(given.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "wrong token",
+            Some("authorization"),
+        ))
+    }
+}
+
+/// A mutating call's checks: the token, then a JSON body (parsed; an empty body is `{}`).
+fn mutating(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Map<String, Value>, ApiError> {
+    authorize(shared, headers)?;
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send a JSON body with `Content-Type: application/json`",
+            Some("content-type"),
+        ));
+    }
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "expected a JSON object",
+            None,
+        )),
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("invalid JSON: {e}"),
+            None,
+        )),
+    }
+}
+
+/// Refuses fields other than `allowed`.
+fn only(map: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+    match map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad(
+            format!("unknown field (expected one of: {})", allowed.join(", ")),
+            k,
+        )),
+        None => Ok(()),
+    }
+}
+
+fn weight_field(map: &Map<String, Value>) -> Result<Option<u32>, ApiError> {
+    match map.get("weight") {
+        None => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(w) if (1..=1_000_000).contains(&w) => Ok(Some(w as u32)),
+            _ => Err(ApiError::bad(
+                "must be an integer from 1 to 1000000",
+                "weight",
+            )),
+        },
+    }
+}
+
+fn string_field<'a>(map: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, ApiError> {
+    match map.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad("must be a string", key)),
+    }
+}
 
 pub async fn healthz() -> &'static str {
     "ok\n"
@@ -28,11 +185,13 @@ pub struct StatusView {
     version: &'static str,
     uptime_seconds: f64,
     draining: bool,
+    reloads_ok: u64,
+    reloads_failed: u64,
     listeners: Vec<ListenerView>,
 }
 
 #[derive(Serialize)]
-struct ListenerView {
+pub struct ListenerView {
     name: String,
     bind: String,
     protocol: &'static str,
@@ -40,34 +199,37 @@ struct ListenerView {
     active_connections: i64,
     connections_total: u64,
     requests_total: u64,
+    max_connections: usize,
 }
 
 pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusView> {
-    let listeners = shared
+    let state = shared.state();
+    let listeners = state
         .listeners
         .iter()
         .map(|l| ListenerView {
             name: l.name.clone(),
             bind: l.bound.to_string(),
             protocol: l.protocol,
-            pool: l.http.router.default.pool.name.clone(),
+            pool: l.pool.clone(),
             active_connections: l
-                .http
-                .stats
+                .stats()
                 .active_connections
                 .load(std::sync::atomic::Ordering::Relaxed),
             connections_total: l
-                .http
-                .stats
+                .stats()
                 .connections_total
                 .load(std::sync::atomic::Ordering::Relaxed),
-            requests_total: l.http.stats.requests_total(),
+            requests_total: l.stats().requests_total(),
+            max_connections: l.slots.limit(),
         })
         .collect();
     Json(StatusView {
         version: env!("CARGO_PKG_VERSION"),
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
         draining: shared.is_draining(),
+        reloads_ok: shared.reloads.ok.load(std::sync::atomic::Ordering::Relaxed),
+        reloads_failed: shared.reloads.failed.load(std::sync::atomic::Ordering::Relaxed),
         listeners,
     })
 }
@@ -78,18 +240,30 @@ pub struct PoolsView {
 }
 
 #[derive(Serialize)]
-struct PoolView {
+pub struct PoolView {
     name: String,
     algorithm: &'static str,
+    /// Servers that may take new requests now.
+    available_servers: usize,
+    /// Requests in flight on the pool.
+    in_flight: i64,
+    /// In flight per available server, against `saturation_target` (1.0 = at target); null when no
+    /// server is available while requests wait.
+    saturation: Option<f64>,
+    saturation_target: u32,
     servers: Vec<ServerView>,
 }
 
 #[derive(Serialize)]
-struct ServerView {
+pub struct ServerView {
     name: String,
     address: String,
     weight: u32,
     state: &'static str,
+    /// Where the server came from: `config`, `api` or `dns`.
+    source: &'static str,
+    /// Draining before its removal.
+    removing: bool,
     active_connections: i64,
     requests_total: u64,
     failures_total: u64,
@@ -102,33 +276,226 @@ struct ServerView {
     ejected: bool,
 }
 
+fn server_view(s: &Server) -> ServerView {
+    ServerView {
+        name: s.name.clone(),
+        address: s.address.to_string(),
+        weight: s.weight(),
+        state: s.effective_state().as_str(),
+        source: s.source.as_str(),
+        removing: s.is_removing(),
+        active_connections: s.stats.in_flight(),
+        requests_total: s.stats.requests_total(),
+        failures_total: s.stats.failures_total(),
+        latency_ewma_ms: (s.stats.latency_ewma_ms() * 1000.0).round() / 1000.0,
+        last_check: s.health.last_check(),
+        last_change: s.health.last_change(),
+        ejected: s.health.is_ejected(),
+    }
+}
+
 fn pool_view(pool: &Pool) -> PoolView {
     let snapshot = pool.snapshot_full();
+    let target = pool.config().saturation_target;
+    let saturation = snapshot.saturation(target);
     PoolView {
         name: pool.name.clone(),
-        algorithm: pool.algorithm.as_str(),
-        servers: snapshot
-            .servers
-            .iter()
-            .map(|s| ServerView {
-                name: s.name.clone(),
-                address: s.address.to_string(),
-                weight: s.weight,
-                state: s.effective_state().as_str(),
-                active_connections: s.stats.in_flight(),
-                requests_total: s.stats.requests_total(),
-                failures_total: s.stats.failures_total(),
-                latency_ewma_ms: (s.stats.latency_ewma_ms() * 1000.0).round() / 1000.0,
-                last_check: s.health.last_check(),
-                last_change: s.health.last_change(),
-                ejected: s.health.is_ejected(),
-            })
-            .collect(),
+        algorithm: snapshot.algorithm().as_str(),
+        available_servers: snapshot.servers.iter().filter(|s| s.is_available()).count(),
+        in_flight: snapshot.servers.iter().map(|s| s.stats.in_flight()).sum(),
+        saturation: saturation
+            .is_finite()
+            .then(|| (saturation * 1000.0).round() / 1000.0),
+        saturation_target: target,
+        servers: snapshot.servers.iter().map(|s| server_view(s)).collect(),
     }
 }
 
 pub async fn pools(State(shared): State<Arc<Shared>>) -> Json<PoolsView> {
     Json(PoolsView {
-        pools: shared.pools.iter().map(|p| pool_view(p)).collect(),
+        pools: shared.pools().iter().map(|p| pool_view(p)).collect(),
     })
+}
+
+fn find_pool(shared: &Shared, name: &str) -> Result<Arc<Pool>, ApiError> {
+    shared.pool(name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no pool named `{name}`"),
+            Some("pool"),
+        )
+    })
+}
+
+/// `GET /api/v1/pools/{pool}`.
+pub async fn pool(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+) -> Result<Json<PoolView>, ApiError> {
+    let p = find_pool(&shared, &name)?;
+    Ok(Json(pool_view(&p)))
+}
+
+/// `GET /api/v1/pools/{pool}/servers/{name}`.
+pub async fn server(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, name)): Path<(String, String)>,
+) -> Result<Json<ServerView>, ApiError> {
+    let p = find_pool(&shared, &pool)?;
+    let s = p.server(&name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("pool `{pool}` has no server `{name}`"),
+            Some("name"),
+        )
+    })?;
+    Ok(Json(server_view(&s)))
+}
+
+/// `POST /api/v1/pools/{pool}/servers` with `{"address", "weight", "name"}`: 201 and the server.
+pub async fn add_server(
+    State(shared): State<Arc<Shared>>,
+    Path(pool): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ServerView>), ApiError> {
+    let map = mutating(&shared, &headers, &body)?;
+    only(&map, &["address", "weight", "name"])?;
+    let address_text = string_field(&map, "address")?
+        .ok_or_else(|| ApiError::bad("required, e.g. \"127.0.0.1:9004\"", "address"))?;
+    let address: SocketAddr = address_text.parse().map_err(|_| {
+        ApiError::bad(
+            format!("invalid address {address_text:?}: expected IP:PORT, e.g. \"127.0.0.1:9004\""),
+            "address",
+        )
+    })?;
+    if address.port() == 0 {
+        return Err(ApiError::bad("port 0 is not a server's port", "address"));
+    }
+    let weight = weight_field(&map)?.unwrap_or(1);
+    let name = match string_field(&map, "name")? {
+        Some(n) => {
+            if n.is_empty() || n.len() > 200 || n.chars().any(|c| c.is_control() || c == '/') {
+                return Err(ApiError::bad(
+                    "must be 1 to 200 characters, without control characters or `/`",
+                    "name",
+                ));
+            }
+            n.to_owned()
+        }
+        None => address.to_string(),
+    };
+    let server = ServerConfig {
+        name,
+        address,
+        weight,
+    };
+    let added = shared
+        .control(|reply| Command::AddServer {
+            pool,
+            server,
+            reply,
+        })
+        .await?;
+    Ok((StatusCode::CREATED, Json(server_view(&added))))
+}
+
+#[derive(Serialize)]
+pub struct Removal {
+    name: String,
+    state: &'static str,
+    /// The server leaves the pool when its requests finish, at the latest after this.
+    deregistration_delay_ms: u64,
+}
+
+/// `DELETE /api/v1/pools/{pool}/servers/{name}`: drain, then remove (202).
+pub async fn remove_server(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<(StatusCode, Json<Removal>), ApiError> {
+    authorize(&shared, &headers)?;
+    let delay = shared
+        .control(|reply| Command::RemoveServer {
+            pool,
+            name: name.clone(),
+            reply,
+        })
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Removal {
+            name,
+            state: ServerState::Draining.as_str(),
+            deregistration_delay_ms: delay.as_millis() as u64,
+        }),
+    ))
+}
+
+/// `PUT /api/v1/pools/{pool}/servers/{name}/state` with `{"state": "ready" | "drain" | "maint"}`.
+pub async fn set_state(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<ServerView>, ApiError> {
+    let map = mutating(&shared, &headers, &body)?;
+    only(&map, &["state"])?;
+    let state = match string_field(&map, "state")? {
+        Some("ready") => AdminState::Ready,
+        Some("drain") => AdminState::Drain,
+        Some("maint") => AdminState::Maint,
+        Some(other) => {
+            return Err(ApiError::bad(
+                format!("unknown state {other:?}: expected ready, drain or maint"),
+                "state",
+            ))
+        }
+        None => return Err(ApiError::bad("required: ready, drain or maint", "state")),
+    };
+    let server = shared
+        .control(|reply| Command::SetState {
+            pool,
+            name,
+            state,
+            reply,
+        })
+        .await?;
+    Ok(Json(server_view(&server)))
+}
+
+/// `PUT /api/v1/pools/{pool}/servers/{name}/weight` with `{"weight": N}`.
+pub async fn set_weight(
+    State(shared): State<Arc<Shared>>,
+    Path((pool, name)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<ServerView>, ApiError> {
+    let map = mutating(&shared, &headers, &body)?;
+    only(&map, &["weight"])?;
+    let weight = weight_field(&map)?
+        .ok_or_else(|| ApiError::bad("required: an integer from 1 to 1000000", "weight"))?;
+    let server = shared
+        .control(|reply| Command::SetWeight {
+            pool,
+            name,
+            weight,
+            reply,
+        })
+        .await?;
+    Ok(Json(server_view(&server)))
+}
+
+/// `POST /api/v1/reload`: reload the configuration file; 400 with the error when it is invalid.
+pub async fn reload(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<crate::control::ReloadReport>, ApiError> {
+    let map = mutating(&shared, &headers, &body)?;
+    only(&map, &[])?;
+    let report = shared
+        .control(|reply| Command::Reload { reply })
+        .await?;
+    Ok(Json(report))
 }

@@ -29,6 +29,7 @@ struct FulcrumCollector {
 impl Collector for FulcrumCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let shared = &self.shared;
+        let state = shared.state();
 
         let version = [("version", env!("CARGO_PKG_VERSION"))];
         ConstGauge::new(1i64).encode(
@@ -42,9 +43,9 @@ impl Collector for FulcrumCollector {
             None,
             MetricType::Gauge,
         )?;
-        for l in &shared.listeners {
+        for l in &state.listeners {
             let labels = [("listener", l.name.as_str())];
-            ConstGauge::new(l.http.stats.active_connections.load(Ordering::Relaxed))
+            ConstGauge::new(l.stats().active_connections.load(Ordering::Relaxed))
                 .encode(m.encode_family(&labels)?)?;
         }
         let mut m = enc.encode_descriptor(
@@ -53,9 +54,9 @@ impl Collector for FulcrumCollector {
             None,
             MetricType::Counter,
         )?;
-        for l in &shared.listeners {
+        for l in &state.listeners {
             let labels = [("listener", l.name.as_str())];
-            ConstCounter::new(l.http.stats.connections_total.load(Ordering::Relaxed))
+            ConstCounter::new(l.stats().connections_total.load(Ordering::Relaxed))
                 .encode(m.encode_family(&labels)?)?;
         }
         let mut m = enc.encode_descriptor(
@@ -64,29 +65,23 @@ impl Collector for FulcrumCollector {
             None,
             MetricType::Counter,
         )?;
-        for l in &shared.listeners {
+        for l in &state.listeners {
             for (i, class) in CLASSES.iter().enumerate() {
                 let labels = [("listener", l.name.as_str()), ("class", class)];
-                ConstCounter::new(l.http.stats.responses[i].load(Ordering::Relaxed))
+                ConstCounter::new(l.stats().responses[i].load(Ordering::Relaxed))
                     .encode(m.encode_family(&labels)?)?;
             }
         }
 
-        // Shared stick tables (one per sticky pool, reachable from every route to it).
-        let mut tables: Vec<(&str, u64)> = Vec::new();
-        for l in &shared.listeners {
-            let router = &l.http.router;
-            for target in
-                std::iter::once(&router.default).chain(router.routes.iter().map(|(_, t)| t))
-            {
-                let Some(table) = target.sticky.as_ref().and_then(|s| s.shared()) else {
-                    continue;
-                };
-                if !tables.iter().any(|(p, _)| *p == target.pool.name) {
-                    tables.push((target.pool.name.as_str(), table.errors()));
-                }
-            }
-        }
+        // Shared stick tables (one per sticky pool).
+        let tables: Vec<(&str, u64)> = state
+            .pools
+            .iter()
+            .filter_map(|e| {
+                let table = e.sticky.as_ref()?.shared()?;
+                Some((e.pool.name.as_str(), table.errors()))
+            })
+            .collect();
         if !tables.is_empty() {
             let mut m = enc.encode_descriptor(
                 "store_errors",
@@ -100,10 +95,10 @@ impl Collector for FulcrumCollector {
             }
         }
 
-        let snapshots: Vec<_> = shared
+        let snapshots: Vec<_> = state
             .pools
             .iter()
-            .map(|p| (p.name.as_str(), p.snapshot_full()))
+            .map(|e| (e.pool.name.as_str(), e.pool.snapshot_full()))
             .collect();
         let mut m = enc.encode_descriptor(
             "server_requests",
@@ -171,6 +166,47 @@ impl Collector for FulcrumCollector {
             "Passive ejections of the server",
             |s| Value::Counter(s.health.ejections_total()),
         )?;
+        let mut m = enc.encode_descriptor(
+            "config_reloads",
+            "Configuration reloads, by result (error: refused, the running configuration stayed)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [
+            ("ok", &shared.reloads.ok),
+            ("error", &shared.reloads.failed),
+        ] {
+            ConstCounter::new(n.load(Ordering::Relaxed))
+                .encode(m.encode_family(&[("result", result)])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "pool_servers",
+            "Servers in the pool, by effective state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, snap) in &snapshots {
+            for st in ServerState::ALL {
+                let n = snap
+                    .servers
+                    .iter()
+                    .filter(|s| s.effective_state() == st)
+                    .count();
+                ConstGauge::new(n as i64)
+                    .encode(m.encode_family(&[("pool", *pool), ("state", st.as_str())])?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "pool_saturation",
+            "Requests in flight per available server, against the pool's saturation_target (1 = at target)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((pool, snap), entry) in snapshots.iter().zip(&state.pools) {
+            let sat = snap.saturation(entry.pool.config().saturation_target);
+            ConstGauge::new(if sat.is_finite() { sat } else { f64::MAX })
+                .encode(m.encode_family(&[("pool", *pool)])?)?;
+        }
         let mut m = enc.encode_descriptor(
             "server_response_seconds",
             "Time from sending a request to receiving the server's response head",

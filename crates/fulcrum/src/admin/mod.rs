@@ -8,13 +8,35 @@ mod metrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::Router;
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::Shared;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// The OpenAPI 3.1 description of the admin API (`GET /api/openapi.json`); a test checks it against
+/// [`ROUTES`] and the router.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// Every route of the admin router as `(method, path)`, in OpenAPI's path syntax.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("get", "/"),
+    ("get", "/healthz"),
+    ("get", "/readyz"),
+    ("get", "/metrics"),
+    ("get", "/api/openapi.json"),
+    ("get", "/api/v1/status"),
+    ("get", "/api/v1/pools"),
+    ("get", "/api/v1/pools/{pool}"),
+    ("post", "/api/v1/pools/{pool}/servers"),
+    ("get", "/api/v1/pools/{pool}/servers/{name}"),
+    ("delete", "/api/v1/pools/{pool}/servers/{name}"),
+    ("put", "/api/v1/pools/{pool}/servers/{name}/state"),
+    ("put", "/api/v1/pools/{pool}/servers/{name}/weight"),
+    ("post", "/api/v1/reload"),
+];
 
 /// The admin router over the running system's shared state.
 pub fn router(shared: Arc<Shared>) -> Router {
@@ -23,8 +45,34 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(metrics::metrics))
+        .route(
+            "/api/openapi.json",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    OPENAPI,
+                )
+            }),
+        )
         .route("/api/v1/status", get(api::status))
         .route("/api/v1/pools", get(api::pools))
+        .route("/api/v1/pools/{pool}", get(api::pool))
+        .route("/api/v1/pools/{pool}/servers", post(api::add_server))
+        .route(
+            "/api/v1/pools/{pool}/servers/{name}",
+            get(api::server).delete(api::remove_server),
+        )
+        .route(
+            "/api/v1/pools/{pool}/servers/{name}/state",
+            put(api::set_state),
+        )
+        .route(
+            "/api/v1/pools/{pool}/servers/{name}/weight",
+            put(api::set_weight),
+        )
+        .route("/api/v1/reload", post(api::reload))
+        // Admin calls are small: bound what a client may send.
+        .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(shared)
 }
 

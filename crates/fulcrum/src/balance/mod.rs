@@ -94,6 +94,14 @@ pub trait Loads {
     /// Whether server `i` may take a new request (up, not draining or in maintenance).
     fn available(&self, i: usize) -> bool;
 
+    /// Whether server `i` takes this request: available, and drawn when it is in slow start. Round
+    /// robin asks it of the server whose turn it is and gives a refused turn to the next turn, so that
+    /// the servers that do take requests share them evenly (not the refused server's index neighbour).
+    /// Called at most once per server and pick.
+    fn admits(&self, i: usize) -> bool {
+        self.available(i)
+    }
+
     /// Requests in flight on the whole pool: every server's, available or not (a draining server's
     /// requests still count, as in HAProxy's `served`). Read by the bounded ring once per pick. The
     /// default sums [`Loads::in_flight`], O(n); the pool answers from one pool-wide counter.
@@ -272,14 +280,14 @@ impl Selector {
     #[inline]
     fn pick_with<L: Loads + ?Sized>(&self, key: Option<u64>, loads: &L) -> Candidates {
         match &self.kind {
-            Kind::RoundRobin(s) => s.pick(),
-            Kind::Weighted(s) => s.pick(),
+            Kind::RoundRobin(s) => s.pick(loads),
+            Kind::Weighted(s) => s.pick(loads),
             Kind::LeastConnections(s) => s.pick(loads),
             Kind::LeastResponseTime(s) => s.pick(loads),
             Kind::Random(s) => s.pick(loads),
             Kind::P2c(s) => s.pick(loads),
             Kind::Hashed { hash, no_key } => match key {
-                None => no_key.pick(),
+                None => no_key.pick(loads),
                 Some(_) if self.len == 0 => Candidates::starting_at(0, 0),
                 Some(key) => {
                     let first = match hash {
@@ -303,6 +311,7 @@ pub struct Candidates {
     first: usize,
     len: usize,
     next: usize,
+    admitted: bool,
 }
 
 impl Candidates {
@@ -314,7 +323,21 @@ impl Candidates {
             first,
             len,
             next: 0,
+            admitted: false,
         }
+    }
+
+    /// The same candidates, whose first one [`Loads::admits`] already accepted.
+    #[inline]
+    pub fn admitted(mut self) -> Self {
+        self.admitted = true;
+        self
+    }
+
+    /// The first candidate, when the selector already asked [`Loads::admits`] of it and it accepted.
+    #[inline]
+    pub fn first_admitted(&self) -> Option<usize> {
+        (self.admitted && self.len > 0).then_some(self.first)
     }
 }
 

@@ -12,7 +12,11 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::Candidates;
+use super::{Candidates, Loads};
+
+/// How many turns a pick may pass over servers that refuse the request before it gives up and
+/// returns the turn's server (whose neighbours the caller then tries in index order).
+const MAX_PASSED_TURNS: usize = 64;
 
 /// The longest precomputed cycle, in picks (4 bytes each).
 pub const MAX_CYCLE: u64 = 1 << 16;
@@ -58,14 +62,22 @@ impl SmoothWeighted {
         }
     }
 
-    /// The next server of the cycle, then the others in index order.
+    /// The next server of the cycle that [`Loads::admits`] the request, then the others in index
+    /// order. A turn of a server that refuses passes to the next turn of the cycle, so the servers that
+    /// take requests keep their weighted shares (up to [`MAX_PASSED_TURNS`] turns per pick).
     #[inline]
-    pub fn pick(&self) -> Candidates {
+    pub fn pick<L: Loads + ?Sized>(&self, loads: &L) -> Candidates {
         if self.cycle.is_empty() {
             return Candidates::starting_at(0, 0);
         }
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let first = self.cycle[n % self.cycle.len()] as usize;
+        let mut first = 0;
+        for _ in 0..self.cycle.len().min(MAX_PASSED_TURNS) {
+            let n = self.next.fetch_add(1, Ordering::Relaxed);
+            first = self.cycle[n % self.cycle.len()] as usize;
+            if loads.admits(first) {
+                return Candidates::starting_at(first, self.len).admitted();
+            }
+        }
         Candidates::starting_at(first, self.len)
     }
 
@@ -103,9 +115,23 @@ fn reduce(weights: &[u32]) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::testing::FixedLoads;
 
     fn firsts(s: &SmoothWeighted, n: usize) -> Vec<usize> {
-        (0..n).map(|_| s.pick().next().unwrap()).collect()
+        let loads = FixedLoads::idle(s.len);
+        (0..n).map(|_| s.pick(&loads).next().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_down_servers_turns_keep_the_others_weighted_shares() {
+        let s = SmoothWeighted::new(&[1, 2, 3]);
+        let mut loads = FixedLoads::idle(3);
+        loads.available[0] = false;
+        let mut counts = [0; 3];
+        for _ in 0..500 {
+            counts[s.pick(&loads).next().unwrap()] += 1;
+        }
+        assert_eq!(counts, [0, 200, 300]);
     }
 
     #[test]

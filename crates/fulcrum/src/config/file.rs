@@ -20,11 +20,20 @@ pub(crate) struct RawConfig {
     pub shutdown_timeout: Option<RawDuration>,
     pub admin: Option<RawAdmin>,
     pub store: Option<RawStore>,
+    pub dns: Option<RawDns>,
     /// Defaulted so that "no listeners" gets the same message as `listeners = []`.
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub pools: Vec<RawPool>,
+}
+
+/// `[dns]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawDns {
+    #[serde(default)]
+    pub nameservers: Vec<String>,
 }
 
 /// `[admin]`.
@@ -127,6 +136,10 @@ pub(crate) struct RawPool {
     pub health_check: Option<RawHealthCheck>,
     pub passive: Option<RawPassive>,
     pub sticky: Option<RawSticky>,
+    pub dns_srv: Option<String>,
+    pub resolve_interval: Option<RawDuration>,
+    pub deregistration_delay: Option<RawDuration>,
+    pub saturation_target: Option<i64>,
 }
 
 /// One entry of `pools.servers`.

@@ -78,6 +78,9 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
     /// `[store]` (default in-memory): where shared state such as stick tables lives.
     pub store: StoreConfig,
+    /// `dns.nameservers` (optional, `IP:PORT` each): the DNS servers that resolve server host names and
+    /// `dns_srv`. Empty (the default): the system's (`/etc/resolv.conf`, `/etc/hosts`).
+    pub dns_nameservers: Vec<SocketAddr>,
     /// `[[listeners]]` (at least one): the addresses fulcrum accepts traffic on.
     pub listeners: Vec<ListenerConfig>,
     /// `[[pools]]` (at least one): groups of servers traffic is balanced over. Listeners and routes refer to
@@ -103,7 +106,7 @@ pub struct AdminConfig {
 }
 
 /// `[store]`: where shared state (stick tables) lives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreConfig {
     /// `kind = "memory"` (the default): state lives in this process only.
     Memory,
@@ -117,7 +120,7 @@ pub enum StoreConfig {
 }
 
 /// How to reach Redis.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisTarget {
     /// `store.url`: a single node, `redis://[user:password@]host:port[/db]` or `rediss://…` for TLS.
     Url(String),
@@ -276,8 +279,22 @@ pub struct PoolConfig {
     /// `hash_fallback` (hash algorithms only, default `round_robin`): the algorithm for requests that lack
     /// the hash key (no such header or cookie). Any algorithm that needs no key.
     pub hash_fallback: Algorithm,
-    /// `servers` (required, non-empty).
+    /// `servers` (required, non-empty unless `dns_srv` is set): the entries with an `IP:PORT` address.
     pub servers: Vec<ServerConfig>,
+    /// The entries of `servers` whose address is a `HOST:PORT` name: each A/AAAA answer is a server,
+    /// re-resolved every `resolve_interval`.
+    pub dns_servers: Vec<DnsServerConfig>,
+    /// `dns_srv` (optional): an SRV name (`"_http._tcp.app.internal"`); each answer is a server with the
+    /// record's port and weight, re-resolved every `resolve_interval`.
+    pub dns_srv: Option<String>,
+    /// `resolve_interval` (default `"30s"`, at least `"100ms"`): how often DNS names are resolved again.
+    pub resolve_interval: Duration,
+    /// `deregistration_delay` (default `"30s"`): a server removed through the admin API drains until its
+    /// requests in flight finish or this much time has passed, then leaves the pool.
+    pub deregistration_delay: Duration,
+    /// `saturation_target` (default 50, at least 1): requests in flight per available server that count as
+    /// a saturation of 1.0 (`fulcrum_pool_saturation`, `/api/v1/pools`), for autoscalers.
+    pub saturation_target: u32,
     /// `slow_start` (optional): a server that comes up (or is added) ramps its share of traffic up linearly
     /// over this time.
     pub slow_start: Option<Duration>,
@@ -375,18 +392,31 @@ pub enum HashKey {
 }
 
 /// One entry of `pools.servers`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
     /// `name` (default: `address` as written; unique in the pool): used in the admin API and metrics.
     pub name: String,
-    /// `address` (required): `IP:PORT`, or `HOST:PORT` resolved once at load (IPv4 preferred).
+    /// `address` (required): `IP:PORT` (a `HOST:PORT` entry becomes a [`DnsServerConfig`]).
     pub address: SocketAddr,
     /// `weight` (default 1, 1 to 1 000 000): relative share of traffic for weight-aware algorithms.
     pub weight: u32,
 }
 
+/// An entry of `pools.servers` whose address is a DNS name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsServerConfig {
+    /// `name` (default: the address as written): each server found is named `NAME/IP:PORT`.
+    pub name: String,
+    /// The host name to resolve.
+    pub host: String,
+    /// The port of every server found.
+    pub port: u16,
+    /// `weight` of every server found.
+    pub weight: u32,
+}
+
 /// `[pools.health_check]`: active health checks of every server of the pool.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckConfig {
     /// `kind` (required): `icmp` (ping), `tcp` (connect) or `http` (request `path`, expect `expect_status`).
     pub kind: HealthCheckKind,
@@ -452,7 +482,7 @@ impl HealthCheckKind {
 }
 
 /// `[pools.sticky]`: keep a client on the server that holds its session.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StickyConfig {
     /// `kind` (required): `cookie`, `app_cookie` or `source_ip`.
     pub kind: StickyKind,

@@ -495,14 +495,66 @@ fn expect_status_parsing() {
 }
 
 #[test]
-fn server_address_resolves_localhost() {
+fn a_host_name_address_is_discovered_through_dns() {
     let text = BASE.replace("127.0.0.1:9001", "localhost:9001");
-    let server = &ok(&text).pools[0].servers[0];
-    assert_eq!(server.name, "localhost:9001");
-    assert!(server.address.ip().is_loopback());
-    assert_eq!(server.address.port(), 9001);
+    let pool = &ok(&text).pools[0];
+    assert!(pool.servers.iter().all(|s| s.name != "localhost:9001"));
+    let dns = &pool.dns_servers[0];
+    assert_eq!(
+        (dns.name.as_str(), dns.host.as_str(), dns.port, dns.weight),
+        ("localhost:9001", "localhost", 9001, 1)
+    );
+    assert_eq!(pool.resolve_interval, Duration::from_secs(30));
     let text = BASE.replace("127.0.0.1:9001", "[::1]:9001");
     assert_eq!(ok(&text).pools[0].servers[0].address, addr("[::1]:9001"));
+    let text = BASE.replace("127.0.0.1:9001", "bad_host!:9001");
+    assert_error(
+        &err_all(&text),
+        "pools[0].servers[0].address",
+        line_of(&text, "bad_host!"),
+        "invalid host name",
+    );
+}
+
+#[test]
+fn a_pool_may_discover_all_its_servers_through_srv() {
+    let text = format!(
+        "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\nprotocol = \"http\"\npool = \"p\"\n\
+         [dns]\nnameservers = [\"127.0.0.1:5353\"]\n\
+         [[pools]]\nname = \"p\"\ndns_srv = \"_http._tcp.app.test\"\nresolve_interval = \"1s\"\n\
+         deregistration_delay = \"5s\"\nsaturation_target = 8\n"
+    );
+    let cfg = ok(&text);
+    assert_eq!(cfg.dns_nameservers, vec![addr("127.0.0.1:5353")]);
+    let pool = &cfg.pools[0];
+    assert_eq!(pool.dns_srv.as_deref(), Some("_http._tcp.app.test"));
+    assert!(pool.servers.is_empty());
+    assert_eq!(pool.resolve_interval, Duration::from_secs(1));
+    assert_eq!(pool.deregistration_delay, Duration::from_secs(5));
+    assert_eq!(pool.saturation_target, 8);
+    let bad = text.replace("\"1s\"", "\"10ms\"");
+    assert_error(
+        &err_all(&bad),
+        "pools[0].resolve_interval",
+        line_of(&bad, "resolve_interval"),
+        "at least 100ms",
+    );
+}
+
+#[test]
+fn an_admin_reachable_from_other_hosts_needs_a_token() {
+    let text = variant("bind = \"127.0.0.1:9090\"", "bind = \"0.0.0.0:9090\"");
+    assert_error(
+        &err_all(&text),
+        "admin.bind",
+        line_of(&text, "0.0.0.0:9090"),
+        "set admin.token",
+    );
+    let text = variant(
+        "bind = \"127.0.0.1:9090\"",
+        "bind = \"0.0.0.0:9090\"\ntoken = \"s3cret\"",
+    );
+    assert_eq!(ok(&text).admin.unwrap().token.as_deref(), Some("s3cret"));
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! Every error names the key path it is about; [`ConfigError::at_path`](super::ConfigError) turns the path
 //! into a line. Validation stops at the first error, in file order as far as practical.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use super::file::{
     RawPool, RawRoute, RawServer, RawSticky, RawStore, RawStoreKind, RawTls,
 };
 use super::{
-    AdminConfig, Algorithm, Config, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch,
+    AdminConfig, Algorithm, Config, DnsServerConfig, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch,
     ListenerConfig, PassiveConfig, PoolConfig, Protocol, RedisTarget, RouteConfig, RouteMatch,
     ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
 };
@@ -90,12 +90,24 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
     )?;
     let admin = raw.admin.map(admin).transpose()?;
     let store = store(raw.store)?;
+    let dns_nameservers = match raw.dns {
+        None => Vec::new(),
+        Some(dns) => dns
+            .nameservers
+            .iter()
+            .enumerate()
+            .map(|(i, text)| {
+                bind_address(text, KeyPath::root("dns").key("nameservers").index(i))
+            })
+            .collect::<Result<Vec<_>>>()?,
+    };
     let pools = pools(raw.pools)?;
     let listeners = listeners(raw.listeners, &pools, admin.as_ref())?;
     Ok(Config {
         shutdown_timeout,
         admin,
         store,
+        dns_nameservers,
         listeners,
         pools,
     })
@@ -117,6 +129,15 @@ fn admin(raw: RawAdmin) -> Result<AdminConfig> {
                 "must not contain whitespace or control characters",
             );
         }
+    }
+    if raw.token.is_none() && !bind.ip().is_loopback() {
+        return invalid(
+            path.key("bind"),
+            format!(
+                "{bind} is reachable from other hosts: set admin.token so that only holders of the \
+                 token may change the running balancer, or bind to 127.0.0.1"
+            ),
+        );
     }
     Ok(AdminConfig {
         bind,
@@ -293,10 +314,34 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         Some(fallback) => fallback,
     };
 
-    if raw.servers.is_empty() {
-        return invalid(path.key("servers"), "a pool needs at least one server");
+    let dns_srv = match raw.dns_srv {
+        None => None,
+        Some(name) => {
+            let trimmed = name.trim_end_matches('.');
+            if trimmed.is_empty()
+                || !trimmed
+                    .split('.')
+                    .all(|label| !label.is_empty() && label.len() <= 63)
+                || !trimmed
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            {
+                return invalid(
+                    path.key("dns_srv"),
+                    format!("invalid DNS name {name:?}: expected e.g. \"_http._tcp.app.internal\""),
+                );
+            }
+            Some(name)
+        }
+    };
+    if raw.servers.is_empty() && dns_srv.is_none() {
+        return invalid(
+            path.key("servers"),
+            "a pool needs at least one server (or `dns_srv` to discover them)",
+        );
     }
     let mut servers: Vec<ServerConfig> = Vec::with_capacity(raw.servers.len());
+    let mut dns_servers: Vec<DnsServerConfig> = Vec::new();
     for (i, raw) in raw.servers.into_iter().enumerate() {
         let path = path.key("servers").index(i);
         // A defaulted name is the address: blame the key that was written.
@@ -305,7 +350,27 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         } else {
             "address"
         };
-        let server = server(raw, &path)?;
+        let server = match server(raw, &path)? {
+            Entry::Static(server) => server,
+            Entry::Dns(dns) => {
+                let taken = servers.iter().any(|s| s.name == dns.name)
+                    || dns_servers.iter().any(|d| d.name == dns.name);
+                if taken {
+                    return invalid(
+                        path.key(name_key),
+                        format!("duplicate server name `{}` in this pool", dns.name),
+                    );
+                }
+                dns_servers.push(dns);
+                continue;
+            }
+        };
+        if dns_servers.iter().any(|d| d.name == server.name) {
+            return invalid(
+                path.key(name_key),
+                format!("duplicate server name `{}` in this pool", server.name),
+            );
+        }
         if let Some(first) = servers.iter().position(|s| s.name == server.name) {
             return invalid(
                 path.key(name_key),
@@ -356,6 +421,28 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         .sticky
         .map(|s| sticky(s, &path.key("sticky")))
         .transpose()?;
+    let resolve_interval = duration(
+        raw.resolve_interval.as_ref(),
+        path.key("resolve_interval"),
+        Duration::from_secs(30),
+        Zero::Rejected,
+    )?;
+    if resolve_interval < Duration::from_millis(100) {
+        return invalid(path.key("resolve_interval"), "must be at least 100ms");
+    }
+    let deregistration_delay = duration(
+        raw.deregistration_delay.as_ref(),
+        path.key("deregistration_delay"),
+        Duration::from_secs(30),
+        Zero::Allowed,
+    )?;
+    let saturation_target = integer(
+        raw.saturation_target,
+        path.key("saturation_target"),
+        50,
+        1,
+        1_000_000,
+    )? as u32;
     Ok(PoolConfig {
         name,
         algorithm,
@@ -370,6 +457,11 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         health_check,
         passive,
         sticky,
+        dns_servers,
+        dns_srv,
+        resolve_interval,
+        deregistration_delay,
+        saturation_target,
     })
 }
 
@@ -401,18 +493,38 @@ fn hash_key(text: &str, path: &KeyPath) -> Result<HashKey> {
     Ok(key)
 }
 
-fn server(raw: RawServer, path: &KeyPath) -> Result<ServerConfig> {
+/// A server entry: a fixed address, or a DNS name to resolve (again and again).
+enum Entry {
+    Static(ServerConfig),
+    Dns(DnsServerConfig),
+}
+
+fn server(raw: RawServer, path: &KeyPath) -> Result<Entry> {
     let address = server_address(&raw.address, path.key("address"))?;
     let name = match raw.name {
         Some(n) => name(&n, path.key("name"))?,
         None => raw.address,
     };
     let weight = integer(raw.weight, path.key("weight"), 1, 1, 1_000_000)? as u32;
-    Ok(ServerConfig {
-        name,
-        address,
-        weight,
+    Ok(match address {
+        Address::Ip(address) => Entry::Static(ServerConfig {
+            name,
+            address,
+            weight,
+        }),
+        Address::Name(host, port) => Entry::Dns(DnsServerConfig {
+            name,
+            host,
+            port,
+            weight,
+        }),
     })
+}
+
+/// A server address as written.
+enum Address {
+    Ip(SocketAddr),
+    Name(String, u16),
 }
 
 fn health_check(raw: RawHealthCheck, path: &KeyPath) -> Result<HealthCheckConfig> {
@@ -996,15 +1108,14 @@ fn bind_address(text: &str, path: KeyPath) -> Result<SocketAddr> {
     })
 }
 
-/// A server address: `IP:PORT`, or `HOST:PORT` resolved once, now. IPv4 is preferred because `localhost`
-/// often resolves to `::1` first while local servers commonly listen on `127.0.0.1` only.
-fn server_address(text: &str, path: KeyPath) -> Result<SocketAddr> {
+/// A server address: `IP:PORT`, or `HOST:PORT`, a name that DNS discovery resolves at run time.
+fn server_address(text: &str, path: KeyPath) -> Result<Address> {
     let port_zero = || invalid(path.clone(), format!("invalid address {text:?}: port 0"));
     if let Ok(addr) = text.parse::<SocketAddr>() {
         return if addr.port() == 0 {
             port_zero()
         } else {
-            Ok(addr)
+            Ok(Address::Ip(addr))
         };
     }
     let Some((host, port)) = split_host_port(text) else {
@@ -1019,16 +1130,14 @@ fn server_address(text: &str, path: KeyPath) -> Result<SocketAddr> {
     if port == 0 {
         return port_zero();
     }
-    let addrs: Vec<SocketAddr> = (host, port)
-        .to_socket_addrs()
-        .map_err(|e| Invalid::new(path.clone(), format!("cannot resolve {text:?}: {e}")))?
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or(addrs.first())
-        .copied()
-        .ok_or_else(|| Invalid::new(path, format!("{host:?} resolves to no address")))
+    let valid_host = host
+        .trim_end_matches('.')
+        .split('.')
+        .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    if !valid_host {
+        return invalid(path, format!("invalid host name in {text:?}"));
+    }
+    Ok(Address::Name(host.to_owned(), port))
 }
 
 /// `host:port` or `[v6]:port` → (host without brackets, port).

@@ -17,7 +17,6 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,41 +27,18 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 
+use arc_swap::ArcSwap;
+
 use super::body::{InFlight, ProxyBody, UpstreamBody};
 use super::headers::{is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
+use crate::listener::ListenerStats;
+use super::server::Builders;
 use super::upstream::{self, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn};
 use crate::balance::hash_key;
 use crate::config::{HashKey, RouteMatch};
 use crate::pool::{Pool, PoolSettings, Server};
 use crate::sticky::Sticky;
-
-/// Live counters of one listener.
-#[derive(Debug, Default)]
-pub struct ListenerStats {
-    /// Client connections open now.
-    pub active_connections: AtomicI64,
-    /// Client connections accepted so far.
-    pub connections_total: AtomicU64,
-    /// Responses sent to clients by status class (1xx … 5xx), fulcrum's own included.
-    pub responses: [AtomicU64; 5],
-}
-
-impl ListenerStats {
-    /// Responses sent so far.
-    pub fn requests_total(&self) -> u64 {
-        self.responses
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
-    }
-
-    #[inline]
-    fn count(&self, status: StatusCode) {
-        let class = usize::from((status.as_u16() / 100).clamp(1, 5)) - 1;
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
-    }
-}
 
 /// Where a route sends requests: a pool, and the pool's stickiness if it has any.
 #[derive(Debug, Clone)]
@@ -94,7 +70,9 @@ impl HttpRouter {
     }
 }
 
-/// Everything the request path of one HTTP listener needs.
+/// Everything the request path of one HTTP listener needs. The routing table and the connection
+/// settings are swapped whole by a reload; connections and requests in flight keep the ones they
+/// started with.
 #[derive(Debug)]
 pub struct HttpListener {
     /// The listener's name.
@@ -102,7 +80,9 @@ pub struct HttpListener {
     /// `X-Forwarded-Proto` value.
     pub proto: &'static str,
     /// Routing table.
-    pub router: HttpRouter,
+    pub router: ArcSwap<HttpRouter>,
+    /// hyper's connection settings (request-header timeout).
+    pub builders: ArcSwap<Builders>,
     /// Live counters.
     pub stats: ListenerStats,
 }
@@ -141,9 +121,10 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let listener = &ctx.listener;
-    let target = listener.router.route(&req);
+    let router = listener.router.load();
+    let target = router.route(&req);
     let resp = forward(target, &ctx.client, listener.proto, req).await;
-    listener.stats.count(resp.status());
+    listener.stats.count(resp.status().as_u16());
     Ok(resp)
 }
 

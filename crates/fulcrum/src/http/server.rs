@@ -1,14 +1,12 @@
-//! Accepting client connections and serving HTTP/1.1 and h2c (prior knowledge) on them with hyper.
-//!
-//! Each worker thread runs its own accept loop on its own `SO_REUSEPORT` socket. A full listener (at
-//! `max_connections`) holds the connection it just accepted until a slot frees and stops accepting, so
-//! further clients wait in the kernel's backlog instead of failing. Accept errors (out of file descriptors) back off instead of spinning.
+//! Serving HTTP/1.1 and h2c (prior knowledge) with hyper on the client connections an HTTP listener
+//! accepts (the accept loop itself is protocol-neutral: [`crate::listener`]).
 //!
 //! The protocol is told from the first bytes (`PRI` starts the HTTP/2 preface) with one `peek`, under
 //! the request-header timeout, so a connection that never sends anything is closed like an idle one.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,12 +16,11 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::proxy::{self, Client, HttpListener};
+use crate::listener::{ConnHandler, ListenerStats};
 
 /// The answer to a client that started a request head and did not finish it in time.
 const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n\
@@ -32,104 +29,57 @@ content-length: 60\r\nconnection: close\r\n\r\n408 Request Timeout: the request 
 /// The start of the HTTP/2 connection preface.
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
-/// Connection-level settings of an HTTP listener.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// A request head must arrive within this (an idle keep-alive connection is closed after it too).
-    pub request_header_timeout: Duration,
-    /// Open client connections allowed at once (shared by every worker).
-    pub max_connections: Arc<Semaphore>,
-}
-
-/// hyper's connection builders, configured once per listener and worker.
-struct Builders {
+/// hyper's connection builders of one listener, rebuilt when a reload changes its settings.
+#[derive(Debug)]
+pub struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
     header_timeout: Duration,
 }
 
 impl Builders {
-    fn new(opts: &ServeOptions) -> Self {
+    /// Builders whose request heads must arrive within `request_header_timeout` (an idle keep-alive
+    /// connection is closed after it too).
+    pub fn new(request_header_timeout: Duration) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
-            .header_read_timeout(opts.request_header_timeout)
+            .header_read_timeout(request_header_timeout)
             .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new()).max_concurrent_streams(256);
         Builders {
             h1,
             h2,
-            header_timeout: opts.request_header_timeout,
+            header_timeout: request_header_timeout,
         }
+    }
+
+    /// The request-header timeout these builders apply.
+    pub fn header_timeout(&self) -> Duration {
+        self.header_timeout
     }
 }
 
-/// Accepts and serves connections until `shutdown` fires, then lets open connections finish (each
-/// is told to close after its current request) until `drain_deadline` fires.
-pub async fn serve(
-    listener: TcpListener,
-    http: Arc<HttpListener>,
-    opts: ServeOptions,
-    shutdown: CancellationToken,
-    drain_deadline: CancellationToken,
-) {
-    let builders = Arc::new(Builders::new(&opts));
-    let tracker = TaskTracker::new();
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let (stream, addr) = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(pair) => { backoff = Duration::from_millis(5); pair }
-                Err(e) => {
-                    tracing::warn!(listener = %http.name, error = %e, "accept failed; backing off");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                    continue;
-                }
-            },
-        };
-        // Accept first, then wait for a slot: a permit taken before `accept` could sit idle on this
-        // worker's socket while the next client queues on another worker's socket.
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            p = opts.max_connections.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        http.stats
-            .active_connections
-            .fetch_add(1, Ordering::Relaxed);
-        http.stats.connections_total.fetch_add(1, Ordering::Relaxed);
-        let http = http.clone();
-        let builders = builders.clone();
-        let shutdown = shutdown.clone();
-        let deadline = drain_deadline.clone();
-        tracker.spawn(async move {
-            serve_connection(
-                stream,
-                Client::new(addr),
-                &http,
-                &builders,
-                &shutdown,
-                &deadline,
-            )
-            .await;
-            http.stats
-                .active_connections
-                .fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        });
+impl ConnHandler for HttpListener {
+    fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: CancellationToken,
+        deadline: CancellationToken,
+    ) -> impl Future<Output = ()> + Send {
+        async move {
+            let builders = self.builders.load_full();
+            serve_connection(stream, Client::new(peer), &self, &builders, &stop, &deadline).await;
+        }
     }
-    drop(listener);
-    tracker.close();
-    tokio::select! {
-        _ = tracker.wait() => {}
-        _ = drain_deadline.cancelled() => {}
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn stats(&self) -> &ListenerStats {
+        &self.stats
     }
 }
 

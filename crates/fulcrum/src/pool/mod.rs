@@ -2,17 +2,20 @@
 //! immutable snapshot that requests pick from.
 //!
 //! A [`Pool`] publishes a [`PoolSnapshot`] through `ArcSwap`: the request path loads it without a lock,
-//! picks with its [`Selector`], and updates only atomics on the chosen [`Server`]. Changes (a server
-//! added, removed, reweighted) build a new snapshot off the request path and swap it in.
+//! picks with its [`Selector`], and updates only atomics on the chosen [`Server`]. The pool owns its
+//! membership: changes (a server added, removed, reweighted, a reload, a DNS answer) build a new
+//! snapshot off the request path and swap it in; servers that did not change keep their identity
+//! (health, counters, latency estimate, idle connections, stick-table entries, which name them).
 
 mod stats;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
 pub use stats::{ServerStats, LATENCY_BUCKETS};
 
@@ -62,16 +65,51 @@ impl ServerState {
     }
 }
 
+/// Where a server came from: the configuration file, the admin API, or DNS discovery. A reload
+/// makes the file authoritative for the servers it names and leaves the others alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `pools.servers` in the configuration file.
+    Config,
+    /// `POST /api/v1/pools/{pool}/servers`.
+    Api,
+    /// A DNS answer for this target (a server's host name or the pool's `dns_srv`).
+    Dns(String),
+}
+
+impl Source {
+    /// The name shown by the admin API.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Source::Config => "config",
+            Source::Api => "api",
+            Source::Dns(_) => "dns",
+        }
+    }
+}
+
+/// Unique identities of servers over the process's life (a removed server's id is never reused).
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
 /// One server of a pool.
+///
+/// A server keeps its identity — counters, health, latency estimate, idle connections — for as long
+/// as it stays in its pool with the same name and address: changes to other servers, to its weight, or
+/// a reload that keeps it, never replace it.
 #[derive(Debug)]
 pub struct Server {
+    /// Unique over the process's life.
+    pub id: u64,
     /// Unique within its pool; defaults to the address.
     pub name: String,
     /// Where requests are sent.
     pub address: SocketAddr,
-    /// Relative share of traffic for weighted algorithms.
-    pub weight: u32,
+    weight: AtomicU32,
+    /// Where the server came from.
+    pub source: Source,
     state: AtomicU8,
+    /// Being removed: draining until its requests finish or the deregistration delay passes.
+    removing: AtomicBool,
     /// Live counters (requests, failures, latency, in-flight).
     pub stats: ServerStats,
     /// Requests in flight on the whole pool: one counter shared by every server of a pool (made by
@@ -82,6 +120,8 @@ pub struct Server {
     pub(crate) idle: IdleConns,
     /// Active and passive health, slow start.
     pub health: Health,
+    /// Stops this server's active health checks (cancelled when it leaves its pool).
+    checks: Mutex<Option<CancellationToken>>,
 }
 
 impl AsRef<Health> for Server {
@@ -95,14 +135,18 @@ impl Server {
     /// check has run.
     pub fn new(cfg: &ServerConfig, workers: usize, healthy: bool) -> Self {
         Server {
+            id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
             name: cfg.name.clone(),
             address: cfg.address,
-            weight: cfg.weight,
+            weight: AtomicU32::new(cfg.weight),
+            source: Source::Config,
             state: AtomicU8::new(ServerState::Up as u8),
+            removing: AtomicBool::new(false),
             stats: ServerStats::default(),
             pool_active: Arc::default(),
             idle: IdleConns::new(workers),
             health: Health::new(healthy),
+            checks: Mutex::new(None),
         }
     }
 
@@ -122,6 +166,12 @@ impl Server {
         self
     }
 
+    /// The server's relative share of traffic for weighted algorithms.
+    #[inline]
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
     /// The server's administrative state.
     #[inline]
     pub fn state(&self) -> ServerState {
@@ -133,10 +183,33 @@ impl Server {
         self.state.store(state as u8, Ordering::Relaxed);
     }
 
+    /// True while the server drains before its removal.
+    pub fn is_removing(&self) -> bool {
+        self.removing.load(Ordering::Relaxed)
+    }
+
     /// True when the server may take a new request: administratively up and healthy.
     #[inline]
     pub fn is_available(&self) -> bool {
         self.state() == ServerState::Up && self.health.is_healthy()
+    }
+
+    /// Installs the token that stops this server's health checks, stopping the previous ones.
+    pub fn set_checks(&self, token: Option<CancellationToken>) {
+        let old = std::mem::replace(
+            &mut *self.checks.lock().unwrap_or_else(|e| e.into_inner()),
+            token,
+        );
+        if let Some(old) = old {
+            old.cancel();
+        }
+    }
+
+    /// Stops what runs on behalf of the server once it has left its pool: its health checks and its
+    /// idle connections.
+    fn retire(&self) {
+        self.set_checks(None);
+        self.idle.clear();
     }
 }
 
@@ -157,10 +230,23 @@ pub struct PoolSettings {
     pub slow_start: Option<Duration>,
 }
 
+impl PoolSettings {
+    fn of(cfg: &PoolConfig) -> Self {
+        PoolSettings {
+            retries: cfg.retries,
+            connect_timeout: cfg.connect_timeout,
+            response_timeout: cfg.response_timeout,
+            hash_key: cfg.hash_key.clone(),
+            passive: cfg.passive.clone(),
+            slow_start: cfg.slow_start,
+        }
+    }
+}
+
 /// What a request picks from: the servers and the algorithm built over them, immutable once published.
 #[derive(Debug)]
 pub struct PoolSnapshot {
-    /// The servers, in configuration order.
+    /// The servers, in configuration order (then the ones added at run time, in order of arrival).
     pub servers: Vec<Arc<Server>>,
     /// The algorithm, built over `servers`.
     pub selector: Selector,
@@ -182,20 +268,34 @@ impl PoolSnapshot {
         }
     }
 
+    /// The algorithm of this snapshot.
+    pub fn algorithm(&self) -> Algorithm {
+        self.selector.algorithm()
+    }
+
+    /// The server called `name`, with its index.
+    pub fn find(&self, name: &str) -> Option<(usize, &Arc<Server>)> {
+        self.servers.iter().enumerate().find(|(_, s)| s.name == name)
+    }
+
     /// The next candidate that may take a request, if any.
     ///
     /// With `slow_start`, a server still ramping up is taken with a probability equal to its share of
     /// the ramp so far, so its traffic grows linearly whatever the algorithm; when every remaining
-    /// candidate is ramping and none is drawn, the first of them is taken rather than none.
+    /// candidate is ramping and none is drawn, the first of them is taken rather than none. A first
+    /// candidate the selector already admitted (round robin's turns skip servers that may not take the
+    /// request, so that their share is spread evenly instead of falling to an index neighbour) is not
+    /// drawn again.
     #[inline]
     pub fn next_available(&self, candidates: &mut Candidates) -> Option<&Arc<Server>> {
         let mut ramping = None;
+        let admitted = candidates.first_admitted();
         for i in candidates.by_ref() {
             let server = &self.servers[i];
             if !server.is_available() {
                 continue;
             }
-            if let Some(window) = self.settings.slow_start {
+            if let (Some(window), false) = (self.settings.slow_start, admitted == Some(i)) {
                 let share = server.health.slow_start_factor(window);
                 if share < 1.0 && !chance(share) {
                     ramping.get_or_insert(server);
@@ -218,6 +318,21 @@ impl PoolSnapshot {
                 &server.name,
                 self.servers.iter().map(|s| &s.health),
             );
+        }
+    }
+
+    /// Requests in flight per available server against `target`: 1.0 means the pool runs at its
+    /// target, above it needs more servers (for an autoscaler). Infinite when no server is available
+    /// and requests are in flight, 0 when idle.
+    pub fn saturation(&self, target: u32) -> f64 {
+        let available = self.servers.iter().filter(|s| s.is_available()).count();
+        let in_flight: i64 = self.servers.iter().map(|s| s.stats.in_flight()).sum();
+        if in_flight == 0 {
+            0.0
+        } else if available == 0 {
+            f64::INFINITY
+        } else {
+            in_flight as f64 / (available as f64 * f64::from(target.max(1)))
         }
     }
 }
@@ -262,6 +377,21 @@ impl Loads for PoolSnapshot {
     }
 
     #[inline]
+    fn admits(&self, i: usize) -> bool {
+        let server = &self.servers[i];
+        if !server.is_available() {
+            return false;
+        }
+        match self.settings.slow_start {
+            Some(window) => {
+                let share = server.health.slow_start_factor(window);
+                share >= 1.0 || chance(share)
+            }
+            None => true,
+        }
+    }
+
+    #[inline]
     fn total_in_flight(&self) -> u64 {
         // Every server of a snapshot shares its pool's counter.
         self.servers
@@ -270,17 +400,49 @@ impl Loads for PoolSnapshot {
     }
 }
 
+/// Why a membership change was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    /// No server of that name in the pool.
+    #[error("pool `{pool}` has no server `{name}`")]
+    UnknownServer { pool: String, name: String },
+    /// A server of that name is already in the pool.
+    #[error("pool `{pool}` already has a server named `{name}`")]
+    DuplicateName { pool: String, name: String },
+    /// A server with that address is already in the pool.
+    #[error("pool `{pool}` already has a server at {address} (`{name}`)")]
+    DuplicateAddress {
+        pool: String,
+        address: SocketAddr,
+        name: String,
+    },
+}
+
+/// What a change did to a pool's membership: the servers that joined and those that left (whose
+/// health checks the caller starts and stops).
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Servers that joined the pool.
+    pub added: Vec<Arc<Server>>,
+    /// Servers that left the pool.
+    pub removed: Vec<Arc<Server>>,
+}
+
 /// A named group of servers behind one algorithm.
+///
+/// The pool owns its membership: every change (a server added, removed, reweighted; a reload; a DNS
+/// answer) goes through a method here, which builds the next snapshot off the request path and swaps it
+/// in, keeping the identity of every server that did not change. Changes are serialized by a mutex that
+/// the request path never takes.
 #[derive(Debug)]
 pub struct Pool {
     /// The pool's name from the configuration.
     pub name: String,
-    /// The algorithm's name.
-    pub algorithm: Algorithm,
-    /// The algorithm for requests without a hash key (hash algorithms only).
-    pub hash_fallback: Algorithm,
-    options: SelectorOptions,
+    workers: usize,
+    pool_active: Arc<AtomicI64>,
     snapshot: ArcSwap<PoolSnapshot>,
+    /// The pool's configuration as last loaded (its `servers` as the file lists them).
+    config: Mutex<PoolConfig>,
 }
 
 impl Pool {
@@ -293,65 +455,14 @@ impl Pool {
             .iter()
             .map(|s| Arc::new(Server::new(s, workers, healthy).in_pool(pool_active.clone())))
             .collect();
-        let settings = PoolSettings {
-            retries: cfg.retries,
-            connect_timeout: cfg.connect_timeout,
-            response_timeout: cfg.response_timeout,
-            hash_key: cfg.hash_key.clone(),
-            passive: cfg.passive.clone(),
-            slow_start: cfg.slow_start,
-        };
-        let options = SelectorOptions {
-            hash_balance_factor: cfg.hash_balance_factor,
-            ..SelectorOptions::default()
-        };
-        let snapshot = Self::build(
-            cfg.algorithm,
-            cfg.hash_fallback,
-            &options,
-            servers,
-            settings,
-        );
+        let snapshot = build(cfg, servers);
         Pool {
             name: cfg.name.clone(),
-            algorithm: cfg.algorithm,
-            hash_fallback: cfg.hash_fallback,
-            options,
+            workers,
+            pool_active,
             snapshot: ArcSwap::from_pointee(snapshot),
+            config: Mutex::new(cfg.clone()),
         }
-    }
-
-    /// Builds a snapshot: the selector (and fallback) over `servers`. Off the request path.
-    fn build(
-        algorithm: Algorithm,
-        hash_fallback: Algorithm,
-        options: &SelectorOptions,
-        servers: Vec<Arc<Server>>,
-        settings: PoolSettings,
-    ) -> PoolSnapshot {
-        let specs: Vec<ServerSpec<'_>> = servers
-            .iter()
-            .map(|s| ServerSpec {
-                id: &s.name,
-                weight: s.weight,
-            })
-            .collect();
-        let selector = Selector::new(algorithm, &specs, options);
-        // The hash selectors fall back to smooth weighted round robin by themselves.
-        let fallback = (algorithm.uses_hash_key()
-            && hash_fallback != Algorithm::WeightedRoundRobin)
-            .then(|| Selector::new(hash_fallback, &specs, options));
-        PoolSnapshot {
-            selector,
-            fallback,
-            servers,
-            settings,
-        }
-    }
-
-    /// The selector options every snapshot of this pool is built with.
-    pub fn selector_options(&self) -> &SelectorOptions {
-        &self.options
     }
 
     /// The current snapshot; cheap, lock-free, and valid for as long as it is held.
@@ -363,6 +474,238 @@ impl Pool {
     /// The current snapshot as an owned `Arc` (for long-lived holders such as the admin API).
     pub fn snapshot_full(&self) -> Arc<PoolSnapshot> {
         self.snapshot.load_full()
+    }
+
+    /// The pool's configuration as last loaded.
+    pub fn config(&self) -> PoolConfig {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolConfig> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The server called `name`, if it is in the pool.
+    pub fn server(&self, name: &str) -> Option<Arc<Server>> {
+        self.snapshot().find(name).map(|(_, s)| s.clone())
+    }
+
+    fn unknown(&self, name: &str) -> MembershipError {
+        MembershipError::UnknownServer {
+            pool: self.name.clone(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// A new server of this pool, in slow start when the pool has it.
+    fn make_server(&self, cfg: &PoolConfig, s: &ServerConfig, source: Source) -> Arc<Server> {
+        let healthy = cfg.health_check.as_ref().is_none_or(|h| h.initial_up);
+        let mut server = Server::new(s, self.workers, healthy).in_pool(self.pool_active.clone());
+        server.source = source;
+        if cfg.slow_start.is_some() {
+            server.health.start_ramp();
+        }
+        Arc::new(server)
+    }
+
+    fn publish(&self, cfg: &PoolConfig, servers: Vec<Arc<Server>>) {
+        self.snapshot.store(Arc::new(build(cfg, servers)));
+    }
+
+    /// Adds a server (from the admin API or discovery). Refused when its name or address is taken.
+    pub fn add(&self, s: &ServerConfig, source: Source) -> Result<Arc<Server>, MembershipError> {
+        let cfg = self.lock();
+        let current = self.snapshot_full();
+        if let Some(taken) = current
+            .servers
+            .iter()
+            .find(|x| x.name == s.name || x.address == s.address)
+        {
+            return Err(if taken.name == s.name {
+                MembershipError::DuplicateName {
+                    pool: self.name.clone(),
+                    name: s.name.clone(),
+                }
+            } else {
+                MembershipError::DuplicateAddress {
+                    pool: self.name.clone(),
+                    address: s.address,
+                    name: taken.name.clone(),
+                }
+            });
+        }
+        let server = self.make_server(&cfg, s, source);
+        let mut servers = current.servers.clone();
+        servers.push(server.clone());
+        self.publish(&cfg, servers);
+        Ok(server)
+    }
+
+    /// Takes a server out of the pool now: new requests no longer see it; requests in flight on it
+    /// finish, since they hold it.
+    pub fn remove(&self, name: &str) -> Result<Arc<Server>, MembershipError> {
+        let cfg = self.lock();
+        let current = self.snapshot_full();
+        let (i, server) = current.find(name).ok_or_else(|| self.unknown(name))?;
+        let server = server.clone();
+        let mut servers = current.servers.clone();
+        servers.remove(i);
+        self.publish(&cfg, servers);
+        server.retire();
+        Ok(server)
+    }
+
+    /// Marks a server for removal: it drains (no new clients, sticky ones stay) until the caller
+    /// removes it. Returns the server.
+    pub fn begin_removal(&self, name: &str) -> Result<Arc<Server>, MembershipError> {
+        let server = self.server(name).ok_or_else(|| self.unknown(name))?;
+        server.removing.store(true, Ordering::Relaxed);
+        server.set_state(ServerState::Draining);
+        Ok(server)
+    }
+
+    /// Cancels a pending removal (the server stays; its state is the caller's to set).
+    pub fn cancel_removal(&self, name: &str) {
+        if let Some(s) = self.server(name) {
+            s.removing.store(false, Ordering::Relaxed);
+        }
+    }
+
+    /// Changes a server's weight; the algorithm is rebuilt over the new weights.
+    pub fn set_weight(&self, name: &str, weight: u32) -> Result<Arc<Server>, MembershipError> {
+        let cfg = self.lock();
+        let current = self.snapshot_full();
+        let (_, server) = current.find(name).ok_or_else(|| self.unknown(name))?;
+        server.weight.store(weight.max(1), Ordering::Relaxed);
+        self.publish(&cfg, current.servers.clone());
+        Ok(server.clone())
+    }
+
+    /// Applies a new configuration of the pool (a reload): its settings and algorithm, and the servers
+    /// the file lists. A listed server that is already in the pool with the same name and address keeps
+    /// its identity (and its administrative state; its weight becomes the file's); the others join, in
+    /// slow start. Servers that came from the file and are no longer listed leave; servers added through
+    /// the API or found by DNS stay unless the file now names them.
+    pub fn reconfigure(&self, new: &PoolConfig) -> Applied {
+        let mut cfg = self.lock();
+        let current = self.snapshot_full();
+        let mut applied = Applied::default();
+        let mut servers = Vec::with_capacity(new.servers.len());
+        for s in &new.servers {
+            match current
+                .servers
+                .iter()
+                .find(|x| x.name == s.name && x.address == s.address)
+            {
+                Some(kept) => {
+                    kept.weight.store(s.weight, Ordering::Relaxed);
+                    servers.push(kept.clone());
+                }
+                None => {
+                    let server = self.make_server(new, s, Source::Config);
+                    applied.added.push(server.clone());
+                    servers.push(server);
+                }
+            }
+        }
+        for old in current.servers.iter() {
+            let kept = servers.iter().any(|s| Arc::ptr_eq(s, old));
+            let renamed = new
+                .servers
+                .iter()
+                .any(|s| s.name == old.name || s.address == old.address);
+            if kept {
+                continue;
+            }
+            if old.source == Source::Config || renamed {
+                applied.removed.push(old.clone());
+            } else {
+                servers.push(old.clone());
+            }
+        }
+        *cfg = new.clone();
+        self.publish(&cfg, servers);
+        for s in &applied.removed {
+            s.retire();
+        }
+        applied
+    }
+
+    /// Replaces the servers that DNS target `source` produced by `found` (a new DNS answer): servers
+    /// still answered keep their identity, new ones join in slow start, the others leave.
+    pub fn replace_discovered(&self, source: &str, found: &[ServerConfig]) -> Applied {
+        let cfg = self.lock();
+        let current = self.snapshot_full();
+        let tag = Source::Dns(source.to_owned());
+        let mut applied = Applied::default();
+        let mut reweighted = false;
+        let mut servers: Vec<Arc<Server>> = Vec::with_capacity(current.servers.len());
+        for old in current.servers.iter() {
+            let still = found
+                .iter()
+                .find(|s| s.name == old.name && s.address == old.address);
+            match (old.source == tag, still) {
+                (false, _) => servers.push(old.clone()),
+                (true, Some(s)) => {
+                    reweighted |= old.weight.swap(s.weight, Ordering::Relaxed) != s.weight;
+                    servers.push(old.clone());
+                }
+                (true, None) => applied.removed.push(old.clone()),
+            }
+        }
+        for s in found {
+            let taken = servers
+                .iter()
+                .any(|x| x.name == s.name || x.address == s.address);
+            if !taken {
+                let server = self.make_server(&cfg, s, tag.clone());
+                applied.added.push(server.clone());
+                servers.push(server);
+            }
+        }
+        if applied.added.is_empty() && applied.removed.is_empty() && !reweighted {
+            return applied;
+        }
+        self.publish(&cfg, servers);
+        for s in &applied.removed {
+            s.retire();
+        }
+        applied
+    }
+
+    /// Stops everything that runs for the pool's servers (the pool itself is going away).
+    pub fn retire(&self) {
+        for s in self.snapshot().servers.iter() {
+            s.retire();
+        }
+    }
+}
+
+/// Builds a snapshot: the selector (and fallback) over `servers`. Off the request path.
+fn build(cfg: &PoolConfig, servers: Vec<Arc<Server>>) -> PoolSnapshot {
+    let options = SelectorOptions {
+        hash_balance_factor: cfg.hash_balance_factor,
+        // Each pool draws its own random sequence (random, p2c, tie-breaks).
+        seed: crate::balance::hash_key(format!("fulcrum-pool/{}", cfg.name).as_bytes()),
+        ..SelectorOptions::default()
+    };
+    let specs: Vec<ServerSpec<'_>> = servers
+        .iter()
+        .map(|s| ServerSpec {
+            id: &s.name,
+            weight: s.weight(),
+        })
+        .collect();
+    let selector = Selector::new(cfg.algorithm, &specs, &options);
+    // The hash selectors fall back to smooth weighted round robin by themselves.
+    let fallback = (cfg.algorithm.uses_hash_key()
+        && cfg.hash_fallback != Algorithm::WeightedRoundRobin)
+        .then(|| Selector::new(cfg.hash_fallback, &specs, &options));
+    PoolSnapshot {
+        selector,
+        fallback,
+        servers,
+        settings: PoolSettings::of(cfg),
     }
 }
 

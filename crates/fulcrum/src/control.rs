@@ -1,0 +1,836 @@
+//! The one owner of changes to the running system.
+//!
+//! The admin API, SIGHUP and `POST /api/v1/reload`, DNS discovery and the end of a server's drain all
+//! send [`Command`]s to one control task, which applies them one at a time: add, remove, drain or
+//! reweight a server, reload the configuration file. Nothing else changes pools or listeners, so two
+//! changes never race.
+//!
+//! A reload happens in two steps. [`Controller::prepare`] validates the new file and binds every new
+//! listener (a bad file or an unbindable port refuses the reload and the running configuration stays
+//! untouched); [`Controller::commit`] then applies the difference: pools keep the servers that did not
+//! change (their health, counters, connections and stick-table entries), new listeners start accepting
+//! on every worker, removed listeners stop accepting and drain, and changed routes swap atomically.
+//! Requests and WebSocket tunnels in flight finish where they began, since they hold what they use.
+//! Starting up is a reload from nothing.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use serde::Serialize;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, PoolConfig, Protocol, ServerConfig};
+use crate::discovery::{DnsTarget, Resolver};
+use crate::http::proxy::{HttpListener, HttpRouter, Target};
+use crate::http::server::Builders;
+use crate::listener::{self, Slots};
+use crate::pool::{MembershipError, Pool, Server, ServerState, Source};
+use crate::runtime::{ListenerInfo, PoolEntry, Shared, StartError, State};
+use crate::sticky::Sticky;
+use crate::takeover::{self, Inherited};
+
+/// Where the answer to a command goes.
+pub type Reply<T> = oneshot::Sender<Result<T, ControlError>>;
+
+/// What an operator state change asks for (`PUT …/servers/{name}/state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminState {
+    /// Take traffic again (cancels a drain or a pending removal).
+    Ready,
+    /// Finish what it has, take no new clients (sticky clients stay).
+    Drain,
+    /// Take no traffic at all.
+    Maint,
+}
+
+/// A change to the running system, with where to answer.
+#[derive(Debug)]
+pub enum Command {
+    /// Add a server to a pool.
+    AddServer {
+        pool: String,
+        server: ServerConfig,
+        reply: Reply<Arc<Server>>,
+    },
+    /// Drain a server, then remove it (answers at once with the deregistration delay).
+    RemoveServer {
+        pool: String,
+        name: String,
+        reply: Reply<Duration>,
+    },
+    /// Set a server's administrative state.
+    SetState {
+        pool: String,
+        name: String,
+        state: AdminState,
+        reply: Reply<Arc<Server>>,
+    },
+    /// Change a server's weight.
+    SetWeight {
+        pool: String,
+        name: String,
+        weight: u32,
+        reply: Reply<Arc<Server>>,
+    },
+    /// Reload the configuration file.
+    Reload { reply: Reply<ReloadReport> },
+    /// A DNS answer for one of a pool's targets.
+    Discovered {
+        pool: String,
+        source: String,
+        servers: Vec<ServerConfig>,
+    },
+    /// A removed server's drain is over: take it out of its pool.
+    Drained { pool: String, server: Arc<Server> },
+}
+
+/// Why a command was refused: an HTTP status for the admin API, a message, and the field at fault.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ControlError {
+    /// 400, 404, 409, 503.
+    #[serde(skip)]
+    pub status: u16,
+    /// What is wrong.
+    pub error: String,
+    /// The request field (or configuration key) at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl ControlError {
+    fn new(status: u16, error: impl Into<String>, field: Option<&str>) -> Self {
+        ControlError {
+            status,
+            error: error.into(),
+            field: field.map(str::to_owned),
+        }
+    }
+
+    /// The control task is gone (the process is stopping).
+    pub fn unavailable() -> Self {
+        Self::new(503, "fulcrum is shutting down", None)
+    }
+
+    fn unknown_pool(pool: &str) -> Self {
+        Self::new(404, format!("no pool named `{pool}`"), Some("pool"))
+    }
+}
+
+impl std::fmt::Display for ControlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.field {
+            Some(field) => write!(f, "{field}: {}", self.error),
+            None => f.write_str(&self.error),
+        }
+    }
+}
+
+impl From<MembershipError> for ControlError {
+    fn from(e: MembershipError) -> Self {
+        match &e {
+            MembershipError::UnknownServer { .. } => Self::new(404, e.to_string(), Some("name")),
+            MembershipError::DuplicateName { .. } => Self::new(409, e.to_string(), Some("name")),
+            MembershipError::DuplicateAddress { .. } => {
+                Self::new(409, e.to_string(), Some("address"))
+            }
+        }
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Listeners that started.
+    pub listeners_added: Vec<String>,
+    /// Listeners that stopped accepting (their connections drain).
+    pub listeners_removed: Vec<String>,
+    /// Pools created.
+    pub pools_added: Vec<String>,
+    /// Pools removed.
+    pub pools_removed: Vec<String>,
+    /// Servers that joined, as `pool/server`.
+    pub servers_added: Vec<String>,
+    /// Servers that left, as `pool/server`.
+    pub servers_removed: Vec<String>,
+}
+
+/// What a worker thread is asked to do.
+#[derive(Debug)]
+pub(crate) enum WorkerCommand {
+    /// Accept on this socket for this listener.
+    Listen {
+        socket: std::net::TcpListener,
+        http: Arc<HttpListener>,
+        slots: Arc<Slots>,
+        stop: CancellationToken,
+        deadline: CancellationToken,
+    },
+}
+
+/// The loop of a worker thread: serves the listeners it is given until `shutdown`, then waits for
+/// their connections to drain.
+pub(crate) async fn run_worker(
+    mut commands: UnboundedReceiver<WorkerCommand>,
+    shutdown: CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            command = commands.recv() => match command {
+                Some(WorkerCommand::Listen { socket, http, slots, stop, deadline }) => {
+                    match tokio::net::TcpListener::from_std(socket) {
+                        Ok(l) => {
+                            tasks.spawn(listener::serve(l, http, slots, stop, deadline));
+                        }
+                        Err(e) => {
+                            tracing::error!(listener = %http.name, error = %e, "cannot register listener");
+                        }
+                    }
+                }
+                None => break,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// A validated configuration with its new listening sockets bound and its stick tables built: all that
+/// can fail is done, what is left cannot.
+#[derive(Debug)]
+pub struct Prepared {
+    config: Config,
+    sticky: Vec<Option<Arc<Sticky>>>,
+    /// Sockets of the listeners that start, by index in `config.listeners`.
+    sockets: HashMap<usize, (SocketAddr, Vec<std::net::TcpListener>)>,
+}
+
+/// The control task's state.
+pub struct Controller {
+    shared: Arc<Shared>,
+    workers: Vec<UnboundedSender<WorkerCommand>>,
+    shutdown: CancellationToken,
+    drain_deadline: CancellationToken,
+    /// Stops the control thread's background work (health checks, discovery).
+    stop: CancellationToken,
+    config_path: Option<PathBuf>,
+    pinger: Option<crate::health::icmp::Pinger>,
+    /// Each pool's discovery loop, by pool name.
+    discovery: HashMap<String, CancellationToken>,
+    /// The listening sockets of every listener (one per worker), kept to offer them to a successor.
+    sockets: Arc<ArcSwap<HashMap<String, Arc<Vec<std::net::TcpListener>>>>>,
+    handoff: Option<takeover::Handoff>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("config_path", &self.config_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Controller {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        workers: Vec<UnboundedSender<WorkerCommand>>,
+        shutdown: CancellationToken,
+        drain_deadline: CancellationToken,
+        stop: CancellationToken,
+        config_path: Option<PathBuf>,
+    ) -> Self {
+        Controller {
+            shared,
+            workers,
+            shutdown,
+            drain_deadline,
+            stop,
+            config_path,
+            pinger: None,
+            discovery: HashMap::new(),
+            sockets: Arc::default(),
+            handoff: None,
+        }
+    }
+
+    /// Runs commands until the process stops.
+    pub(crate) async fn run(mut self, mut commands: UnboundedReceiver<Command>) {
+        while let Some(command) = commands.recv().await {
+            self.handle(command);
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::AddServer {
+                pool,
+                server,
+                reply,
+            } => {
+                let _ = reply.send(self.add_server(&pool, server));
+            }
+            Command::RemoveServer { pool, name, reply } => {
+                let _ = reply.send(self.remove_server(&pool, &name));
+            }
+            Command::SetState {
+                pool,
+                name,
+                state,
+                reply,
+            } => {
+                let _ = reply.send(self.set_state(&pool, &name, state));
+            }
+            Command::SetWeight {
+                pool,
+                name,
+                weight,
+                reply,
+            } => {
+                let result = self
+                    .pool(&pool)
+                    .and_then(|p| p.set_weight(&name, weight).map_err(Into::into));
+                let _ = reply.send(result);
+            }
+            Command::Reload { reply } => {
+                let result = self.reload();
+                let counter = match &result {
+                    Ok(_) => &self.shared.reloads.ok,
+                    Err(_) => &self.shared.reloads.failed,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let _ = reply.send(result);
+            }
+            Command::Discovered {
+                pool,
+                source,
+                servers,
+            } => {
+                if let Ok(p) = self.pool(&pool) {
+                    let applied = p.replace_discovered(&source, &servers);
+                    for s in &applied.added {
+                        tracing::info!(pool = %pool, server = %s.name, address = %s.address, "server discovered");
+                    }
+                    for s in &applied.removed {
+                        tracing::info!(pool = %pool, server = %s.name, "server no longer in DNS: removed");
+                    }
+                    self.start_checks(&p, &applied.added);
+                }
+            }
+            Command::Drained { pool, server } => {
+                let Ok(p) = self.pool(&pool) else { return };
+                // Only if it is still the same server and still on its way out.
+                let same = p.server(&server.name).is_some_and(|s| Arc::ptr_eq(&s, &server));
+                if same && server.is_removing() && p.remove(&server.name).is_ok() {
+                    tracing::info!(pool = %pool, server = %server.name, "server removed");
+                }
+            }
+        }
+    }
+
+    fn pool(&self, name: &str) -> Result<Arc<Pool>, ControlError> {
+        self.shared
+            .pool(name)
+            .ok_or_else(|| ControlError::unknown_pool(name))
+    }
+
+    fn add_server(&mut self, pool: &str, server: ServerConfig) -> Result<Arc<Server>, ControlError> {
+        let p = self.pool(pool)?;
+        let added = p.add(&server, Source::Api)?;
+        tracing::info!(pool = %pool, server = %added.name, address = %added.address, "server added");
+        self.start_checks(&p, std::slice::from_ref(&added));
+        Ok(added)
+    }
+
+    fn remove_server(&mut self, pool: &str, name: &str) -> Result<Duration, ControlError> {
+        let p = self.pool(pool)?;
+        let server = p.begin_removal(name)?;
+        let delay = p.config().deregistration_delay;
+        tracing::info!(pool = %pool, server = %name, ?delay, "server draining before removal");
+        let shared = self.shared.clone();
+        let pool = pool.to_owned();
+        tokio::spawn(async move {
+            let drained = async {
+                while server.stats.in_flight() > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
+            let _ = tokio::time::timeout(delay, drained).await;
+            shared.notify(Command::Drained { pool, server });
+        });
+        Ok(delay)
+    }
+
+    fn set_state(
+        &mut self,
+        pool: &str,
+        name: &str,
+        state: AdminState,
+    ) -> Result<Arc<Server>, ControlError> {
+        let p = self.pool(pool)?;
+        let server = p
+            .server(name)
+            .ok_or_else(|| ControlError::from(MembershipError::UnknownServer {
+                pool: pool.to_owned(),
+                name: name.to_owned(),
+            }))?;
+        let (new, label) = match state {
+            AdminState::Ready => (ServerState::Up, "ready"),
+            AdminState::Drain => (ServerState::Draining, "drain"),
+            AdminState::Maint => (ServerState::Maint, "maint"),
+        };
+        if state == AdminState::Ready {
+            p.cancel_removal(name);
+            if server.state() != ServerState::Up && p.config().slow_start.is_some() {
+                server.health.start_ramp();
+            }
+        }
+        server.set_state(new);
+        tracing::info!(pool = %pool, server = %name, state = label, "server state set");
+        Ok(server)
+    }
+
+    /// Re-reads the configuration file and applies it.
+    fn reload(&mut self) -> Result<ReloadReport, ControlError> {
+        if self.shutdown.is_cancelled() {
+            return Err(ControlError::unavailable());
+        }
+        let Some(path) = self.config_path.clone() else {
+            return Err(ControlError::new(
+                400,
+                "this fulcrum was not started from a configuration file",
+                None,
+            ));
+        };
+        let outcome = crate::config::load(&path)
+            .map_err(|e| {
+                ControlError::new(400, e.to_string(), e.key.as_deref().or(Some("config")))
+            })
+            .and_then(|config| {
+                crate::runtime::check_capabilities(&config)
+                    .map_err(|e| ControlError::new(400, e.to_string(), e.field().as_deref()))?;
+                self.prepare(config, None)
+                    .map_err(|e| ControlError::new(400, e.to_string(), e.field().as_deref()))
+            });
+        match outcome {
+            Ok(prepared) => {
+                let report = self.commit(prepared);
+                tracing::info!(file = %path.display(), ?report, "configuration reloaded");
+                Ok(report)
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "configuration reload refused; the running configuration stays");
+                Err(e)
+            }
+        }
+    }
+
+    /// Validates what a configuration needs beyond its file and binds the listeners it adds.
+    pub(crate) fn prepare(
+        &mut self,
+        config: Config,
+        mut inherited: Option<&mut Inherited>,
+    ) -> Result<Prepared, StartError> {
+        let old = self.shared.state();
+        let workers = self.workers.len();
+        // Stickiness: kept when its configuration and the store did not change.
+        let mut sticky = Vec::with_capacity(config.pools.len());
+        for p in &config.pools {
+            let kept = old.pool(&p.name).and_then(|e| {
+                let same = e.sticky.is_some()
+                    && e.pool.config().sticky == p.sticky
+                    && old.config.store == config.store;
+                same.then(|| e.sticky.clone()).flatten()
+            });
+            sticky.push(match (&p.sticky, kept) {
+                (None, _) => None,
+                (Some(_), Some(kept)) => Some(kept),
+                (Some(s), None) => Some(Arc::new(Sticky::new(&p.name, s, &config.store).map_err(
+                    |message| StartError::Store {
+                        pool: p.name.clone(),
+                        message,
+                    },
+                )?)),
+            });
+        }
+        // Bind the listeners that start; a taken port refuses the whole change.
+        let mut sockets = HashMap::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            if l.protocol != Protocol::Http {
+                unreachable!("validated: only http listeners are built");
+            }
+            if self.kept_listener(&old, &config, i).is_some() {
+                continue;
+            }
+            let bind_err = |source| StartError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            };
+            let mut bound_sockets = inherited
+                .as_deref_mut()
+                .and_then(|inh| inh.take_tcp(&l.name, l.bind))
+                .unwrap_or_default();
+            for s in &bound_sockets {
+                s.set_nonblocking(true).map_err(bind_err)?;
+            }
+            if bound_sockets.is_empty() {
+                bound_sockets.push(listener::bind_reuseport(l.bind).map_err(bind_err)?);
+            }
+            let bound = bound_sockets[0].local_addr().map_err(bind_err)?;
+            while bound_sockets.len() < workers {
+                bound_sockets.push(listener::bind_reuseport(bound).map_err(bind_err)?);
+            }
+            sockets.insert(i, (bound, bound_sockets));
+        }
+        Ok(Prepared {
+            config,
+            sticky,
+            sockets,
+        })
+    }
+
+    /// The running listener that listener `i` of `new` continues: same name, address and protocol.
+    fn kept_listener<'a>(&self, old: &'a State, new: &Config, i: usize) -> Option<&'a ListenerInfo> {
+        let l = &new.listeners[i];
+        let before = old.config.listeners.iter().find(|o| o.name == l.name)?;
+        if before.bind != l.bind || before.protocol != l.protocol {
+            return None;
+        }
+        old.listeners.iter().find(|o| o.name == l.name)
+    }
+
+    /// Applies a prepared configuration. Must run on the control runtime (it spawns health checks).
+    pub(crate) fn commit(&mut self, prepared: Prepared) -> ReloadReport {
+        let Prepared {
+            config,
+            sticky,
+            mut sockets,
+        } = prepared;
+        let old = self.shared.state();
+        let workers = self.workers.len();
+        let mut report = ReloadReport::default();
+
+        // Pools: reconfigure the ones that stay, create the new ones.
+        let mut pools = Vec::with_capacity(config.pools.len());
+        for (cfg, sticky) in config.pools.iter().zip(sticky) {
+            let pool = match old.pool(&cfg.name) {
+                Some(entry) => {
+                    let before = entry.pool.config();
+                    let applied = entry.pool.reconfigure(cfg);
+                    for s in &applied.added {
+                        report.servers_added.push(format!("{}/{}", cfg.name, s.name));
+                    }
+                    for s in &applied.removed {
+                        report.servers_removed.push(format!("{}/{}", cfg.name, s.name));
+                    }
+                    if before.health_check != cfg.health_check {
+                        // New checks for every server (their health state stays).
+                        let all = entry.pool.snapshot_full().servers.clone();
+                        self.start_checks(&entry.pool, &all);
+                    } else {
+                        self.start_checks(&entry.pool, &applied.added);
+                    }
+                    entry.pool.clone()
+                }
+                None => {
+                    let pool = Arc::new(Pool::new(cfg, workers));
+                    if !old.config.pools.is_empty() || !old.pools.is_empty() {
+                        report.pools_added.push(cfg.name.clone());
+                    }
+                    let all = pool.snapshot_full().servers.clone();
+                    self.start_checks(&pool, &all);
+                    pool
+                }
+            };
+            pools.push(PoolEntry { pool, sticky });
+        }
+        for entry in &old.pools {
+            if !config.pools.iter().any(|p| p.name == entry.pool.name) {
+                entry.pool.retire();
+                report.pools_removed.push(entry.pool.name.clone());
+            }
+        }
+        self.restart_discovery(&config, &pools);
+
+        // Listeners: swap the routes of the ones that stay, start the new ones, drain the others.
+        let target = |i: usize| Target {
+            pool: pools[i].pool.clone(),
+            sticky: pools[i].sticky.clone(),
+        };
+        let mut listeners = Vec::with_capacity(config.listeners.len());
+        let mut offered = HashMap::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let router = HttpRouter {
+                routes: l
+                    .routes
+                    .iter()
+                    .map(|r| (r.matcher.clone(), target(r.pool)))
+                    .collect(),
+                default: target(l.pool),
+            };
+            let pool = config.pools[l.pool].name.clone();
+            if let Some(kept) = self.kept_listener(&old, &config, i) {
+                kept.http.router.store(Arc::new(router));
+                if kept.http.builders.load().header_timeout() != l.request_header_timeout {
+                    kept.http
+                        .builders
+                        .store(Arc::new(Builders::new(l.request_header_timeout)));
+                }
+                if kept.slots.limit() != l.max_connections {
+                    kept.slots.resize(l.max_connections);
+                }
+                if let Some(s) = self.sockets.load().get(&l.name) {
+                    offered.insert(l.name.clone(), s.clone());
+                }
+                listeners.push(ListenerInfo {
+                    pool,
+                    ..kept.clone()
+                });
+                continue;
+            }
+            let Some((bound, socks)) = sockets.remove(&i) else {
+                continue;
+            };
+            let http = Arc::new(HttpListener {
+                name: l.name.clone(),
+                proto: "http",
+                router: ArcSwap::from_pointee(router),
+                builders: ArcSwap::from_pointee(Builders::new(l.request_header_timeout)),
+                stats: Default::default(),
+            });
+            let info = ListenerInfo {
+                name: l.name.clone(),
+                bound,
+                protocol: l.protocol.as_str(),
+                pool,
+                http,
+                slots: Arc::new(Slots::new(l.max_connections)),
+                stop: self.shutdown.child_token(),
+                deadline: self.drain_deadline.child_token(),
+            };
+            let kept_copies: Vec<std::net::TcpListener> =
+                socks.iter().filter_map(|s| s.try_clone().ok()).collect();
+            offered.insert(l.name.clone(), Arc::new(kept_copies));
+            for (k, socket) in socks.into_iter().enumerate() {
+                let _ = self.workers[k % workers].send(WorkerCommand::Listen {
+                    socket,
+                    http: info.http.clone(),
+                    slots: info.slots.clone(),
+                    stop: info.stop.clone(),
+                    deadline: info.deadline.clone(),
+                });
+            }
+            if !old.listeners.is_empty() {
+                report.listeners_added.push(l.name.clone());
+                tracing::info!(listener = %l.name, bind = %bound, "listener added");
+            }
+            listeners.push(info);
+        }
+        for l in &old.listeners {
+            if listeners
+                .iter()
+                .any(|n| Arc::ptr_eq(&n.http, &l.http))
+            {
+                continue;
+            }
+            report.listeners_removed.push(l.name.clone());
+            tracing::info!(listener = %l.name, "listener removed: draining its connections");
+            l.stop.cancel();
+            let deadline = l.deadline.clone();
+            let grace = config.shutdown_timeout;
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                deadline.cancel();
+            });
+        }
+        self.sockets.store(Arc::new(offered));
+        self.shared.publish(State {
+            config,
+            pools,
+            listeners,
+        });
+        report
+    }
+
+    /// Starts (or restarts) the active health checks of `servers` of `pool`, if it has checks.
+    fn start_checks(&mut self, pool: &Pool, servers: &[Arc<Server>]) {
+        let cfg = pool.config();
+        let Some(check) = &cfg.health_check else {
+            for s in servers {
+                s.set_checks(None);
+            }
+            return;
+        };
+        let pinger = match check.kind {
+            crate::config::HealthCheckKind::Icmp => {
+                if self.pinger.is_none() {
+                    match crate::health::icmp::Pinger::new() {
+                        Ok(p) => self.pinger = Some(p),
+                        Err(e) => {
+                            tracing::error!(pool = %pool.name, error = %e, "icmp health checks cannot run");
+                            return;
+                        }
+                    }
+                }
+                self.pinger.clone()
+            }
+            _ => None,
+        };
+        for server in servers {
+            // The seed spreads the first checks over the first interval, the same way on every start.
+            let seed =
+                crate::balance::hash_key(format!("{}/{}", pool.name, server.name).as_bytes());
+            let spec = crate::health::CheckSpec {
+                pool: pool.name.clone(),
+                server: server.name.clone(),
+                address: server.address,
+                cfg: check.clone(),
+                pinger: pinger.clone(),
+                seed,
+            };
+            let token = self.stop.child_token();
+            server.set_checks(Some(token.clone()));
+            crate::health::spawn_checks(spec, server.clone(), token);
+        }
+    }
+
+    /// Restarts the DNS discovery loop of every pool that has DNS names.
+    fn restart_discovery(&mut self, config: &Config, pools: &[PoolEntry]) {
+        for (_, token) in self.discovery.drain() {
+            token.cancel();
+        }
+        let mut resolver = None;
+        for (cfg, entry) in config.pools.iter().zip(pools) {
+            let targets = dns_targets(cfg);
+            if targets.is_empty() {
+                continue;
+            }
+            let resolver = match &resolver {
+                Some(r) => r,
+                None => match Resolver::new(&config.dns_nameservers) {
+                    Ok(r) => resolver.insert(r),
+                    Err(e) => {
+                        tracing::error!(error = %e, "DNS discovery cannot run");
+                        return;
+                    }
+                },
+            };
+            let token = self.stop.child_token();
+            self.discovery.insert(cfg.name.clone(), token.clone());
+            tokio::spawn(discover(
+                self.shared.clone(),
+                resolver.clone(),
+                entry.pool.name.clone(),
+                targets,
+                cfg.resolve_interval,
+                token,
+            ));
+        }
+    }
+
+    /// Offers this process's listening sockets at `path` to a successor (`fulcrum run --takeover`):
+    /// once it confirms it serves, this process drains and exits.
+    pub(crate) fn offer_handoff(&mut self, path: PathBuf) {
+        let sockets = self.sockets.clone();
+        let shared = self.shared.clone();
+        let offer = move || {
+            let mut out = Vec::new();
+            for (name, socks) in sockets.load().iter() {
+                for s in socks.iter() {
+                    match s.try_clone() {
+                        Ok(s) => out.push((name.clone(), takeover::Kind::Tcp, std::os::fd::OwnedFd::from(s))),
+                        Err(e) => tracing::error!(listener = %name, error = %e, "cannot offer a socket"),
+                    }
+                }
+            }
+            out
+        };
+        let on_ready = move || {
+            tracing::info!("a new fulcrum took over the listening sockets: draining");
+            shared.request_shutdown();
+        };
+        match takeover::Handoff::serve(&path, offer, on_ready) {
+            Ok(h) => {
+                tracing::info!(path = %path.display(), "offering the listening sockets to a successor");
+                self.handoff = Some(h);
+            }
+            Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot offer the listening sockets"),
+        }
+    }
+}
+
+/// The DNS targets of a pool: its host-name servers and its `dns_srv`.
+fn dns_targets(cfg: &PoolConfig) -> Vec<(String, DnsTarget)> {
+    let mut targets: Vec<(String, DnsTarget)> = cfg
+        .dns_servers
+        .iter()
+        .map(|d| {
+            (
+                d.name.clone(),
+                DnsTarget::Host {
+                    host: d.host.clone(),
+                    port: d.port,
+                    weight: d.weight,
+                    base_name: d.name.clone(),
+                },
+            )
+        })
+        .collect();
+    if let Some(name) = &cfg.dns_srv {
+        targets.push((name.clone(), DnsTarget::Srv { name: name.clone() }));
+    }
+    targets
+}
+
+/// Resolves a pool's DNS targets now and every `interval`, and sends what changed to the control task.
+/// A failed resolution keeps the servers of the last good one.
+async fn discover(
+    shared: Arc<Shared>,
+    resolver: Resolver,
+    pool: String,
+    targets: Vec<(String, DnsTarget)>,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut last: HashMap<String, Vec<ServerConfig>> = HashMap::new();
+    loop {
+        for (source, target) in &targets {
+            match resolver.resolve(target).await {
+                Ok(found) => {
+                    let servers: Vec<ServerConfig> = found
+                        .into_iter()
+                        .map(|d| ServerConfig {
+                            name: d.name,
+                            address: d.address,
+                            weight: d.weight.max(1),
+                        })
+                        .collect();
+                    if last.get(source) != Some(&servers) {
+                        last.insert(source.clone(), servers.clone());
+                        shared.notify(Command::Discovered {
+                            pool: pool.clone(),
+                            source: source.clone(),
+                            servers,
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %pool, target = %source, error = %e, "DNS resolution failed; keeping the servers found before");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
