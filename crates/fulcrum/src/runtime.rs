@@ -362,7 +362,12 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
     // Bind and build everything before any thread runs, so that a bad start fails here.
     let mut inherited = opts.inherited;
     let prepared = controller.prepare(config, inherited.as_mut())?;
-    control_rt.block_on(async { controller.commit(prepared) });
+    {
+        // Health checks and discovery spawned by the commit belong to the control runtime (entered,
+        // not blocked on: the caller may itself be async).
+        let _in_control = control_rt.enter();
+        controller.commit(prepared);
+    }
     if let Some(left) = inherited.filter(|i| !i.is_empty()) {
         tracing::warn!(sockets = left.len(), "inherited sockets that no listener uses are closed");
     }

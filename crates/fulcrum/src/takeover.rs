@@ -567,7 +567,7 @@ fn send_with_fds(stream: &UnixStream, data: &[u8], fds: &[BorrowedFd<'_>]) -> io
 /// every descriptor received is closed.
 pub fn receive(path: &Path, timeout: Duration) -> io::Result<(Inherited, Ready)> {
     let deadline = Instant::now() + timeout;
-    let stream = UnixStream::connect(path).map_err(|e| {
+    let stream = connect(path, deadline).map_err(|e| {
         io::Error::new(
             e.kind(),
             format!("connecting to takeover socket {}: {e}", path.display()),
@@ -645,6 +645,34 @@ pub fn receive(path: &Path, timeout: Duration) -> io::Result<(Inherited, Ready)>
     stream.set_read_timeout(None)?;
     tracing::info!(sockets = total, path = %path.display(), "takeover: sockets received");
     Ok((inherited, Ready { stream }))
+}
+
+/// Connects to `path` by `deadline`: a blocking `connect` would wait without
+/// bound on a listener whose backlog is full (an old process that is stuck).
+fn connect(path: &Path, deadline: Instant) -> io::Result<UnixStream> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags};
+    let addr = SocketAddrUnix::new(path)?;
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )?;
+    loop {
+        match rustix::net::connect(&fd, &addr) {
+            Ok(()) => break,
+            Err(Errno::INTR) => continue,
+            // Unix sockets connect at once or, backlog full, fail with EAGAIN.
+            Err(Errno::AGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(Errno::AGAIN) => return Err(timed_out()),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let stream = UnixStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 fn context(e: io::Error, name: &str, kind: Kind) -> io::Error {
@@ -781,7 +809,7 @@ fn invalid(msg: String) -> io::Error {
 fn timed_out() -> io::Error {
     io::Error::new(
         io::ErrorKind::TimedOut,
-        "takeover: timed out receiving the sockets",
+        "takeover: timed out waiting for the old process",
     )
 }
 
