@@ -229,6 +229,8 @@ pub struct Controller {
     /// The listening sockets of every listener (one per worker), kept to offer them to a successor.
     sockets: Arc<ArcSwap<HashMap<String, Arc<Vec<std::net::TcpListener>>>>>,
     handoff: Option<takeover::Handoff>,
+    /// Keep copies of the listening sockets (only to offer them to a successor).
+    keep_sockets: bool,
 }
 
 impl std::fmt::Debug for Controller {
@@ -247,6 +249,7 @@ impl Controller {
         drain_deadline: CancellationToken,
         stop: CancellationToken,
         config_path: Option<PathBuf>,
+        keep_sockets: bool,
     ) -> Self {
         Controller {
             shared,
@@ -259,13 +262,27 @@ impl Controller {
             discovery: HashMap::new(),
             sockets: Arc::default(),
             handoff: None,
+            keep_sockets,
         }
     }
 
     /// Runs commands until the process stops.
     pub(crate) async fn run(mut self, mut commands: UnboundedReceiver<Command>) {
-        while let Some(command) = commands.recv().await {
-            self.handle(command);
+        let shutdown = self.shutdown.clone();
+        let mut stopping = std::pin::pin!(shutdown.cancelled());
+        loop {
+            tokio::select! {
+                command = commands.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => return,
+                },
+                _ = &mut stopping, if self.handoff.is_some() || !self.sockets.load().is_empty() => {
+                    // Draining: let go of the copies of the listening sockets, so that they close
+                    // with the accept loops (a successor that took them over keeps its own).
+                    self.sockets.store(Arc::default());
+                    self.handoff = None;
+                }
+            }
         }
     }
 
@@ -617,9 +634,11 @@ impl Controller {
                 stop: self.shutdown.child_token(),
                 deadline: self.drain_deadline.child_token(),
             };
-            let kept_copies: Vec<std::net::TcpListener> =
-                socks.iter().filter_map(|s| s.try_clone().ok()).collect();
-            offered.insert(l.name.clone(), Arc::new(kept_copies));
+            if self.keep_sockets {
+                let copies: Vec<std::net::TcpListener> =
+                    socks.iter().filter_map(|s| s.try_clone().ok()).collect();
+                offered.insert(l.name.clone(), Arc::new(copies));
+            }
             for (k, socket) in socks.into_iter().enumerate() {
                 let _ = self.workers[k % workers].send(WorkerCommand::Listen {
                     socket,
@@ -739,11 +758,18 @@ impl Controller {
 
     /// Offers this process's listening sockets at `path` to a successor (`fulcrum run --takeover`):
     /// once it confirms it serves, this process drains and exits.
-    pub(crate) fn offer_handoff(&mut self, path: PathBuf) {
+    pub(crate) fn offer_handoff(&mut self, path: PathBuf, admin: Option<std::net::TcpListener>) {
         let sockets = self.sockets.clone();
         let shared = self.shared.clone();
         let offer = move || {
             let mut out = Vec::new();
+            if let Some(s) = admin.as_ref().and_then(|s| s.try_clone().ok()) {
+                out.push((
+                    crate::runtime::ADMIN_SOCKET.to_owned(),
+                    takeover::Kind::Tcp,
+                    std::os::fd::OwnedFd::from(s),
+                ));
+            }
             for (name, socks) in sockets.load().iter() {
                 for s in socks.iter() {
                     match s.try_clone() {

@@ -37,6 +37,9 @@ use crate::listener::{ListenerStats, Slots};
 use crate::pool::Pool;
 use crate::sticky::Sticky;
 
+/// The name under which the admin API's listening socket is handed to a successor.
+pub const ADMIN_SOCKET: &str = "@admin";
+
 /// A listener as the admin side sees it.
 #[derive(Debug, Clone)]
 pub struct ListenerInfo {
@@ -309,15 +312,26 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
     check_capabilities(&config)?;
     let workers = opts.workers.unwrap_or_else(default_workers).max(1);
 
+    let mut inherited = opts.inherited;
     let admin_socket = match &config.admin {
-        Some(a) => Some(
-            std::net::TcpListener::bind(a.bind)
-                .and_then(|s| s.set_nonblocking(true).map(|_| s))
-                .map_err(|source| StartError::AdminBind {
-                    addr: a.bind,
-                    source,
-                })?,
-        ),
+        Some(a) => {
+            let taken = inherited
+                .as_mut()
+                .and_then(|i| i.take_tcp(ADMIN_SOCKET, a.bind))
+                .and_then(|mut v| v.pop());
+            let socket = match taken {
+                Some(s) => Ok(s),
+                None => std::net::TcpListener::bind(a.bind),
+            };
+            Some(
+                socket
+                    .and_then(|s| s.set_nonblocking(true).map(|_| s))
+                    .map_err(|source| StartError::AdminBind {
+                        addr: a.bind,
+                        source,
+                    })?,
+            )
+        }
         None => None,
     };
     let admin_addr = admin_socket.as_ref().and_then(|s| s.local_addr().ok());
@@ -358,9 +372,9 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
         drain_deadline.clone(),
         admin_stop.clone(),
         opts.config_path,
+        opts.handoff.is_some(),
     );
     // Bind and build everything before any thread runs, so that a bad start fails here.
-    let mut inherited = opts.inherited;
     let prepared = controller.prepare(config, inherited.as_mut())?;
     {
         // Health checks and discovery spawned by the commit belong to the control runtime (entered,
@@ -403,7 +417,8 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
                 .spawn(move || {
                     control_rt.block_on(async move {
                         if let Some(path) = handoff {
-                            controller.offer_handoff(path);
+                            let admin = admin_socket.as_ref().and_then(|s| s.try_clone().ok());
+                            controller.offer_handoff(path, admin);
                         }
                         let control = tokio::spawn(controller.run(control_rx));
                         match admin_socket.map(tokio::net::TcpListener::from_std) {

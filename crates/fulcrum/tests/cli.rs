@@ -8,83 +8,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::process::*;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
-
-const BIN: &str = env!("CARGO_BIN_EXE_fulcrum");
-
-fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
-    let path = dir.path().join("fulcrum.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// A free port on 127.0.0.1 (bound then released; the test binds it right after).
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn spawn_fulcrum(config: &std::path::Path) -> Child {
-    Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn fulcrum")
-}
-
-async fn wait_listening(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "fulcrum did not listen on {addr}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("fulcrum did not exit within {within:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `config` with the listener and admin on fixed free ports, for a separate process.
-fn fixed_ports(text: &str) -> (String, SocketAddr, SocketAddr) {
-    let web = free_port();
-    let admin = free_port();
-    let text = text
-        .replacen("bind = \"127.0.0.1:0\"", &format!("bind = \"{admin}\""), 1)
-        .replacen("bind = \"127.0.0.1:0\"", &format!("bind = \"{web}\""), 1);
-    (text, web, admin)
-}
 
 #[test]
 fn check_accepts_a_good_file_and_names_key_and_line_of_a_bad_one() {
