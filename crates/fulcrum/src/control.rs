@@ -345,7 +345,9 @@ impl Controller {
             Command::Drained { pool, server } => {
                 let Ok(p) = self.pool(&pool) else { return };
                 // Only if it is still the same server and still on its way out.
-                let same = p.server(&server.name).is_some_and(|s| Arc::ptr_eq(&s, &server));
+                let same = p
+                    .server(&server.name)
+                    .is_some_and(|s| Arc::ptr_eq(&s, &server));
                 if same && server.is_removing() && p.remove(&server.name).is_ok() {
                     tracing::info!(pool = %pool, server = %server.name, "server removed");
                 }
@@ -359,7 +361,11 @@ impl Controller {
             .ok_or_else(|| ControlError::unknown_pool(name))
     }
 
-    fn add_server(&mut self, pool: &str, server: ServerConfig) -> Result<Arc<Server>, ControlError> {
+    fn add_server(
+        &mut self,
+        pool: &str,
+        server: ServerConfig,
+    ) -> Result<Arc<Server>, ControlError> {
         let p = self.pool(pool)?;
         let added = p.add(&server, Source::Api)?;
         tracing::info!(pool = %pool, server = %added.name, address = %added.address, "server added");
@@ -393,12 +399,12 @@ impl Controller {
         state: AdminState,
     ) -> Result<Arc<Server>, ControlError> {
         let p = self.pool(pool)?;
-        let server = p
-            .server(name)
-            .ok_or_else(|| ControlError::from(MembershipError::UnknownServer {
+        let server = p.server(name).ok_or_else(|| {
+            ControlError::from(MembershipError::UnknownServer {
                 pool: pool.to_owned(),
                 name: name.to_owned(),
-            }))?;
+            })
+        })?;
         let (new, label) = match state {
             AdminState::Ready => (ServerState::Up, "ready"),
             AdminState::Drain => (ServerState::Draining, "drain"),
@@ -428,9 +434,7 @@ impl Controller {
             ));
         };
         let outcome = crate::config::load(&path)
-            .map_err(|e| {
-                ControlError::new(400, e.to_string(), e.key.as_deref().or(Some("config")))
-            })
+            .map_err(|e| ControlError::new(400, e.to_string(), e.key.as_deref().or(Some("config"))))
             .and_then(|config| {
                 crate::runtime::check_capabilities(&config)
                     .map_err(|e| ControlError::new(400, e.to_string(), e.field().as_deref()))?;
@@ -516,7 +520,12 @@ impl Controller {
     }
 
     /// The running listener that listener `i` of `new` continues: same name, address and protocol.
-    fn kept_listener<'a>(&self, old: &'a State, new: &Config, i: usize) -> Option<&'a ListenerInfo> {
+    fn kept_listener<'a>(
+        &self,
+        old: &'a State,
+        new: &Config,
+        i: usize,
+    ) -> Option<&'a ListenerInfo> {
         let l = &new.listeners[i];
         let before = old.config.listeners.iter().find(|o| o.name == l.name)?;
         if before.bind != l.bind || before.protocol != l.protocol {
@@ -544,10 +553,14 @@ impl Controller {
                     let before = entry.pool.config();
                     let applied = entry.pool.reconfigure(cfg);
                     for s in &applied.added {
-                        report.servers_added.push(format!("{}/{}", cfg.name, s.name));
+                        report
+                            .servers_added
+                            .push(format!("{}/{}", cfg.name, s.name));
                     }
                     for s in &applied.removed {
-                        report.servers_removed.push(format!("{}/{}", cfg.name, s.name));
+                        report
+                            .servers_removed
+                            .push(format!("{}/{}", cfg.name, s.name));
                     }
                     if before.health_check != cfg.health_check {
                         // New checks for every server (their health state stays).
@@ -559,7 +572,7 @@ impl Controller {
                     entry.pool.clone()
                 }
                 None => {
-                    let pool = Arc::new(Pool::new(cfg, workers));
+                    let pool = Arc::new(Pool::new(cfg));
                     if !old.config.pools.is_empty() || !old.pools.is_empty() {
                         report.pools_added.push(cfg.name.clone());
                     }
@@ -655,10 +668,7 @@ impl Controller {
             listeners.push(info);
         }
         for l in &old.listeners {
-            if listeners
-                .iter()
-                .any(|n| Arc::ptr_eq(&n.http, &l.http))
-            {
+            if listeners.iter().any(|n| Arc::ptr_eq(&n.http, &l.http)) {
                 continue;
             }
             report.listeners_removed.push(l.name.clone());
@@ -773,8 +783,14 @@ impl Controller {
             for (name, socks) in sockets.load().iter() {
                 for s in socks.iter() {
                     match s.try_clone() {
-                        Ok(s) => out.push((name.clone(), takeover::Kind::Tcp, std::os::fd::OwnedFd::from(s))),
-                        Err(e) => tracing::error!(listener = %name, error = %e, "cannot offer a socket"),
+                        Ok(s) => out.push((
+                            name.clone(),
+                            takeover::Kind::Tcp,
+                            std::os::fd::OwnedFd::from(s),
+                        )),
+                        Err(e) => {
+                            tracing::error!(listener = %name, error = %e, "cannot offer a socket")
+                        }
                     }
                 }
             }
@@ -789,7 +805,9 @@ impl Controller {
                 tracing::info!(path = %path.display(), "offering the listening sockets to a successor");
                 self.handoff = Some(h);
             }
-            Err(e) => tracing::error!(path = %path.display(), error = %e, "cannot offer the listening sockets"),
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot offer the listening sockets")
+            }
         }
     }
 }

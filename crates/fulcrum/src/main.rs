@@ -142,7 +142,12 @@ fn run(path: PathBuf, takeover_socket: Option<PathBuf>) -> anyhow::Result<()> {
                 opts.inherited = Some(inherited);
                 ready = Some(r);
             }
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
                 tracing::debug!(socket = %socket.display(), "no running fulcrum to take over from");
             }
             Err(e) => {

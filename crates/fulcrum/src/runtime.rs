@@ -176,8 +176,7 @@ impl Shared {
         self.control
             .send(make(tx))
             .map_err(|_| control::ControlError::unavailable())?;
-        rx.await
-            .map_err(|_| control::ControlError::unavailable())?
+        rx.await.map_err(|_| control::ControlError::unavailable())?
     }
 
     /// Sends a command to the control task without waiting.
@@ -383,7 +382,10 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
         controller.commit(prepared);
     }
     if let Some(left) = inherited.filter(|i| !i.is_empty()) {
-        tracing::warn!(sockets = left.len(), "inherited sockets that no listener uses are closed");
+        tracing::warn!(
+            sockets = left.len(),
+            "inherited sockets that no listener uses are closed"
+        );
     }
 
     let (done_tx, done) = mpsc::channel();

@@ -191,7 +191,12 @@ async fn a_pool_follows_the_answers_for_its_host_name() {
     let lb = fulcrum(&text);
     let web = web(&lb);
     until_serving(web, &["A"]).await;
-    let a = lb.shared().pool("p").unwrap().server(&format!("app/127.0.0.2:{port}")).unwrap();
+    let a = lb
+        .shared()
+        .pool("p")
+        .unwrap()
+        .server(&format!("app/127.0.0.2:{port}"))
+        .unwrap();
     assert_eq!(a.source, fulcrum::pool::Source::Dns("app".into()));
 
     dns.set_a(
@@ -199,7 +204,12 @@ async fn a_pool_follows_the_answers_for_its_host_name() {
         &[Ipv4Addr::new(127, 0, 0, 2), Ipv4Addr::new(127, 0, 0, 3)],
     );
     until_serving(web, &["A", "B"]).await;
-    let a_again = lb.shared().pool("p").unwrap().server(&format!("app/127.0.0.2:{port}")).unwrap();
+    let a_again = lb
+        .shared()
+        .pool("p")
+        .unwrap()
+        .server(&format!("app/127.0.0.2:{port}"))
+        .unwrap();
     assert!(std::sync::Arc::ptr_eq(&a, &a_again), "A kept its identity");
 
     dns.set_a("app.test.", &[Ipv4Addr::new(127, 0, 0, 3)]);
@@ -219,7 +229,10 @@ async fn a_pool_follows_srv_answers_with_their_ports_and_weights() {
     let port = |i: usize| apps[i].addr().port();
     dns.set_srv(
         "_http._tcp.app.test.",
-        &[(10, 1, port(0), "local.test."), (10, 3, port(1), "local.test.")],
+        &[
+            (10, 1, port(0), "local.test."),
+            (10, 3, port(1), "local.test."),
+        ],
     );
     let text = format!(
         "[admin]\nbind = \"127.0.0.1:0\"\n[dns]\nnameservers = [\"{}\"]\n\
@@ -237,7 +250,10 @@ async fn a_pool_follows_srv_answers_with_their_ports_and_weights() {
 
     dns.set_srv(
         "_http._tcp.app.test.",
-        &[(10, 1, port(1), "local.test."), (10, 1, port(2), "local.test.")],
+        &[
+            (10, 1, port(1), "local.test."),
+            (10, 1, port(2), "local.test."),
+        ],
     );
     until_serving(web, &["B", "C"]).await;
     stop(lb).await;

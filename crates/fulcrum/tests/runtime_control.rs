@@ -58,7 +58,14 @@ async fn call(
 }
 
 async fn pool_json(admin: SocketAddr, pool: &str) -> Value {
-    let (status, v) = call(admin, Method::GET, &format!("/api/v1/pools/{pool}"), None, None).await;
+    let (status, v) = call(
+        admin,
+        Method::GET,
+        &format!("/api/v1/pools/{pool}"),
+        None,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{v}");
     v
 }
@@ -102,7 +109,10 @@ async fn servers_are_added_drained_reweighted_and_removed_through_the_api() {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
-    assert_eq!((v["name"].as_str(), v["source"].as_str()), (Some("C"), Some("api")));
+    assert_eq!(
+        (v["name"].as_str(), v["source"].as_str()),
+        (Some("C"), Some("api"))
+    );
     let counts = spread(web, 40).await;
     assert_eq!(counts.get("C"), Some(&20), "weight 2 of 4: {counts:?}");
 
@@ -148,7 +158,6 @@ async fn servers_are_added_drained_reweighted_and_removed_through_the_api() {
     // Remove B while a slow request is in flight on it: 202, B drains (no new requests), the slow
     // request finishes with 200, then B leaves the pool (long before the 20 s delay).
     let slow = {
-        let web = web;
         tokio::spawn(async move {
             let c = client();
             // Round robin: send until a slow request lands on B.
@@ -167,21 +176,42 @@ async fn servers_are_added_drained_reweighted_and_removed_through_the_api() {
         if server(&p, "B").unwrap()["active_connections"].as_i64() == Some(1) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "no slow request on B");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no slow request on B"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, v) = call(admin, Method::DELETE, "/api/v1/pools/p/servers/B", None, None).await;
+    let (status, v) = call(
+        admin,
+        Method::DELETE,
+        "/api/v1/pools/p/servers/B",
+        None,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v["deregistration_delay_ms"], 20_000);
     let p = pool_json(admin, "p").await;
     assert_eq!(server(&p, "B").unwrap()["state"], "draining");
     assert_eq!(server(&p, "B").unwrap()["removing"], true);
     let counts = spread(web, 10).await;
-    assert_eq!(counts.get("B"), None, "a draining server gets no new requests");
-    assert_eq!(slow.await.unwrap(), StatusCode::OK, "the in-flight request finished");
+    assert_eq!(
+        counts.get("B"),
+        None,
+        "a draining server gets no new requests"
+    );
+    assert_eq!(
+        slow.await.unwrap(),
+        StatusCode::OK,
+        "the in-flight request finished"
+    );
     let started = Instant::now();
     while server(&pool_json(admin, "p").await, "B").is_some() {
-        assert!(started.elapsed() < Duration::from_secs(10), "B was not removed after its drain");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B was not removed after its drain"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(lb).await;
@@ -208,23 +238,45 @@ async fn a_removal_waits_at_most_the_deregistration_delay() {
         }
     });
     let started = Instant::now();
-    while lb.shared().pool("p").unwrap().server("A").unwrap().stats.in_flight() == 0 {
+    while lb
+        .shared()
+        .pool("p")
+        .unwrap()
+        .server("A")
+        .unwrap()
+        .stats
+        .in_flight()
+        == 0
+    {
         assert!(started.elapsed() < Duration::from_secs(20));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, _) = call(admin, Method::DELETE, "/api/v1/pools/p/servers/A", None, None).await;
+    let (status, _) = call(
+        admin,
+        Method::DELETE,
+        "/api/v1/pools/p/servers/A",
+        None,
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::ACCEPTED);
     // A leaves while its request is still in flight ...
     let started = Instant::now();
     while server(&pool_json(admin, "p").await, "A").is_some() {
-        assert!(started.elapsed() < Duration::from_secs(5), "A never removed");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "A never removed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let removed_at = Instant::now();
     // ... and that request still completes, after the removal.
     let (status, done_at) = slow.await.unwrap();
     assert_eq!(status, StatusCode::OK);
-    assert!(done_at > removed_at, "the removal did not wait for the slow request");
+    assert!(
+        done_at > removed_at,
+        "the removal did not wait for the slow request"
+    );
     stop(lb).await;
 }
 
@@ -239,11 +291,23 @@ async fn admin_calls_are_authenticated_and_errors_name_the_field() {
     let lb = fulcrum(&text);
     let admin = lb.admin_addr().unwrap();
     let add = |body: Value| async move {
-        call(admin, Method::POST, "/api/v1/pools/p/servers", Some(body), Some("s3cret")).await
+        call(
+            admin,
+            Method::POST,
+            "/api/v1/pools/p/servers",
+            Some(body),
+            Some("s3cret"),
+        )
+        .await
     };
 
     // Reads need no token; changes do.
-    assert_eq!(call(admin, Method::GET, "/api/v1/pools", None, None).await.0, StatusCode::OK);
+    assert_eq!(
+        call(admin, Method::GET, "/api/v1/pools", None, None)
+            .await
+            .0,
+        StatusCode::OK
+    );
     let (status, v) = call(
         admin,
         Method::POST,
@@ -252,7 +316,10 @@ async fn admin_calls_are_authenticated_and_errors_name_the_field() {
         None,
     )
     .await;
-    assert_eq!((status, v["field"].as_str()), (StatusCode::UNAUTHORIZED, Some("authorization")));
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("authorization"))
+    );
     let (status, _) = call(
         admin,
         Method::DELETE,
@@ -262,7 +329,14 @@ async fn admin_calls_are_authenticated_and_errors_name_the_field() {
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = call(admin, Method::POST, "/api/v1/reload", Some(json!({})), Some("s3cre")).await;
+    let (status, _) = call(
+        admin,
+        Method::POST,
+        "/api/v1/reload",
+        Some(json!({})),
+        Some("s3cre"),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // A form post (no JSON) is refused, token or not.
@@ -271,21 +345,56 @@ async fn admin_calls_are_authenticated_and_errors_name_the_field() {
         .header("content-type", "application/x-www-form-urlencoded")
         .body(Full::new(Bytes::from_static(b"address=127.0.0.1:9")))
         .unwrap();
-    assert_eq!(send(&client(), form).await.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    assert_eq!(
+        send(&client(), form).await.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
 
     // Bad input: status and field.
     let a = apps[0].addr().to_string();
     let cases: Vec<(Value, StatusCode, &str)> = vec![
         (json!({}), StatusCode::BAD_REQUEST, "address"),
-        (json!({"address": "nowhere"}), StatusCode::BAD_REQUEST, "address"),
-        (json!({"address": "127.0.0.1:0"}), StatusCode::BAD_REQUEST, "address"),
+        (
+            json!({"address": "nowhere"}),
+            StatusCode::BAD_REQUEST,
+            "address",
+        ),
+        (
+            json!({"address": "127.0.0.1:0"}),
+            StatusCode::BAD_REQUEST,
+            "address",
+        ),
         (json!({"address": 5}), StatusCode::BAD_REQUEST, "address"),
-        (json!({"address": "127.0.0.1:9", "weight": 0}), StatusCode::BAD_REQUEST, "weight"),
-        (json!({"address": "127.0.0.1:9", "weight": "2"}), StatusCode::BAD_REQUEST, "weight"),
-        (json!({"address": "127.0.0.1:9", "name": ""}), StatusCode::BAD_REQUEST, "name"),
-        (json!({"address": "127.0.0.1:9", "colour": 1}), StatusCode::BAD_REQUEST, "colour"),
-        (json!({"address": "127.0.0.1:9", "name": "A"}), StatusCode::CONFLICT, "name"),
-        (json!({"address": a, "name": "A2"}), StatusCode::CONFLICT, "address"),
+        (
+            json!({"address": "127.0.0.1:9", "weight": 0}),
+            StatusCode::BAD_REQUEST,
+            "weight",
+        ),
+        (
+            json!({"address": "127.0.0.1:9", "weight": "2"}),
+            StatusCode::BAD_REQUEST,
+            "weight",
+        ),
+        (
+            json!({"address": "127.0.0.1:9", "name": ""}),
+            StatusCode::BAD_REQUEST,
+            "name",
+        ),
+        (
+            json!({"address": "127.0.0.1:9", "colour": 1}),
+            StatusCode::BAD_REQUEST,
+            "colour",
+        ),
+        (
+            json!({"address": "127.0.0.1:9", "name": "A"}),
+            StatusCode::CONFLICT,
+            "name",
+        ),
+        (
+            json!({"address": a, "name": "A2"}),
+            StatusCode::CONFLICT,
+            "address",
+        ),
     ];
     for (body, want, field) in cases {
         let (status, v) = add(body.clone()).await;
@@ -301,23 +410,77 @@ async fn admin_calls_are_authenticated_and_errors_name_the_field() {
         Some("s3cret"),
     )
     .await;
-    assert_eq!((status, v["field"].as_str()), (StatusCode::NOT_FOUND, Some("pool")));
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::NOT_FOUND, Some("pool"))
+    );
     for (method, path, body, want, field) in [
-        (Method::PUT, "/api/v1/pools/p/servers/Z/state", json!({"state": "drain"}), StatusCode::NOT_FOUND, "name"),
-        (Method::PUT, "/api/v1/pools/p/servers/A/state", json!({"state": "sleep"}), StatusCode::BAD_REQUEST, "state"),
-        (Method::PUT, "/api/v1/pools/p/servers/A/state", json!({}), StatusCode::BAD_REQUEST, "state"),
-        (Method::PUT, "/api/v1/pools/p/servers/A/weight", json!({"weight": 2_000_000}), StatusCode::BAD_REQUEST, "weight"),
-        (Method::PUT, "/api/v1/pools/p/servers/Z/weight", json!({"weight": 2}), StatusCode::NOT_FOUND, "name"),
+        (
+            Method::PUT,
+            "/api/v1/pools/p/servers/Z/state",
+            json!({"state": "drain"}),
+            StatusCode::NOT_FOUND,
+            "name",
+        ),
+        (
+            Method::PUT,
+            "/api/v1/pools/p/servers/A/state",
+            json!({"state": "sleep"}),
+            StatusCode::BAD_REQUEST,
+            "state",
+        ),
+        (
+            Method::PUT,
+            "/api/v1/pools/p/servers/A/state",
+            json!({}),
+            StatusCode::BAD_REQUEST,
+            "state",
+        ),
+        (
+            Method::PUT,
+            "/api/v1/pools/p/servers/A/weight",
+            json!({"weight": 2_000_000}),
+            StatusCode::BAD_REQUEST,
+            "weight",
+        ),
+        (
+            Method::PUT,
+            "/api/v1/pools/p/servers/Z/weight",
+            json!({"weight": 2}),
+            StatusCode::NOT_FOUND,
+            "name",
+        ),
     ] {
         let (status, v) = call(admin, method, path, Some(body), Some("s3cret")).await;
-        assert_eq!((status, v["field"].as_str()), (want, Some(field)), "{path}: {v}");
+        assert_eq!(
+            (status, v["field"].as_str()),
+            (want, Some(field)),
+            "{path}: {v}"
+        );
     }
-    let (status, v) = call(admin, Method::DELETE, "/api/v1/pools/p/servers/Z", None, Some("s3cret")).await;
-    assert_eq!((status, v["field"].as_str()), (StatusCode::NOT_FOUND, Some("name")));
+    let (status, v) = call(
+        admin,
+        Method::DELETE,
+        "/api/v1/pools/p/servers/Z",
+        None,
+        Some("s3cret"),
+    )
+    .await;
+    assert_eq!(
+        (status, v["field"].as_str()),
+        (StatusCode::NOT_FOUND, Some("name"))
+    );
     // Not started from a file: a reload says so.
     let (status, v) = call(admin, Method::POST, "/api/v1/reload", None, Some("s3cret")).await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{v}");
-    let (status, v) = call(admin, Method::POST, "/api/v1/reload", Some(json!({})), Some("s3cret")).await;
+    let (status, v) = call(
+        admin,
+        Method::POST,
+        "/api/v1/reload",
+        Some(json!({})),
+        Some("s3cret"),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     // With the token, a good call passes.
     let (status, v) = add(json!({"address": "127.0.0.1:9", "name": "Z"})).await;
@@ -347,7 +510,10 @@ async fn the_openapi_document_matches_the_routes() {
         .collect();
     documented.sort();
     routed.sort();
-    assert_eq!(documented, routed, "the document and the router list the same routes");
+    assert_eq!(
+        documented, routed,
+        "the document and the router list the same routes"
+    );
     // Every listed route exists in the router: a request with that method is not 404/405 for lack
     // of a route (the path parameters name a real pool and server; bodies are empty).
     for (method, path) in fulcrum::admin::ROUTES {
@@ -385,7 +551,10 @@ async fn round_robin_spreads_a_down_servers_share_evenly() {
     assert_eq!(counts.get("A"), None);
     for name in ["B", "C"] {
         let share = *counts.get(name).unwrap_or(&0) as f64 / 300.0;
-        assert!((0.45..=0.55).contains(&share), "{name}: {share} of {counts:?}");
+        assert!(
+            (0.45..=0.55).contains(&share),
+            "{name}: {share} of {counts:?}"
+        );
     }
     stop(lb).await;
 }
@@ -411,7 +580,11 @@ async fn reloads_apply_the_difference_and_refuse_bad_files() {
     assert_eq!(a_before.stats.requests_total(), 5);
 
     // Add C and a second listener with its own pool.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let extra = format!(
         "[[listeners]]\nname = \"second\"\nbind = \"127.0.0.1:{port}\"\nprotocol = \"http\"\npool = \"q\"\n\n\
          [[pools]]\nname = \"q\"\nservers = [{{ name = \"C\", address = \"{}\" }}]\n",
@@ -424,7 +597,10 @@ async fn reloads_apply_the_difference_and_refuse_bad_files() {
     assert_eq!(report["listeners_added"], json!(["second"]));
     assert_eq!(report["pools_added"], json!(["q"]));
     let a_after = lb.shared().pool("p").unwrap().server("A").unwrap();
-    assert!(std::sync::Arc::ptr_eq(&a_before, &a_after), "A kept its identity");
+    assert!(
+        std::sync::Arc::ptr_eq(&a_before, &a_after),
+        "A kept its identity"
+    );
     assert_eq!(spread(web, 30).await.len(), 3);
     let second: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert_eq!(pick_sequence(second, 2).await, vec!["C", "C"]);
@@ -432,14 +608,22 @@ async fn reloads_apply_the_difference_and_refuse_bad_files() {
     // An invalid file: 400 naming key and line; the running configuration stays.
     std::fs::write(
         &path,
-        reload_config(&all, &extra).replace("algorithm = \"round_robin\"", "algorithm = \"fastest\""),
+        reload_config(&all, &extra)
+            .replace("algorithm = \"round_robin\"", "algorithm = \"fastest\""),
     )
     .unwrap();
     let (status, v) = call(admin, Method::POST, "/api/v1/reload", Some(json!({})), None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
     assert_eq!(v["field"], "pools[0].algorithm");
-    assert!(v["error"].as_str().unwrap().contains("fulcrum.toml:"), "{v}");
-    assert_eq!(spread(web, 30).await.len(), 3, "still serving the old configuration");
+    assert!(
+        v["error"].as_str().unwrap().contains("fulcrum.toml:"),
+        "{v}"
+    );
+    assert_eq!(
+        spread(web, 30).await.len(),
+        3,
+        "still serving the old configuration"
+    );
 
     // A port that cannot be bound: refused, nothing changed.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -464,14 +648,25 @@ async fn reloads_apply_the_difference_and_refuse_bad_files() {
     assert_eq!(counts.get("B"), None, "{counts:?}");
     let started = Instant::now();
     while tokio::net::TcpStream::connect(second).await.is_ok() {
-        assert!(started.elapsed() < Duration::from_secs(5), "the removed listener still accepts");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the removed listener still accepts"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     // The reloads are counted by result.
-    let metrics = get(&client(), &format!("http://{admin}/metrics")).await.body;
-    assert!(metrics.contains("fulcrum_config_reloads_total{result=\"ok\"} 2"), "{metrics}");
-    assert!(metrics.contains("fulcrum_config_reloads_total{result=\"error\"} 2"), "{metrics}");
+    let metrics = get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .body;
+    assert!(
+        metrics.contains("fulcrum_config_reloads_total{result=\"ok\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fulcrum_config_reloads_total{result=\"error\"} 2"),
+        "{metrics}"
+    );
     stop(lb).await;
 }
 
@@ -494,11 +689,28 @@ async fn api_changes_and_the_file_combine_across_a_reload() {
     )
     .await;
     assert_eq!(status, StatusCode::CREATED);
-    call(admin, Method::PUT, "/api/v1/pools/p/servers/A/state", Some(json!({"state": "maint"})), None).await;
-    call(admin, Method::PUT, "/api/v1/pools/p/servers/B/weight", Some(json!({"weight": 5})), None).await;
+    call(
+        admin,
+        Method::PUT,
+        "/api/v1/pools/p/servers/A/state",
+        Some(json!({"state": "maint"})),
+        None,
+    )
+    .await;
+    call(
+        admin,
+        Method::PUT,
+        "/api/v1/pools/p/servers/B/weight",
+        Some(json!({"weight": 5})),
+        None,
+    )
+    .await;
     // A reload of the unchanged file: the API-added server and the states stay; the file's weights apply.
     let report = tokio::task::block_in_place(|| lb.reload()).expect("reload");
-    assert!(report.servers_added.is_empty() && report.servers_removed.is_empty(), "{report:?}");
+    assert!(
+        report.servers_added.is_empty() && report.servers_removed.is_empty(),
+        "{report:?}"
+    );
     let p = pool_json(admin, "p").await;
     assert_eq!(server(&p, "C").unwrap()["source"], "api");
     assert_eq!(server(&p, "A").unwrap()["state"], "maint");
@@ -509,14 +721,28 @@ async fn api_changes_and_the_file_combine_across_a_reload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturation_tells_an_autoscaler_when_to_add_servers() {
     let apps = apps_with(vec![AppConfig::new("A")]).await;
-    let lb = fulcrum(&config("round_robin", &servers(&apps), "", "saturation_target = 2"));
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "",
+        "saturation_target = 2",
+    ));
     let admin = lb.admin_addr().unwrap();
     let web = web(&lb);
     let p = pool_json(admin, "p").await;
-    assert_eq!((p["saturation"].as_f64(), p["available_servers"].as_u64()), (Some(0.0), Some(1)));
+    assert_eq!(
+        (p["saturation"].as_f64(), p["available_servers"].as_u64()),
+        (Some(0.0), Some(1))
+    );
     // Four slow requests on one server with a target of 2: saturation 2.
     let slow: Vec<_> = (0..4)
-        .map(|_| tokio::spawn(async move { get(&client(), &format!("http://{web}/delay/2000")).await.status }))
+        .map(|_| {
+            tokio::spawn(async move {
+                get(&client(), &format!("http://{web}/delay/2000"))
+                    .await
+                    .status
+            })
+        })
         .collect();
     let started = Instant::now();
     loop {
@@ -528,8 +754,13 @@ async fn saturation_tells_an_autoscaler_when_to_add_servers() {
         assert!(started.elapsed() < Duration::from_secs(10), "{p}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let metrics = get(&client(), &format!("http://{admin}/metrics")).await.body;
-    assert!(metrics.contains("fulcrum_pool_saturation{pool=\"p\"} 2"), "{metrics}");
+    let metrics = get(&client(), &format!("http://{admin}/metrics"))
+        .await
+        .body;
+    assert!(
+        metrics.contains("fulcrum_pool_saturation{pool=\"p\"} 2"),
+        "{metrics}"
+    );
     for s in slow {
         assert_eq!(s.await.unwrap(), StatusCode::OK);
     }

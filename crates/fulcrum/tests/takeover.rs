@@ -11,8 +11,8 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
 use fulcrum::takeover::{receive, Handoff, Kind, Offer};
+use socket2::{Domain, Protocol, Socket, Type};
 
 const LOCALHOST: &str = "127.0.0.1:0";
 

@@ -46,8 +46,7 @@ impl ApiError {
 
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
-        let status =
-            StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiError(status, e)
     }
 }
@@ -229,7 +228,10 @@ pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusView> {
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
         draining: shared.is_draining(),
         reloads_ok: shared.reloads.ok.load(std::sync::atomic::Ordering::Relaxed),
-        reloads_failed: shared.reloads.failed.load(std::sync::atomic::Ordering::Relaxed),
+        reloads_failed: shared
+            .reloads
+            .failed
+            .load(std::sync::atomic::Ordering::Relaxed),
         listeners,
     })
 }
@@ -494,8 +496,6 @@ pub async fn reload(
 ) -> Result<Json<crate::control::ReloadReport>, ApiError> {
     let map = mutating(&shared, &headers, &body)?;
     only(&map, &[])?;
-    let report = shared
-        .control(|reply| Command::Reload { reply })
-        .await?;
+    let report = shared.control(|reply| Command::Reload { reply }).await?;
     Ok(Json(report))
 }

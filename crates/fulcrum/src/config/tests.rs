@@ -518,12 +518,12 @@ fn a_host_name_address_is_discovered_through_dns() {
 
 #[test]
 fn a_pool_may_discover_all_its_servers_through_srv() {
-    let text = format!(
+    let text =
         "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\nprotocol = \"http\"\npool = \"p\"\n\
          [dns]\nnameservers = [\"127.0.0.1:5353\"]\n\
          [[pools]]\nname = \"p\"\ndns_srv = \"_http._tcp.app.test\"\nresolve_interval = \"1s\"\n\
          deregistration_delay = \"5s\"\nsaturation_target = 8\n"
-    );
+            .to_string();
     let cfg = ok(&text);
     assert_eq!(cfg.dns_nameservers, vec![addr("127.0.0.1:5353")]);
     let pool = &cfg.pools[0];

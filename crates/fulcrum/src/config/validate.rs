@@ -17,9 +17,9 @@ use super::file::{
     RawPool, RawRoute, RawServer, RawSticky, RawStore, RawStoreKind, RawTls,
 };
 use super::{
-    AdminConfig, Algorithm, Config, DnsServerConfig, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch,
-    ListenerConfig, PassiveConfig, PoolConfig, Protocol, RedisTarget, RouteConfig, RouteMatch,
-    ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
+    AdminConfig, Algorithm, Config, DnsServerConfig, HashKey, HealthCheckConfig, HealthCheckKind,
+    HostMatch, ListenerConfig, PassiveConfig, PoolConfig, Protocol, RedisTarget, RouteConfig,
+    RouteMatch, ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
 };
 
 /// A validation error: what is wrong with the key at `path`.
@@ -96,9 +96,7 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
             .nameservers
             .iter()
             .enumerate()
-            .map(|(i, text)| {
-                bind_address(text, KeyPath::root("dns").key("nameservers").index(i))
-            })
+            .map(|(i, text)| bind_address(text, KeyPath::root("dns").key("nameservers").index(i)))
             .collect::<Result<Vec<_>>>()?,
     };
     let pools = pools(raw.pools)?;
@@ -1130,10 +1128,12 @@ fn server_address(text: &str, path: KeyPath) -> Result<Address> {
     if port == 0 {
         return port_zero();
     }
-    let valid_host = host
-        .trim_end_matches('.')
-        .split('.')
-        .all(|l| !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+    let valid_host = host.trim_end_matches('.').split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    });
     if !valid_host {
         return invalid(path, format!("invalid host name in {text:?}"));
     }

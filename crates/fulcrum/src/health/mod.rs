@@ -16,19 +16,15 @@ pub mod icmp;
 mod passive;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
 pub use check::{spawn_checks, CheckSpec};
 pub use passive::observe;
 
-/// Milliseconds since this process's health clock started (monotonic).
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
+pub use crate::clock::now_ms;
 
 fn unix_ms() -> u64 {
     SystemTime::now()
@@ -277,27 +273,29 @@ mod tests {
         assert_eq!(h.record_check(result(true), 1, 3), Some(true));
     }
 
-    #[test]
-    fn ejection_expires() {
+    #[tokio::test(start_paused = true)]
+    async fn ejection_expires() {
         let h = Health::new(true);
-        h.eject(Duration::from_millis(30), "test".into());
+        h.eject(Duration::from_secs(30), "test".into());
         assert!(!h.is_healthy() && h.is_ejected());
-        std::thread::sleep(Duration::from_millis(40));
+        tokio::time::advance(Duration::from_millis(29_990)).await;
+        assert!(h.is_ejected(), "still ejected 10 ms before the end");
+        tokio::time::advance(Duration::from_millis(20)).await;
         assert!(h.is_healthy() && !h.is_ejected());
     }
 
-    #[test]
-    fn slow_start_ramps_from_a_trickle_to_full() {
+    #[tokio::test(start_paused = true)]
+    async fn slow_start_ramps_from_a_trickle_to_full() {
         let h = Health::new(true);
-        assert_eq!(
-            h.slow_start_factor(Duration::from_secs(10)),
-            1.0,
-            "never down: full share"
-        );
+        let window = Duration::from_secs(10);
+        assert_eq!(h.slow_start_factor(window), 1.0, "never down: full share");
         h.start_ramp();
-        let f = h.slow_start_factor(Duration::from_secs(10));
-        assert!((0.01..0.05).contains(&f), "{f}");
-        std::thread::sleep(Duration::from_millis(60));
-        assert_eq!(h.slow_start_factor(Duration::from_millis(50)), 1.0);
+        assert_eq!(h.slow_start_factor(window), 0.01, "a trickle at first");
+        for (at_s, share) in [(2.5, 0.25), (5.0, 0.5), (7.5, 0.75)] {
+            tokio::time::advance(Duration::from_millis(2_500)).await;
+            assert_eq!(h.slow_start_factor(window), share, "at {at_s} s");
+        }
+        tokio::time::advance(Duration::from_millis(2_500)).await;
+        assert_eq!(h.slow_start_factor(window), 1.0);
     }
 }

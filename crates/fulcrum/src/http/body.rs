@@ -8,8 +8,6 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
@@ -17,36 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 
 use super::chunked::Step;
 use super::upstream::{Framing, UpstreamConn};
-use crate::pool::Server;
-
-/// Keeps a request counted on its server (and in its pool's total) until its response has been sent.
-#[derive(Debug)]
-pub struct InFlight {
-    server: Arc<Server>,
-}
-
-impl InFlight {
-    /// Counts one more request in flight on `server`.
-    #[inline]
-    pub fn start(server: Arc<Server>) -> Self {
-        server.stats.active.fetch_add(1, Ordering::Relaxed);
-        server.pool_active.fetch_add(1, Ordering::Relaxed);
-        InFlight { server }
-    }
-
-    /// The server this request went to.
-    pub fn server(&self) -> &Arc<Server> {
-        &self.server
-    }
-}
-
-impl Drop for InFlight {
-    #[inline]
-    fn drop(&mut self) {
-        self.server.stats.active.fetch_sub(1, Ordering::Relaxed);
-        self.server.pool_active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
+use crate::pool::InFlight;
 
 /// A server's response body, read from its connection.
 #[derive(Debug)]
@@ -78,13 +47,13 @@ impl UpstreamBody {
         self.framing = Framing::Empty;
         if let Some(conn) = self.conn.take() {
             if clean && self.keep_alive && conn.buf.is_empty() {
-                self.guard.server.idle.put(conn);
+                super::upstream::put_idle(self.guard.server(), conn);
             }
         }
     }
 
     fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
-        self.guard.server.stats.record_failure();
+        self.guard.server().stats.record_failure();
         self.finish(false);
         Poll::Ready(Some(Err(e)))
     }

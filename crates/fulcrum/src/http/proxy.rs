@@ -29,15 +29,15 @@ use tokio::io::AsyncWriteExt;
 
 use arc_swap::ArcSwap;
 
-use super::body::{InFlight, ProxyBody, UpstreamBody};
+use super::body::{ProxyBody, UpstreamBody};
 use super::headers::{is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
-use crate::listener::ListenerStats;
 use super::server::Builders;
 use super::upstream::{self, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn};
 use crate::balance::hash_key;
 use crate::config::{HashKey, RouteMatch};
-use crate::pool::{Pool, PoolSettings, Server};
+use crate::listener::ListenerStats;
+use crate::pool::{InFlight, Pool, PoolSettings, Server};
 use crate::sticky::Sticky;
 
 /// Where a route sends requests: a pool, and the pool's stickiness if it has any.
@@ -265,7 +265,7 @@ async fn exchange(
     // A request without a body and with an idempotent method may be sent again when a reused
     // connection turns out closed before any byte of answer came back (RFC 9110 §9.2.2).
     let replayable = framing == RequestBody::Empty && parts.method.is_idempotent();
-    let mut idle = server.idle.take();
+    let mut idle = upstream::take_idle(server);
     loop {
         let reused = idle.is_some();
         let mut conn = match idle.take() {

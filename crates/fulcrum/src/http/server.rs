@@ -61,17 +61,23 @@ impl Builders {
 }
 
 impl ConnHandler for HttpListener {
-    fn serve(
+    async fn serve(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,
         stop: CancellationToken,
         deadline: CancellationToken,
-    ) -> impl Future<Output = ()> + Send {
-        async move {
-            let builders = self.builders.load_full();
-            serve_connection(stream, Client::new(peer), &self, &builders, &stop, &deadline).await;
-        }
+    ) {
+        let builders = self.builders.load_full();
+        serve_connection(
+            stream,
+            Client::new(peer),
+            &self,
+            &builders,
+            &stop,
+            &deadline,
+        )
+        .await;
     }
 
     fn name(&self) -> &str {

@@ -12,9 +12,11 @@
 //! whether the server closed it meanwhile.
 
 use std::cell::Cell;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
@@ -28,6 +30,7 @@ use tokio::net::TcpStream;
 
 use super::chunked::{encode_size_line, ChunkedDecoder};
 use super::headers::has_token;
+use crate::pool::Server;
 
 /// Idle connections kept per server and worker; more are closed when returned.
 const MAX_IDLE_PER_WORKER: usize = 512;
@@ -397,53 +400,88 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead
     }))
 }
 
-/// Idle keep-alive connections to one server, one stack per worker thread.
+/// The HTTP connector's idle keep-alive connections to servers, keyed by server identity
+/// ([`Server::id`]), one map per worker thread so that a request never takes a lock another thread
+/// holds. It belongs to the HTTP layer: a server knows nothing of HTTP connections.
+///
+/// A server that leaves its pool is [`forget`]-ten (its idle connections close), and a connection
+/// returned for a retired server is closed instead of kept.
 #[derive(Debug)]
-pub struct IdleConns {
-    per_worker: Box<[Mutex<Vec<UpstreamConn>>]>,
+struct Connector {
+    per_worker: Box<[Mutex<IdleMap>]>,
 }
 
-impl IdleConns {
-    /// Empty stacks for `workers` worker threads.
-    pub fn new(workers: usize) -> Self {
-        IdleConns {
-            per_worker: (0..workers.max(1))
-                .map(|_| Mutex::new(Vec::new()))
-                .collect(),
+/// Idle connections by server id.
+type IdleMap = HashMap<u64, Vec<UpstreamConn>, BuildHasherDefault<IdHasher>>;
+
+/// Server ids are sequential integers: they hash to themselves.
+#[derive(Debug, Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
         }
     }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
 
-    fn slot(&self) -> &Mutex<Vec<UpstreamConn>> {
+/// Slots of the process-wide connector: enough for one per worker thread on any machine this runs on
+/// (a worker past the last slot shares one, which stays correct).
+const CONNECTOR_SLOTS: usize = 256;
+
+fn connector() -> &'static Connector {
+    static CONNECTOR: OnceLock<Connector> = OnceLock::new();
+    CONNECTOR.get_or_init(|| Connector {
+        per_worker: (0..CONNECTOR_SLOTS)
+            .map(|_| Mutex::new(HashMap::default()))
+            .collect(),
+    })
+}
+
+impl Connector {
+    fn slot(&self) -> &Mutex<IdleMap> {
         let id = WORKER.with(Cell::get);
         &self.per_worker[id % self.per_worker.len()]
     }
+}
 
-    /// The most recently used idle connection that is still open.
-    #[inline]
-    pub fn take(&self) -> Option<UpstreamConn> {
-        let mut stack = self.slot().lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(conn) = stack.pop() {
-            if conn.is_usable() {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    /// Returns a connection whose last exchange is complete.
-    #[inline]
-    pub fn put(&self, conn: UpstreamConn) {
-        let mut stack = self.slot().lock().unwrap_or_else(|e| e.into_inner());
-        if stack.len() < MAX_IDLE_PER_WORKER {
-            stack.push(conn);
+/// The most recently used idle connection to `server` that is still open.
+#[inline]
+pub fn take_idle(server: &Server) -> Option<UpstreamConn> {
+    let mut slot = connector().slot().lock().unwrap_or_else(|e| e.into_inner());
+    let stack = slot.get_mut(&server.id)?;
+    while let Some(conn) = stack.pop() {
+        if conn.is_usable() {
+            return Some(conn);
         }
     }
+    None
+}
 
-    /// Closes every idle connection (the server is being removed).
-    pub fn clear(&self) {
-        for slot in self.per_worker.iter() {
-            slot.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        }
+/// Returns a connection to `server` whose last exchange is complete.
+#[inline]
+pub fn put_idle(server: &Server, conn: UpstreamConn) {
+    if server.is_retired() {
+        return;
+    }
+    let mut slot = connector().slot().lock().unwrap_or_else(|e| e.into_inner());
+    let stack = slot.entry(server.id).or_default();
+    if stack.len() < MAX_IDLE_PER_WORKER {
+        stack.push(conn);
+    }
+}
+
+/// Closes every idle connection to the server `id` (it left its pool).
+pub fn forget(id: u64) {
+    for slot in connector().per_worker.iter() {
+        slot.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
     }
 }
 

@@ -22,7 +22,6 @@ pub use stats::{ServerStats, LATENCY_BUCKETS};
 use crate::balance::{Candidates, Loads, Selector, SelectorOptions, ServerSpec};
 use crate::config::{Algorithm, HashKey, PassiveConfig, PoolConfig, ServerConfig};
 use crate::health::{self, Health};
-use crate::http::upstream::IdleConns;
 
 /// Whether a server takes traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,8 +115,8 @@ pub struct Server {
     /// [`Pool::new`]), kept next to `stats.active` by the `InFlight` guard, so that the bounded ring reads
     /// the pool's total in O(1) ([`Loads::total_in_flight`]).
     pub pool_active: Arc<AtomicI64>,
-    /// Idle keep-alive connections to this server, owned by the HTTP layer (one set per worker thread).
-    pub(crate) idle: IdleConns,
+    /// Left its pool: its health checks stopped, protocol layers drop what they keep for it.
+    retired: AtomicBool,
     /// Active and passive health, slow start.
     pub health: Health,
     /// Stops this server's active health checks (cancelled when it leaves its pool).
@@ -133,7 +132,7 @@ impl AsRef<Health> for Server {
 impl Server {
     /// A server in administrative state `up` with zeroed counters; `healthy` is its health before any
     /// check has run.
-    pub fn new(cfg: &ServerConfig, workers: usize, healthy: bool) -> Self {
+    pub fn new(cfg: &ServerConfig, healthy: bool) -> Self {
         Server {
             id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
             name: cfg.name.clone(),
@@ -144,7 +143,7 @@ impl Server {
             removing: AtomicBool::new(false),
             stats: ServerStats::default(),
             pool_active: Arc::default(),
-            idle: IdleConns::new(workers),
+            retired: AtomicBool::new(false),
             health: Health::new(healthy),
             checks: Mutex::new(None),
         }
@@ -205,11 +204,48 @@ impl Server {
         }
     }
 
-    /// Stops what runs on behalf of the server once it has left its pool: its health checks and its
-    /// idle connections.
+    /// True once the server has left its pool.
+    #[inline]
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Relaxed)
+    }
+
+    /// Stops what runs on behalf of the server once it has left its pool (its health checks) and
+    /// marks it retired, so that protocol layers drop what they keep for it (HTTP's idle connections).
     fn retire(&self) {
+        self.retired.store(true, Ordering::Relaxed);
         self.set_checks(None);
-        self.idle.clear();
+        crate::http::upstream::forget(self.id);
+    }
+}
+
+/// Keeps a request (or a tunnel, or a session) counted on its server and in its pool's total until it
+/// is done: what least connections, bounded loads, saturation and drains read.
+#[derive(Debug)]
+pub struct InFlight {
+    server: Arc<Server>,
+}
+
+impl InFlight {
+    /// Counts one more request in flight on `server`.
+    #[inline]
+    pub fn start(server: Arc<Server>) -> Self {
+        server.stats.active.fetch_add(1, Ordering::Relaxed);
+        server.pool_active.fetch_add(1, Ordering::Relaxed);
+        InFlight { server }
+    }
+
+    /// The server this request went to.
+    pub fn server(&self) -> &Arc<Server> {
+        &self.server
+    }
+}
+
+impl Drop for InFlight {
+    #[inline]
+    fn drop(&mut self) {
+        self.server.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.server.pool_active.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -275,7 +311,10 @@ impl PoolSnapshot {
 
     /// The server called `name`, with its index.
     pub fn find(&self, name: &str) -> Option<(usize, &Arc<Server>)> {
-        self.servers.iter().enumerate().find(|(_, s)| s.name == name)
+        self.servers
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.name == name)
     }
 
     /// The next candidate that may take a request, if any.
@@ -438,7 +477,6 @@ pub struct Applied {
 pub struct Pool {
     /// The pool's name from the configuration.
     pub name: String,
-    workers: usize,
     pool_active: Arc<AtomicI64>,
     snapshot: ArcSwap<PoolSnapshot>,
     /// The pool's configuration as last loaded (its `servers` as the file lists them).
@@ -447,18 +485,17 @@ pub struct Pool {
 
 impl Pool {
     /// Builds a pool and its first snapshot from configuration.
-    pub fn new(cfg: &PoolConfig, workers: usize) -> Self {
+    pub fn new(cfg: &PoolConfig) -> Self {
         let healthy = cfg.health_check.as_ref().is_none_or(|h| h.initial_up);
         let pool_active = Arc::new(AtomicI64::new(0));
         let servers: Vec<Arc<Server>> = cfg
             .servers
             .iter()
-            .map(|s| Arc::new(Server::new(s, workers, healthy).in_pool(pool_active.clone())))
+            .map(|s| Arc::new(Server::new(s, healthy).in_pool(pool_active.clone())))
             .collect();
         let snapshot = build(cfg, servers);
         Pool {
             name: cfg.name.clone(),
-            workers,
             pool_active,
             snapshot: ArcSwap::from_pointee(snapshot),
             config: Mutex::new(cfg.clone()),
@@ -500,7 +537,7 @@ impl Pool {
     /// A new server of this pool, in slow start when the pool has it.
     fn make_server(&self, cfg: &PoolConfig, s: &ServerConfig, source: Source) -> Arc<Server> {
         let healthy = cfg.health_check.as_ref().is_none_or(|h| h.initial_up);
-        let mut server = Server::new(s, self.workers, healthy).in_pool(self.pool_active.clone());
+        let mut server = Server::new(s, healthy).in_pool(self.pool_active.clone());
         server.source = source;
         if cfg.slow_start.is_some() {
             server.health.start_ramp();
@@ -725,7 +762,7 @@ mod tests {
                 .join(",")
         );
         let cfg = crate::config::parse(&text, "test.toml").expect("valid config");
-        Pool::new(&cfg.pools[0], 1)
+        Pool::new(&cfg.pools[0])
     }
 
     #[test]
@@ -743,9 +780,9 @@ mod tests {
     fn requests_in_flight_are_counted_per_server_and_per_pool() {
         let p = pool(&[1, 1, 1]);
         let snap = p.snapshot();
-        let a = crate::http::body::InFlight::start(snap.servers[0].clone());
-        let b = crate::http::body::InFlight::start(snap.servers[2].clone());
-        let c = crate::http::body::InFlight::start(snap.servers[2].clone());
+        let a = InFlight::start(snap.servers[0].clone());
+        let b = InFlight::start(snap.servers[2].clone());
+        let c = InFlight::start(snap.servers[2].clone());
         assert_eq!(snap.in_flight(2), 2);
         assert_eq!(snap.total_in_flight(), 3);
         drop((a, b));

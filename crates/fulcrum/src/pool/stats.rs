@@ -3,8 +3,7 @@
 //! locks and no label lookups).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Upper bounds (seconds) of the request duration histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -19,18 +18,15 @@ const EWMA_DECAY_NS: f64 = 10e9;
 /// Below this age a latency estimate is read as stored (its decay would be under 1 %).
 const READ_DECAY_AFTER_NS: u64 = 100_000_000;
 
-/// The process's time origin for latency timestamps.
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
-/// The latest time (ns since [`EPOCH`], to within a millisecond) at which any server recorded a
+/// The latest time (ns since the clock's origin, to within a millisecond) at which any server recorded a
 /// response: a coarse clock that lets the selector decay latency estimates on read without a clock
 /// call per server. It advances as long as any server answers, which is when decay matters: a server
 /// that gets no traffic while others do is the one whose stale estimate must fade.
 static RECENT_NS: AtomicU64 = AtomicU64::new(0);
 
-/// Now, in ns since [`EPOCH`], plus one (so 0 can mean "never").
+/// Now, in ns since the clock's origin, plus one (so 0 can mean "never").
 fn clock_ns() -> u64 {
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64 + 1
+    crate::clock::now_ns()
 }
 
 /// Counters of one server.

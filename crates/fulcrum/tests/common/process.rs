@@ -81,4 +81,3 @@ pub fn fixed_ports(text: &str) -> (String, SocketAddr, SocketAddr) {
         .replacen("bind = \"127.0.0.1:0\"", &format!("bind = \"{web}\""), 1);
     (text, web, admin)
 }
-
