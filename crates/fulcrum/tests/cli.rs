@@ -105,6 +105,67 @@ async fn sigterm_drains_an_in_flight_request_then_exits_zero() {
     assert!(status.success(), "exit status {status:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_file_and_a_bad_file_keeps_the_running_configuration() {
+    let apps = apps(&["A", "B"]).await;
+    let all = servers(&apps);
+    let (text, web, admin) = fixed_ports(&config("round_robin", &all[..1], "", ""));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let mut child = spawn_fulcrum(&path);
+    wait_listening(web).await;
+    assert_eq!(pick_sequence(web, 4).await, vec!["A"; 4]);
+
+    // B added to the file; SIGHUP: both serve.
+    let with_b = text.replace(
+        &format!("{{ name = \"A\", address = \"{}\", weight = 1 }}", all[0].1),
+        &format!(
+            "{{ name = \"A\", address = \"{}\", weight = 1 }}, {{ name = \"B\", address = \"{}\" }}",
+            all[0].1, all[1].1
+        ),
+    );
+    assert_ne!(with_b, text);
+    std::fs::write(&path, &with_b).unwrap();
+    signal(&child, "-HUP");
+    let started = std::time::Instant::now();
+    while pick_sequence(web, 4).await.iter().all(|s| s == "A") {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "SIGHUP did not add B"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A broken file: SIGHUP changes nothing, and the refusal is counted.
+    std::fs::write(&path, with_b.replace("[[pools]]", "[[pools]\n")).unwrap();
+    signal(&child, "-HUP");
+    let started = std::time::Instant::now();
+    loop {
+        let m = get(&client(), &format!("http://{admin}/metrics"))
+            .await
+            .body;
+        if m.contains("fulcrum_config_reloads_total{result=\"error\"} 1") {
+            assert!(
+                m.contains("fulcrum_config_reloads_total{result=\"ok\"} 1"),
+                "{m}"
+            );
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seen = pick_sequence(web, 4).await;
+    assert!(
+        seen.contains(&"A".to_string()) && seen.contains(&"B".to_string()),
+        "{seen:?}"
+    );
+    signal(&child, "-TERM");
+    let status =
+        tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
 fn vm_hwm_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status

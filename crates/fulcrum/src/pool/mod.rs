@@ -791,6 +791,54 @@ mod tests {
         assert_eq!(snap.total_in_flight(), 0);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn servers_added_at_run_time_ramp_up_and_keep_the_others_identity() {
+        let text = "[[listeners]]\nname=\"l\"\nbind=\"127.0.0.1:1\"\nprotocol=\"http\"\npool=\"p\"\n\
+                    [[pools]]\nname=\"p\"\nslow_start=\"10s\"\nservers=[{address=\"127.0.0.1:9000\"}]\n";
+        let cfg = crate::config::parse(text, "test.toml").expect("valid config");
+        let p = Pool::new(&cfg.pools[0]);
+        let first = p.snapshot().servers[0].clone();
+        let added = p
+            .add(
+                &ServerConfig {
+                    name: "new".into(),
+                    address: "127.0.0.1:9001".parse().unwrap(),
+                    weight: 1,
+                },
+                Source::Api,
+            )
+            .unwrap();
+        let window = Duration::from_secs(10);
+        assert_eq!(first.health.slow_start_factor(window), 1.0);
+        assert_eq!(
+            added.health.slow_start_factor(window),
+            0.01,
+            "a new server starts with a trickle"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(added.health.slow_start_factor(window), 0.5);
+        assert!(
+            Arc::ptr_eq(&first, &p.snapshot().servers[0]),
+            "the first server kept its identity"
+        );
+        assert_eq!(p.snapshot().servers.len(), 2);
+        // Duplicates are refused; removal retires.
+        let dup = p.add(
+            &ServerConfig {
+                name: "other".into(),
+                address: "127.0.0.1:9001".parse().unwrap(),
+                weight: 1,
+            },
+            Source::Api,
+        );
+        assert!(
+            matches!(dup, Err(MembershipError::DuplicateAddress { .. })),
+            "{dup:?}"
+        );
+        let removed = p.remove("new").unwrap();
+        assert!(removed.is_retired() && p.server("new").is_none());
+    }
+
     #[test]
     fn state_round_trips() {
         let p = pool(&[1]);
