@@ -51,10 +51,16 @@ add_server() {
   local name="auto-$started" port=$((PORT + started - 1))
   "$APP" --listen "127.0.0.1:$port" --name "$name" >/dev/null 2>&1 &
   local pid=$!
+  local up=
   for _ in $(seq 50); do # up to 5 s for the server to answer
-    curl -sf -o /dev/null "http://127.0.0.1:$port/health" && break
+    if curl -sf -o /dev/null "http://127.0.0.1:$port/health"; then up=1 && break; fi
     sleep 0.1
   done
+  if [ -z "$up" ]; then
+    log "! $name did not start on 127.0.0.1:$port"
+    kill "$pid" 2>/dev/null || true
+    return
+  fi
   local answer
   answer=$(curl -s -w '\n%{http_code}' -X POST "${auth[@]}" -H 'Content-Type: application/json' \
     -d "{\"name\":\"$name\",\"address\":\"127.0.0.1:$port\"}" "$API/servers")

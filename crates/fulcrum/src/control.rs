@@ -544,6 +544,12 @@ impl Controller {
         let old = self.shared.state();
         let workers = self.workers.len();
         let mut report = ReloadReport::default();
+        let admin_bind = |c: &Config| c.admin.as_ref().map(|a| a.bind);
+        if !old.listeners.is_empty() && admin_bind(&old.config) != admin_bind(&config) {
+            tracing::warn!(
+                "admin.bind changed: the admin API moves at the next restart or takeover"
+            );
+        }
 
         // Pools: reconfigure the ones that stay, create the new ones.
         let mut pools = Vec::with_capacity(config.pools.len());
@@ -696,6 +702,7 @@ impl Controller {
         let Some(check) = &cfg.health_check else {
             for s in servers {
                 s.set_checks(None);
+                s.health.clear_checks();
             }
             return;
         };

@@ -766,3 +766,39 @@ async fn saturation_tells_an_autoscaler_when_to_add_servers() {
     }
     stop(lb).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_removes_health_checks_brings_a_down_server_back() {
+    let apps = apps(&["A", "B"]).await;
+    let all = servers(&apps);
+    // B's health endpoint fails.
+    let r = send(
+        &client(),
+        Request::post(format!("http://{}/health", apps[1].addr()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{\"status\": 503}")))
+            .unwrap(),
+    )
+    .await;
+    assert!(r.status.is_success(), "{}", r.body);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fulcrum.toml");
+    let checks = "[pools.health_check]\nkind = \"http\"\npath = \"/health\"\ninterval = \"100ms\"\nfall = 1\nrise = 1\n";
+    std::fs::write(&path, reload_config(&all, checks)).unwrap();
+    let lb = fulcrum_file(&path);
+    let admin = lb.admin_addr().unwrap();
+    let started = Instant::now();
+    while server(&pool_json(admin, "p").await, "B").unwrap()["state"] != "down" {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B never marked down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&path, reload_config(&all, "")).unwrap();
+    tokio::task::block_in_place(|| lb.reload()).expect("reload");
+    let p = pool_json(admin, "p").await;
+    assert_eq!(server(&p, "B").unwrap()["state"], "up", "{p}");
+    assert_eq!(spread(web(&lb), 20).await.len(), 2);
+    stop(lb).await;
+}

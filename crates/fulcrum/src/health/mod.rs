@@ -134,6 +134,24 @@ impl Health {
         }
     }
 
+    /// Forgets the active checks' verdict (the pool no longer has checks): the server counts as up
+    /// again unless passive detection holds it out.
+    pub fn clear_checks(&self) {
+        if !self.checked_up.swap(true, Ordering::Relaxed) {
+            self.start_ramp();
+            self.transitions.fetch_add(1, Ordering::Relaxed);
+            self.lock().last_change = Some(StateChange {
+                at_unix_ms: unix_ms(),
+                state: "up",
+                reason: "health checks removed from the configuration".into(),
+            });
+        }
+        let mut r = self.lock();
+        r.last_check = None;
+        r.ok_streak = 0;
+        r.fail_streak = 0;
+    }
+
     /// Marks the start of a slow-start ramp (the server just became available, or was added).
     pub fn start_ramp(&self) {
         self.up_since_ms.store(now_ms(), Ordering::Relaxed);

@@ -622,7 +622,8 @@ impl Pool {
     /// the file lists. A listed server that is already in the pool with the same name and address keeps
     /// its identity (and its administrative state; its weight becomes the file's); the others join, in
     /// slow start. Servers that came from the file and are no longer listed leave; servers added through
-    /// the API or found by DNS stay unless the file now names them.
+    /// the API stay unless the file now names them; servers found by DNS stay while their DNS name is
+    /// still in the file.
     pub fn reconfigure(&self, new: &PoolConfig) -> Applied {
         let mut cfg = self.lock();
         let current = self.snapshot_full();
@@ -654,7 +655,15 @@ impl Pool {
             if kept {
                 continue;
             }
-            if old.source == Source::Config || renamed {
+            // A DNS server whose target left the file goes with it.
+            let orphan = match &old.source {
+                Source::Dns(target) => {
+                    !new.dns_servers.iter().any(|d| &d.name == target)
+                        && new.dns_srv.as_ref() != Some(target)
+                }
+                _ => false,
+            };
+            if old.source == Source::Config || renamed || orphan {
                 applied.removed.push(old.clone());
             } else {
                 servers.push(old.clone());
