@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Config, PoolConfig, Protocol, ServerConfig};
 use crate::discovery::{DnsTarget, Resolver};
 use crate::http::proxy::{HttpListener, HttpRouter, Target};
-use crate::http::server::Builders;
-use crate::listener::{self, Slots};
+use crate::http::server::{Builders, ConnSettings};
+use crate::listener::{self, PerIp, Slots};
 use crate::pool::{MembershipError, Pool, Server, ServerState, Source};
 use crate::runtime::{ListenerInfo, PoolEntry, Shared, StartError, State};
 use crate::sticky::Sticky;
@@ -598,9 +598,10 @@ impl Controller {
         self.restart_discovery(&config, &pools);
 
         // Listeners: swap the routes of the ones that stay, start the new ones, drain the others.
-        let target = |i: usize| Target {
+        let target = |i: usize, max_body_size: Option<u64>| Target {
             pool: pools[i].pool.clone(),
             sticky: pools[i].sticky.clone(),
+            max_body_size,
         };
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let mut offered = HashMap::new();
@@ -609,17 +610,22 @@ impl Controller {
                 routes: l
                     .routes
                     .iter()
-                    .map(|r| (r.matcher.clone(), target(r.pool)))
+                    .map(|r| (r.matcher.clone(), target(r.pool, r.max_body_size)))
                     .collect(),
-                default: target(l.pool),
+                default: target(l.pool, None),
             };
             let pool = config.pools[l.pool].name.clone();
             if let Some(kept) = self.kept_listener(&old, &config, i) {
                 kept.http.router.store(Arc::new(router));
-                if kept.http.builders.load().header_timeout() != l.request_header_timeout {
+                let settings = ConnSettings::of(l);
+                if kept.http.builders.load().settings != settings {
+                    kept.http.builders.store(Arc::new(Builders::new(settings)));
+                }
+                let per_ip_limit = kept.http.per_ip.load().as_ref().map(|p| p.limit());
+                if per_ip_limit != l.max_connections_per_ip {
                     kept.http
-                        .builders
-                        .store(Arc::new(Builders::new(l.request_header_timeout)));
+                        .per_ip
+                        .store(l.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))));
                 }
                 if kept.slots.limit() != l.max_connections {
                     kept.slots.resize(l.max_connections);
@@ -640,8 +646,11 @@ impl Controller {
                 name: l.name.clone(),
                 proto: "http",
                 router: ArcSwap::from_pointee(router),
-                builders: ArcSwap::from_pointee(Builders::new(l.request_header_timeout)),
+                builders: ArcSwap::from_pointee(Builders::new(ConnSettings::of(l))),
                 stats: Default::default(),
+                per_ip: arc_swap::ArcSwapOption::new(
+                    l.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))),
+                ),
             });
             let info = ListenerInfo {
                 name: l.name.clone(),

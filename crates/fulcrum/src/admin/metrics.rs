@@ -16,6 +16,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::listener::ListenerStats;
 use crate::pool::{PoolSnapshot, Server, ServerState};
 use crate::runtime::Shared;
 
@@ -58,6 +59,30 @@ impl Collector for FulcrumCollector {
             let labels = [("listener", l.name.as_str())];
             ConstCounter::new(l.stats().connections_total.load(Ordering::Relaxed))
                 .encode(m.encode_family(&labels)?)?;
+        }
+        for (name, help, read) in [
+            (
+                "listener_idle_timeouts",
+                "Client connections closed after idle_timeout without a byte",
+                (|s: &ListenerStats| s.idle_timeouts.load(Ordering::Relaxed))
+                    as fn(&ListenerStats) -> u64,
+            ),
+            (
+                "listener_write_timeouts",
+                "Client connections cut after write_timeout without reading their response",
+                |s: &ListenerStats| s.write_timeouts.load(Ordering::Relaxed),
+            ),
+            (
+                "listener_refused_per_ip",
+                "Connections refused because their address was at max_connections_per_ip",
+                |s: &ListenerStats| s.refused_per_ip.load(Ordering::Relaxed),
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for l in &state.listeners {
+                let labels = [("listener", l.name.as_str())];
+                ConstCounter::new(read(l.stats())).encode(m.encode_family(&labels)?)?;
+            }
         }
         let mut m = enc.encode_descriptor(
             "listener_responses",

@@ -85,6 +85,14 @@ pub(crate) struct RawListener {
     pub request_header_timeout: Option<RawDuration>,
     pub idle_timeout: Option<RawDuration>,
     pub max_connections: Option<i64>,
+    pub max_connections_per_ip: Option<i64>,
+    pub body_timeout: Option<RawDuration>,
+    pub write_timeout: Option<RawDuration>,
+    pub tunnel_timeout: Option<RawDuration>,
+    pub max_header_size: Option<RawSize>,
+    pub max_headers: Option<i64>,
+    pub h2_max_concurrent_streams: Option<i64>,
+    pub max_body_size: Option<RawSize>,
 }
 
 /// `listeners.tls`.
@@ -107,6 +115,7 @@ pub(crate) struct RawRoute {
     pub cookie: Option<RawCookieMatch>,
     pub query: Option<BTreeMap<String, String>>,
     pub pool: String,
+    pub max_body_size: Option<RawSize>,
 }
 
 /// `routes.cookie`.
@@ -193,6 +202,15 @@ pub(crate) struct RawSticky {
     pub cookie: Option<String>,
     pub ttl: Option<RawDuration>,
     pub max_age: Option<RawDuration>,
+    pub secret: Option<String>,
+}
+
+/// A size as written: an integer of bytes or a string with a unit (`"64KiB"`, `"10MB"`, `"1GiB"`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawSize {
+    Bytes(i64),
+    Text(String),
 }
 
 /// A duration as written (`"500ms"`, `"2s"`, `"1m"`); parsed by validation so that a bad one is reported

@@ -154,8 +154,28 @@ pub struct ListenerConfig {
     /// whole request head within this, or it gets a 408 and the connection is closed.
     pub request_header_timeout: Duration,
     /// `idle_timeout` (default `"60s"`, fulcrum extension): a client connection with no request in flight
-    /// (keep-alive) is closed after this long without traffic.
+    /// (a keep-alive HTTP/1.1 connection between requests, an HTTP/2 connection without streams, or one
+    /// that never sent anything) is closed after this long without a byte from the client.
     pub idle_timeout: Duration,
+    /// `body_timeout` (default `"30s"`): a request body that makes no progress for this long is abandoned
+    /// with 408 (the client's fault: never counted against the server).
+    pub body_timeout: Duration,
+    /// `write_timeout` (default `"30s"`): a client that reads nothing of its response for this long is cut.
+    pub write_timeout: Duration,
+    /// `tunnel_timeout` (default `"1h"`): a WebSocket (upgraded) connection with no traffic either way
+    /// for this long is closed.
+    pub tunnel_timeout: Duration,
+    /// `max_header_size` (default `"64KiB"`, 8 KiB to 1 MiB): the largest request head; larger gets 431.
+    pub max_header_size: usize,
+    /// `max_headers` (default 100, 1 to 1000): the most request header fields; more gets 431.
+    pub max_headers: usize,
+    /// `h2_max_concurrent_streams` (default 100, 1 to 10000): HTTP/2 streams a client may have open.
+    pub h2_max_concurrent_streams: u32,
+    /// `max_connections_per_ip` (optional, at least 1): open connections one client address may hold;
+    /// more are refused at accept (closed at once) and counted.
+    pub max_connections_per_ip: Option<usize>,
+    /// `max_body_size` (optional): the largest request body; a larger one gets 413 (per route too).
+    pub max_body_size: Option<u64>,
     /// `max_connections` (default `10000`, at least 1, fulcrum extension): client connections accepted at
     /// once on this listener; further connections wait in the kernel's accept queue.
     pub max_connections: usize,
@@ -219,6 +239,9 @@ pub struct RouteConfig {
     pub matcher: RouteMatch,
     /// `pool` (required): the pool matching requests go to, as an index into [`Config::pools`].
     pub pool: usize,
+    /// `max_body_size` (optional): the largest request body on this route (else the listener's); a
+    /// larger one gets 413.
+    pub max_body_size: Option<u64>,
 }
 
 /// The match keys of a route. Every key present must match; at least one is required.
@@ -495,6 +518,10 @@ pub struct StickyConfig {
     pub ttl: Duration,
     /// `max_age` (`cookie` only, optional): `Max-Age` of fulcrum's cookie; absent: a session cookie.
     pub max_age: Option<Duration>,
+    /// `secret` (`cookie` only, optional, at least 16 characters): the key of the cookie's MAC. Every
+    /// fulcrum instance that shares stickiness must have the same. Absent: a random key per process (a
+    /// restart or another instance does not recognise the cookies, and clients are re-balanced).
+    pub secret: Option<String>,
 }
 
 /// `sticky.kind`.

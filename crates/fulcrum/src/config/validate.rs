@@ -14,7 +14,7 @@ use regex::Regex;
 use super::error::KeyPath;
 use super::file::{
     RawAdmin, RawConfig, RawDuration, RawHealthCheck, RawInitialState, RawListener, RawPassive,
-    RawPool, RawRoute, RawServer, RawSticky, RawStore, RawStoreKind, RawTls,
+    RawPool, RawRoute, RawServer, RawSize, RawSticky, RawStore, RawStoreKind, RawTls,
 };
 use super::{
     AdminConfig, Algorithm, Config, DnsServerConfig, HashKey, HealthCheckConfig, HealthCheckKind,
@@ -65,8 +65,6 @@ fn reject_unsupported(raw: &RawConfig) -> Result<()> {
         deny(protocol(Protocol::Udp), at("protocol"))?;
         deny((listener.tls.is_some(), "`tls`".into()), at("tls"))?;
         deny((listener.proxy_protocol.is_some(), "`proxy_protocol`".into()), at("proxy_protocol"))?;
-        // Idle keep-alive connections close after `request_header_timeout` until this lands.
-        deny((listener.idle_timeout.is_some(), "`idle_timeout`".into()), at("idle_timeout"))?;
     }
     Ok(())
 }
@@ -691,11 +689,31 @@ fn sticky(raw: RawSticky, path: &KeyPath) -> Result<StickyConfig> {
             )
         }
     };
+    let secret = match (raw.kind, raw.secret) {
+        (_, None) => None,
+        (StickyKind::Cookie, Some(secret)) if secret.chars().count() >= 16 => Some(secret),
+        (StickyKind::Cookie, Some(_)) => {
+            return invalid(
+                path.key("secret"),
+                "must be at least 16 characters (the key of the cookie's MAC)",
+            )
+        }
+        (kind, Some(_)) => {
+            return invalid(
+                path.key("secret"),
+                format!(
+                    "only used with kind = \"cookie\" (this is {})",
+                    kind.as_str()
+                ),
+            )
+        }
+    };
     Ok(StickyConfig {
         kind: raw.kind,
         cookie,
         ttl,
         max_age,
+        secret,
     })
 }
 
@@ -830,6 +848,49 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         1,
         u32::MAX.into(),
     )? as usize;
+    let max_connections_per_ip = raw
+        .max_connections_per_ip
+        .map(|_| {
+            integer(
+                raw.max_connections_per_ip,
+                path.key("max_connections_per_ip"),
+                0,
+                1,
+                u32::MAX.into(),
+            )
+        })
+        .transpose()?
+        .map(|n| n as usize);
+    let timeout = |raw: &Option<RawDuration>, key: &str, default: Duration| {
+        duration(raw.as_ref(), path.key(key), default, Zero::Rejected)
+    };
+    let body_timeout = timeout(&raw.body_timeout, "body_timeout", Duration::from_secs(30))?;
+    let write_timeout = timeout(&raw.write_timeout, "write_timeout", Duration::from_secs(30))?;
+    let tunnel_timeout = timeout(
+        &raw.tunnel_timeout,
+        "tunnel_timeout",
+        Duration::from_secs(3600),
+    )?;
+    let max_header_size = size(
+        raw.max_header_size.as_ref(),
+        path.key("max_header_size"),
+        64 * 1024,
+        8 * 1024,
+        1024 * 1024,
+    )? as usize;
+    let max_headers = integer(raw.max_headers, path.key("max_headers"), 100, 1, 1000)? as usize;
+    let h2_max_concurrent_streams = integer(
+        raw.h2_max_concurrent_streams,
+        path.key("h2_max_concurrent_streams"),
+        100,
+        1,
+        10_000,
+    )? as u32;
+    let max_body_size = raw
+        .max_body_size
+        .as_ref()
+        .map(|s| size(Some(s), path.key("max_body_size"), 0, 0, u64::MAX / 2))
+        .transpose()?;
 
     Ok(ListenerConfig {
         name,
@@ -842,7 +903,60 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         request_header_timeout,
         idle_timeout,
         max_connections,
+        body_timeout,
+        write_timeout,
+        tunnel_timeout,
+        max_header_size,
+        max_headers,
+        h2_max_concurrent_streams,
+        max_connections_per_ip,
+        max_body_size,
     })
+}
+
+/// A size in bytes: an integer, or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB).
+fn size(raw: Option<&RawSize>, path: KeyPath, default: u64, min: u64, max: u64) -> Result<u64> {
+    let value = match raw {
+        None => return Ok(default),
+        Some(RawSize::Bytes(n)) if *n >= 0 => *n as u64,
+        Some(RawSize::Bytes(n)) => return invalid(path, format!("must not be negative (got {n})")),
+        Some(RawSize::Text(text)) => parse_size(text).ok_or_else(|| {
+            Invalid::new(
+                path.clone(),
+                format!(
+                    "invalid size {text:?}: expected e.g. \"64KiB\", \"10MB\" or a number of bytes"
+                ),
+            )
+        })?,
+    };
+    if value < min || value > max {
+        return invalid(
+            path,
+            format!("must be from {min} to {max} bytes (got {value})"),
+        );
+    }
+    Ok(value)
+}
+
+/// `"64KiB"` → 65536.
+pub(crate) fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "kB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(factor)
 }
 
 fn tls_config(raw: RawTls, path: &KeyPath) -> Result<TlsConfig> {
@@ -970,7 +1084,16 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
              headers, cookie or query",
         );
     }
-    Ok(RouteConfig { matcher, pool })
+    let max_body_size = raw
+        .max_body_size
+        .as_ref()
+        .map(|s| size(Some(s), path.key("max_body_size"), 0, 0, u64::MAX / 2))
+        .transpose()?;
+    Ok(RouteConfig {
+        matcher,
+        pool,
+        max_body_size,
+    })
 }
 
 /// The regex crate's syntax errors draw a caret under the pattern over several lines; keep the reason.

@@ -83,6 +83,29 @@ pub fn is_websocket_upgrade<B>(req: &Request<B>) -> bool {
 ///
 /// `client_ip` is the peer's address, preformatted once per connection. `websocket` keeps the upgrade
 /// headers. The URI becomes origin-form; an HTTP/2 `:authority` becomes the `Host` header.
+/// RFC 9112 §3.2: an HTTP/1.1 request names its host exactly once (in `Host`, or in an absolute-form
+/// target); none, two, or an empty one is a bad request. HTTP/2 names it in `:authority`.
+pub fn check_host<B>(req: &Request<B>) -> Result<(), &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err("400 Bad Request: more than one Host header\n");
+    }
+    match (req.version(), first) {
+        (Version::HTTP_11, None) if req.uri().authority().is_none() => {
+            Err("400 Bad Request: an HTTP/1.1 request needs a Host header\n")
+        }
+        (_, Some(h))
+            if h.is_empty()
+                && req.uri().authority().is_none()
+                && req.version() == Version::HTTP_11 =>
+        {
+            Err("400 Bad Request: empty Host header\n")
+        }
+        _ => Ok(()),
+    }
+}
+
 pub fn rewrite_request<B>(
     req: &mut Request<B>,
     client_ip: &HeaderValue,
@@ -109,8 +132,14 @@ pub fn rewrite_request<B>(
             }
         }
     }
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    match headers.get(header::HOST).cloned() {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        // Never pass on a client's own claim of the original host.
+        None => {
+            headers.remove(&X_FORWARDED_HOST);
+        }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     append_forwarded_for(headers, client_ip);

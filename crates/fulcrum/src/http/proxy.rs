@@ -17,7 +17,10 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -25,18 +28,20 @@ use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use arc_swap::ArcSwap;
 
 use super::body::{ProxyBody, UpstreamBody};
-use super::headers::{is_websocket_upgrade, rewrite_request, rewrite_response};
+use super::headers::{check_host, is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
-use super::server::Builders;
+use super::server::{Builders, ConnSettings};
 use super::upstream::{self, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn};
 use crate::balance::hash_key;
 use crate::config::{HashKey, RouteMatch};
-use crate::listener::ListenerStats;
+use crate::listener::{ConnGuard, ListenerStats, PerIp};
 use crate::pool::{InFlight, Pool, PoolSettings, Server};
 use crate::sticky::Sticky;
 
@@ -47,6 +52,8 @@ pub struct Target {
     pub pool: Arc<Pool>,
     /// Session persistence of the pool (shared by every route to it).
     pub sticky: Option<Arc<Sticky>>,
+    /// The largest request body on this route (else the listener's).
+    pub max_body_size: Option<u64>,
 }
 
 /// What an HTTP listener routes with.
@@ -84,7 +91,9 @@ pub struct HttpListener {
     /// hyper's connection settings (request-header timeout).
     pub builders: ArcSwap<Builders>,
     /// Live counters.
-    pub stats: ListenerStats,
+    pub stats: Arc<ListenerStats>,
+    /// Open connections per client address, when limited.
+    pub per_ip: arc_swap::ArcSwapOption<PerIp>,
 }
 
 /// The peer of one client connection, formatted once for `X-Forwarded-For`.
@@ -113,6 +122,34 @@ pub struct ConnContext {
     pub listener: Arc<HttpListener>,
     /// The peer.
     pub client: Client,
+    /// Requests in flight on the connection (the idle clock runs only at 0).
+    pub active: AtomicUsize,
+    /// Where tasks that outlive the connection's own are spawned (WebSocket tunnels).
+    pub tracker: TaskTracker,
+    /// Keeps the connection counted against the listener's limits while it or its tunnel lives.
+    pub guard: Arc<ConnGuard>,
+    /// The listener is stopping.
+    pub stop: CancellationToken,
+    /// The connection must close now.
+    pub deadline: CancellationToken,
+    /// The listener's connection settings when the connection was accepted.
+    pub settings: ConnSettings,
+}
+
+/// Counts a request in flight on its connection until dropped.
+struct Active<'a>(&'a AtomicUsize);
+
+impl<'a> Active<'a> {
+    fn start(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Active(n)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// hyper service entry point: never fails; errors become 5xx responses.
@@ -120,10 +157,23 @@ pub async fn handle(
     ctx: Arc<ConnContext>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
+    let _active = Active::start(&ctx.active);
     let listener = &ctx.listener;
-    let router = listener.router.load();
-    let target = router.route(&req);
-    let resp = forward(target, &ctx.client, listener.proto, req).await;
+    let resp = match check_host(&req) {
+        Err(why) => local_with(StatusCode::BAD_REQUEST, why),
+        Ok(()) => {
+            let router = listener.router.load();
+            let target = router.route(&req);
+            let limit = target.max_body_size.or(ctx.settings.max_body_size);
+            match limit {
+                Some(max) if declared_length(&req).is_some_and(|n| n > max) => local_with(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "413 Content Too Large: the request body is over this route's limit\n",
+                ),
+                _ => forward(target, &ctx, req).await,
+            }
+        }
+    };
     listener.stats.count(resp.status().as_u16());
     Ok(resp)
 }
@@ -138,12 +188,24 @@ enum Failure {
     Client,
 }
 
+/// The request's `Content-Length`, when it declares one.
+fn declared_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 async fn forward(
     target: &Target,
-    client: &Client,
-    proto: &'static str,
+    ctx: &Arc<ConnContext>,
     mut req: Request<Incoming>,
 ) -> Response<ProxyBody> {
+    let client = &ctx.client;
+    let proto = ctx.listener.proto;
     let snapshot = target.pool.snapshot_full();
     let sticky = match &target.sticky {
         Some(s) => Some((
@@ -190,7 +252,7 @@ async fn forward(
             Ok((head, conn, elapsed)) => {
                 server.stats.record_response(head.status.as_u16(), elapsed);
                 snapshot.observe(server, !head.status.is_server_error());
-                let mut resp = respond(head, conn, guard, client_upgrade);
+                let mut resp = respond(head, conn, guard, client_upgrade, ctx);
                 if let Some((sticky, client)) = &sticky {
                     let stuck_here = client
                         .server
@@ -325,6 +387,7 @@ fn respond(
     conn: UpstreamConn,
     guard: InFlight,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ctx: &Arc<ConnContext>,
 ) -> Response<ProxyBody> {
     let ResponseHead {
         status,
@@ -338,7 +401,10 @@ fn respond(
             guard.server().stats.record_failure();
             return local(StatusCode::BAD_GATEWAY);
         };
-        tokio::spawn(tunnel(client_upgrade, conn, guard));
+        // The tunnel keeps the client connection counted (its slot, its address's share) and is
+        // drained with its listener.
+        ctx.tracker
+            .spawn(tunnel(client_upgrade, conn, guard, ctx.clone()));
         ProxyBody::empty()
     } else {
         rewrite_response(&mut headers, false);
@@ -350,8 +416,15 @@ fn respond(
     resp
 }
 
-/// Copies bytes both ways between an upgraded client connection and the server until either closes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, conn: UpstreamConn, guard: InFlight) {
+/// Copies bytes both ways between an upgraded client connection and the server until either closes,
+/// the tunnel sees no traffic for `tunnel_timeout`, or the connection's deadline fires (a drain that
+/// ran out of time).
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    conn: UpstreamConn,
+    guard: InFlight,
+    ctx: Arc<ConnContext>,
+) {
     let upgraded = match client.await {
         Ok(u) => u,
         Err(e) => {
@@ -359,25 +432,106 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, conn: UpstreamConn, guard: In
             return;
         }
     };
-    let mut client = TokioIo::new(upgraded);
-    let (mut server, early) = conn.into_parts();
+    let activity = Arc::new(AtomicU64::new(crate::clock::now_ms()));
+    let mut client = Watched::new(TokioIo::new(upgraded), activity.clone());
+    let (server, early) = conn.into_parts();
+    let mut server = Watched::new(server, activity.clone());
     if !early.is_empty() && client.write_all(&early).await.is_err() {
         return;
     }
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        tracing::debug!(server = %guard.server().name, error = %e, "tunnel closed");
+    let idle = ctx.settings.tunnel_timeout;
+    let quiet = async {
+        loop {
+            let last = activity.load(Ordering::Relaxed);
+            let since = Duration::from_millis(crate::clock::now_ms().saturating_sub(last));
+            if since >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - since).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut server) => {
+            if let Err(e) = r {
+                tracing::debug!(server = %guard.server().name, error = %e, "tunnel closed");
+            }
+        }
+        _ = quiet => tracing::debug!(server = %guard.server().name, "tunnel idle: closed"),
+        _ = ctx.deadline.cancelled() => {}
     }
     drop(guard);
+}
+
+/// An I/O object that stamps the time of every byte moved (for a tunnel's idle clock).
+struct Watched<T> {
+    inner: T,
+    activity: Arc<AtomicU64>,
+}
+
+impl<T> Watched<T> {
+    fn new(inner: T, activity: Arc<AtomicU64>) -> Self {
+        Watched { inner, activity }
+    }
+
+    fn stamp(&self) {
+        self.activity
+            .store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.stamp();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.stamp();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// A response generated by fulcrum itself, with a short plain-text body saying why.
 pub fn local(status: StatusCode) -> Response<ProxyBody> {
     let body: &'static str = match status {
+        StatusCode::BAD_REQUEST => "400 Bad Request\n",
+        StatusCode::REQUEST_TIMEOUT => "408 Request Timeout: the request body stopped arriving\n",
+        StatusCode::PAYLOAD_TOO_LARGE => "413 Content Too Large\n",
         StatusCode::BAD_GATEWAY => "502 Bad Gateway: the server failed to answer\n",
         StatusCode::SERVICE_UNAVAILABLE => "503 Service Unavailable: no server is available\n",
         StatusCode::GATEWAY_TIMEOUT => "504 Gateway Timeout: the server did not answer in time\n",
         _ => "error\n",
     };
+    local_with(status, body)
+}
+
+/// A response generated by fulcrum itself with this body.
+pub fn local_with(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::full(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(

@@ -1,26 +1,37 @@
 //! Serving HTTP/1.1 and h2c (prior knowledge) with hyper on the client connections an HTTP listener
 //! accepts (the accept loop itself is protocol-neutral: [`crate::listener`]).
 //!
-//! The protocol is told from the first bytes (`PRI` starts the HTTP/2 preface) with one `peek`, under
-//! the request-header timeout, so a connection that never sends anything is closed like an idle one.
+//! The protocol is told from the first bytes (`PRI ` starts the HTTP/2 preface): they are read (never
+//! peeked in a loop, so a client that sends one byte costs nothing while it waits) under the idle
+//! timeout and handed back to hyper by [`ClientIo`], which also enforces the connection's clocks:
+//! - `idle_timeout`: no byte either way while no request is in flight (an HTTP/2 connection without
+//!   streams, a silent new connection); an HTTP/1.1 keep-alive connection also waits at most
+//!   `request_header_timeout` for its next request head (hyper's header timer);
+//! - `write_timeout`: a client that takes nothing of its response for that long is cut, so a client that
+//!   never reads cannot hold a slot, a server connection and an in-flight count for ever.
+//!
+//! Limits: request heads above `max_header_size` or with more than `max_headers` fields get 431 (HTTP/1.1,
+//! from hyper); HTTP/2 clients get at most `h2_max_concurrent_streams` streams, a header list bounded by
+//! `max_header_size` (CONTINUATION floods end there), and h2's reset-flood limits (rapid reset).
 
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::Duration;
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::proxy::{self, Client, HttpListener};
-use crate::listener::{ConnHandler, ListenerStats};
+use crate::config::ListenerConfig;
+use crate::listener::{Accepted, ConnHandler, ListenerStats, PerIp};
 
 /// The answer to a client that started a request head and did not finish it in time.
 const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n\
@@ -29,127 +40,170 @@ content-length: 60\r\nconnection: close\r\n\r\n408 Request Timeout: the request 
 /// The start of the HTTP/2 connection preface.
 const H2_PREFACE_START: &[u8] = b"PRI ";
 
-/// hyper's connection builders of one listener, rebuilt when a reload changes its settings.
+/// Stream resets a client may cause before the connection is closed (HTTP/2 rapid reset).
+const H2_MAX_PENDING_RESETS: usize = 20;
+
+/// The connection-level settings of an HTTP listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// A request head must arrive within this.
+    pub request_header_timeout: Duration,
+    /// No byte either way while no request is in flight.
+    pub idle_timeout: Duration,
+    /// No progress writing to the client.
+    pub write_timeout: Duration,
+    /// No progress reading a request body.
+    pub body_timeout: Duration,
+    /// No traffic either way on a WebSocket tunnel.
+    pub tunnel_timeout: Duration,
+    /// The largest request head.
+    pub max_header_size: usize,
+    /// The most request header fields.
+    pub max_headers: usize,
+    /// HTTP/2 streams per connection.
+    pub h2_max_concurrent_streams: u32,
+    /// The largest request body (routes may say otherwise).
+    pub max_body_size: Option<u64>,
+}
+
+impl ConnSettings {
+    /// The settings of listener `l`.
+    pub fn of(l: &ListenerConfig) -> Self {
+        ConnSettings {
+            request_header_timeout: l.request_header_timeout,
+            idle_timeout: l.idle_timeout,
+            write_timeout: l.write_timeout,
+            body_timeout: l.body_timeout,
+            tunnel_timeout: l.tunnel_timeout,
+            max_header_size: l.max_header_size,
+            max_headers: l.max_headers,
+            h2_max_concurrent_streams: l.h2_max_concurrent_streams,
+            max_body_size: l.max_body_size,
+        }
+    }
+}
+
+/// hyper's connection builders of one listener and its settings, rebuilt when a reload changes them.
 #[derive(Debug)]
 pub struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    header_timeout: Duration,
+    /// The settings the builders apply.
+    pub settings: ConnSettings,
 }
 
 impl Builders {
-    /// Builders whose request heads must arrive within `request_header_timeout` (an idle keep-alive
-    /// connection is closed after it too).
-    pub fn new(request_header_timeout: Duration) -> Self {
+    /// Builders applying `settings`.
+    pub fn new(settings: ConnSettings) -> Self {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
-            .header_read_timeout(request_header_timeout)
+            .header_read_timeout(settings.request_header_timeout)
+            .max_buf_size(settings.max_header_size.max(8192))
+            .max_headers(settings.max_headers)
             .keep_alive(true);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
-        h2.timer(TokioTimer::new()).max_concurrent_streams(256);
-        Builders {
-            h1,
-            h2,
-            header_timeout: request_header_timeout,
-        }
-    }
-
-    /// The request-header timeout these builders apply.
-    pub fn header_timeout(&self) -> Duration {
-        self.header_timeout
+        h2.timer(TokioTimer::new())
+            .max_concurrent_streams(settings.h2_max_concurrent_streams)
+            .max_header_list_size(settings.max_header_size as u32)
+            .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
+        Builders { h1, h2, settings }
     }
 }
 
 impl ConnHandler for HttpListener {
-    async fn serve(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        stop: CancellationToken,
-        deadline: CancellationToken,
-    ) {
+    async fn serve(self: Arc<Self>, conn: Accepted) {
         let builders = self.builders.load_full();
-        serve_connection(
-            stream,
-            Client::new(peer),
-            &self,
-            &builders,
-            &stop,
-            &deadline,
-        )
-        .await;
+        serve_connection(conn, &self, &builders).await;
     }
 
     fn name(&self) -> &str {
         &self.name
     }
 
-    fn stats(&self) -> &ListenerStats {
+    fn stats(&self) -> &Arc<ListenerStats> {
         &self.stats
+    }
+
+    fn per_ip(&self) -> Option<Arc<PerIp>> {
+        self.per_ip.load_full()
     }
 }
 
-/// Is this connection HTTP/2 with prior knowledge? `None` when it closed or sent nothing in time.
-async fn sniff_h2(stream: &TcpStream, timeout: Duration) -> Option<bool> {
-    let sniff = async {
+/// The first bytes of a connection: up to the length of `PRI `, fewer when they already differ.
+/// `None` when the client closed or sent nothing within `timeout`.
+async fn read_prefix(stream: &mut TcpStream, timeout: Duration) -> Option<([u8; 4], usize)> {
+    let read = async {
         let mut buf = [0u8; H2_PREFACE_START.len()];
-        loop {
-            let n = stream.peek(&mut buf).await.ok()?;
-            if n == 0 {
+        let mut n = 0;
+        while n < buf.len() {
+            // `read` waits for readiness: a client that sent one byte costs nothing while it waits.
+            let got = stream.read(&mut buf[n..]).await.ok()?;
+            if got == 0 {
                 return None;
             }
+            n += got;
             if buf[..n] != H2_PREFACE_START[..n] {
-                return Some(false);
+                break;
             }
-            if n == buf.len() {
-                return Some(true);
-            }
-            // A preface split over segments: wait for the rest rather than spin on the same bytes.
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
+        Some((buf, n))
     };
-    tokio::time::timeout(timeout, sniff).await.ok().flatten()
+    tokio::time::timeout(timeout, read).await.ok().flatten()
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    client: Client,
-    http: &Arc<HttpListener>,
-    builders: &Builders,
-    shutdown: &CancellationToken,
-    deadline: &CancellationToken,
-) {
-    let Some(h2) = sniff_h2(&stream, builders.header_timeout).await else {
+async fn serve_connection(conn: Accepted, http: &Arc<HttpListener>, builders: &Builders) {
+    let Accepted {
+        mut stream,
+        peer,
+        stop,
+        deadline,
+        tracker,
+        guard,
+    } = conn;
+    let settings = &builders.settings;
+    let Some((prefix, len)) = read_prefix(&mut stream, settings.idle_timeout).await else {
+        http.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
         return;
     };
+    let h2 = prefix[..len] == *H2_PREFACE_START;
     let timed_out = Arc::new(AtomicBool::new(false));
-    let io = TokioIo::new(ClientIo::new(stream, timed_out.clone()));
-    let addr = client.addr;
     let ctx = Arc::new(proxy::ConnContext {
         listener: http.clone(),
-        client,
+        client: Client::new(peer),
+        active: AtomicUsize::new(0),
+        tracker,
+        guard,
+        stop: stop.clone(),
+        deadline: deadline.clone(),
+        settings: settings.clone(),
     });
+    let io = TokioIo::new(ClientIo::new(
+        stream,
+        (prefix, len),
+        timed_out.clone(),
+        ctx.clone(),
+    ));
     let svc = hyper::service::service_fn(move |req| proxy::handle(ctx.clone(), req));
     let result = if h2 {
         drive(
             builders.h2.serve_connection(io, svc),
-            shutdown,
-            deadline,
+            &stop,
+            &deadline,
             &timed_out,
         )
         .await
     } else {
         drive(
             builders.h1.serve_connection(io, svc).with_upgrades(),
-            shutdown,
-            deadline,
+            &stop,
+            &deadline,
             &timed_out,
         )
         .await
     };
     if let Err(e) = result {
         if !e.is_timeout() {
-            tracing::debug!(client = %addr, error = %e, "client connection ended with an error");
+            tracing::debug!(client = %peer, error = %e, "client connection ended with an error");
         }
     }
 }
@@ -221,25 +275,63 @@ async fn drive<C: GracefulConn>(
     result
 }
 
-/// A client connection that remembers whether a request head is half-read, so that a header timeout
-/// can be answered with 408 (hyper itself just closes the connection).
+/// A client connection as hyper sees it: the bytes read to tell the protocol are handed back first, a
+/// half-read request head is remembered (so that a header timeout can be answered with 408, as hyper
+/// itself just closes), and the idle and write clocks run here.
 ///
 /// When the connection is dropped after a header timeout, and bytes of a new request had arrived
 /// since the last response, it writes the 408 before closing; an idle keep-alive connection that
 /// times out is closed silently, as HAProxy does.
 struct ClientIo {
     stream: TcpStream,
+    /// Bytes read before hyper took over, and how many of them hyper has had.
+    prefix: [u8; 4],
+    prefix_len: u8,
+    prefix_pos: u8,
     /// Bytes were read since the last write: a request is being received.
     partial: bool,
     timed_out: Arc<AtomicBool>,
+    ctx: Arc<proxy::ConnContext>,
+    /// The last byte read or written.
+    last_io: Instant,
+    /// Since when a write has been waiting for the client to take bytes.
+    write_blocked: Option<Instant>,
+    /// The idle or write deadline being waited for.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl ClientIo {
-    fn new(stream: TcpStream, timed_out: Arc<AtomicBool>) -> Self {
+    fn new(
+        stream: TcpStream,
+        (prefix, len): ([u8; 4], usize),
+        timed_out: Arc<AtomicBool>,
+        ctx: Arc<proxy::ConnContext>,
+    ) -> Self {
         ClientIo {
             stream,
-            partial: false,
+            prefix,
+            prefix_len: len as u8,
+            prefix_pos: 0,
+            partial: len > 0,
             timed_out,
+            ctx,
+            last_io: Instant::now(),
+            write_blocked: None,
+            timer: None,
+        }
+    }
+
+    /// Waits for `deadline`; `Ready` once it has passed.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<()> {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        match &mut self.timer {
+            Some(t) if t.deadline() == deadline => {}
+            Some(t) => t.as_mut().reset(deadline),
+            None => self.timer = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+        match &mut self.timer {
+            Some(t) => t.as_mut().poll(cx),
+            None => Poll::Pending,
         }
     }
 }
@@ -254,6 +346,10 @@ impl Drop for ClientIo {
     }
 }
 
+fn timed_out(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, what.to_owned())
+}
+
 impl AsyncRead for ClientIo {
     #[inline]
     fn poll_read(
@@ -261,12 +357,69 @@ impl AsyncRead for ClientIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.partial = true;
+        let this = &mut *self;
+        if this.prefix_pos < this.prefix_len {
+            let rest = &this.prefix[usize::from(this.prefix_pos)..usize::from(this.prefix_len)];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.prefix_pos += n as u8;
+            return Poll::Ready(Ok(()));
         }
-        r
+        let before = buf.filled().len();
+        match Pin::new(&mut this.stream).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                if buf.filled().len() > before {
+                    this.partial = true;
+                    this.last_io = Instant::now();
+                }
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                // Idle: nothing in flight and nothing either way for `idle_timeout`.
+                if this.ctx.active.load(Ordering::Relaxed) == 0 {
+                    let deadline = this.last_io + this.ctx.settings.idle_timeout;
+                    if this.poll_deadline(cx, deadline).is_ready() {
+                        this.ctx
+                            .listener
+                            .stats
+                            .idle_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Poll::Ready(Err(timed_out("idle timeout")));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl ClientIo {
+    /// Runs the write clock around one write attempt.
+    #[inline]
+    fn after_write(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        match r {
+            Poll::Ready(r) => {
+                self.partial = false;
+                self.write_blocked = None;
+                self.last_io = Instant::now();
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let since = *self.write_blocked.get_or_insert_with(Instant::now);
+                let deadline = since + self.ctx.settings.write_timeout;
+                ready!(self.poll_deadline(cx, deadline));
+                self.ctx
+                    .listener
+                    .stats
+                    .write_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                Poll::Ready(Err(timed_out("write timeout: the client reads nothing")))
+            }
+        }
     }
 }
 
@@ -277,8 +430,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.partial = false;
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let this = &mut *self;
+        let r = Pin::new(&mut this.stream).poll_write(cx, buf);
+        this.after_write(cx, r)
     }
 
     #[inline]
@@ -287,8 +441,9 @@ impl AsyncWrite for ClientIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.partial = false;
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let r = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
+        this.after_write(cx, r)
     }
 
     #[inline]

@@ -11,13 +11,13 @@
 //! lets its open connections finish until its `deadline` token fires.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -30,6 +30,12 @@ pub struct ListenerStats {
     pub connections_total: AtomicU64,
     /// Responses sent to clients by status class (1xx … 5xx), fulcrum's own included (HTTP only).
     pub responses: [AtomicU64; 5],
+    /// Connections refused because their client address was at `max_connections_per_ip`.
+    pub refused_per_ip: AtomicU64,
+    /// Connections closed because the client sent nothing, or nothing more, for `idle_timeout`.
+    pub idle_timeouts: AtomicU64,
+    /// Connections cut because the client read nothing of its response for `write_timeout`.
+    pub write_timeouts: AtomicU64,
 }
 
 impl ListenerStats {
@@ -96,23 +102,106 @@ impl Slots {
     }
 }
 
+/// One accepted connection, handed to a [`ConnHandler`] with what governs its life.
+#[derive(Debug)]
+pub struct Accepted {
+    /// The client's socket.
+    pub stream: TcpStream,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Fires when the listener stops: finish the current exchange and close.
+    pub stop: CancellationToken,
+    /// Fires when the connection must close now.
+    pub deadline: CancellationToken,
+    /// Tasks that outlive the connection's own (a WebSocket tunnel) are spawned here, so that a drain
+    /// waits for them too.
+    pub tracker: TaskTracker,
+    /// Keeps the connection counted (its slot, its client address's share, the open-connections gauge)
+    /// for as long as it, or anything it handed over to (a tunnel), is alive.
+    pub guard: Arc<ConnGuard>,
+}
+
+/// What keeps an accepted connection counted; dropping the last clone frees its slot.
+#[derive(Debug)]
+pub struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    stats: Arc<ListenerStats>,
+    per_ip: Option<(Arc<PerIp>, IpAddr)>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.stats
+            .active_connections
+            .fetch_sub(1, Ordering::Relaxed);
+        if let Some((per_ip, ip)) = &self.per_ip {
+            per_ip.release(*ip);
+        }
+    }
+}
+
+/// Open connections per client address (`max_connections_per_ip`).
+#[derive(Debug)]
+pub struct PerIp {
+    limit: usize,
+    open: std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>,
+}
+
+impl PerIp {
+    /// At most `limit` open connections per client address.
+    pub fn new(limit: usize) -> Self {
+        PerIp {
+            limit,
+            open: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<IpAddr, usize>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one more connection from `ip`; false (and nothing counted) when it is at its limit.
+    fn acquire(&self, ip: IpAddr) -> bool {
+        let mut open = self.lock();
+        let n = open.entry(ip).or_insert(0);
+        if *n >= self.limit {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut open = self.lock();
+        if let Some(n) = open.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
 /// What serves the connections a listener accepts.
 pub trait ConnHandler: Send + Sync + 'static {
-    /// Serves one accepted connection to its end. `stop` fires when the listener stops (the
-    /// connection should finish its current exchange and close); `deadline` when it must close now.
-    fn serve(
-        self: Arc<Self>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        stop: CancellationToken,
-        deadline: CancellationToken,
-    ) -> impl Future<Output = ()> + Send;
+    /// Serves one accepted connection to its end.
+    fn serve(self: Arc<Self>, conn: Accepted) -> impl Future<Output = ()> + Send;
 
     /// The listener's name, for logs.
     fn name(&self) -> &str;
 
     /// The listener's counters.
-    fn stats(&self) -> &ListenerStats;
+    fn stats(&self) -> &Arc<ListenerStats>;
+
+    /// The per-client-address limit, if any.
+    fn per_ip(&self) -> Option<Arc<PerIp>> {
+        None
+    }
 }
 
 /// Accepts and serves connections until `stop` fires, then lets open connections finish (each is
@@ -140,6 +229,16 @@ pub async fn serve<H: ConnHandler>(
                 }
             },
         };
+        let stats = handler.stats().clone();
+        // A client at its share of connections is refused at once (the socket closes).
+        let per_ip = handler.per_ip();
+        if let Some(per_ip) = &per_ip {
+            if !per_ip.acquire(addr.ip()) {
+                stats.refused_per_ip.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        }
+        let per_ip = per_ip.map(|p| (p, addr.ip()));
         // Accept first, then wait for a slot: a permit taken before `accept` could sit idle on this
         // worker's socket while the next client queues on another worker's socket.
         let permit = tokio::select! {
@@ -151,20 +250,22 @@ pub async fn serve<H: ConnHandler>(
             },
         };
         let _ = stream.set_nodelay(true);
-        let stats = handler.stats();
         stats.active_connections.fetch_add(1, Ordering::Relaxed);
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
-        let handler = handler.clone();
-        let stop = stop.clone();
-        let deadline = deadline.clone();
-        tracker.spawn(async move {
-            handler.clone().serve(stream, addr, stop, deadline).await;
-            handler
-                .stats()
-                .active_connections
-                .fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+        let guard = Arc::new(ConnGuard {
+            _permit: permit,
+            stats,
+            per_ip,
         });
+        let conn = Accepted {
+            stream,
+            peer: addr,
+            stop: stop.clone(),
+            deadline: deadline.clone(),
+            tracker: tracker.clone(),
+            guard,
+        };
+        tracker.spawn(handler.clone().serve(conn));
     }
     drop(listener);
     tracker.close();

@@ -1,0 +1,383 @@
+//! Hostile clients: each attack of the protection issue against a real balancer on 127.0.0.1, and
+//! what must hold — slots freed, memory and CPU bounded, the right 4xx, other clients still served.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::process::*;
+use common::*;
+use http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Sends `raw` on a new connection and returns what came back until the server closed or 5 s passed.
+async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status_of(answer: &str) -> u16 {
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// True when a normal request gets 200 within `within`.
+async fn served_within(addr: SocketAddr, within: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(within, async {
+            get(&client(), &format!("http://{addr}/")).await.status
+        })
+        .await,
+        Ok(StatusCode::OK)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_only_start_a_preface_do_not_hold_the_slots() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "max_connections = 20\nidle_timeout = \"1s\"\nrequest_header_timeout = \"1s\"",
+        "",
+    ));
+    let web = web(&lb);
+    // 20 connections that send the start of the HTTP/2 preface, and 20 that send one byte of it.
+    let mut hogs = Vec::new();
+    for i in 0..40 {
+        let mut s = TcpStream::connect(web).await.unwrap();
+        s.write_all(if i % 2 == 0 { b"PRI " } else { b"P" })
+            .await
+            .unwrap();
+        hogs.push(s);
+    }
+    // Every slot is taken for now; within a few idle timeouts they are closed and a client is served.
+    assert!(
+        served_within(web, Duration::from_secs(8)).await,
+        "slots never freed"
+    );
+    // The hogs were closed by fulcrum (reads end: EOF or a reset; an HTTP/2 hog may first get the
+    // server's SETTINGS and GOAWAY).
+    for mut s in hogs {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "a hog was not closed");
+    }
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    assert!(
+        metrics.contains("fulcrum_listener_idle_timeouts_total{listener=\"web\"}"),
+        "{metrics}"
+    );
+    stop(lb).await;
+}
+
+/// CPU seconds (user + system) used so far by process `pid`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_one_byte_prefaces_cost_no_cpu() {
+    let apps = apps(&["A"]).await;
+    let (text, web, _admin) = fixed_ports(&config(
+        "round_robin",
+        &servers(&apps),
+        "request_header_timeout = \"30s\"\nidle_timeout = \"30s\"",
+        "",
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_fulcrum(&write_config(&dir, &text));
+    wait_listening(web).await;
+    let mut hogs = Vec::new();
+    for _ in 0..1000 {
+        let mut s = TcpStream::connect(web).await.unwrap();
+        s.write_all(b"P").await.unwrap();
+        hogs.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_seconds(child.id());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_seconds(child.id()) - before;
+    // A 1 ms re-peek per connection would burn seconds of CPU here; waiting on readiness burns none.
+    assert!(
+        used < 0.5,
+        "{used} CPU seconds in 3 s for 1000 idle half-prefaces"
+    );
+    assert!(served_within(web, Duration::from_secs(5)).await);
+    drop(hogs);
+    signal(&child, "-TERM");
+    tokio::task::spawn_blocking(move || wait_exit(&mut child, Duration::from_secs(20)))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_large_response_is_cut() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "write_timeout = \"1s\"",
+        "",
+    ));
+    let web = web(&lb);
+    let mut s = TcpStream::connect(web).await.unwrap();
+    s.write_all(b"GET /bytes/50000000 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    // Never read. Within a few write timeouts the request leaves the server and the connection closes.
+    let pool = lb.shared().pool("p").unwrap();
+    let server = pool.server("A").unwrap();
+    let started = Instant::now();
+    while server.stats.in_flight() == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    while server.stats.in_flight() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the stalled client holds its request for ever"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = lb.shared().state();
+    let stats = state.listeners[0].stats();
+    let started = Instant::now();
+    while stats
+        .active_connections
+        .load(std::sync::atomic::Ordering::Relaxed)
+        > 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the slot was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        stats
+            .write_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    drop(s);
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tunnels_count_against_the_limits_and_time_out_when_idle() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "max_connections = 2\ntunnel_timeout = \"2s\"",
+        "",
+    ));
+    let web = web(&lb);
+    let (ws1, _) = tokio_tungstenite::connect_async(format!("ws://{web}/ws"))
+        .await
+        .unwrap();
+    let (ws2, _) = tokio_tungstenite::connect_async(format!("ws://{web}/ws"))
+        .await
+        .unwrap();
+    // Two tunnels hold both slots: a third client waits.
+    assert!(
+        !served_within(web, Duration::from_millis(700)).await,
+        "a third connection was served while two tunnels held the two slots"
+    );
+    // Idle tunnels close after tunnel_timeout and free their slots.
+    assert!(
+        served_within(web, Duration::from_secs(10)).await,
+        "idle tunnels never freed their slots"
+    );
+    drop((ws1, ws2));
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_open_tunnels_at_the_deadline() {
+    let apps = apps(&["A"]).await;
+    let text = config("round_robin", &servers(&apps), "", "")
+        .replace("shutdown_timeout = \"5s\"", "shutdown_timeout = \"1s\"");
+    let lb = fulcrum(&text);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", web(&lb)))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let clean = tokio::task::spawn_blocking(move || lb.stop())
+        .await
+        .unwrap();
+    assert!(
+        !clean,
+        "an open tunnel is still open when the drain starts: the drain waits for it"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    use futures_util::StreamExt;
+    let next = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .unwrap();
+    assert!(
+        !matches!(
+            next,
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(_)))
+        ),
+        "{next:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_must_name_their_host_once_and_keep_their_heads_small() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "max_headers = 20\nmax_header_size = \"16KiB\"",
+        "",
+    ));
+    let web = web(&lb);
+    let no_host = raw_exchange(web, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(status_of(&no_host), 400, "{no_host}");
+    let two_hosts = raw_exchange(web, b"GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n").await;
+    assert_eq!(status_of(&two_hosts), 400, "{two_hosts}");
+    let big = format!(
+        "GET / HTTP/1.1\r\nhost: a\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let big = raw_exchange(web, big.as_bytes()).await;
+    assert_eq!(status_of(&big), 431, "{}", &big[..big.len().min(200)]);
+    let many: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let many = raw_exchange(
+        web,
+        format!("GET / HTTP/1.1\r\nhost: a\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&many), 431, "{many}");
+    // HTTP/1.0 without Host is fine, but a client's own X-Forwarded-Host never reaches the server.
+    let old = raw_exchange(
+        web,
+        b"GET / HTTP/1.0\r\nx-forwarded-host: evil.example\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&old), 200, "{old}");
+    assert!(!old.contains("evil.example"), "{old}");
+    // A good request still passes.
+    let good = raw_exchange(
+        web,
+        b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&good), 200, "{good}");
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_over_the_route_limit_get_413() {
+    let apps = apps(&["A"]).await;
+    let listener_extra = "max_body_size = \"1MiB\"\n\n  [[listeners.routes]]\n  path_prefix = \"/small/\"\n  pool = \"p\"\n  max_body_size = 1024\n";
+    let lb = fulcrum(&config("round_robin", &servers(&apps), listener_extra, ""));
+    let web = web(&lb);
+    let post = |path: &str, n: usize| {
+        format!(
+            "POST {path} HTTP/1.1\r\nhost: a\r\ncontent-length: {n}\r\nconnection: close\r\n\r\n{}",
+            "x".repeat(n)
+        )
+    };
+    assert_eq!(
+        status_of(&raw_exchange(web, post("/small/x", 5000).as_bytes()).await),
+        413
+    );
+    assert_eq!(
+        status_of(&raw_exchange(web, post("/echo", 5000).as_bytes()).await),
+        200
+    );
+    let huge = format!(
+        "POST /echo HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\n\r\n",
+        2 << 20
+    );
+    assert_eq!(status_of(&raw_exchange(web, huge.as_bytes()).await), 413);
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_address_gets_only_its_share_of_connections() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "max_connections_per_ip = 2",
+        "",
+    ));
+    let web = web(&lb);
+    let a = TcpStream::connect(web).await.unwrap();
+    let b = TcpStream::connect(web).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The third from 127.0.0.1 is closed at once.
+    let third = raw_exchange(web, b"GET / HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert_eq!(
+        third, "",
+        "over the per-address limit: closed without an answer"
+    );
+    // Another address is served.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = socket.connect(web).await.unwrap();
+    other
+        .write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    other.read_to_end(&mut out).await.unwrap();
+    assert_eq!(status_of(&String::from_utf8_lossy(&out)), 200);
+    // Once one closes, 127.0.0.1 may connect again.
+    drop(a);
+    let started = Instant::now();
+    loop {
+        let r = raw_exchange(
+            web,
+            b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
+        .await;
+        if status_of(&r) == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the freed share was not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let state = lb.shared().state();
+    assert!(
+        state.listeners[0]
+            .stats()
+            .refused_per_ip
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    drop(b);
+    stop(lb).await;
+}
