@@ -16,7 +16,7 @@ fn keys(n: usize) -> Vec<String> {
 }
 
 fn memory(c: &mut Criterion) {
-    let table = MemoryTable::new(1_000_000, Duration::from_secs(1800));
+    let table = MemoryTable::new(256 << 20, Duration::from_secs(1800));
     let keys = keys(100_000);
     for k in &keys {
         table.set(k, "app-1");

@@ -15,6 +15,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod discovery;
+pub mod filter;
 pub mod health;
 pub mod http;
 pub mod listener;

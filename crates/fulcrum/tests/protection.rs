@@ -381,3 +381,105 @@ async fn one_client_address_gets_only_its_share_of_connections() {
     drop(b);
     stop(lb).await;
 }
+
+/// `GET /` through `addr` with `cookie`; returns the server and the `Set-Cookie` sent back, if any.
+async fn with_cookie(addr: SocketAddr, cookie: &str) -> (String, Option<String>) {
+    let req = http::Request::get(format!("http://{addr}/"))
+        .header("cookie", cookie)
+        .body(http_body_util::Full::<bytes::Bytes>::default())
+        .unwrap();
+    let r = send(&client(), req).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let set = r
+        .headers
+        .get("set-cookie")
+        .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_string());
+    (r.server(), set)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sticky_cookies_cannot_be_forged_and_a_shared_secret_is_shared() {
+    let apps = apps(&["A", "B", "C"]).await;
+    let sticky = "[pools.sticky]\nkind = \"cookie\"\nsecret = \"0123456789abcdef-shared\"";
+    let lb1 = fulcrum(&config("round_robin", &servers(&apps), "", sticky));
+    let lb2 = fulcrum(&config("round_robin", &servers(&apps), "", sticky));
+    let other = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "",
+        "[pools.sticky]\nkind = \"cookie\"\nsecret = \"another-secret-of-16+\"",
+    ));
+    let (at, set) = with_cookie(web(&lb1), "x=1").await;
+    let cookie = set.expect("a sticky cookie");
+    // The same secret: the other instance honours it, every time.
+    for _ in 0..6 {
+        assert_eq!(with_cookie(web(&lb2), &cookie).await.0, at);
+    }
+    // Another secret: not recognised; the client is balanced and gets that instance's cookie.
+    let (_, reissued) = with_cookie(web(&other), &cookie).await;
+    assert!(
+        reissued.is_some_and(|c| c != cookie),
+        "a foreign cookie is replaced"
+    );
+    // Made-up values (random, or a plain hash of a name) pin nobody.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..9 {
+        let forged = format!(
+            "FULCRUM_SRV={:032x}",
+            0x1234_5678_9abc_def0_u128.wrapping_mul(i + 1)
+        );
+        let (server, set) = with_cookie(web(&lb1), &forged).await;
+        assert!(set.is_some(), "a forged cookie is replaced by a real one");
+        seen.insert(server);
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "forged cookies are balanced like no cookie: {seen:?}"
+    );
+    for lb in [lb1, lb2, other] {
+        stop(lb).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn made_up_app_cookie_values_are_never_stored() {
+    let apps = apps(&["A", "B"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "",
+        "[pools.sticky]\nkind = \"app_cookie\"\ncookie = \"SESSIONID\"",
+    ));
+    let web = web(&lb);
+    let big = "v".repeat(60_000);
+    for i in 0..300 {
+        let value = if i % 2 == 0 {
+            format!("made-up-{i}")
+        } else {
+            format!("{big}{i}")
+        };
+        let req = http::Request::get(format!("http://{web}/"))
+            .header("cookie", format!("SESSIONID={value}"))
+            .body(http_body_util::Full::<bytes::Bytes>::default())
+            .unwrap();
+        assert_eq!(send(&client(), req).await.status, StatusCode::OK);
+    }
+    let state = lb.shared().state();
+    let table = state.pools[0].sticky.as_ref().unwrap().table();
+    assert_eq!(table.len(), 0, "client-made session ids were stored");
+    // A session the server creates is learned.
+    let r = send(
+        &client(),
+        http::Request::post(format!("http://{web}/login"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"{\"user\":\"martin\"}",
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(table.len(), 1);
+    stop(lb).await;
+}

@@ -241,6 +241,15 @@ fn supported_example_parses_with_defaults() {
     assert!(web.proxy_protocol.is_none() && web.tls.is_none());
     assert_eq!(web.request_header_timeout, Duration::from_secs(10));
     assert_eq!(web.idle_timeout, Duration::from_secs(60));
+    assert_eq!(web.write_timeout, Duration::from_secs(30));
+    assert_eq!(web.body_timeout, Duration::from_secs(30));
+    assert_eq!(web.tunnel_timeout, Duration::from_secs(3600));
+    assert_eq!((web.max_header_size, web.max_headers), (64 * 1024, 100));
+    assert_eq!(web.h2_max_concurrent_streams, 100);
+    assert_eq!(
+        (web.max_connections_per_ip, web.max_body_size),
+        (None, None)
+    );
     assert_eq!(web.max_connections, 10_000);
 
     assert_eq!(web.routes.len(), 2);
@@ -539,6 +548,57 @@ fn a_pool_may_discover_all_its_servers_through_srv() {
         line_of(&bad, "resolve_interval"),
         "at least 100ms",
     );
+}
+
+#[test]
+fn limits_take_sizes_with_units_and_name_the_key_when_wrong() {
+    let text = variant(
+        "# LISTENER",
+        "max_header_size = \"16KiB\"\nmax_body_size = \"10MB\"\nmax_connections_per_ip = 8",
+    );
+    let web = &ok(&text).listeners[0];
+    assert_eq!(web.max_header_size, 16 * 1024);
+    assert_eq!(web.max_body_size, Some(10_000_000));
+    assert_eq!(web.max_connections_per_ip, Some(8));
+    for (value, fragment) in [
+        ("\"12 parsecs\"", "invalid size"),
+        ("\"2KiB\"", "must be from"),
+    ] {
+        let text = variant("# LISTENER", &format!("max_header_size = {value}"));
+        assert_error(
+            &err_all(&text),
+            "listeners[0].max_header_size",
+            line_of(&text, "max_header_size"),
+            fragment,
+        );
+    }
+    let text = variant("# ROUTE", "max_body_size = -1");
+    assert_error(
+        &err_all(&text),
+        "listeners[0].routes[0].max_body_size",
+        line_of(&text, "max_body_size"),
+        "negative",
+    );
+}
+
+#[test]
+fn the_sticky_cookie_secret_must_be_long_enough() {
+    let text = variant(
+        "# POOL",
+        "[pools.sticky]\nkind = \"cookie\"\nsecret = \"short\"",
+    );
+    assert_error(
+        &err_all(&text),
+        "pools[0].sticky.secret",
+        line_of(&text, "secret"),
+        "at least 16",
+    );
+    let text = variant(
+        "# POOL",
+        "[pools.sticky]\nkind = \"cookie\"\nsecret = \"sixteen-chars-ok\"",
+    );
+    let sticky = ok(&text).pools[0].sticky.clone().unwrap();
+    assert_eq!(sticky.secret.as_deref(), Some("sixteen-chars-ok"));
 }
 
 #[test]
@@ -1330,11 +1390,6 @@ fn unsupported_features_are_rejected() {
             "# LISTENER",
             "proxy_protocol = \"v2\"",
             "listeners[0].proxy_protocol",
-        ),
-        (
-            "# LISTENER",
-            "idle_timeout = \"60s\"",
-            "listeners[0].idle_timeout",
         ),
     ];
     for (from, to, key) in cases {

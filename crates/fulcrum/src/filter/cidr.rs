@@ -279,17 +279,33 @@ mod tests {
     #[test]
     fn errors_name_the_entry_and_its_index() {
         let err = CidrSet::parse(&["10.0.0.0/8", "10.0.0.0/33"]).unwrap_err();
-        assert!(matches!(&err, FilterError::Cidr { index: 1, entry, .. } if entry == "10.0.0.0/33"));
+        assert!(
+            matches!(&err, FilterError::Cidr { index: 1, entry, .. } if entry == "10.0.0.0/33")
+        );
         assert!(err.to_string().contains("entry 1"), "{err}");
         assert!(err.to_string().contains("10.0.0.0/33"), "{err}");
 
-        for bad in ["", "  ", "example.com", "10.0.0", "1.2.3.4/", "/8", "2001:db8::/129"] {
+        for bad in [
+            "",
+            "  ",
+            "example.com",
+            "10.0.0",
+            "1.2.3.4/",
+            "/8",
+            "2001:db8::/129",
+        ] {
             let err = CidrSet::parse(&["192.0.2.0/24", bad]).unwrap_err();
-            assert!(matches!(err, FilterError::Cidr { index: 1, .. }), "{bad}: {err}");
+            assert!(
+                matches!(err, FilterError::Cidr { index: 1, .. }),
+                "{bad}: {err}"
+            );
         }
 
         let err = CidrSet::parse(&["10.0.0.1/8"]).unwrap_err().to_string();
-        assert!(err.contains("10.0.0.0/8") && err.contains("10.0.0.1/32"), "{err}");
+        assert!(
+            err.contains("10.0.0.0/8") && err.contains("10.0.0.1/32"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -384,7 +400,10 @@ mod tests {
         assert!(AccessList::default().is_open());
         assert!(AccessList::default().permits(ip("1.2.3.4")));
         let closed = AccessList::new(Some(CidrSet::default()), CidrSet::default());
-        assert!(!closed.permits(ip("1.2.3.4")), "an empty allow list lets nothing through");
+        assert!(
+            !closed.permits(ip("1.2.3.4")),
+            "an empty allow list lets nothing through"
+        );
     }
 
     #[test]

@@ -270,10 +270,12 @@ impl RateLimiter {
         let mut tat = self.overflow.load(Ordering::Relaxed);
         loop {
             let next = self.quota.admit(tat, now).map_err(Duration::from_nanos)?;
-            match self
-                .overflow
-                .compare_exchange_weak(tat, next, Ordering::Relaxed, Ordering::Relaxed)
-            {
+            match self.overflow.compare_exchange_weak(
+                tat,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(current) => tat = current,
             }
@@ -452,11 +454,7 @@ mod tests {
         // A tracked key keeps its own bucket, unaffected by the flood.
         let tracked = (0..10_000u32)
             .map(|i| Key::ip(IpAddr::from(i.to_be_bytes())))
-            .find(|k| {
-                lock(&rl.shards[shard_of(k.spread())])
-                    .tats
-                    .contains_key(k)
-            })
+            .find(|k| lock(&rl.shards[shard_of(k.spread())]).tats.contains_key(k))
             .unwrap();
         assert!(rl.check(&tracked).is_ok());
     }
@@ -526,7 +524,8 @@ mod tests {
 
     #[test]
     fn the_trait_is_object_safe() {
-        let rl: Box<dyn Limiter> = Box::new(RateLimiter::new(1, Duration::from_secs(1), 1).unwrap());
+        let rl: Box<dyn Limiter> =
+            Box::new(RateLimiter::new(1, Duration::from_secs(1), 1).unwrap());
         assert!(rl.check(&Key::text("x")).is_ok());
     }
 }

@@ -5,6 +5,15 @@
 //! the body is dropped, which hyper does once the last byte has been written to the client (or the
 //! client went away). The server connection goes back to the idle pool as soon as the body has been
 //! read to its end, if the server allows keep-alive and sent nothing past it.
+//!
+//! A body that fails (the server closed inside it, or sent broken chunked framing) closes the server
+//! connection and fails towards hyper, which then closes the client connection without ending the
+//! response: no terminating chunk, or fewer bytes than the `Content-Length` announced, so the client
+//! sees the response cut off, never complete. hyper writes the response head together with the first
+//! body bytes and drops everything it holds on a body error, so a failure is reported one poll late:
+//! the poll that finds it wakes the task and returns `Pending`, hyper writes out the head and the data
+//! so far, and the next poll returns the error. (A body broken from its first bytes never gets here:
+//! [`super::upstream::UpstreamConn::read_head`] refuses it, and the client gets a 502.)
 
 use std::io;
 use std::pin::Pin;
@@ -25,6 +34,8 @@ pub struct UpstreamBody {
     framing: Framing,
     keep_alive: bool,
     guard: InFlight,
+    /// A failure found by the previous poll, to report on this one (see the module documentation).
+    failed: Option<io::Error>,
 }
 
 impl UpstreamBody {
@@ -35,6 +46,7 @@ impl UpstreamBody {
             framing,
             keep_alive,
             guard,
+            failed: None,
         };
         if matches!(body.framing, Framing::Empty) {
             body.finish(true);
@@ -52,10 +64,18 @@ impl UpstreamBody {
         }
     }
 
-    fn fail(&mut self, e: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    /// The body failed: the connection is closed, and the error reported on the next poll, after
+    /// hyper has had the chance to write out what it holds.
+    fn fail(
+        &mut self,
+        e: io::Error,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         self.guard.server().stats.record_failure();
         self.finish(false);
-        Poll::Ready(Some(Err(e)))
+        self.failed = Some(e);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -75,6 +95,9 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         loop {
             let Some(conn) = this.conn.as_mut() else {
                 return Poll::Ready(None);
@@ -96,9 +119,9 @@ impl Body for UpstreamBody {
                     }
                     let want = (*remaining).min(usize::MAX as u64) as usize;
                     match ready!(conn.poll_fill(cx, want)) {
-                        Ok(0) => return this.fail(cut_short()),
+                        Ok(0) => return this.fail(cut_short(), cx),
                         Ok(_) => {}
-                        Err(e) => return this.fail(e),
+                        Err(e) => return this.fail(e, cx),
                     }
                 }
                 Framing::Chunked(decoder) => match decoder.step(&mut conn.buf) {
@@ -108,11 +131,11 @@ impl Body for UpstreamBody {
                         return Poll::Ready(None);
                     }
                     Ok(Step::NeedMore) => match ready!(conn.poll_fill(cx, 0)) {
-                        Ok(0) => return this.fail(cut_short()),
+                        Ok(0) => return this.fail(cut_short(), cx),
                         Ok(_) => {}
-                        Err(e) => return this.fail(e),
+                        Err(e) => return this.fail(e, cx),
                     },
-                    Err(e) => return this.fail(io::Error::new(io::ErrorKind::InvalidData, e)),
+                    Err(e) => return this.fail(io::Error::new(io::ErrorKind::InvalidData, e), cx),
                 },
                 Framing::Close => {
                     if !conn.buf.is_empty() {
@@ -125,7 +148,7 @@ impl Body for UpstreamBody {
                             return Poll::Ready(None);
                         }
                         Ok(_) => {}
-                        Err(e) => return this.fail(e),
+                        Err(e) => return this.fail(e, cx),
                     }
                 }
             }
@@ -134,12 +157,14 @@ impl Body for UpstreamBody {
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || matches!(self.framing, Framing::Empty | Framing::Length(0))
+        self.failed.is_none()
+            && (self.conn.is_none() || matches!(self.framing, Framing::Empty | Framing::Length(0)))
     }
 
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match (&self.conn, &self.framing) {
+            _ if self.failed.is_some() => SizeHint::default(),
             (None, _) | (_, Framing::Empty) => SizeHint::with_exact(0),
             (_, Framing::Length(n)) => SizeHint::with_exact(*n),
             _ => SizeHint::default(),

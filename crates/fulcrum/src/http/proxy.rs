@@ -14,6 +14,8 @@
 //!
 //! With no available server, or when no server could be reached within the retry budget (nothing was
 //! sent anywhere), the answer is 503, as HAProxy answers; 502 means a server took the request and failed.
+//! A server that accepted the connection and closed it without answering has failed too (counted
+//! against it, and 502 when no other server answers), even when the request could be retried.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -182,6 +184,9 @@ pub async fn handle(
 enum Failure {
     /// Nothing the server could act on was sent: the request can go to another server.
     NotSent,
+    /// The server took the connection and closed it without answering a request that may still go
+    /// to another server (nothing written, or replayable): it failed, so 502 if none answers.
+    Unanswered,
     /// The exchange failed after the request was sent: answer with this status.
     Failed(StatusCode),
     /// The client's own request body failed (it went away or sent a malformed body).
@@ -234,6 +239,7 @@ async fn forward(
     let mut sticky_first = sticky_server;
     let mut candidates = snapshot.pick(key);
     let mut attempts = snapshot.settings.retries + 1;
+    let mut unanswered = false;
     while attempts > 0 {
         let server = match sticky_first.take() {
             Some(s) => Some(s),
@@ -261,7 +267,8 @@ async fn forward(
                 }
                 return resp;
             }
-            Err(Failure::NotSent) => {
+            Err(f @ (Failure::NotSent | Failure::Unanswered)) => {
+                unanswered |= matches!(f, Failure::Unanswered);
                 server.stats.record_failure();
                 snapshot.observe(server, false);
             }
@@ -273,7 +280,11 @@ async fn forward(
             Err(Failure::Client) => return local(StatusCode::BAD_REQUEST),
         }
     }
-    local(StatusCode::SERVICE_UNAVAILABLE)
+    local(if unanswered {
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    })
 }
 
 /// The request's hash key for the pool's `hash_key`; `None` when the request lacks it.
@@ -360,19 +371,15 @@ async fn exchange(
             // body may go to the next server.
             Stage::Read(ReadError::Closed) if replayable => {
                 tracing::warn!(server = %server.name, "server closed the connection without answering; trying the next one");
-                return Err(Failure::NotSent);
+                return Err(Failure::Unanswered);
             }
             Stage::Send(SendError::Head(e)) => {
                 tracing::warn!(server = %server.name, error = %e, "sending to the server failed");
-                return Err(Failure::NotSent);
+                return Err(Failure::Unanswered);
             }
             Stage::Send(SendError::Client(e)) => {
                 tracing::debug!(error = %e, "client request body failed");
                 return Err(Failure::Client);
-            }
-            Stage::Send(e) => {
-                tracing::warn!(server = %server.name, error = %e, "server exchange failed");
-                return Err(Failure::Failed(StatusCode::BAD_GATEWAY));
             }
             Stage::Read(e) => {
                 tracing::warn!(server = %server.name, error = %e, "server exchange failed");

@@ -10,25 +10,40 @@
 //! uncontended lock and no hashing. A connection goes back only when its response has been read to the
 //! end with nothing left over; before reuse, the reactor's cached readiness tells (without a syscall)
 //! whether the server closed it meanwhile.
+//!
+//! Answers are held to RFC 9112 as strictly as requests are: a response whose framing is ambiguous
+//! (a `Content-Length` that is not plain digits, two that differ, a transfer coding other than
+//! `chunked`, `Transfer-Encoding` in HTTP/1.0) is refused as malformed, so the proxy answers 502
+//! instead of passing on something the client or the next exchange on this connection could read
+//! differently. With both `Transfer-Encoding` and `Content-Length`, the first wins, the second is not
+//! passed on, and the connection is not reused (§6.3). The chunked body bytes that arrived with the
+//! head are checked before the head is handed on, so a body broken from its first bytes is a 502 too.
+//!
+//! A server may answer before it has read the whole request body (a `413` to a large upload) and
+//! close. While the body is being sent, whenever sending would wait (for the client's next bytes, or
+//! for room in the socket) or a write fails, the server's side is checked: once it has begun a final
+//! answer or closed, sending stops and the answer is read as usual; the connection is not reused.
 
 use std::cell::Cell;
 use std::collections::HashMap;
+use std::future::poll_fn;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Mutex, OnceLock};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
-use http_body_util::BodyExt;
+use http_body::Body;
 use hyper::body::Incoming;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::chunked::{encode_size_line, ChunkedDecoder};
+use super::chunked::{encode_size_line, ChunkedDecoder, ChunkedError};
 use super::headers::has_token;
 use crate::pool::Server;
 
@@ -58,6 +73,9 @@ pub struct UpstreamConn {
     pub(super) buf: BytesMut,
     /// The request head being written (kept to reuse its allocation).
     out: Vec<u8>,
+    /// The last request's body was not sent to its end (the server answered early, or writing
+    /// failed): the connection is out of step and must not be reused.
+    unfinished: bool,
 }
 
 /// How a request body is sent.
@@ -117,9 +135,6 @@ pub enum SendError {
     /// Writing the head failed: the server cannot have acted on an incomplete request.
     #[error("writing the request head: {0}")]
     Head(io::Error),
-    /// Writing the body to the server failed.
-    #[error("writing the request body: {0}")]
-    Body(io::Error),
     /// The client's body failed (client went away, malformed).
     #[error("reading the client's request body: {0}")]
     Client(hyper::Error),
@@ -140,6 +155,9 @@ pub enum ReadError {
     /// The response head is not valid HTTP/1.x.
     #[error("malformed response head: {0}")]
     Malformed(&'static str),
+    /// The chunked body bytes that came with the head are malformed.
+    #[error("{0}")]
+    Body(ChunkedError),
 }
 
 impl UpstreamConn {
@@ -148,6 +166,7 @@ impl UpstreamConn {
             stream,
             buf: BytesMut::new(),
             out: Vec::with_capacity(1024),
+            unfinished: false,
         }
     }
 
@@ -168,12 +187,17 @@ impl UpstreamConn {
     }
 
     /// Writes the request: its head, then its body as the client sends it.
+    ///
+    /// A write error on the body, or an answer (or a close) from the server while sending the body
+    /// would wait, ends the body early without an error: [`read_head`](Self::read_head) then reads
+    /// what the server said, or reports that it said nothing.
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
         body: &mut Incoming,
         framing: RequestBody,
     ) -> Result<(), SendError> {
+        self.unfinished = false;
         encode_head(&mut self.out, parts, framing);
         self.stream
             .write_all(&self.out)
@@ -182,43 +206,49 @@ impl UpstreamConn {
         if framing == RequestBody::Empty {
             return Ok(());
         }
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(SendError::Client)?;
-            let Ok(data) = frame.into_data() else {
-                continue;
+        let finished = self.send_body(body, framing).await?;
+        self.unfinished = !finished;
+        Ok(())
+    }
+
+    /// Streams the request body; false when it stopped before its end (see [`send`](Self::send)).
+    async fn send_body(
+        &mut self,
+        body: &mut Incoming,
+        framing: RequestBody,
+    ) -> Result<bool, SendError> {
+        let (stream, buf) = (&mut self.stream, &mut self.buf);
+        loop {
+            let frame = poll_fn(|cx| {
+                if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                    return Poll::Ready(Some(frame));
+                }
+                ready!(poll_answer(stream, buf, cx));
+                Poll::Ready(None)
+            })
+            .await;
+            let data = match frame {
+                None => return Ok(false),
+                Some(None) => break,
+                Some(Some(frame)) => match frame.map_err(SendError::Client)?.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue,
+                },
             };
-            if data.is_empty() {
-                continue;
-            }
             if framing == RequestBody::Chunked {
                 self.out.clear();
                 encode_size_line(data.len(), &mut self.out);
-                self.stream
-                    .write_all(&self.out)
-                    .await
-                    .map_err(SendError::Body)?;
-                self.stream
-                    .write_all(&data)
-                    .await
-                    .map_err(SendError::Body)?;
-                self.stream
-                    .write_all(b"\r\n")
-                    .await
-                    .map_err(SendError::Body)?;
-            } else {
-                self.stream
-                    .write_all(&data)
-                    .await
-                    .map_err(SendError::Body)?;
+                if !(write_body(stream, buf, &self.out).await
+                    && write_body(stream, buf, &data).await
+                    && write_body(stream, buf, b"\r\n").await)
+                {
+                    return Ok(false);
+                }
+            } else if !write_body(stream, buf, &data).await {
+                return Ok(false);
             }
         }
-        if framing == RequestBody::Chunked {
-            self.stream
-                .write_all(b"0\r\n\r\n")
-                .await
-                .map_err(SendError::Body)?;
-        }
-        Ok(())
+        Ok(framing != RequestBody::Chunked || write_body(stream, buf, b"0\r\n\r\n").await)
     }
 
     /// Reads the response head (skipping `100 Continue` and other interim answers except `101`).
@@ -226,11 +256,19 @@ impl UpstreamConn {
         let mut received = !self.buf.is_empty();
         loop {
             if !self.buf.is_empty() {
-                if let Some(head) = parse_head(&mut self.buf, method)? {
+                if let Some(mut head) = parse_head(&mut self.buf, method)? {
                     if head.status.is_informational()
                         && head.status != StatusCode::SWITCHING_PROTOCOLS
                     {
                         continue;
+                    }
+                    // What came with the head is checked before the head is handed on: once it is
+                    // on its way to the client, a broken body can only cut the response off.
+                    if let Framing::Chunked(decoder) = &head.framing {
+                        decoder.check(&self.buf).map_err(ReadError::Body)?;
+                    }
+                    if self.unfinished {
+                        head.keep_alive = false;
                     }
                     return Ok(head);
                 }
@@ -271,6 +309,83 @@ impl UpstreamConn {
     }
 }
 
+/// Writes all of `data` to the server; false when the server has begun an answer (or closed) while
+/// the write waited for room, or when the write failed — the body stops there either way.
+async fn write_body(stream: &mut TcpStream, buf: &mut BytesMut, mut data: &[u8]) -> bool {
+    poll_fn(|cx| {
+        while !data.is_empty() {
+            match Pin::new(&mut *stream).poll_write(cx, data) {
+                Poll::Ready(Ok(n)) if n > 0 => data = &data[n..],
+                Poll::Ready(Ok(_)) => return Poll::Ready(false),
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(error = %e, "writing the request body failed; reading the server's answer");
+                    return Poll::Ready(false);
+                }
+                Poll::Pending => {
+                    ready!(poll_answer(stream, buf, cx));
+                    return Poll::Ready(false);
+                }
+            }
+        }
+        Poll::Ready(true)
+    })
+    .await
+}
+
+/// While sending the request body waits: ready once the server has begun a final answer, closed
+/// the connection or failed. What it sent is read into `buf`; interim answers (`100 Continue`) are
+/// dropped from it, as [`UpstreamConn::read_head`] would.
+///
+/// The reactor's cached readiness answers first, so a server that sends nothing costs no syscall.
+fn poll_answer(stream: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
+    loop {
+        if ready!(stream.poll_read_ready(cx)).is_err() {
+            return Poll::Ready(());
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(READ_CHUNK);
+        }
+        match stream.try_read_buf(buf) {
+            Ok(0) => return Poll::Ready(()),
+            Ok(_) if answer_started(buf) => return Poll::Ready(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return Poll::Ready(()),
+        }
+    }
+}
+
+/// True once `buf` holds the start of a final answer, or anything that cannot be an interim one;
+/// complete interim answers are removed from its front.
+fn answer_started(buf: &mut BytesMut) -> bool {
+    /// An interim status line starts so (`?`: any byte).
+    const INTERIM: &[u8] = b"HTTP/1.? 1";
+    loop {
+        let n = buf.len().min(INTERIM.len());
+        if n == 0 {
+            return false;
+        }
+        if !buf[..n]
+            .iter()
+            .zip(INTERIM)
+            .all(|(&b, &p)| p == b'?' || b == p)
+        {
+            return true;
+        }
+        if n < INTERIM.len() {
+            return false;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut headers);
+        match resp.parse(buf) {
+            Ok(httparse::Status::Complete(_)) if resp.code == Some(101) => return true,
+            Ok(httparse::Status::Complete(len)) => buf.advance(len),
+            Ok(httparse::Status::Partial) => return buf.len() >= MAX_HEAD,
+            Err(_) => return true,
+        }
+    }
+}
+
 fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: RequestBody) {
     out.clear();
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -303,8 +418,77 @@ fn encode_head(out: &mut Vec<u8>, parts: &http::request::Parts, framing: Request
     out.extend_from_slice(b"\r\n");
 }
 
+/// True when the `Transfer-Encoding` fields list exactly one coding, `chunked` (RFC 9112 §6.1; empty
+/// list elements are ignored, RFC 9110 §5.6.1).
+fn is_only_chunked(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(trim_ows)
+        .filter(|c| !c.is_empty());
+    codings
+        .next()
+        .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"))
+        && codings.next().is_none()
+}
+
+/// Removes optional whitespace (SP, HTAB) around `v`.
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|&b| b != b' ' && b != b'\t');
+    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t');
+    match (start, end) {
+        (Some(s), Some(e)) => &v[s..=e],
+        _ => &[],
+    }
+}
+
+/// The body length the `Content-Length` fields give, `None` without any (RFC 9110 §8.6, RFC 9112
+/// §6.3): each value is decimal digits only (no sign, no spaces inside, no overflow); a list, or
+/// repeated fields, must all say the same, and are then passed on as one field.
+fn content_length(headers: &mut HeaderMap) -> Result<Option<u64>, ReadError> {
+    let mut length = None;
+    let mut fields = 0;
+    let mut canonical = true;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        fields += 1;
+        for element in v.as_bytes().split(|&b| b == b',') {
+            let digits = trim_ows(element);
+            let n = parse_decimal(digits).ok_or(ReadError::Malformed("invalid content-length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ReadError::Malformed("conflicting content-length"));
+            }
+            canonical &= digits.len() == v.len() && (digits[0] != b'0' || digits.len() == 1);
+            length = Some(n);
+        }
+    }
+    if let Some(n) = length {
+        if fields > 1 || !canonical {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    Ok(length)
+}
+
+/// `digits` as a decimal number: ASCII digits only, at least one, no overflow.
+fn parse_decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        if b.is_ascii_digit() {
+            n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+        } else {
+            None
+        }
+    })
+}
+
 /// Parses a complete response head off the front of `buf`; `None` when more bytes are needed.
-fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, ReadError> {
+///
+/// Public for the parser tests (`tests/fuzz_parsers.rs`); the proxy reads heads with
+/// [`UpstreamConn::read_head`].
+pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead>, ReadError> {
     // Offsets of (name, value) in `buf`, so the head can be split off before building the map.
     let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
     let (len, code, minor, count) = {
@@ -346,47 +530,44 @@ fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<ResponseHead
         headers.append(name, value);
     }
 
+    // A malformed length is refused on every response, even one without a body, so that it is
+    // never passed on.
+    let length = content_length(&mut headers)?;
+    let mut reusable = true;
     let framing = if method == Method::HEAD
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Empty
-    } else if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
-        let chunked = te
-            .to_str()
-            .ok()
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        if chunked {
-            Framing::Chunked(ChunkedDecoder::default())
-        } else {
-            Framing::Close
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        // RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty. fulcrum decodes
+        // `chunked` and no other coding: anything else would reach the client still encoded, with
+        // the header that says so removed.
+        if minor == 0 {
+            return Err(ReadError::Malformed(
+                "transfer-encoding in an HTTP/1.0 response",
+            ));
         }
+        if !is_only_chunked(&headers) {
+            return Err(ReadError::Malformed("unsupported transfer-encoding"));
+        }
+        // §6.3: Transfer-Encoding overrides Content-Length, which an intermediary removes; such a
+        // message may be an attempt at response splitting, so the connection is not reused.
+        if length.is_some() {
+            headers.remove(header::CONTENT_LENGTH);
+            reusable = false;
+        }
+        Framing::Chunked(ChunkedDecoder::default())
     } else {
-        let mut length = None;
-        for v in headers.get_all(header::CONTENT_LENGTH) {
-            let n: u64 = v
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or(ReadError::Malformed("invalid content-length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(ReadError::Malformed("conflicting content-length"));
-            }
-            length = Some(n);
-        }
         match length {
             Some(0) => Framing::Empty,
             Some(n) => Framing::Length(n),
             None => Framing::Close,
         }
     };
-    let keep_alive = !matches!(framing, Framing::Close)
+    let keep_alive = reusable
+        && !matches!(framing, Framing::Close)
         && if minor >= 1 {
             !has_token(&headers, header::CONNECTION, "close")
         } else {

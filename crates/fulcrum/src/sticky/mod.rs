@@ -1,11 +1,15 @@
 //! Session persistence: keep a client on the server that holds its session.
 //!
 //! Three ways to recognise a client, per pool (`[pools.sticky]`):
-//! - `cookie`: fulcrum inserts its own cookie (`FULCRUM_SRV`) naming the server by an opaque value, a
-//!   keyed xxh3 hash of the server's name (never its address). Any fulcrum instance with the same
-//!   configuration reads it the same way, with no shared state.
+//! - `cookie`: fulcrum inserts its own cookie (`FULCRUM_SRV`) naming the server by an opaque value: an
+//!   HMAC-SHA256 of the pool and server name under `secret` (never the address). Nobody without the
+//!   secret can make the cookie of a server, nor learn its name or address from it. Every fulcrum
+//!   instance with the same secret reads it the same way, with no shared state; without a configured
+//!   secret each process draws a random one (and says so in a warning).
 //! - `app_cookie`: fulcrum learns the application's own session cookie (`SESSIONID`, `JSESSIONID`)
-//!   from `Set-Cookie` in responses and remembers value → server in the stick table.
+//!   from `Set-Cookie` in responses and remembers value → server in the stick table. Only values a
+//!   server set are stored: a value a client makes up is never written, so unique cookie values cannot
+//!   fill the table (which is bounded in bytes anyway, and keys over [`MAX_KEY_LEN`] are ignored).
 //! - `source_ip`: the client's address → server, in the stick table.
 //!
 //! The algorithm picks only for clients without a (valid) entry. A sticky server that is down, removed
@@ -28,8 +32,14 @@ use crate::config::{StickyConfig, StickyKind, StoreConfig};
 use crate::http::route::cookie;
 use crate::pool::{PoolSnapshot, Server, ServerState};
 
-/// Stick-table capacity per pool (entries).
-const TABLE_CAPACITY: usize = 1_000_000;
+/// Stick-table budget per pool, in bytes (keys, server names, bookkeeping).
+const TABLE_BYTES: u64 = 64 << 20;
+
+/// Cookie values (session ids) longer than this are neither looked up nor stored.
+pub const MAX_KEY_LEN: usize = 256;
+
+/// Bytes of the HMAC kept in the cookie (128 bits, hex-encoded).
+const MAC_BYTES: usize = 16;
 
 /// What a request brought that identifies its client.
 #[derive(Debug, Default)]
@@ -38,6 +48,9 @@ pub struct ClientKey {
     key: Option<String>,
     /// The server the key sticks to, if it is one of the pool's and may take the client.
     pub server: Option<usize>,
+    /// The key was known (a valid cookie, or a stick-table entry), whether or not its server may take
+    /// the client now: only a known key is moved to another server.
+    known: bool,
 }
 
 /// The stickiness of one pool.
@@ -45,14 +58,27 @@ pub struct ClientKey {
 pub struct Sticky {
     kind: StickyKind,
     cookie: String,
-    /// Keys the opaque `cookie` values: derived from the pool's name, so every instance agrees.
-    secret: u64,
+    /// The pool's name (part of what the cookie MAC covers).
+    pool: String,
+    /// Keys the cookie MAC.
+    key: ring::hmac::Key,
     table: MemoryTable,
     /// The shared table, with `[store] kind = "redis"`; the local table then caches it and stands in
     /// for it while Redis does not answer.
     shared: Option<Arc<RedisTable>>,
     /// `; Max-Age=N` for our cookie, if configured.
     max_age: String,
+}
+
+/// Lowercase hex of `bytes`.
+fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 /// True when `server` may keep a sticky client: up or draining, and healthy.
@@ -71,11 +97,26 @@ impl Sticky {
                 Some(Arc::new(RedisTable::new(target, prefix, cfg.ttl)?))
             }
         };
+        let secret: Vec<u8> = match &cfg.secret {
+            Some(s) => s.as_bytes().to_vec(),
+            None => {
+                use ring::rand::SecureRandom;
+                let mut bytes = vec![0u8; 32];
+                ring::rand::SystemRandom::new()
+                    .fill(&mut bytes)
+                    .map_err(|_| "no system randomness for the sticky cookie key".to_string())?;
+                if cfg.kind == StickyKind::Cookie {
+                    tracing::warn!(pool = %pool, "sticky cookie: no `secret` configured; a random one is used, so other fulcrum instances and the next restart will not recognise this one's cookies");
+                }
+                bytes
+            }
+        };
         Ok(Sticky {
             kind: cfg.kind,
             cookie: cfg.cookie.clone(),
-            secret: crate::balance::hash_key(format!("fulcrum-sticky/{pool}").as_bytes()),
-            table: MemoryTable::new(TABLE_CAPACITY, cfg.ttl),
+            pool: pool.to_owned(),
+            key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            table: MemoryTable::new(TABLE_BYTES, cfg.ttl),
             shared,
             max_age: cfg
                 .max_age
@@ -94,12 +135,26 @@ impl Sticky {
         &self.table
     }
 
-    /// The opaque value of our cookie for `server`.
+    /// The opaque value of our cookie for `server`: the hex of a truncated HMAC-SHA256 of
+    /// `pool/server` under the secret.
     pub fn cookie_value(&self, server: &str) -> String {
-        format!(
-            "{:016x}",
-            xxhash_rust::xxh3::xxh3_64_with_seed(server.as_bytes(), self.secret)
-        )
+        let tag = ring::hmac::sign(&self.key, format!("{}/{server}", self.pool).as_bytes());
+        hex_lower(&tag.as_ref()[..MAC_BYTES])
+    }
+
+    /// The server whose cookie `value` is, among `snapshot`'s (compared in constant time).
+    fn cookie_server(&self, value: &str, snapshot: &PoolSnapshot) -> Option<usize> {
+        if value.len() != MAC_BYTES * 2 {
+            return None;
+        }
+        use subtle::ConstantTimeEq;
+        snapshot.servers.iter().position(|s| {
+            bool::from(
+                self.cookie_value(&s.name)
+                    .as_bytes()
+                    .ct_eq(value.as_bytes()),
+            )
+        })
     }
 
     /// Recognises the client of a request and finds its server, if it has one that may take it.
@@ -115,23 +170,24 @@ impl Sticky {
             }
             StickyKind::SourceIp => Some(client_ip.to_string()),
         };
-        let Some(key) = key else {
+        let Some(key) = key.filter(|k| k.len() <= MAX_KEY_LEN) else {
             return ClientKey::default();
         };
-        let server = match self.kind {
-            StickyKind::Cookie => snapshot
-                .servers
-                .iter()
-                .position(|s| self.cookie_value(&s.name) == key),
-            StickyKind::AppCookie | StickyKind::SourceIp => self
-                .entry(&key)
-                .await
-                .and_then(|name| snapshot.servers.iter().position(|s| s.name == name)),
+        let (server, known) = match self.kind {
+            StickyKind::Cookie => {
+                let s = self.cookie_server(&key, snapshot);
+                (s, s.is_some())
+            }
+            StickyKind::AppCookie | StickyKind::SourceIp => match self.entry(&key).await {
+                Some(name) => (snapshot.servers.iter().position(|s| s.name == name), true),
+                None => (None, false),
+            },
         };
         let server = server.filter(|&i| can_stick(&snapshot.servers[i]));
         ClientKey {
             key: Some(key),
             server,
+            known,
         }
     }
 
@@ -194,12 +250,13 @@ impl Sticky {
                         .unwrap_or("")
                         .trim()
                         .trim_matches('"');
-                    if !value.is_empty() {
+                    if !value.is_empty() && value.len() <= MAX_KEY_LEN {
                         self.stick(value, &server.name);
                     }
                 }
-                // A client whose session moved (its server went away) now belongs here.
-                if let (Some(key), false) = (&client.key, stuck_here) {
+                // A known session whose server went away now belongs here; a value the client made
+                // up is never stored.
+                if let (Some(key), false, true) = (&client.key, stuck_here, client.known) {
                     self.stick(key, &server.name);
                 }
             }

@@ -1,103 +1,107 @@
-//! The in-memory stick table: key → server name, with a sliding TTL and a bound on its size.
+//! The in-memory stick table: key → server name, with a sliding TTL and a bound in bytes.
 //!
-//! Sharded by key hash so that concurrent workers rarely meet on a lock. Entries expire lazily: a
-//! lookup ignores (and drops) an expired entry, and a shard that reaches its share of the capacity
-//! sweeps its expired entries, then drops the entries closest to expiry. No timer, no thread per entry.
+//! Built on `quick_cache` (S3-FIFO admission and eviction, sharded, O(1) per operation): a full table
+//! evicts in constant time instead of scanning a shard under its lock, and the bound counts the bytes
+//! of keys and names, so a flood of large keys cannot grow it past its budget. Entries expire lazily:
+//! a lookup ignores (and drops) an expired entry; a use slides the TTL with one atomic store.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crate::balance::hash_key;
+use quick_cache::sync::Cache;
+use quick_cache::Weighter;
+
 use crate::health::now_ms;
 
-const SHARDS: usize = 16;
+/// Bytes counted per entry beyond its key and server name (the cache's own bookkeeping, roughly).
+const ENTRY_OVERHEAD: u64 = 96;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Entry {
     server: String,
-    expires_ms: u64,
+    expires_ms: AtomicU64,
 }
 
-/// A bounded key → server table with a sliding TTL.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
+struct Bytes;
+
+impl Weighter<String, Arc<Entry>> for Bytes {
+    fn weight(&self, key: &String, entry: &Arc<Entry>) -> u64 {
+        key.len() as u64 + entry.server.len() as u64 + ENTRY_OVERHEAD
+    }
+}
+
+/// A key → server table with a sliding TTL, bounded in bytes.
 pub struct MemoryTable {
-    shards: Box<[Mutex<HashMap<String, Entry>>]>,
-    per_shard: usize,
+    cache: Cache<String, Arc<Entry>, Bytes>,
     ttl: Duration,
+    max_bytes: u64,
+}
+
+impl std::fmt::Debug for MemoryTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryTable")
+            .field("entries", &self.cache.len())
+            .field("bytes", &self.cache.weight())
+            .field("max_bytes", &self.max_bytes)
+            .finish()
+    }
 }
 
 impl MemoryTable {
-    /// A table of at most about `capacity` entries, each living `ttl` after its last use.
-    pub fn new(capacity: usize, ttl: Duration) -> Self {
+    /// A table of at most about `max_bytes` (keys, names and bookkeeping), each entry living `ttl`
+    /// after its last use.
+    pub fn new(max_bytes: u64, ttl: Duration) -> Self {
+        let max_bytes = max_bytes.max(4 * 1024);
+        let items = (max_bytes / (ENTRY_OVERHEAD + 32)).max(16) as usize;
         MemoryTable {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            per_shard: (capacity / SHARDS).max(1),
+            cache: Cache::with_weighter(items, max_bytes, Bytes),
             ttl,
+            max_bytes,
         }
-    }
-
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
-        &self.shards[(hash_key(key.as_bytes()) as usize) % SHARDS]
     }
 
     /// The server `key` sticks to, refreshing its TTL; `None` when absent or expired.
     pub fn get(&self, key: &str) -> Option<String> {
         let now = now_ms();
-        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
-        match shard.get_mut(key) {
-            Some(e) if e.expires_ms > now => {
-                e.expires_ms = now + self.ttl.as_millis() as u64;
-                Some(e.server.clone())
-            }
-            Some(_) => {
-                shard.remove(key);
-                None
-            }
-            None => None,
+        let entry = self.cache.get(key)?;
+        if entry.expires_ms.load(Ordering::Relaxed) <= now {
+            self.cache.remove(key);
+            return None;
         }
+        entry
+            .expires_ms
+            .store(now + self.ttl.as_millis() as u64, Ordering::Relaxed);
+        Some(entry.server.clone())
     }
 
     /// Makes `key` stick to `server` for the TTL.
     pub fn set(&self, key: &str, server: &str) {
-        let now = now_ms();
-        let expires_ms = now + self.ttl.as_millis() as u64;
-        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(e) = shard.get_mut(key) {
-            e.expires_ms = expires_ms;
-            if e.server != server {
-                e.server = server.to_owned();
-            }
-            return;
-        }
-        if shard.len() >= self.per_shard {
-            shard.retain(|_, e| e.expires_ms > now);
-            while shard.len() >= self.per_shard {
-                let Some(oldest) = shard
-                    .iter()
-                    .min_by_key(|(_, e)| e.expires_ms)
-                    .map(|(k, _)| k.clone())
-                else {
-                    break;
-                };
-                shard.remove(&oldest);
+        let expires_ms = now_ms() + self.ttl.as_millis() as u64;
+        if let Some(e) = self.cache.get(key) {
+            if e.server == server {
+                e.expires_ms.store(expires_ms, Ordering::Relaxed);
+                return;
             }
         }
-        shard.insert(
+        self.cache.insert(
             key.to_owned(),
-            Entry {
+            Arc::new(Entry {
                 server: server.to_owned(),
-                expires_ms,
-            },
+                expires_ms: AtomicU64::new(expires_ms),
+            }),
         );
     }
 
-    /// Entries held now (expired ones not yet swept included).
+    /// Entries held now (expired ones not yet dropped included).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
+        self.cache.len()
+    }
+
+    /// Bytes held now, as counted against the bound.
+    pub fn bytes(&self) -> u64 {
+        self.cache.weight()
     }
 
     /// True when the table holds nothing.
@@ -110,16 +114,16 @@ impl MemoryTable {
 mod tests {
     use super::*;
 
-    #[test]
-    fn entries_stick_slide_and_expire() {
-        let t = MemoryTable::new(1000, Duration::from_millis(60));
+    #[tokio::test(start_paused = true)]
+    async fn entries_stick_slide_and_expire() {
+        let t = MemoryTable::new(1 << 20, Duration::from_secs(60));
         t.set("k", "A");
         assert_eq!(t.get("k").as_deref(), Some("A"));
-        std::thread::sleep(Duration::from_millis(40));
+        tokio::time::advance(Duration::from_secs(40)).await;
         assert_eq!(t.get("k").as_deref(), Some("A"), "a use slides the TTL");
-        std::thread::sleep(Duration::from_millis(40));
+        tokio::time::advance(Duration::from_secs(40)).await;
         assert_eq!(t.get("k").as_deref(), Some("A"));
-        std::thread::sleep(Duration::from_millis(80));
+        tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(t.get("k"), None, "expired");
         t.set("k", "A");
         t.set("k", "B");
@@ -127,16 +131,24 @@ mod tests {
     }
 
     #[test]
-    fn the_table_stays_bounded() {
-        let t = MemoryTable::new(160, Duration::from_secs(60));
+    fn the_table_stays_bounded_in_bytes_whatever_the_keys() {
+        let max = 256 * 1024;
+        let t = MemoryTable::new(max, Duration::from_secs(60));
         for i in 0..10_000 {
             t.set(&format!("client-{i}"), "A");
         }
-        assert!(t.len() <= 160, "{}", t.len());
+        assert!(t.bytes() <= max, "{} bytes", t.bytes());
+        // Keys of 60 KB each: the bound holds, in bytes.
+        let big = "x".repeat(60_000);
+        for i in 0..200 {
+            t.set(&format!("{big}{i}"), "A");
+        }
+        assert!(t.bytes() <= max, "{} bytes", t.bytes());
+        t.set("client-new", "B");
         assert_eq!(
-            t.get("client-9999").as_deref(),
-            Some("A"),
-            "the newest entries are kept"
+            t.get("client-new").as_deref(),
+            Some("B"),
+            "a fresh entry is kept"
         );
     }
 }
