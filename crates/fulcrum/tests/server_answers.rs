@@ -639,3 +639,361 @@ async fn an_interim_answer_during_the_upload_does_not_stop_it() {
     );
     stop(lb).await;
 }
+
+// ---------------------------------------------------------------------------------------------------
+// 5. A randomised stream of mutated answers
+// ---------------------------------------------------------------------------------------------------
+
+mod mutated {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+    use std::sync::Mutex;
+
+    /// Well-formed answers the mutations start from: (bytes, status, body, delimited by the close).
+    const BASES: &[(&[u8], u16, &[u8], bool)] = &[
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\nX-A: 1\r\n\r\nhello world",
+            200,
+            b"hello world",
+            false,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\n\r\n",
+            200,
+            b"hello world",
+            false,
+        ),
+        (
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: 1\r\n\r\n",
+            201,
+            b"ok",
+            false,
+        ),
+        (
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            404,
+            b"",
+            false,
+        ),
+        (b"HTTP/1.1 204 No Content\r\nX-B: 2\r\n\r\n", 204, b"", false),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            200,
+            b"ok",
+            false,
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\nX-C: 3\r\n\r\nuntil the close",
+            200,
+            b"until the close",
+            true,
+        ),
+    ];
+
+    /// Framing headers and bodies: `Some(body)` when the answer is valid, `None` when it must be a 502.
+    const FRAMINGS: &[(&str, &str, Option<&str>)] = &[
+        ("Content-Length: +2", "ok", None),
+        ("Content-Length: -1", "ok", None),
+        ("Content-Length: 1,2", "ok", None),
+        ("Content-Length: 2\r\nContent-Length: 3", "ok", None),
+        ("Content-Length: 99999999999999999999999", "ok", None),
+        ("Content-Length: 0x2", "ok", None),
+        ("Content-Length: 2, 2", "ok", Some("ok")),
+        ("Content-Length: 3\r\nTransfer-Encoding: chunked", "2\r\nok\r\n0\r\n\r\n", Some("ok")),
+        ("Transfer-Encoding: gzip", "ok", None),
+        ("Transfer-Encoding: chunked, chunked", "2\r\nok\r\n0\r\n\r\n", None),
+        ("Transfer-Encoding: chunked", "zz\r\nok\r\n0\r\n\r\n", None),
+        ("Transfer-Encoding: chunked", "2\nok\r\n0\r\n\r\n", None),
+        ("Transfer-Encoding: chunked", "+2\r\nok\r\n0\r\n\r\n", None),
+        ("Transfer-Encoding: chunked", "2\r\nokX\r\n0\r\n\r\n", None),
+        ("Transfer-Encoding: chunked", "2;e=\"v\"\r\nok\r\n0\r\nX-T: 1\r\n\r\n", Some("ok")),
+    ];
+
+    /// Bytes that matter to a parser, to flip and insert.
+    const ALPHABET: &[u8] = b"\r\n :;,-+0123456789aAfFxHTP/.\t\x00\x7f\xff";
+
+    #[derive(Debug, Clone)]
+    enum Mutation {
+        Intact,
+        /// Cut the answer there and close.
+        Truncate(Index),
+        /// Replace bytes.
+        Flip(Vec<(Index, u8)>),
+        /// Insert bytes.
+        Insert(Index, Vec<u8>),
+        /// A framing header and body of [`FRAMINGS`] instead of the base.
+        Framing(usize),
+        /// Bytes after the complete answer.
+        Extra(Vec<u8>),
+        /// Answer after reading only the request head, then close.
+        Early,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        base: usize,
+        mutation: Mutation,
+        close_after: bool,
+        post: bool,
+    }
+
+    fn byte() -> impl Strategy<Value = u8> {
+        prop_oneof![any::<u8>(), prop::sample::select(ALPHABET)]
+    }
+
+    fn case() -> impl Strategy<Value = Case> {
+        let mutation = prop_oneof![
+            1 => Just(Mutation::Intact),
+            3 => any::<Index>().prop_map(Mutation::Truncate),
+            4 => prop::collection::vec((any::<Index>(), byte()), 1..4).prop_map(Mutation::Flip),
+            2 => (any::<Index>(), prop::collection::vec(byte(), 1..6))
+                .prop_map(|(i, b)| Mutation::Insert(i, b)),
+            3 => (0..FRAMINGS.len()).prop_map(Mutation::Framing),
+            2 => prop::collection::vec(byte(), 1..40).prop_map(Mutation::Extra),
+            1 => Just(Mutation::Early),
+        ];
+        (0..BASES.len(), mutation, any::<bool>(), any::<bool>()).prop_map(
+            |(base, mutation, close_after, post)| Case {
+                base,
+                mutation,
+                close_after,
+                post,
+            },
+        )
+    }
+
+    /// What the server sends for `case`.
+    fn answer(case: &Case) -> Vec<u8> {
+        let base = BASES[case.base].0;
+        let mut out = base.to_vec();
+        match &case.mutation {
+            Mutation::Intact | Mutation::Early => {}
+            Mutation::Truncate(at) => out.truncate(at.index(base.len())),
+            Mutation::Flip(flips) => {
+                for (at, b) in flips {
+                    out[at.index(base.len())] = *b;
+                }
+            }
+            Mutation::Insert(at, bytes) => {
+                let at = at.index(base.len() + 1);
+                out.splice(at..at, bytes.iter().copied());
+            }
+            Mutation::Framing(i) => {
+                let (head, body, _) = FRAMINGS[*i];
+                out = format!("HTTP/1.1 200 OK\r\n{head}\r\n\r\n{body}").into_bytes();
+            }
+            Mutation::Extra(bytes) => out.extend_from_slice(bytes),
+        }
+        out
+    }
+
+    /// Whether the server closes after answering.
+    fn closes(case: &Case) -> bool {
+        case.close_after
+            || BASES[case.base].3
+            || matches!(case.mutation, Mutation::Truncate(_) | Mutation::Early)
+    }
+
+    /// The next answer the scripted server gives, and how.
+    #[derive(Default)]
+    struct Plan {
+        answer: Option<(Vec<u8>, bool, bool)>,
+    }
+
+    /// A server that answers the first request after a plan is set with the planned bytes, and every
+    /// other request with `good {path}`. After a planned answer it closes if told to, else waits for
+    /// another request on the connection for a short while, then closes (so that a balancer waiting
+    /// for bytes that never come is released).
+    async fn scripted(plan: Arc<Mutex<Plan>>) -> SocketAddr {
+        let handler: Handler = Arc::new(move |mut sock| {
+            let plan = plan.clone();
+            Box::pin(async move {
+                let mut buf = Vec::new();
+                let mut lingering = false;
+                loop {
+                    let head = read_head(&mut sock, &mut buf);
+                    let path = if lingering {
+                        match tokio::time::timeout(Duration::from_millis(40), head).await {
+                            Ok(Some(p)) => p,
+                            _ => return,
+                        }
+                    } else {
+                        match head.await {
+                            Some(p) => p,
+                            None => return,
+                        }
+                    };
+                    let planned = plan.lock().unwrap().answer.take();
+                    match planned {
+                        Some((bytes, close, early)) => {
+                            if !early && !skip_body(&mut sock, &mut buf, &path).await {
+                                return;
+                            }
+                            if sock.write_all(&bytes).await.is_err() || close || early {
+                                return;
+                            }
+                            lingering = true;
+                        }
+                        None => {
+                            if !skip_body(&mut sock, &mut buf, &path).await {
+                                return;
+                            }
+                            let body = format!("good {}", path.0);
+                            let good =
+                                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                            if sock.write_all(good.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            lingering = false;
+                        }
+                    }
+                }
+            })
+        });
+        tcp_server(handler).await.0
+    }
+
+    /// A request head's path and Content-Length.
+    async fn read_head(sock: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(String, usize)> {
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let path = head.split(' ').nth(1)?.to_string();
+        let len = head
+            .to_ascii_lowercase()
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+            .unwrap_or(0);
+        Some((path, len))
+    }
+
+    async fn skip_body(sock: &mut TcpStream, buf: &mut Vec<u8>, head: &(String, usize)) -> bool {
+        let mut chunk = [0u8; 4096];
+        while buf.len() < head.1 {
+            match sock.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        buf.drain(..head.1);
+        true
+    }
+
+    /// Is what the client got for `case` acceptable?
+    fn judge(case: &Case, sent: &[u8], path: &str, got: &Got) -> Result<(), String> {
+        let (_, status, body, close_delimited) = BASES[case.base];
+        let exact = |want_status: u16, want_body: &[u8]| match got {
+            Got::Complete(s, _, b) if s.as_u16() == want_status && &b[..] == want_body => Ok(()),
+            other => Err(format!("expected {want_status} {:?}, got {other:?}", String::from_utf8_lossy(want_body))),
+        };
+        let fulcrum_error = matches!(
+            got,
+            Got::Complete(s, ..) if *s == StatusCode::BAD_GATEWAY || *s == StatusCode::GATEWAY_TIMEOUT
+        );
+        match got {
+            Got::NoAnswer(e) => return Err(format!("no answer: {e}")),
+            // A GET whose connection closed before any answer may be sent again: the retry gets a good answer.
+            Got::Complete(_, _, b) if sent.is_empty() && !case.post && b[..] == *format!("good {path}").as_bytes() => {
+                return Ok(())
+            }
+            _ => {}
+        }
+        match &case.mutation {
+            Mutation::Intact | Mutation::Extra(_) | Mutation::Early => exact(status, body),
+            Mutation::Framing(i) => match FRAMINGS[*i].2 {
+                Some(b) => exact(200, b.as_bytes()),
+                None => exact(502, b"502 Bad Gateway: the server failed to answer\n"),
+            },
+            Mutation::Truncate(_) if sent.len() == BASES[case.base].0.len() => exact(status, body),
+            Mutation::Truncate(_) => match got {
+                _ if fulcrum_error => Ok(()),
+                Got::Aborted(..) => Ok(()),
+                // Only a close-delimited body may end anywhere.
+                Got::Complete(s, _, b) if close_delimited && s.as_u16() == status && body.starts_with(b) => Ok(()),
+                other => Err(format!("a truncated answer passed as complete: {other:?}")),
+            },
+            // Anything well-formed, or a definite failure.
+            Mutation::Flip(_) | Mutation::Insert(..) => Ok(()),
+        }
+    }
+
+    #[test]
+    fn mutated_answers_never_leave_a_client_without_an_answer_nor_poison_the_pool() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let plan = Arc::new(Mutex::new(Plan::default()));
+        let addr = rt.block_on(scripted(plan.clone()));
+        // One worker: every client connection shares one pool of server connections, so a connection
+        // put back out of step would be the next request's.
+        let text = one_server(addr, "retries = 1\nresponse_timeout = \"3s\"");
+        let cfg = fulcrum::config::parse(&text, "test.toml").unwrap();
+        let lb = rt.block_on(async { fulcrum::runtime::start_with_workers(cfg, 1).unwrap() });
+        let base = format!("http://{}", web(&lb));
+        let started = std::time::Instant::now();
+
+        let config = Config {
+            cases: 128,
+            failure_persistence: None,
+            max_shrink_iters: 256,
+            ..Config::default()
+        };
+        let mut runner =
+            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &[9; 32]));
+        let n = AtomicUsize::new(0);
+        let result = runner.run(&case(), |case| {
+            let i = n.fetch_add(1, Ordering::Relaxed);
+            let sent = answer(&case);
+            plan.lock().unwrap().answer =
+                Some((sent.clone(), closes(&case), matches!(case.mutation, Mutation::Early)));
+            rt.block_on(async {
+                let c = client();
+                let path = format!("/case/{i}");
+                let req = if case.post {
+                    Request::post(format!("{base}{path}"))
+                        .body(Full::new(Bytes::from_static(b"{\"a\":1}")))
+                        .unwrap()
+                } else {
+                    Request::get(format!("{base}{path}"))
+                        .body(Full::default())
+                        .unwrap()
+                };
+                let got = try_send(&c, req, Duration::from_secs(10)).await;
+                judge(&case, &sent, &path, &got).map_err(|e| {
+                    TestCaseError::fail(format!("{:?}: {e}", String::from_utf8_lossy(&sent)))
+                })?;
+                // The pool is in step: a good request gets its own answer.
+                plan.lock().unwrap().answer = None;
+                let good = format!("/good/{i}");
+                let got = try_get(&c, &format!("{base}{good}")).await;
+                match &got {
+                    Got::Complete(StatusCode::OK, _, b) if b[..] == *format!("good {good}").as_bytes() => Ok(()),
+                    other => Err(TestCaseError::fail(format!(
+                        "after {:?}, a good request got {other:?}",
+                        String::from_utf8_lossy(&sent)
+                    ))),
+                }
+            })
+        });
+        let elapsed = started.elapsed();
+        rt.block_on(stop(lb));
+        if let Err(e) = result {
+            panic!("{e}");
+        }
+        eprintln!("{} cases in {elapsed:?}", n.load(Ordering::Relaxed));
+        assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+    }
+}

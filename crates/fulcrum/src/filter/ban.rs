@@ -8,11 +8,13 @@
 //! [`BanTable::ban`], [`BanTable::unban`] and [`BanTable::list`].
 //!
 //! ## Sliding window
-//! A sliding-window counter (the approximation Cloudflare and nginx-plus use): time is cut into
-//! windows of `window`, aligned for everyone; a client's rate is its count in the current window
-//! plus its count in the previous one weighted by how much of the previous window still lies
-//! within the last `window`. Two integers per counter; for evenly spread traffic the estimate is
-//! at most one request above the true count, so set thresholds with a margin.
+//! A sliding-window counter (the approximation Cloudflare described for its rate limiting in
+//! 2017): time is cut into windows of `window`, aligned for everyone; a client's rate is its count
+//! in the current window plus its count in the previous one weighted by how much of the previous
+//! window still lies within the last `window`. Two integers per counter instead of a timestamp per
+//! request. For evenly spread traffic the estimate is at most one request above the true count
+//! (so set thresholds with a margin); for bursty traffic it is off by part of the previous
+//! window's count, either way. A client is banned when its estimate *exceeds* the threshold.
 //!
 //! ## Memory and eviction
 //! Each of the 16 shards keeps the counts of the current window and of the previous one in two
@@ -41,6 +43,7 @@
 //! and one lookup. [`BanTable::record`] is one shard lock and at most two lookups; it allocates only
 //! when a map grows.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
@@ -369,13 +372,14 @@ impl BanTable {
             self.banned.fetch_sub(1, Ordering::Relaxed);
         }
 
-        let cur = match shard.cur.get_mut(&key) {
-            Some(c) => c,
-            None if shard.cur.len() >= self.tracked_per_shard => {
+        let full = shard.cur.len() >= self.tracked_per_shard;
+        let cur = match shard.cur.entry(key) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(_) if full => {
                 self.untracked.fetch_add(1, Ordering::Relaxed);
                 return None;
             }
-            None => shard.cur.entry(key).or_default(),
+            Entry::Vacant(e) => e.insert(Counts::default()),
         };
         cur.requests = cur.requests.saturating_add(1);
         if self.errors.contains(status) {
@@ -493,7 +497,7 @@ impl BanTable {
                     .collect::<Vec<_>>()
             })
             .collect();
-        out.sort_by(|a, b| a.net.cmp(&b.net));
+        out.sort_by_key(|e| e.net);
         out
     }
 

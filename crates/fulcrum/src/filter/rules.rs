@@ -110,7 +110,9 @@ impl RuleSpec {
 
     /// The rules of a starter preset (see the module doc), to combine with others.
     pub fn preset(name: &str) -> Result<Vec<RuleSpec>, FilterError> {
-        let r = RuleSpec::regex;
+        fn r(name: &str, target: Target, regex: impl Into<String>) -> RuleSpec {
+            RuleSpec::regex(name, target, regex)
+        }
         Ok(match name {
             "path_traversal" => vec![
                 r(
@@ -244,7 +246,7 @@ struct Rule {
 }
 
 /// A compiled list of deny rules with a hit counter per rule. See the module doc.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct DenyRules {
     rules: Vec<Rule>,
     path: Option<Group>,
@@ -253,18 +255,6 @@ pub struct DenyRules {
     headers: Vec<(HeaderName, Group)>,
     /// `Any` rules, run over every header value.
     any_header: Option<Group>,
-}
-
-impl Default for DenyRules {
-    fn default() -> Self {
-        DenyRules {
-            rules: Vec::new(),
-            path: None,
-            query: None,
-            headers: Vec::new(),
-            any_header: None,
-        }
-    }
 }
 
 impl DenyRules {

@@ -2,8 +2,8 @@
 //! accepts (the accept loop itself is protocol-neutral: [`crate::listener`]).
 //!
 //! The protocol is told from the first bytes (`PRI ` starts the HTTP/2 preface): they are read (never
-//! peeked in a loop, so a client that sends one byte costs nothing while it waits) under the idle
-//! timeout and handed back to hyper by [`ClientIo`], which also enforces the connection's clocks:
+//! peeked in a loop, so a client that sends one byte costs nothing while it waits) within the request
+//! header timeout (or the idle timeout, if shorter) and handed back to hyper by [`ClientIo`], which also enforces the connection's clocks:
 //! - `idle_timeout`: no byte either way while no request is in flight (an HTTP/2 connection without
 //!   streams, a silent new connection); an HTTP/1.1 keep-alive connection also waits at most
 //!   `request_header_timeout` for its next request head (hyper's header timer);
@@ -161,7 +161,9 @@ async fn serve_connection(conn: Accepted, http: &Arc<HttpListener>, builders: &B
         guard,
     } = conn;
     let settings = &builders.settings;
-    let Some((prefix, len)) = read_prefix(&mut stream, settings.idle_timeout).await else {
+    // A new connection owes its first request within the header timeout (or the idle one, if shorter).
+    let first = settings.request_header_timeout.min(settings.idle_timeout);
+    let Some((prefix, len)) = read_prefix(&mut stream, first).await else {
         http.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
         return;
     };
