@@ -187,6 +187,7 @@ fn check(block: &Block) -> Result<(), String> {
         match (kind, e.line) {
             // A whole block: the error's line in the Markdown file.
             (Kind::Whole, Some(line)) => e.line = Some(block.line + line),
+            (Kind::Whole, None) => e.origin = at.clone(),
             // A spliced fragment: lines of the spliced text mean nothing to a reader.
             _ => {
                 e.origin = format!("{at} (as spliced)");

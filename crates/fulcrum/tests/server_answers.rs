@@ -30,8 +30,8 @@ enum Got {
     NoAnswer(String),
     /// A response whose body arrived complete.
     Complete(StatusCode, HeaderMap, Bytes),
-    /// A response head, then the body was cut off (the proxy aborted it).
-    Aborted(StatusCode, String),
+    /// A response head, then the body was cut off (the proxy aborted it), and why.
+    Aborted(StatusCode, #[allow(dead_code)] String),
 }
 
 impl Got {
@@ -240,7 +240,7 @@ async fn closes_without_answering(reset: bool) -> (SocketAddr, Arc<AtomicUsize>)
             let mut buf = Vec::new();
             read_request(&mut sock, &mut buf, false).await;
             if reset {
-                let _ = sock.set_linger(Some(Duration::ZERO));
+                let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
             }
         })
     });
@@ -251,7 +251,7 @@ async fn closes_without_answering(reset: bool) -> (SocketAddr, Arc<AtomicUsize>)
 async fn resets_on_accept() -> (SocketAddr, Arc<AtomicUsize>) {
     let handler: Handler = Arc::new(|sock| {
         Box::pin(async move {
-            let _ = sock.set_linger(Some(Duration::ZERO));
+            let _ = socket2::SockRef::from(&sock).set_linger(Some(Duration::ZERO));
         })
     });
     tcp_server(handler).await
@@ -910,6 +910,8 @@ mod mutated {
             _ => {}
         }
         match &case.mutation {
+            // After a close-delimited body, extra bytes are more of it.
+            Mutation::Extra(extra) if close_delimited => exact(status, &[body, extra].concat()),
             Mutation::Intact | Mutation::Extra(_) | Mutation::Early => exact(status, body),
             Mutation::Framing(i) => match FRAMINGS[*i].2 {
                 Some(b) => exact(200, b.as_bytes()),

@@ -93,6 +93,12 @@ pub(crate) struct RawListener {
     pub max_headers: Option<i64>,
     pub h2_max_concurrent_streams: Option<i64>,
     pub max_body_size: Option<RawSize>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub rate_limit: Option<RawRateLimit>,
+    pub block: Option<Vec<String>>,
+    pub block_rules: Option<Vec<RawBlockRule>>,
+    pub auto_ban: Option<RawAutoBan>,
 }
 
 /// `listeners.tls`.
@@ -116,6 +122,11 @@ pub(crate) struct RawRoute {
     pub query: Option<BTreeMap<String, String>>,
     pub pool: String,
     pub max_body_size: Option<RawSize>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub rate_limit: Option<RawRateLimit>,
+    pub block: Option<Vec<String>>,
+    pub block_rules: Option<Vec<RawBlockRule>>,
 }
 
 /// `routes.cookie`.
@@ -203,6 +214,36 @@ pub(crate) struct RawSticky {
     pub ttl: Option<RawDuration>,
     pub max_age: Option<RawDuration>,
     pub secret: Option<String>,
+}
+
+/// `rate_limit = { rate, per, burst, key }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimit {
+    pub rate: i64,
+    pub per: Option<RawDuration>,
+    pub burst: Option<i64>,
+    pub key: Option<String>,
+}
+
+/// `[[listeners.block_rules]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBlockRule {
+    pub name: String,
+    pub target: Option<String>,
+    pub regex: Option<String>,
+    pub contains: Option<String>,
+}
+
+/// `auto_ban = { window, max_requests, max_errors, ban }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAutoBan {
+    pub window: Option<RawDuration>,
+    pub max_requests: Option<i64>,
+    pub max_errors: Option<i64>,
+    pub ban: Option<RawDuration>,
 }
 
 /// A size as written: an integer of bytes or a string with a unit (`"64KiB"`, `"10MB"`, `"1GiB"`).

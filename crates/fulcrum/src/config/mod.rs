@@ -176,6 +176,10 @@ pub struct ListenerConfig {
     pub max_connections_per_ip: Option<usize>,
     /// `max_body_size` (optional): the largest request body; a larger one gets 413 (per route too).
     pub max_body_size: Option<u64>,
+    /// `allow`, `deny`, `rate_limit`, `block`, `block_rules`: traffic filtering of the whole listener.
+    pub filter: FilterConfig,
+    /// `auto_ban` (optional): clients over a request or error rate are banned for a while.
+    pub auto_ban: Option<crate::filter::BanPolicy>,
     /// `max_connections` (default `10000`, at least 1, fulcrum extension): client connections accepted at
     /// once on this listener; further connections wait in the kernel's accept queue.
     pub max_connections: usize,
@@ -242,6 +246,56 @@ pub struct RouteConfig {
     /// `max_body_size` (optional): the largest request body on this route (else the listener's); a
     /// larger one gets 413.
     pub max_body_size: Option<u64>,
+    /// Traffic filtering of this route's requests, after the listener's.
+    pub filter: FilterConfig,
+}
+
+/// Traffic filtering of a listener or route.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilterConfig {
+    /// `allow` / `deny`: CIDR lists (`"10.0.0.0/8"`, `"192.0.2.1"`, `"2001:db8::/32"`). With `allow`, only
+    /// listed addresses pass; an address in `deny` is refused. Listener lists are checked at accept
+    /// (the connection is closed), route lists per request (403).
+    pub access: crate::filter::AccessList,
+    /// `rate_limit = { rate = 100, per = "1s", burst = 50, key = "source_ip" }`: a token bucket per key;
+    /// over it, 429 with `Retry-After`.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// `block = ["path_traversal", "scanners", "sql_injection"]` and `[[…block_rules]]`: attack patterns;
+    /// a match gets 403 and counts in `fulcrum_blocked_requests_total{rule}`.
+    pub rules: Vec<crate::filter::RuleSpec>,
+}
+
+impl FilterConfig {
+    /// True when it filters nothing.
+    pub fn is_empty(&self) -> bool {
+        self.access.is_open() && self.rate_limit.is_none() && self.rules.is_empty()
+    }
+}
+
+/// `rate_limit`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// `rate` (required, at least 1): requests allowed per `per`.
+    pub rate: u32,
+    /// `per` (default `"1s"`).
+    pub per: Duration,
+    /// `burst` (default `rate`): requests allowed at once above the steady rate.
+    pub burst: u32,
+    /// `key` (default `"source_ip"`): what a bucket is kept per.
+    pub key: RateKey,
+}
+
+/// `rate_limit.key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RateKey {
+    /// `"source_ip"`: the client address (IPv6 by /64).
+    SourceIp,
+    /// `"header:NAME"`: the value of that header (requests without it are keyed by address).
+    Header(http::HeaderName),
+    /// `"cookie:NAME"`: the value of that cookie (requests without it are keyed by address).
+    Cookie(String),
+    /// `"path"`: the request path (one bucket per path, shared by every client).
+    Path,
 }
 
 /// The match keys of a route. Every key present must match; at least one is required.

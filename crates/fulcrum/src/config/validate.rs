@@ -14,10 +14,12 @@ use regex::Regex;
 use super::error::KeyPath;
 use super::file::{
     RawAdmin, RawConfig, RawDuration, RawHealthCheck, RawInitialState, RawListener, RawPassive,
-    RawPool, RawRoute, RawServer, RawSize, RawSticky, RawStore, RawStoreKind, RawTls,
+    RawAutoBan, RawBlockRule, RawPool, RawRateLimit, RawRoute, RawServer, RawSize, RawSticky,
+    RawStore, RawStoreKind, RawTls,
 };
 use super::{
-    AdminConfig, Algorithm, Config, DnsServerConfig, HashKey, HealthCheckConfig, HealthCheckKind,
+    AdminConfig, Algorithm, Config, DnsServerConfig, FilterConfig, HashKey, HealthCheckConfig,
+    RateKey, RateLimitConfig, HealthCheckKind,
     HostMatch, ListenerConfig, PassiveConfig, PoolConfig, Protocol, RedisTarget, RouteConfig,
     RouteMatch, ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
 };
@@ -891,6 +893,18 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         .as_ref()
         .map(|s| size(Some(s), path.key("max_body_size"), 0, 0, u64::MAX / 2))
         .transpose()?;
+    let filter = filter(
+        raw.allow,
+        raw.deny,
+        raw.rate_limit,
+        raw.block,
+        raw.block_rules,
+        path,
+    )?;
+    let auto_ban = raw
+        .auto_ban
+        .map(|b| auto_ban(b, &path.key("auto_ban")))
+        .transpose()?;
 
     Ok(ListenerConfig {
         name,
@@ -911,7 +925,138 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         h2_max_concurrent_streams,
         max_connections_per_ip,
         max_body_size,
+        filter,
+        auto_ban,
     })
+}
+
+/// `allow`, `deny`, `rate_limit`, `block`, `block_rules` of a listener or route.
+fn filter(
+    allow: Option<Vec<String>>,
+    deny: Option<Vec<String>>,
+    rate_limit: Option<RawRateLimit>,
+    block: Option<Vec<String>>,
+    block_rules: Option<Vec<RawBlockRule>>,
+    path: &KeyPath,
+) -> Result<FilterConfig> {
+    use crate::filter::{CidrSet, FilterError, Pattern, RuleSpec, Target};
+    let cidrs = |list: &[String], key: &str| {
+        CidrSet::parse(list).map_err(|e| match e {
+            FilterError::Cidr { index, .. } => Invalid::new(path.key(key).index(index), e.to_string()),
+            other => Invalid::new(path.key(key), other.to_string()),
+        })
+    };
+    let allow = allow.map(|a| cidrs(&a, "allow")).transpose()?;
+    let deny = deny.map(|d| cidrs(&d, "deny")).transpose()?.unwrap_or_default();
+    let access = crate::filter::AccessList::new(allow, deny);
+
+    let rate_limit = match rate_limit {
+        None => None,
+        Some(r) => {
+            let at = path.key("rate_limit");
+            let rate = integer(Some(r.rate), at.key("rate"), 0, 1, u32::MAX.into())? as u32;
+            let per = duration(r.per.as_ref(), at.key("per"), Duration::from_secs(1), Zero::Rejected)?;
+            let burst = integer(r.burst, at.key("burst"), rate.into(), 1, u32::MAX.into())? as u32;
+            let key = match r.key.as_deref() {
+                None | Some("source_ip") => RateKey::SourceIp,
+                Some("path") => RateKey::Path,
+                Some(text) => match text.split_once(':') {
+                    Some(("header", name)) => RateKey::Header(
+                        HeaderName::from_bytes(name.trim().as_bytes())
+                            .map_err(|_| Invalid::new(at.key("key"), format!("invalid header name in {text:?}")))?,
+                    ),
+                    Some(("cookie", name)) if !name.trim().is_empty() => RateKey::Cookie(name.trim().to_owned()),
+                    _ => {
+                        return invalid(
+                            at.key("key"),
+                            format!("unknown key {text:?}: expected source_ip, path, \"header:NAME\" or \"cookie:NAME\""),
+                        )
+                    }
+                },
+            };
+            crate::filter::RateLimiter::new(rate, per, burst)
+                .map_err(|e| Invalid::new(at.clone(), e.to_string()))?;
+            Some(RateLimitConfig { rate, per, burst, key })
+        }
+    };
+
+    let mut rules = Vec::new();
+    for (i, preset) in block.unwrap_or_default().iter().enumerate() {
+        rules.extend(
+            RuleSpec::preset(preset)
+                .map_err(|e| Invalid::new(path.key("block").index(i), e.to_string()))?,
+        );
+    }
+    for (i, r) in block_rules.unwrap_or_default().into_iter().enumerate() {
+        let at = path.key("block_rules").index(i);
+        let target = match r.target.as_deref() {
+            None | Some("path") => Target::Path,
+            Some("query") => Target::Query,
+            Some("uri") => Target::Uri,
+            Some("any") => Target::Any,
+            Some(text) => match text.strip_prefix("header:") {
+                Some(name) => Target::Header(
+                    HeaderName::from_bytes(name.trim().as_bytes())
+                        .map_err(|_| Invalid::new(at.key("target"), format!("invalid header name in {text:?}")))?,
+                ),
+                None => {
+                    return invalid(
+                        at.key("target"),
+                        format!("unknown target {text:?}: expected path, query, uri, any or \"header:NAME\""),
+                    )
+                }
+            },
+        };
+        let pattern = match (r.regex, r.contains) {
+            (Some(re), None) => Pattern::Regex(re),
+            (None, Some(lit)) => Pattern::Literal(lit),
+            _ => return invalid(at, "needs exactly one of `regex` or `contains`"),
+        };
+        rules.push(RuleSpec {
+            name: r.name,
+            target,
+            pattern,
+        });
+    }
+    if !rules.is_empty() {
+        crate::filter::DenyRules::new(rules.clone()).map_err(|e| {
+            let key = if matches!(e, FilterError::Rule { .. }) { "block_rules" } else { "block" };
+            Invalid::new(path.key(key), e.to_string())
+        })?;
+    }
+    Ok(FilterConfig {
+        access,
+        rate_limit,
+        rules,
+    })
+}
+
+/// `auto_ban = { window, max_requests, max_errors, ban }`.
+fn auto_ban(raw: RawAutoBan, path: &KeyPath) -> Result<crate::filter::BanPolicy> {
+    let window = duration(raw.window.as_ref(), path.key("window"), Duration::from_secs(10), Zero::Rejected)?;
+    let ban_for = duration(raw.ban.as_ref(), path.key("ban"), Duration::from_secs(600), Zero::Rejected)?;
+    let max_requests = raw
+        .max_requests
+        .map(|_| integer(raw.max_requests, path.key("max_requests"), 0, 1, u32::MAX.into()))
+        .transpose()?
+        .map(|n| n as u32);
+    let max_errors = raw
+        .max_errors
+        .map(|_| integer(raw.max_errors, path.key("max_errors"), 0, 1, u32::MAX.into()))
+        .transpose()?
+        .map(|n| n as u32);
+    if max_requests.is_none() && max_errors.is_none() {
+        return invalid(path.clone(), "needs max_requests, max_errors or both");
+    }
+    let policy = crate::filter::BanPolicy {
+        window,
+        max_requests,
+        max_errors,
+        ban_for,
+        ..crate::filter::BanPolicy::default()
+    };
+    crate::filter::BanTable::new(policy.clone()).map_err(|e| Invalid::new(path.clone(), e.to_string()))?;
+    Ok(policy)
 }
 
 /// A size in bytes: an integer, or a string with a unit (B, KB, KiB, MB, MiB, GB, GiB).
@@ -1089,10 +1234,19 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
         .as_ref()
         .map(|s| size(Some(s), path.key("max_body_size"), 0, 0, u64::MAX / 2))
         .transpose()?;
+    let filter = filter(
+        raw.allow,
+        raw.deny,
+        raw.rate_limit,
+        raw.block,
+        raw.block_rules,
+        path,
+    )?;
     Ok(RouteConfig {
         matcher,
         pool,
         max_body_size,
+        filter,
     })
 }
 

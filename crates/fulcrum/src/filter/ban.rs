@@ -29,8 +29,9 @@
 //! removed when looked at, by [`BanTable::sweep`], and when a full shard needs room — a full shard
 //! remembers its earliest expiry and does not rescan before then, so a table full of live bans
 //! costs nothing more per record. An automatic ban that finds no room is dropped (counted in
-//! [`BanStats::bans_dropped`]); [`BanTable::record`] still reports it, so the owner can refuse that
-//! request. Manual bans are always stored.
+//! [`BanStats::bans_dropped`]), but the client's counts are kept, so [`BanTable::record`] reports
+//! it again on each request while it stays over the threshold and the owner can refuse those
+//! requests. Manual bans are always stored.
 //!
 //! ## Which statuses are errors
 //! A [`StatusSet`], by default the 4xx class: scanners and brute-forcers produce 404s, 401s and
@@ -210,7 +211,7 @@ pub struct BanStats {
     pub banned: usize,
     /// Records not counted because their shard's window map was full.
     pub untracked: u64,
-    /// Automatic bans issued.
+    /// Times a client was found over a threshold (whether its ban was stored or dropped).
     pub bans_issued: u64,
     /// Automatic bans not stored because the ban map was full.
     pub bans_dropped: u64,
@@ -352,8 +353,8 @@ impl BanTable {
 
     /// Counts one answered request of `ip` with `status`. Returns the reason when this request
     /// takes the client over a threshold, and the client is now banned (or would be, had the ban
-    /// map room; see the module doc). Returns `None` for a client already banned: its requests
-    /// should not have been forwarded.
+    /// map room: then every further request over the threshold is reported too; see the module doc).
+    /// Returns `None` for a client already banned: its requests should not have been forwarded.
     pub fn record(&self, ip: IpAddr, status: u16) -> Option<BanReason> {
         if self.max_requests.is_none() && self.max_errors.is_none() {
             return None;
@@ -405,16 +406,19 @@ impl BanTable {
             return None;
         };
         self.bans_issued.fetch_add(1, Ordering::Relaxed);
-        shard.cur.remove(&key);
-        shard.prev.remove(&key);
-        let until_ns = now.saturating_add(self.ban_for_ns);
         if shard.bans.len() >= self.bans_per_shard && now >= shard.no_expiry_before_ns {
             let expired = shard.expire(now);
             self.banned.fetch_sub(expired, Ordering::Relaxed);
         }
         if shard.bans.len() >= self.bans_per_shard {
+            // No room: keep the counts, so that every further request over the threshold is
+            // reported (and can be refused) until one fits.
             self.bans_dropped.fetch_add(1, Ordering::Relaxed);
         } else {
+            // The ban starts the client afresh: it must not be banned again the moment it ends.
+            shard.cur.remove(&key);
+            shard.prev.remove(&key);
+            let until_ns = now.saturating_add(self.ban_for_ns);
             self.insert_ban(shard, key, until_ns, reason.clone());
         }
         Some(reason)
@@ -822,11 +826,15 @@ mod tests {
         })
         .unwrap();
         let mut reported = 0;
+        let mut unstored = None;
         for i in 0..1000u32 {
             let a = IpAddr::from(i.to_be_bytes());
             t.record(a, 200);
             if t.record(a, 200).is_some() {
                 reported += 1;
+            }
+            if t.is_banned(a).is_none() {
+                unstored = Some(a);
             }
         }
         assert_eq!(reported, 1000, "every offender is reported, stored or not");
@@ -834,6 +842,10 @@ mod tests {
         assert!(stats.banned <= 16, "{stats:?}");
         assert_eq!(stats.bans_issued, 1000);
         assert_eq!(stats.bans_dropped as usize, 1000 - stats.banned);
+        // An offender whose ban found no room stays over the threshold: each request is reported.
+        let a = unstored.unwrap();
+        assert_eq!(t.record(a, 200), Some(BanReason::RequestRate));
+        assert_eq!(t.record(a, 200), Some(BanReason::RequestRate));
 
         // Manual bans are not capped.
         for i in 0..100u32 {

@@ -34,6 +34,11 @@ pub mod cidr;
 pub mod rate;
 pub mod rules;
 
+pub use ban::{BanEntry, BanPolicy, BanReason, BanTable};
+pub use cidr::{AccessList, CidrSet};
+pub use rate::{Key, RateLimiter};
+pub use rules::{DenyRules, Pattern, RuleSpec, Target};
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -178,6 +183,16 @@ mod tests {
             ClientKey::of("192.0.2.8".parse().unwrap()),
             ClientKey::of(plain)
         );
+    }
+
+    #[test]
+    fn filters_can_be_shared_between_threads() {
+        fn shared<T: Send + Sync + 'static>() {}
+        shared::<cidr::AccessList>();
+        shared::<ban::BanTable>();
+        shared::<rate::RateLimiter>();
+        shared::<Box<dyn rate::Limiter>>();
+        shared::<rules::DenyRules>();
     }
 
     #[test]

@@ -347,7 +347,11 @@ async fn exchange(
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(server = %server.name, error = %e, "server connect failed");
-                    return Err(Failure::NotSent);
+                    return Err(if e.was_reset() {
+                        Failure::Unanswered
+                    } else {
+                        Failure::NotSent
+                    });
                 }
             },
         };

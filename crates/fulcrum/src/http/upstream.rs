@@ -519,8 +519,11 @@ pub fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<Response
         )
     };
     let head = buf.split_to(len).freeze();
-    let status =
-        StatusCode::from_u16(code).map_err(|_| ReadError::Malformed("invalid status code"))?;
+    // RFC 9110 §15: codes outside 100..=599 are invalid.
+    let status = StatusCode::from_u16(code)
+        .ok()
+        .filter(|s| s.as_u16() <= 599)
+        .ok_or(ReadError::Malformed("invalid status code"))?;
     let mut headers = HeaderMap::with_capacity(count);
     for &(no, nl, vo, vl) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[no as usize..(no + nl) as usize])
@@ -675,6 +678,14 @@ pub enum ConnectError {
     /// The TCP connect did not complete within the pool's `connect_timeout`.
     #[error("connect to {0}: timed out after {1:?}")]
     Timeout(SocketAddr, Duration),
+}
+
+impl ConnectError {
+    /// The connection was reset as it opened: the server's side accepted it and closed it at once (a
+    /// refused connection is not reset). The server was reached, and failed.
+    pub fn was_reset(&self) -> bool {
+        matches!(self, ConnectError::Io(_, e) if e.kind() == io::ErrorKind::ConnectionReset)
+    }
 }
 
 /// Opens a new connection to `addr`.
