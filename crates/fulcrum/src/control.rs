@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, PoolConfig, Protocol, ServerConfig};
 use crate::discovery::{DnsTarget, Resolver};
+use crate::http::filter::{Filter, ListenerFilter};
 use crate::http::proxy::{HttpListener, HttpRouter, Target};
 use crate::http::server::{Builders, ConnSettings};
 use crate::listener::{self, PerIp, Slots};
@@ -81,6 +82,12 @@ pub enum Command {
     },
     /// Reload the configuration file.
     Reload { reply: Reply<ReloadReport> },
+    /// Replace a listener's access lists (until the next reload).
+    SetAccess {
+        listener: String,
+        access: crate::filter::AccessList,
+        reply: Reply<crate::filter::AccessList>,
+    },
     /// A DNS answer for one of a pool's targets.
     Discovered {
         pool: String,
@@ -270,8 +277,11 @@ impl Controller {
     pub(crate) async fn run(mut self, mut commands: UnboundedReceiver<Command>) {
         let shutdown = self.shutdown.clone();
         let mut stopping = std::pin::pin!(shutdown.cancelled());
+        let mut upkeep = tokio::time::interval(Duration::from_secs(1));
+        upkeep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = upkeep.tick() => self.sweep_filters(),
                 command = commands.recv() => match command {
                     Some(command) => self.handle(command),
                     None => return,
@@ -326,6 +336,34 @@ impl Controller {
                 counter.fetch_add(1, Ordering::Relaxed);
                 let _ = reply.send(result);
             }
+            Command::SetAccess {
+                listener,
+                access,
+                reply,
+            } => {
+                let state = self.shared.state();
+                let result = match state.listeners.iter().find(|l| l.name == listener) {
+                    None => Err(ControlError::new(
+                        404,
+                        format!("no listener named `{listener}`"),
+                        Some("listener"),
+                    )),
+                    Some(l) => {
+                        let current = l.http.filter.load();
+                        let mut cfg = l_filter_config(&state.config, &listener);
+                        cfg.access = access.clone();
+                        let policy = current.policy.clone();
+                        l.http.filter.store(Arc::new(ListenerFilter::new(
+                            &cfg,
+                            policy.as_ref(),
+                            Some(&current),
+                        )));
+                        tracing::info!(listener = %listener, "access lists replaced through the admin API");
+                        Ok(access)
+                    }
+                };
+                let _ = reply.send(result);
+            }
             Command::Discovered {
                 pool,
                 source,
@@ -350,6 +388,19 @@ impl Controller {
                     .is_some_and(|s| Arc::ptr_eq(&s, &server));
                 if same && server.is_removing() && p.remove(&server.name).is_ok() {
                     tracing::info!(pool = %pool, server = %server.name, "server removed");
+                }
+            }
+        }
+    }
+
+    /// Drops what rate limiters and ban tables no longer need.
+    fn sweep_filters(&self) {
+        for l in &self.shared.state().listeners {
+            l.http.filter.load().sweep();
+            let router = l.http.router.load();
+            for (_, t) in &router.routes {
+                if let Some(f) = &t.filter {
+                    f.sweep();
                 }
             }
         }
@@ -493,6 +544,7 @@ impl Controller {
             }
             let bind_err = |source| StartError::Bind {
                 name: l.name.clone(),
+                index: i,
                 addr: l.bind,
                 source,
             };
@@ -504,6 +556,11 @@ impl Controller {
                 s.set_nonblocking(true).map_err(bind_err)?;
             }
             if bound_sockets.is_empty() {
+                if l.bind.port() != 0 {
+                    // SO_REUSEPORT would let this process share a port another process listens on
+                    // (another fulcrum, started twice): find out with a plain bind first.
+                    drop(std::net::TcpListener::bind(l.bind).map_err(bind_err)?);
+                }
                 bound_sockets.push(listener::bind_reuseport(l.bind).map_err(bind_err)?);
             }
             let bound = bound_sockets[0].local_addr().map_err(bind_err)?;
@@ -598,11 +655,13 @@ impl Controller {
         self.restart_discovery(&config, &pools);
 
         // Listeners: swap the routes of the ones that stay, start the new ones, drain the others.
-        let target = |i: usize, max_body_size: Option<u64>| Target {
-            pool: pools[i].pool.clone(),
-            sticky: pools[i].sticky.clone(),
-            max_body_size,
-        };
+        let target =
+            |i: usize, max_body_size: Option<u64>, filter: &crate::config::FilterConfig| Target {
+                pool: pools[i].pool.clone(),
+                sticky: pools[i].sticky.clone(),
+                max_body_size,
+                filter: (!filter.is_empty()).then(|| Arc::new(Filter::new(filter, None))),
+            };
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let mut offered = HashMap::new();
         for (i, l) in config.listeners.iter().enumerate() {
@@ -610,13 +669,24 @@ impl Controller {
                 routes: l
                     .routes
                     .iter()
-                    .map(|r| (r.matcher.clone(), target(r.pool, r.max_body_size)))
+                    .map(|r| {
+                        (
+                            r.matcher.clone(),
+                            target(r.pool, r.max_body_size, &r.filter),
+                        )
+                    })
                     .collect(),
-                default: target(l.pool, None),
+                default: target(l.pool, None, &crate::config::FilterConfig::default()),
             };
             let pool = config.pools[l.pool].name.clone();
             if let Some(kept) = self.kept_listener(&old, &config, i) {
                 kept.http.router.store(Arc::new(router));
+                let filter = ListenerFilter::new(
+                    &l.filter,
+                    l.auto_ban.as_ref(),
+                    Some(&kept.http.filter.load()),
+                );
+                kept.http.filter.store(Arc::new(filter));
                 let settings = ConnSettings::of(l);
                 if kept.http.builders.load().settings != settings {
                     kept.http.builders.store(Arc::new(Builders::new(settings)));
@@ -651,6 +721,11 @@ impl Controller {
                 per_ip: arc_swap::ArcSwapOption::new(
                     l.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))),
                 ),
+                filter: ArcSwap::from_pointee(ListenerFilter::new(
+                    &l.filter,
+                    l.auto_ban.as_ref(),
+                    None,
+                )),
             });
             let info = ListenerInfo {
                 name: l.name.clone(),
@@ -812,9 +887,12 @@ impl Controller {
             }
             out
         };
+        let admin_stop = self.stop.clone();
         let on_ready = move || {
             tracing::info!("a new fulcrum took over the listening sockets: draining");
             shared.request_shutdown();
+            // The successor answers the admin API from now on: a change sent here would be lost.
+            admin_stop.cancel();
         };
         match takeover::Handoff::serve(&path, offer, on_ready) {
             Ok(h) => {
@@ -826,6 +904,16 @@ impl Controller {
             }
         }
     }
+}
+
+/// The filtering configuration of listener `name` in `config` (default when absent).
+fn l_filter_config(config: &Config, name: &str) -> crate::config::FilterConfig {
+    config
+        .listeners
+        .iter()
+        .find(|l| l.name == name)
+        .map(|l| l.filter.clone())
+        .unwrap_or_default()
 }
 
 /// The DNS targets of a pool: its host-name servers and its `dns_srv`.

@@ -192,6 +192,8 @@ pub enum StartError {
     #[error("listener `{name}`: cannot bind {addr}: {source}")]
     Bind {
         name: String,
+        /// Its index in the configuration's `listeners`.
+        index: usize,
         addr: SocketAddr,
         source: std::io::Error,
     },
@@ -216,7 +218,7 @@ impl StartError {
     /// The configuration key at fault, for the admin API's error answers.
     pub fn field(&self) -> Option<String> {
         match self {
-            StartError::Bind { name, .. } => Some(format!("listeners.{name}.bind")),
+            StartError::Bind { index, .. } => Some(format!("listeners[{index}].bind")),
             StartError::AdminBind { .. } => Some("admin.bind".into()),
             StartError::Store { pool, .. } => Some(format!("pools.{pool}.sticky")),
             StartError::Icmp { pool, .. } => Some(format!("pools.{pool}.health_check.kind")),

@@ -47,7 +47,11 @@ fn byte() -> impl Strategy<Value = u8> {
 }
 
 /// Applies `flips` (index, byte) and truncates at `cut` (fractions of the length).
-fn mutate(mut bytes: Vec<u8>, flips: &[(prop::sample::Index, u8)], cut: Option<prop::sample::Index>) -> Vec<u8> {
+fn mutate(
+    mut bytes: Vec<u8>,
+    flips: &[(prop::sample::Index, u8)],
+    cut: Option<prop::sample::Index>,
+) -> Vec<u8> {
     if !bytes.is_empty() {
         for (at, b) in flips {
             let i = at.index(bytes.len());
@@ -88,10 +92,7 @@ fn corpus(dir: &str) -> Vec<(String, Vec<u8>)> {
 enum Parsed {
     Partial,
     Error(String),
-    Head {
-        summary: String,
-        rest: Vec<u8>,
-    },
+    Head { summary: String, rest: Vec<u8> },
 }
 
 fn summary(head: &ResponseHead) -> String {
@@ -189,7 +190,9 @@ fn reference(input: &[u8], method: &Method) -> Option<Expect> {
     let mut length: Option<u64> = None;
     for v in &cl_values {
         for e in v.split(|&b| b == b',') {
-            let s = std::str::from_utf8(e).unwrap_or("x").trim_matches([' ', '\t']);
+            let s = std::str::from_utf8(e)
+                .unwrap_or("x")
+                .trim_matches([' ', '\t']);
             if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
                 return Some(Expect::Refuse("content-length"));
             }
@@ -242,7 +245,12 @@ fn check_head(input: &[u8], method: &Method, pieces: &[usize]) -> Result<(), Tes
     match (&expect, &whole, head) {
         (None, Parsed::Partial, _) => {}
         (Some(Expect::Refuse(why)), parsed, _) => {
-            prop_assert!(matches!(parsed, Parsed::Error(_)), "must refuse ({}): {:?}", why, parsed);
+            prop_assert!(
+                matches!(parsed, Parsed::Error(_)),
+                "must refuse ({}): {:?}",
+                why,
+                parsed
+            );
         }
         (Some(framing), Parsed::Head { .. }, Some(head)) => {
             let cl: Vec<_> = head.headers.get_all("content-length").iter().collect();
@@ -265,7 +273,10 @@ fn check_head(input: &[u8], method: &Method, pieces: &[usize]) -> Result<(), Tes
                 prop_assert!(!head.keep_alive);
             }
             for v in head.headers.values() {
-                prop_assert!(!v.as_bytes().iter().any(|&b| b == b'\r' || b == b'\n' || b == 0));
+                prop_assert!(!v
+                    .as_bytes()
+                    .iter()
+                    .any(|&b| b == b'\r' || b == b'\n' || b == 0));
             }
         }
         (e, p, _) => prop_assert!(false, "reference {:?}, parsed {:?}", e, p),
@@ -312,9 +323,23 @@ fn length_value() -> impl Strategy<Value = String> {
 
 fn coding_value() -> impl Strategy<Value = String> {
     prop::sample::select(vec![
-        "chunked", "Chunked", "CHUNKED", " chunked ", "chunked,", ",chunked", "gzip", "gzip, chunked",
-        "chunked, gzip", "chunked, chunked", "identity", "", "xchunked", "chunked;q=1", "chunked\t",
-        "chunk", "chunked\x0b",
+        "chunked",
+        "Chunked",
+        "CHUNKED",
+        " chunked ",
+        "chunked,",
+        ",chunked",
+        "gzip",
+        "gzip, chunked",
+        "chunked, gzip",
+        "chunked, chunked",
+        "identity",
+        "",
+        "xchunked",
+        "chunked;q=1",
+        "chunked\t",
+        "chunk",
+        "chunked\x0b",
     ])
     .prop_map(str::to_owned)
 }
@@ -468,31 +493,32 @@ fn reference_chunked(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, &'static 
     let mut i = 0;
     let mut data = Vec::new();
     // A line: the bytes up to CRLF (`None`: not there yet), checked by `ok`.
-    let line = |i: usize, ok: &dyn Fn(&[u8]) -> bool| -> Result<Option<(usize, usize)>, &'static str> {
-        let mut j = i;
-        while j < input.len() {
-            match input[j] {
-                b'\r' => {
-                    if !ok(&input[i..j]) {
-                        return Err("bad line");
+    let line =
+        |i: usize, ok: &dyn Fn(&[u8]) -> bool| -> Result<Option<(usize, usize)>, &'static str> {
+            let mut j = i;
+            while j < input.len() {
+                match input[j] {
+                    b'\r' => {
+                        if !ok(&input[i..j]) {
+                            return Err("bad line");
+                        }
+                        return match input.get(j + 1) {
+                            None => Ok(None),
+                            Some(b'\n') => Ok(Some((j, j + 2))),
+                            Some(_) => Err("CR without LF"),
+                        };
                     }
-                    return match input.get(j + 1) {
-                        None => Ok(None),
-                        Some(b'\n') => Ok(Some((j, j + 2))),
-                        Some(_) => Err("CR without LF"),
-                    };
+                    b'\n' => return Err("bare LF"),
+                    _ => j += 1,
                 }
-                b'\n' => return Err("bare LF"),
-                _ => j += 1,
             }
-        }
-        // Incomplete: the prefix must be able to become a valid line.
-        if ok_prefix(&input[i..], ok) {
-            Ok(None)
-        } else {
-            Err("bad line")
-        }
-    };
+            // Incomplete: the prefix must be able to become a valid line.
+            if ok_prefix(&input[i..], ok) {
+                Ok(None)
+            } else {
+                Err("bad line")
+            }
+        };
     loop {
         let size_ok = |l: &[u8]| size_line(l).is_some();
         let Some((end, next)) = line(i, &size_ok)? else {
@@ -512,7 +538,9 @@ fn reference_chunked(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, &'static 
         match input.get(i..i + 2) {
             Some(b"\r\n") => i += 2,
             Some(_) => return Err("no CRLF after data"),
-            None if input[i..].iter().all(|&b| b == b'\r') && input.len() - i < 2 => return Ok(None),
+            None if input[i..].iter().all(|&b| b == b'\r') && input.len() - i < 2 => {
+                return Ok(None)
+            }
             None => return Err("no CRLF after data"),
         }
     }
@@ -521,7 +549,9 @@ fn reference_chunked(input: &[u8]) -> Result<Option<(Vec<u8>, usize)>, &'static 
             l.is_empty() || {
                 let colon = l.iter().position(|&b| b == b':');
                 colon.is_some_and(|c| {
-                    c > 0 && l[..c].iter().all(|&b| is_tchar(b)) && l[c + 1..].iter().all(|&b| is_text(b))
+                    c > 0
+                        && l[..c].iter().all(|&b| is_tchar(b))
+                        && l[c + 1..].iter().all(|&b| is_text(b))
                 })
             }
         };
@@ -552,10 +582,15 @@ fn size_line(l: &[u8]) -> Option<u64> {
     }
     let mut n: u64 = 0;
     for &b in &l[..digits] {
-        n = n.checked_mul(16)?.checked_add(u64::from((b as char).to_digit(16)?))?;
+        n = n
+            .checked_mul(16)?
+            .checked_add(u64::from((b as char).to_digit(16)?))?;
     }
     let rest = &l[digits..];
-    let ws = rest.iter().take_while(|&&b| b == b' ' || b == b'\t').count();
+    let ws = rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
     match rest.get(ws) {
         None => Some(n),
         Some(b';') if rest[ws + 1..].iter().all(|&b| is_text(b)) => Some(n),
@@ -588,7 +623,12 @@ fn check_chunked(input: &[u8], pieces: &[usize]) -> Result<Decoded, TestCaseErro
 }
 
 /// A valid chunked encoding of `chunks` (with extensions and trailers), then `after`.
-fn encode(chunks: &[Vec<u8>], exts: &[String], trailers: &[(String, String)], after: &[u8]) -> Vec<u8> {
+fn encode(
+    chunks: &[Vec<u8>],
+    exts: &[String],
+    trailers: &[(String, String)],
+    after: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, chunk) in chunks.iter().enumerate().filter(|(_, c)| !c.is_empty()) {
         encode_size_line(chunk.len(), &mut out);
@@ -609,7 +649,8 @@ fn encode(chunks: &[Vec<u8>], exts: &[String], trailers: &[(String, String)], af
     out
 }
 
-fn chunked_body() -> impl Strategy<Value = (Vec<Vec<u8>>, Vec<String>, Vec<(String, String)>, Vec<u8>)> {
+fn chunked_body(
+) -> impl Strategy<Value = (Vec<Vec<u8>>, Vec<String>, Vec<(String, String)>, Vec<u8>)> {
     (
         prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..6),
         prop::collection::vec("([a-z]{1,5}(=[a-z0-9]{1,5}|=\"[ a-z]{0,5}\")?)?", 0..6),
@@ -676,7 +717,10 @@ fn chunked_corpus() {
 
 fn cookie_header() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
-        prop::collection::vec(prop::sample::select(&b"FULCRUM_SRV=; \"\t,abcdef0123456789xyz\x80\xff"[..]), 0..120),
+        prop::collection::vec(
+            prop::sample::select(&b"FULCRUM_SRV=; \"\t,abcdef0123456789xyz\x80\xff"[..]),
+            0..120
+        ),
         prop::collection::vec(any::<u8>(), 0..60),
     ]
 }
@@ -714,7 +758,10 @@ impl StickyPool {
         }
         let snapshot = self.pool.snapshot_full();
         self.rt
-            .block_on(self.sticky.lookup(&headers, IpAddr::V4(Ipv4Addr::LOCALHOST), &snapshot))
+            .block_on(
+                self.sticky
+                    .lookup(&headers, IpAddr::V4(Ipv4Addr::LOCALHOST), &snapshot),
+            )
             .server
     }
 }

@@ -483,3 +483,234 @@ async fn made_up_app_cookie_values_are_never_stored() {
     assert_eq!(table.len(), 1);
     stop(lb).await;
 }
+
+/// A raw `GET path` from the local address `from`; the answer's status (0: closed without one).
+async fn get_from(from: &str, addr: SocketAddr, path: &str) -> (u16, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    (status_of(&text), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_rate_gets_429_and_others_are_unaffected() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "rate_limit = { rate = 5, per = \"10s\", burst = 5 }",
+        "",
+    ));
+    let web = web(&lb);
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(get_from("127.0.0.1", web, "/").await.0);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+    let (status, text) = get_from("127.0.0.1", web, "/").await;
+    assert_eq!(status, 429);
+    let retry: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .expect("Retry-After")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((1..=10).contains(&retry), "{retry}");
+    // Another client address has its own bucket.
+    assert_eq!(get_from("127.0.0.2", web, "/").await.0, 200);
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    assert!(
+        metrics.contains("fulcrum_rate_limited_requests_total{listener=\"web\"} 4"),
+        "{metrics}"
+    );
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scanner_collecting_404s_is_banned_then_let_back_in() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "auto_ban = { window = \"10s\", max_errors = 5, ban = \"2s\" }",
+        "",
+    ));
+    let web = web(&lb);
+    // fulcrum-app answers 404 to unknown paths: a scanner's walk.
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        statuses.push(
+            get_from("127.0.0.3", web, &format!("/wp-admin/{i}"))
+                .await
+                .0,
+        );
+    }
+    assert!(statuses[..5].iter().all(|&s| s == 404), "{statuses:?}");
+    // Banned: refused at accept (closed without an answer) or 403 on an open connection.
+    let banned_at = statuses
+        .iter()
+        .position(|&s| s == 0 || s == 403)
+        .expect("never banned");
+    assert!(banned_at <= 7, "{statuses:?}");
+    let bans = get(
+        &client(),
+        &format!(
+            "http://{}/api/v1/listeners/web/bans",
+            lb.admin_addr().unwrap()
+        ),
+    )
+    .await;
+    assert!(bans.body.contains("127.0.0.3"), "{}", bans.body);
+    // Others are served meanwhile.
+    assert_eq!(get_from("127.0.0.1", web, "/").await.0, 200);
+    // After the ban, the scanner's address is served again.
+    let started = Instant::now();
+    while get_from("127.0.0.3", web, "/").await.0 != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "never unbanned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_lists_refuse_at_accept_and_the_admin_api_edits_lists_and_bans() {
+    let apps = apps(&["A"]).await;
+    let listener = "deny = [\"127.0.0.4/32\"]\n\n  [[listeners.routes]]\n  path_prefix = \"/internal/\"\n  pool = \"p\"\n  allow = [\"127.0.0.1\"]\n";
+    let lb = fulcrum(&config("round_robin", &servers(&apps), listener, ""));
+    let web = web(&lb);
+    let admin = lb.admin_addr().unwrap();
+    assert_eq!(
+        get_from("127.0.0.4", web, "/").await.0,
+        0,
+        "denied at accept"
+    );
+    assert_eq!(get_from("127.0.0.1", web, "/").await.0, 200);
+    assert_eq!(
+        get_from("127.0.0.5", web, "/internal/x").await.0,
+        403,
+        "route allow list"
+    );
+    assert_eq!(
+        get_from("127.0.0.1", web, "/internal/x").await.0,
+        404,
+        "allowed through to the app"
+    );
+
+    let call = |method: http::Method, path: &str, body: Option<&str>| {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{admin}{path}"));
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let body = http_body_util::Full::new(bytes::Bytes::from(body.unwrap_or("").to_string()));
+        let req = req.body(body).unwrap();
+        async move { send(&client(), req).await }
+    };
+    // Lists: replace the deny list; 127.0.0.4 gets in, 127.0.0.6 does not.
+    let r = call(
+        http::Method::PUT,
+        "/api/v1/listeners/web/access",
+        Some("{\"deny\": [\"127.0.0.6\"]}"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("127.0.0.6/32"), "{}", r.body);
+    assert_eq!(get_from("127.0.0.4", web, "/").await.0, 200);
+    assert_eq!(get_from("127.0.0.6", web, "/").await.0, 0);
+    let r = call(
+        http::Method::PUT,
+        "/api/v1/listeners/web/access",
+        Some("{\"deny\": [\"10.0.0.1/8\"]}"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(r.body.contains("\"field\":\"deny\""), "{}", r.body);
+    // Bans: ban 127.0.0.7, see it listed, lift it.
+    let r = call(
+        http::Method::POST,
+        "/api/v1/listeners/web/bans",
+        Some("{\"ip\": \"127.0.0.7\", \"duration\": \"1h\", \"note\": \"test\"}"),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+    assert_eq!(get_from("127.0.0.7", web, "/").await.0, 0);
+    let r = call(http::Method::GET, "/api/v1/listeners/web/bans", None).await;
+    assert!(
+        r.body.contains("127.0.0.7") && r.body.contains("test"),
+        "{}",
+        r.body
+    );
+    let r = call(
+        http::Method::DELETE,
+        "/api/v1/listeners/web/bans/127.0.0.7",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(get_from("127.0.0.7", web, "/").await.0, 200);
+    let r = call(
+        http::Method::DELETE,
+        "/api/v1/listeners/web/bans/127.0.0.7",
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = call(http::Method::GET, "/api/v1/listeners/nope/bans", None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attack_patterns_get_403_and_are_counted_per_rule() {
+    let apps = apps(&["A"]).await;
+    let listener = "block = [\"path_traversal\", \"scanners\"]\n\n  [[listeners.block_rules]]\n  name = \"no-debug\"\n  target = \"query\"\n  contains = \"debug=1\"\n";
+    let lb = fulcrum(&config("round_robin", &servers(&apps), listener, ""));
+    let web = web(&lb);
+    for path in [
+        "/../../etc/passwd",
+        "/static/%2e%2e/%2e%2e/etc/passwd",
+        "/.git/config",
+        "/.env",
+        "/x?debug=1",
+    ] {
+        let (status, text) = get_from("127.0.0.1", web, path).await;
+        assert_eq!(status, 403, "{path}: {text}");
+    }
+    // Ordinary requests pass (the app answers: 200, or 404 for a file it does not have).
+    for path in ["/", "/static/app.js", "/?page=2"] {
+        let status = get_from("127.0.0.1", web, path).await.0;
+        assert!(status == 200 || status == 404, "{path}: {status}");
+    }
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    assert!(
+        metrics.contains("fulcrum_blocked_requests_total{listener=\"web\",rule=\"no-debug\"} 1"),
+        "{metrics}"
+    );
+    let traversal: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("fulcrum_blocked_requests_total") && l.contains("path_traversal"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(traversal, 2, "{metrics}");
+    stop(lb).await;
+}

@@ -517,17 +517,24 @@ async fn the_openapi_document_matches_the_routes() {
     // Every listed route exists in the router: a request with that method is not 404/405 for lack
     // of a route (the path parameters name a real pool and server; bodies are empty).
     for (method, path) in fulcrum::admin::ROUTES {
-        let path = path.replace("{pool}", "p").replace("{name}", "A");
+        let path = path
+            .replace("{pool}", "p")
+            .replace("{name}", "A")
+            .replace("{listener}", "web")
+            .replace("{ip}", "192.0.2.1");
         let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
         let req = Request::builder()
             .method(method.clone())
             .uri(format!("http://{admin}{path}"))
             .body(Full::default())
             .unwrap();
-        let status = send(&client(), req).await.status;
+        let r = send(&client(), req).await;
+        // The router's own 404 has no body; a handler's 404 names what it did not find.
+        let unrouted = r.status == StatusCode::NOT_FOUND && !r.body.contains("\"error\"");
         assert!(
-            status != StatusCode::METHOD_NOT_ALLOWED && status != StatusCode::NOT_FOUND,
-            "{method} {path}: {status}"
+            r.status != StatusCode::METHOD_NOT_ALLOWED && !unrouted,
+            "{method} {path}: {}",
+            r.status
         );
     }
     stop(lb).await;
@@ -635,7 +642,7 @@ async fn reloads_apply_the_difference_and_refuse_bad_files() {
     std::fs::write(&path, reload_config(&all, &busy)).unwrap();
     let (status, v) = call(admin, Method::POST, "/api/v1/reload", Some(json!({})), None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
-    assert_eq!(v["field"], "listeners.third.bind");
+    assert_eq!(v["field"], "listeners[2].bind");
     assert!(lb.listener_addr("third").is_none());
 
     // Remove B and the second listener: B leaves, the listener stops accepting.

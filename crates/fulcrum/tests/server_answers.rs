@@ -701,14 +701,26 @@ mod mutated {
         ("Content-Length: 99999999999999999999999", "ok", None),
         ("Content-Length: 0x2", "ok", None),
         ("Content-Length: 2, 2", "ok", Some("ok")),
-        ("Content-Length: 3\r\nTransfer-Encoding: chunked", "2\r\nok\r\n0\r\n\r\n", Some("ok")),
+        (
+            "Content-Length: 3\r\nTransfer-Encoding: chunked",
+            "2\r\nok\r\n0\r\n\r\n",
+            Some("ok"),
+        ),
         ("Transfer-Encoding: gzip", "ok", None),
-        ("Transfer-Encoding: chunked, chunked", "2\r\nok\r\n0\r\n\r\n", None),
+        (
+            "Transfer-Encoding: chunked, chunked",
+            "2\r\nok\r\n0\r\n\r\n",
+            None,
+        ),
         ("Transfer-Encoding: chunked", "zz\r\nok\r\n0\r\n\r\n", None),
         ("Transfer-Encoding: chunked", "2\nok\r\n0\r\n\r\n", None),
         ("Transfer-Encoding: chunked", "+2\r\nok\r\n0\r\n\r\n", None),
         ("Transfer-Encoding: chunked", "2\r\nokX\r\n0\r\n\r\n", None),
-        ("Transfer-Encoding: chunked", "2;e=\"v\"\r\nok\r\n0\r\nX-T: 1\r\n\r\n", Some("ok")),
+        (
+            "Transfer-Encoding: chunked",
+            "2;e=\"v\"\r\nok\r\n0\r\nX-T: 1\r\n\r\n",
+            Some("ok"),
+        ),
     ];
 
     /// Bytes that matter to a parser, to flip and insert.
@@ -841,8 +853,10 @@ mod mutated {
                                 return;
                             }
                             let body = format!("good {}", path.0);
-                            let good =
-                                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+                            let good = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                                body.len()
+                            );
                             if sock.write_all(good.as_bytes()).await.is_err() {
                                 return;
                             }
@@ -895,7 +909,10 @@ mod mutated {
         let (_, status, body, close_delimited) = BASES[case.base];
         let exact = |want_status: u16, want_body: &[u8]| match got {
             Got::Complete(s, _, b) if s.as_u16() == want_status && &b[..] == want_body => Ok(()),
-            other => Err(format!("expected {want_status} {:?}, got {other:?}", String::from_utf8_lossy(want_body))),
+            other => Err(format!(
+                "expected {want_status} {:?}, got {other:?}",
+                String::from_utf8_lossy(want_body)
+            )),
         };
         let fulcrum_error = matches!(
             got,
@@ -904,7 +921,9 @@ mod mutated {
         match got {
             Got::NoAnswer(e) => return Err(format!("no answer: {e}")),
             // A GET whose connection closed before any answer may be sent again: the retry gets a good answer.
-            Got::Complete(_, _, b) if sent.is_empty() && !case.post && b[..] == *format!("good {path}").as_bytes() => {
+            Got::Complete(_, _, b)
+                if sent.is_empty() && !case.post && b[..] == *format!("good {path}").as_bytes() =>
+            {
                 return Ok(())
             }
             _ => {}
@@ -922,7 +941,11 @@ mod mutated {
                 _ if fulcrum_error => Ok(()),
                 Got::Aborted(..) => Ok(()),
                 // Only a close-delimited body may end anywhere.
-                Got::Complete(s, _, b) if close_delimited && s.as_u16() == status && body.starts_with(b) => Ok(()),
+                Got::Complete(s, _, b)
+                    if close_delimited && s.as_u16() == status && body.starts_with(b) =>
+                {
+                    Ok(())
+                }
                 other => Err(format!("a truncated answer passed as complete: {other:?}")),
             },
             // Anything well-formed, or a definite failure.
@@ -959,8 +982,11 @@ mod mutated {
         let result = runner.run(&case(), |case| {
             let i = n.fetch_add(1, Ordering::Relaxed);
             let sent = answer(&case);
-            plan.lock().unwrap().answer =
-                Some((sent.clone(), closes(&case), matches!(case.mutation, Mutation::Early)));
+            plan.lock().unwrap().answer = Some((
+                sent.clone(),
+                closes(&case),
+                matches!(case.mutation, Mutation::Early),
+            ));
             rt.block_on(async {
                 let c = client();
                 let path = format!("/case/{i}");
@@ -982,7 +1008,11 @@ mod mutated {
                 let good = format!("/good/{i}");
                 let got = try_get(&c, &format!("{base}{good}")).await;
                 match &got {
-                    Got::Complete(StatusCode::OK, _, b) if b[..] == *format!("good {good}").as_bytes() => Ok(()),
+                    Got::Complete(StatusCode::OK, _, b)
+                        if b[..] == *format!("good {good}").as_bytes() =>
+                    {
+                        Ok(())
+                    }
                     other => Err(TestCaseError::fail(format!(
                         "after {:?}, a good request got {other:?}",
                         String::from_utf8_lossy(&sent)

@@ -377,9 +377,10 @@ pub async fn add_server(
     let weight = weight_field(&map)?.unwrap_or(1);
     let name = match string_field(&map, "name")? {
         Some(n) => {
-            if n.is_empty() || n.len() > 200 || n.chars().any(|c| c.is_control() || c == '/') {
+            let bad = |c: char| c.is_control() || c.is_whitespace() || "/?#%".contains(c);
+            if n.is_empty() || n.len() > 200 || n.chars().any(bad) {
                 return Err(ApiError::bad(
-                    "must be 1 to 200 characters, without control characters or `/`",
+                    "must be 1 to 200 characters, without spaces, control characters, `/`, `?`, `#` or `%`",
                     "name",
                 ));
             }
@@ -498,4 +499,177 @@ pub async fn reload(
     only(&map, &[])?;
     let report = shared.control(|reply| Command::Reload { reply }).await?;
     Ok(Json(report))
+}
+
+fn find_listener(shared: &Shared, name: &str) -> Result<crate::runtime::ListenerInfo, ApiError> {
+    shared
+        .state()
+        .listeners
+        .iter()
+        .find(|l| l.name == name)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no listener named `{name}`"),
+                Some("listener"),
+            )
+        })
+}
+
+#[derive(Serialize)]
+pub struct BansView {
+    listener: String,
+    bans: Vec<crate::filter::BanEntry>,
+}
+
+/// `GET /api/v1/listeners/{listener}/bans`.
+pub async fn bans(
+    State(shared): State<Arc<Shared>>,
+    Path(listener): Path<String>,
+) -> Result<Json<BansView>, ApiError> {
+    let l = find_listener(&shared, &listener)?;
+    let bans = l.http.filter.load().bans.list();
+    Ok(Json(BansView { listener, bans }))
+}
+
+/// `POST /api/v1/listeners/{listener}/bans` with `{"ip", "duration": "10m", "note"}`: 201.
+pub async fn add_ban(
+    State(shared): State<Arc<Shared>>,
+    Path(listener): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<BansView>), ApiError> {
+    let map = mutating(&shared, &headers, &body)?;
+    only(&map, &["ip", "duration", "note"])?;
+    let l = find_listener(&shared, &listener)?;
+    let ip: std::net::IpAddr = string_field(&map, "ip")?
+        .ok_or_else(|| ApiError::bad("required, e.g. \"192.0.2.7\"", "ip"))?
+        .parse()
+        .map_err(|_| ApiError::bad("not an IP address", "ip"))?;
+    let duration = match string_field(&map, "duration")? {
+        None => std::time::Duration::from_secs(600),
+        Some(d) => humantime::parse_duration(d)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| ApiError::bad("expected a duration such as \"10m\"", "duration"))?,
+    };
+    let note = string_field(&map, "note")?.unwrap_or("banned through the admin API");
+    let filter = l.http.filter.load();
+    filter.bans.ban(
+        ip,
+        duration,
+        crate::filter::BanReason::Manual(note.chars().take(200).collect()),
+    );
+    tracing::warn!(listener = %listener, client = %ip, ?duration, "client banned through the admin API");
+    Ok((
+        StatusCode::CREATED,
+        Json(BansView {
+            listener,
+            bans: filter.bans.list(),
+        }),
+    ))
+}
+
+/// `DELETE /api/v1/listeners/{listener}/bans/{ip}`.
+pub async fn remove_ban(
+    State(shared): State<Arc<Shared>>,
+    Path((listener, ip)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Json<BansView>, ApiError> {
+    authorize(&shared, &headers)?;
+    let l = find_listener(&shared, &listener)?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|_| ApiError::bad("not an IP address", "ip"))?;
+    let filter = l.http.filter.load();
+    if !filter.bans.unban(ip) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("{ip} is not banned"),
+            Some("ip"),
+        ));
+    }
+    tracing::info!(listener = %listener, client = %ip, "client unbanned through the admin API");
+    Ok(Json(BansView {
+        listener,
+        bans: filter.bans.list(),
+    }))
+}
+
+#[derive(Serialize)]
+pub struct AccessView {
+    listener: String,
+    /// Only these addresses may connect (absent: any).
+    allow: Option<Vec<String>>,
+    /// These addresses may not.
+    deny: Vec<String>,
+}
+
+fn access_view(listener: String, access: &crate::filter::AccessList) -> AccessView {
+    AccessView {
+        listener,
+        allow: access
+            .allow
+            .as_ref()
+            .map(|a| a.entries().iter().map(|n| n.to_string()).collect()),
+        deny: access
+            .deny
+            .entries()
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
+    }
+}
+
+/// `GET /api/v1/listeners/{listener}/access`.
+pub async fn access(
+    State(shared): State<Arc<Shared>>,
+    Path(listener): Path<String>,
+) -> Result<Json<AccessView>, ApiError> {
+    let l = find_listener(&shared, &listener)?;
+    let view = access_view(listener, &l.http.filter.load().filter.access);
+    Ok(Json(view))
+}
+
+/// `PUT /api/v1/listeners/{listener}/access` with `{"allow": [...] | null, "deny": [...]}`: replaces
+/// the listener's lists until the next reload.
+pub async fn set_access(
+    State(shared): State<Arc<Shared>>,
+    Path(listener): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<AccessView>, ApiError> {
+    let map = mutating(&shared, &headers, &body)?;
+    only(&map, &["allow", "deny"])?;
+    let list = |key: &str| -> Result<Option<Vec<String>>, ApiError> {
+        match map.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<Vec<_>>>()
+                .map(Some)
+                .ok_or_else(|| ApiError::bad("expected a list of CIDR strings", key)),
+            Some(_) => Err(ApiError::bad("expected a list of CIDR strings", key)),
+        }
+    };
+    let allow = list("allow")?;
+    let deny = list("deny")?.unwrap_or_default();
+    let access = crate::filter::AccessList::parse(allow.as_deref(), &deny).map_err(|e| {
+        let field = if allow.is_some() && e.to_string().contains("allow") {
+            "allow"
+        } else {
+            "deny"
+        };
+        ApiError::bad(e.to_string(), field)
+    })?;
+    let access = shared
+        .control(|reply| Command::SetAccess {
+            listener: listener.clone(),
+            access,
+            reply,
+        })
+        .await?;
+    Ok(Json(access_view(listener, &access)))
 }

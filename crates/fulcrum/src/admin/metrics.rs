@@ -85,6 +85,73 @@ impl Collector for FulcrumCollector {
             }
         }
         let mut m = enc.encode_descriptor(
+            "listener_refused",
+            "Connections refused at accept, by reason (access: allow/deny lists or a ban; per_ip: max_connections_per_ip)",
+            None,
+            MetricType::Counter,
+        )?;
+        for l in &state.listeners {
+            let filter = l.http.filter.load();
+            for (reason, n) in [
+                ("access", filter.refused_at_accept.load(Ordering::Relaxed)),
+                ("per_ip", l.stats().refused_per_ip.load(Ordering::Relaxed)),
+            ] {
+                let labels = [("listener", l.name.as_str()), ("reason", reason)];
+                ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "rate_limited_requests",
+            "Requests answered 429 by a rate limit",
+            None,
+            MetricType::Counter,
+        )?;
+        for l in &state.listeners {
+            let filter = l.http.filter.load();
+            let router = l.http.router.load();
+            let n = filter.filter.rate_limited.load(Ordering::Relaxed)
+                + router
+                    .routes
+                    .iter()
+                    .filter_map(|(_, t)| t.filter.as_ref())
+                    .map(|f| f.rate_limited.load(Ordering::Relaxed))
+                    .sum::<u64>();
+            ConstCounter::new(n).encode(m.encode_family(&[("listener", l.name.as_str())])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "blocked_requests",
+            "Requests answered 403 by a deny rule, by rule",
+            None,
+            MetricType::Counter,
+        )?;
+        for l in &state.listeners {
+            let filter = l.http.filter.load();
+            let router = l.http.router.load();
+            let route_rules = router
+                .routes
+                .iter()
+                .filter_map(|(_, t)| t.filter.as_deref());
+            for rules in std::iter::once(&filter.filter)
+                .chain(route_rules)
+                .map(|f| &f.rules)
+            {
+                for (rule, n) in rules.hits() {
+                    let labels = [("listener", l.name.as_str()), ("rule", rule)];
+                    ConstCounter::new(n).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "bans_active",
+            "Client addresses (IPv6: /64 networks) banned now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in &state.listeners {
+            let n = l.http.filter.load().bans.list().len();
+            ConstGauge::new(n as i64).encode(m.encode_family(&[("listener", l.name.as_str())])?)?;
+        }
+        let mut m = enc.encode_descriptor(
             "listener_responses",
             "Responses sent to clients, by status class (fulcrum's own 502/503/504 included)",
             None,

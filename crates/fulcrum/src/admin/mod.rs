@@ -36,6 +36,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("put", "/api/v1/pools/{pool}/servers/{name}/state"),
     ("put", "/api/v1/pools/{pool}/servers/{name}/weight"),
     ("post", "/api/v1/reload"),
+    ("get", "/api/v1/listeners/{listener}/bans"),
+    ("post", "/api/v1/listeners/{listener}/bans"),
+    ("delete", "/api/v1/listeners/{listener}/bans/{ip}"),
+    ("get", "/api/v1/listeners/{listener}/access"),
+    ("put", "/api/v1/listeners/{listener}/access"),
 ];
 
 /// The admin router over the running system's shared state.
@@ -71,6 +76,18 @@ pub fn router(shared: Arc<Shared>) -> Router {
             put(api::set_weight),
         )
         .route("/api/v1/reload", post(api::reload))
+        .route(
+            "/api/v1/listeners/{listener}/bans",
+            get(api::bans).post(api::add_ban),
+        )
+        .route(
+            "/api/v1/listeners/{listener}/bans/{ip}",
+            axum::routing::delete(api::remove_ban),
+        )
+        .route(
+            "/api/v1/listeners/{listener}/access",
+            get(api::access).put(api::set_access),
+        )
         // Admin calls are small: bound what a client may send.
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(shared)

@@ -13,15 +13,15 @@ use regex::Regex;
 
 use super::error::KeyPath;
 use super::file::{
-    RawAdmin, RawConfig, RawDuration, RawHealthCheck, RawInitialState, RawListener, RawPassive,
-    RawAutoBan, RawBlockRule, RawPool, RawRateLimit, RawRoute, RawServer, RawSize, RawSticky,
+    RawAdmin, RawAutoBan, RawBlockRule, RawConfig, RawDuration, RawHealthCheck, RawInitialState,
+    RawListener, RawPassive, RawPool, RawRateLimit, RawRoute, RawServer, RawSize, RawSticky,
     RawStore, RawStoreKind, RawTls,
 };
 use super::{
     AdminConfig, Algorithm, Config, DnsServerConfig, FilterConfig, HashKey, HealthCheckConfig,
-    RateKey, RateLimitConfig, HealthCheckKind,
-    HostMatch, ListenerConfig, PassiveConfig, PoolConfig, Protocol, RedisTarget, RouteConfig,
-    RouteMatch, ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
+    HealthCheckKind, HostMatch, ListenerConfig, PassiveConfig, PoolConfig, Protocol, RateKey,
+    RateLimitConfig, RedisTarget, RouteConfig, RouteMatch, ServerConfig, StickyConfig, StickyKind,
+    StoreConfig, TlsConfig,
 };
 
 /// A validation error: what is wrong with the key at `path`.
@@ -96,7 +96,13 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
             .nameservers
             .iter()
             .enumerate()
-            .map(|(i, text)| bind_address(text, KeyPath::root("dns").key("nameservers").index(i)))
+            .map(|(i, text)| {
+                let path = KeyPath::root("dns").key("nameservers").index(i);
+                match bind_address(text, path.clone())? {
+                    a if a.port() == 0 => invalid(path, format!("{text:?}: port 0")),
+                    a => Ok(a),
+                }
+            })
             .collect::<Result<Vec<_>>>()?,
     };
     let pools = pools(raw.pools)?;
@@ -942,12 +948,17 @@ fn filter(
     use crate::filter::{CidrSet, FilterError, Pattern, RuleSpec, Target};
     let cidrs = |list: &[String], key: &str| {
         CidrSet::parse(list).map_err(|e| match e {
-            FilterError::Cidr { index, .. } => Invalid::new(path.key(key).index(index), e.to_string()),
+            FilterError::Cidr { index, .. } => {
+                Invalid::new(path.key(key).index(index), e.to_string())
+            }
             other => Invalid::new(path.key(key), other.to_string()),
         })
     };
     let allow = allow.map(|a| cidrs(&a, "allow")).transpose()?;
-    let deny = deny.map(|d| cidrs(&d, "deny")).transpose()?.unwrap_or_default();
+    let deny = deny
+        .map(|d| cidrs(&d, "deny"))
+        .transpose()?
+        .unwrap_or_default();
     let access = crate::filter::AccessList::new(allow, deny);
 
     let rate_limit = match rate_limit {
@@ -955,7 +966,12 @@ fn filter(
         Some(r) => {
             let at = path.key("rate_limit");
             let rate = integer(Some(r.rate), at.key("rate"), 0, 1, u32::MAX.into())? as u32;
-            let per = duration(r.per.as_ref(), at.key("per"), Duration::from_secs(1), Zero::Rejected)?;
+            let per = duration(
+                r.per.as_ref(),
+                at.key("per"),
+                Duration::from_secs(1),
+                Zero::Rejected,
+            )?;
             let burst = integer(r.burst, at.key("burst"), rate.into(), 1, u32::MAX.into())? as u32;
             let key = match r.key.as_deref() {
                 None | Some("source_ip") => RateKey::SourceIp,
@@ -976,7 +992,12 @@ fn filter(
             };
             crate::filter::RateLimiter::new(rate, per, burst)
                 .map_err(|e| Invalid::new(at.clone(), e.to_string()))?;
-            Some(RateLimitConfig { rate, per, burst, key })
+            Some(RateLimitConfig {
+                rate,
+                per,
+                burst,
+                key,
+            })
         }
     };
 
@@ -1020,7 +1041,11 @@ fn filter(
     }
     if !rules.is_empty() {
         crate::filter::DenyRules::new(rules.clone()).map_err(|e| {
-            let key = if matches!(e, FilterError::Rule { .. }) { "block_rules" } else { "block" };
+            let key = if matches!(e, FilterError::Rule { .. }) {
+                "block_rules"
+            } else {
+                "block"
+            };
             Invalid::new(path.key(key), e.to_string())
         })?;
     }
@@ -1033,16 +1058,42 @@ fn filter(
 
 /// `auto_ban = { window, max_requests, max_errors, ban }`.
 fn auto_ban(raw: RawAutoBan, path: &KeyPath) -> Result<crate::filter::BanPolicy> {
-    let window = duration(raw.window.as_ref(), path.key("window"), Duration::from_secs(10), Zero::Rejected)?;
-    let ban_for = duration(raw.ban.as_ref(), path.key("ban"), Duration::from_secs(600), Zero::Rejected)?;
+    let window = duration(
+        raw.window.as_ref(),
+        path.key("window"),
+        Duration::from_secs(10),
+        Zero::Rejected,
+    )?;
+    let ban_for = duration(
+        raw.ban.as_ref(),
+        path.key("ban"),
+        Duration::from_secs(600),
+        Zero::Rejected,
+    )?;
     let max_requests = raw
         .max_requests
-        .map(|_| integer(raw.max_requests, path.key("max_requests"), 0, 1, u32::MAX.into()))
+        .map(|_| {
+            integer(
+                raw.max_requests,
+                path.key("max_requests"),
+                0,
+                1,
+                u32::MAX.into(),
+            )
+        })
         .transpose()?
         .map(|n| n as u32);
     let max_errors = raw
         .max_errors
-        .map(|_| integer(raw.max_errors, path.key("max_errors"), 0, 1, u32::MAX.into()))
+        .map(|_| {
+            integer(
+                raw.max_errors,
+                path.key("max_errors"),
+                0,
+                1,
+                u32::MAX.into(),
+            )
+        })
         .transpose()?
         .map(|n| n as u32);
     if max_requests.is_none() && max_errors.is_none() {
@@ -1055,7 +1106,8 @@ fn auto_ban(raw: RawAutoBan, path: &KeyPath) -> Result<crate::filter::BanPolicy>
         ban_for,
         ..crate::filter::BanPolicy::default()
     };
-    crate::filter::BanTable::new(policy.clone()).map_err(|e| Invalid::new(path.clone(), e.to_string()))?;
+    crate::filter::BanTable::new(policy.clone())
+        .map_err(|e| Invalid::new(path.clone(), e.to_string()))?;
     Ok(policy)
 }
 

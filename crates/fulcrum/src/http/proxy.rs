@@ -37,6 +37,7 @@ use tokio_util::task::TaskTracker;
 use arc_swap::ArcSwap;
 
 use super::body::{ProxyBody, UpstreamBody};
+use super::filter::{Filter, ListenerFilter};
 use super::headers::{check_host, is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
 use super::server::{Builders, ConnSettings};
@@ -56,6 +57,8 @@ pub struct Target {
     pub sticky: Option<Arc<Sticky>>,
     /// The largest request body on this route (else the listener's).
     pub max_body_size: Option<u64>,
+    /// The route's own filtering (access list, rules, rate limit), when it has any.
+    pub filter: Option<Arc<Filter>>,
 }
 
 /// What an HTTP listener routes with.
@@ -96,6 +99,8 @@ pub struct HttpListener {
     pub stats: Arc<ListenerStats>,
     /// Open connections per client address, when limited.
     pub per_ip: arc_swap::ArcSwapOption<PerIp>,
+    /// Access list, rules, rate limit and bans of the listener.
+    pub filter: ArcSwap<ListenerFilter>,
 }
 
 /// The peer of one client connection, formatted once for `X-Forwarded-For`.
@@ -161,22 +166,39 @@ pub async fn handle(
 ) -> Result<Response<ProxyBody>, Infallible> {
     let _active = Active::start(&ctx.active);
     let listener = &ctx.listener;
+    let ip = ctx.client.addr.ip();
+    let filter = listener.filter.load();
     let resp = match check_host(&req) {
         Err(why) => local_with(StatusCode::BAD_REQUEST, why),
+        Ok(()) if filter.bans.is_banned(ip).is_some() => {
+            filter.filter.refused.fetch_add(1, Ordering::Relaxed);
+            local_with(
+                StatusCode::FORBIDDEN,
+                "403 Forbidden: this address is banned for now\n",
+            )
+        }
         Ok(()) => {
-            let router = listener.router.load();
-            let target = router.route(&req);
-            let limit = target.max_body_size.or(ctx.settings.max_body_size);
-            match limit {
-                Some(max) if declared_length(&req).is_some_and(|n| n > max) => local_with(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "413 Content Too Large: the request body is over this route's limit\n",
-                ),
-                _ => forward(target, &ctx, req).await,
+            match filter.filter.check(&req, ip, false) {
+                Some(refused) => refused,
+                None => {
+                    let router = listener.router.load();
+                    let target = router.route(&req);
+                    let limit = target.max_body_size.or(ctx.settings.max_body_size);
+                    match (limit, target.filter.as_ref().and_then(|f| f.check(&req, ip, true))) {
+                    (_, Some(refused)) => refused,
+                    (Some(max), None) if declared_length(&req).is_some_and(|n| n > max) => local_with(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "413 Content Too Large: the request body is over this route's limit\n",
+                    ),
+                    _ => forward(target, &ctx, req).await,
+                }
+                }
             }
         }
     };
-    listener.stats.count(resp.status().as_u16());
+    let status = resp.status().as_u16();
+    filter.record(ip, status);
+    listener.stats.count(status);
     Ok(resp)
 }
 

@@ -127,6 +127,11 @@ impl ConnHandler for HttpListener {
     fn per_ip(&self) -> Option<Arc<PerIp>> {
         self.per_ip.load_full()
     }
+
+    #[inline]
+    fn admit(&self, ip: std::net::IpAddr) -> bool {
+        self.filter.load().admit(ip)
+    }
 }
 
 /// The first bytes of a connection: up to the length of `PRI `, fewer when they already differ.

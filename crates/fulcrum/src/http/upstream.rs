@@ -652,10 +652,12 @@ pub fn take_idle(server: &Server) -> Option<UpstreamConn> {
 /// Returns a connection to `server` whose last exchange is complete.
 #[inline]
 pub fn put_idle(server: &Server, conn: UpstreamConn) {
+    let mut slot = connector().slot().lock().unwrap_or_else(|e| e.into_inner());
+    // Checked under the lock: `forget` runs after the server is marked retired, so a connection is
+    // either refused here or removed there.
     if server.is_retired() {
         return;
     }
-    let mut slot = connector().slot().lock().unwrap_or_else(|e| e.into_inner());
     let stack = slot.entry(server.id).or_default();
     if stack.len() < MAX_IDLE_PER_WORKER {
         stack.push(conn);

@@ -202,6 +202,12 @@ pub trait ConnHandler: Send + Sync + 'static {
     fn per_ip(&self) -> Option<Arc<PerIp>> {
         None
     }
+
+    /// Whether a client at `ip` may connect at all (access lists, bans); refused ones are closed at
+    /// once, before a byte is read.
+    fn admit(&self, _ip: IpAddr) -> bool {
+        true
+    }
 }
 
 /// Accepts and serves connections until `stop` fires, then lets open connections finish (each is
@@ -230,6 +236,9 @@ pub async fn serve<H: ConnHandler>(
             },
         };
         let stats = handler.stats().clone();
+        if !handler.admit(addr.ip()) {
+            continue;
+        }
         // A client at its share of connections is refused at once (the socket closes).
         let per_ip = handler.per_ip();
         if let Some(per_ip) = &per_ip {
