@@ -714,3 +714,111 @@ async fn attack_patterns_get_403_and_are_counted_per_rule() {
     assert_eq!(traversal, 2, "{metrics}");
     stop(lb).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_per_server_limit_wait_in_a_bounded_queue() {
+    let apps = apps(&["A", "B"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "",
+        "max_connections_per_server = 1\nmax_queue = 4\nqueue_timeout = \"10s\"",
+    ));
+    let web = web(&lb);
+    let pool = lb.shared().pool("p").unwrap();
+    // Watch the servers: never more than one request in flight on either.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let peak = {
+        let (pool, watching) = (pool.clone(), watching.clone());
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while watching.load(std::sync::atomic::Ordering::Relaxed) {
+                for s in pool.snapshot().servers.iter() {
+                    peak = peak.max(s.stats.in_flight());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            peak
+        })
+    };
+    // Six slow requests at once: two served, four queued, all answered.
+    let started = Instant::now();
+    let slow: Vec<_> = (0..6)
+        .map(|_| {
+            tokio::spawn(async move {
+                get(&client(), &format!("http://{web}/delay/400"))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    for s in slow {
+        assert_eq!(s.await.unwrap(), StatusCode::OK);
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1100),
+        "three rounds of 400 ms: {:?}",
+        started.elapsed()
+    );
+    watching.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(peak.await.unwrap(), 1, "a server took more than its limit");
+
+    // Eight at once with room for two in flight and four waiting: two get 503 at once.
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            tokio::spawn(async move {
+                get(&client(), &format!("http://{web}/delay/1500"))
+                    .await
+                    .status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for s in burst {
+        statuses.push(s.await.unwrap().as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 503, 503]);
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    assert!(
+        metrics.contains("fulcrum_pool_queue_refused_total{pool=\"p\"} 2"),
+        "{metrics}"
+    );
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_waits_queue_timeout_in_vain_gets_503() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "",
+        "max_connections_per_server = 1\nqueue_timeout = \"300ms\"",
+    ));
+    let web = web(&lb);
+    let slow = tokio::spawn(async move {
+        get(&client(), &format!("http://{web}/delay/3000"))
+            .await
+            .status
+    });
+    let pool = lb.shared().pool("p").unwrap();
+    while pool.server("A").unwrap().stats.in_flight() == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let started = Instant::now();
+    let r = get(&client(), &format!("http://{web}/")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    assert_eq!(slow.await.unwrap(), StatusCode::OK);
+    stop(lb).await;
+}

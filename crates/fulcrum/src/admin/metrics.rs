@@ -300,6 +300,28 @@ impl Collector for FulcrumCollector {
                 .encode(m.encode_family(&[("pool", *pool)])?)?;
         }
         let mut m = enc.encode_descriptor(
+            "pool_queue_waiting",
+            "Requests waiting for a server below max_connections_per_server",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (pool, snap) in &snapshots {
+            let n = snap.queue().map_or(0, |q| q.waiting());
+            ConstGauge::new(n as i64).encode(m.encode_family(&[("pool", *pool)])?)?;
+        }
+        let mut m = enc.encode_descriptor(
+            "pool_queue_refused",
+            "Requests answered 503 because the queue was full or they waited queue_timeout",
+            None,
+            MetricType::Counter,
+        )?;
+        for (pool, snap) in &snapshots {
+            let n = snap
+                .queue()
+                .map_or(0, |q| q.refused.load(Ordering::Relaxed));
+            ConstCounter::new(n).encode(m.encode_family(&[("pool", *pool)])?)?;
+        }
+        let mut m = enc.encode_descriptor(
             "server_response_seconds",
             "Time from sending a request to receiving the server's response head",
             None,

@@ -160,6 +160,9 @@ pub(crate) struct RawPool {
     pub resolve_interval: Option<RawDuration>,
     pub deregistration_delay: Option<RawDuration>,
     pub saturation_target: Option<i64>,
+    pub max_connections_per_server: Option<i64>,
+    pub max_queue: Option<i64>,
+    pub queue_timeout: Option<RawDuration>,
 }
 
 /// One entry of `pools.servers`.

@@ -372,6 +372,13 @@ pub struct PoolConfig {
     /// `saturation_target` (default 50, at least 1): requests in flight per available server that count as
     /// a saturation of 1.0 (`fulcrum_pool_saturation`, `/api/v1/pools`), for autoscalers.
     pub saturation_target: u32,
+    /// `max_connections_per_server` (optional, at least 1; HAProxy's `maxconn`): requests in flight per
+    /// server; a request that finds every server at its limit waits in the pool's queue.
+    pub max_connections_per_server: Option<u32>,
+    /// `max_queue` (default 1000): requests that may wait for a server at once; more get 503 at once.
+    pub max_queue: usize,
+    /// `queue_timeout` (default `"5s"`): how long a request waits in the queue before it gets 503.
+    pub queue_timeout: Duration,
     /// `slow_start` (optional): a server that comes up (or is added) ramps its share of traffic up linearly
     /// over this time.
     pub slow_start: Option<Duration>,

@@ -447,6 +447,26 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         1,
         1_000_000,
     )? as u32;
+    let max_connections_per_server = raw
+        .max_connections_per_server
+        .map(|_| {
+            integer(
+                raw.max_connections_per_server,
+                path.key("max_connections_per_server"),
+                0,
+                1,
+                u32::MAX.into(),
+            )
+        })
+        .transpose()?
+        .map(|n| n as u32);
+    let max_queue = integer(raw.max_queue, path.key("max_queue"), 1000, 0, 10_000_000)? as usize;
+    let queue_timeout = duration(
+        raw.queue_timeout.as_ref(),
+        path.key("queue_timeout"),
+        Duration::from_secs(5),
+        Zero::Allowed,
+    )?;
     Ok(PoolConfig {
         name,
         algorithm,
@@ -466,6 +486,9 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         resolve_interval,
         deregistration_delay,
         saturation_target,
+        max_connections_per_server,
+        max_queue,
+        queue_timeout,
     })
 }
 

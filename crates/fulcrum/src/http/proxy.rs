@@ -45,7 +45,7 @@ use super::upstream::{self, ReadError, RequestBody, ResponseHead, SendError, Ups
 use crate::balance::hash_key;
 use crate::config::{HashKey, RouteMatch};
 use crate::listener::{ConnGuard, ListenerStats, PerIp};
-use crate::pool::{InFlight, Pool, PoolSettings, Server};
+use crate::pool::{InFlight, Pool, PoolSettings, PoolSnapshot, Server};
 use crate::sticky::Sticky;
 
 /// Where a route sends requests: a pool, and the pool's stickiness if it has any.
@@ -262,6 +262,7 @@ async fn forward(
     let mut candidates = snapshot.pick(key);
     let mut attempts = snapshot.settings.retries + 1;
     let mut unanswered = false;
+    let mut queue_deadline = None;
     while attempts > 0 {
         let server = match sticky_first.take() {
             Some(s) => Some(s),
@@ -273,7 +274,21 @@ async fn forward(
                 }
             },
         };
-        let Some(server) = server else { break };
+        let Some(server) = server else {
+            // Every server that may take requests is at `max_connections_per_server`: wait in the
+            // pool's queue for one to finish (before any attempt only), then pick again.
+            let fresh = attempts == snapshot.settings.retries + 1;
+            if fresh && snapshot.saturated() {
+                let deadline = *queue_deadline
+                    .get_or_insert_with(|| Instant::now() + snapshot.settings.queue_timeout);
+                if wait_for_slot(&snapshot, deadline).await {
+                    candidates = snapshot.pick(key);
+                    continue;
+                }
+                return local(StatusCode::SERVICE_UNAVAILABLE);
+            }
+            break;
+        };
         attempts -= 1;
         let guard = InFlight::start(server.clone());
         match exchange(server, &snapshot.settings, &parts, &mut body, framing).await {
@@ -307,6 +322,34 @@ async fn forward(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     })
+}
+
+/// Waits in the pool's queue until a server is below its limit (true) or `deadline` passes or the
+/// queue is full (false, counted as refused).
+async fn wait_for_slot(snapshot: &PoolSnapshot, deadline: Instant) -> bool {
+    let Some(queue) = snapshot.queue() else {
+        return false;
+    };
+    let Some(place) = queue.join(snapshot.settings.max_queue) else {
+        queue.refused.fetch_add(1, Ordering::Relaxed);
+        return false;
+    };
+    loop {
+        let freed = place.freed();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        if !snapshot.saturated() {
+            queue.served.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        if tokio::time::timeout_at(deadline.into(), freed)
+            .await
+            .is_err()
+        {
+            queue.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+    }
 }
 
 /// The request's hash key for the pool's `hash_key`; `None` when the request lacks it.

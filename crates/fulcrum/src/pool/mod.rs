@@ -115,6 +115,8 @@ pub struct Server {
     /// [`Pool::new`]), kept next to `stats.active` by the `InFlight` guard, so that the bounded ring reads
     /// the pool's total in O(1) ([`Loads::total_in_flight`]).
     pub pool_active: Arc<AtomicI64>,
+    /// The pool's queue of requests waiting for a server under `max_connections_per_server`.
+    pub queue: Arc<Queue>,
     /// Left its pool: its health checks stopped, protocol layers drop what they keep for it.
     retired: AtomicBool,
     /// Active and passive health, slow start.
@@ -143,6 +145,7 @@ impl Server {
             removing: AtomicBool::new(false),
             stats: ServerStats::default(),
             pool_active: Arc::default(),
+            queue: Arc::default(),
             retired: AtomicBool::new(false),
             health: Health::new(healthy),
             checks: Mutex::new(None),
@@ -160,8 +163,9 @@ impl Server {
 
     /// Makes the server count its requests in `pool_active`, the counter shared by its pool (a server
     /// made with [`Server::new`] alone counts in a counter of its own).
-    pub fn in_pool(mut self, pool_active: Arc<AtomicI64>) -> Self {
+    pub fn in_pool(mut self, pool_active: Arc<AtomicI64>, queue: Arc<Queue>) -> Self {
         self.pool_active = pool_active;
+        self.queue = queue;
         self
     }
 
@@ -246,6 +250,68 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.server.stats.active.fetch_sub(1, Ordering::Relaxed);
         self.server.pool_active.fetch_sub(1, Ordering::Relaxed);
+        self.server.queue.release();
+    }
+}
+
+/// Requests waiting for a server of a pool whose servers are all at `max_connections_per_server`
+/// (HAProxy's queue): a request that finishes wakes one waiter.
+#[derive(Debug, Default)]
+pub struct Queue {
+    waiting: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
+    /// Requests that waited and got a server.
+    pub served: AtomicU64,
+    /// Requests refused: the queue was full, or they waited `queue_timeout` in vain.
+    pub refused: AtomicU64,
+}
+
+impl Queue {
+    /// Requests waiting now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn release(&self) {
+        if self.waiting.load(Ordering::Relaxed) > 0 {
+            self.freed.notify_one();
+        }
+    }
+
+    /// Joins the queue unless `max` requests wait already; the guard leaves it when dropped.
+    pub fn join(&self, max: usize) -> Option<QueuePlace<'_>> {
+        let mut n = self.waiting.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match self
+                .waiting
+                .compare_exchange_weak(n, n + 1, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(QueuePlace(self)),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+/// A place in a pool's [`Queue`].
+#[derive(Debug)]
+pub struct QueuePlace<'a>(&'a Queue);
+
+impl QueuePlace<'_> {
+    /// A future that completes when a request finishes; enable it before checking for a free server
+    /// so that a slot freed in between is not missed.
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.freed.notified()
+    }
+}
+
+impl Drop for QueuePlace<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -264,6 +330,12 @@ pub struct PoolSettings {
     pub passive: Option<PassiveConfig>,
     /// Ramp-up time of a server that comes (back) up.
     pub slow_start: Option<Duration>,
+    /// Requests in flight per server, when limited.
+    pub max_in_flight: Option<u32>,
+    /// Requests that may wait for a server.
+    pub max_queue: usize,
+    /// How long a request may wait for a server.
+    pub queue_timeout: Duration,
 }
 
 impl PoolSettings {
@@ -275,6 +347,9 @@ impl PoolSettings {
             hash_key: cfg.hash_key.clone(),
             passive: cfg.passive.clone(),
             slow_start: cfg.slow_start,
+            max_in_flight: cfg.max_connections_per_server,
+            max_queue: cfg.max_queue,
+            queue_timeout: cfg.queue_timeout,
         }
     }
 }
@@ -331,7 +406,7 @@ impl PoolSnapshot {
         let admitted = candidates.first_admitted();
         for i in candidates.by_ref() {
             let server = &self.servers[i];
-            if !server.is_available() {
+            if !server.is_available() || self.at_limit(server) {
                 continue;
             }
             if let (Some(window), false) = (self.settings.slow_start, admitted == Some(i)) {
@@ -344,6 +419,31 @@ impl PoolSnapshot {
             return Some(server);
         }
         ramping
+    }
+
+    /// True when `server` has `max_connections_per_server` requests in flight.
+    #[inline]
+    pub fn at_limit(&self, server: &Server) -> bool {
+        self.settings
+            .max_in_flight
+            .is_some_and(|max| server.stats.in_flight() >= i64::from(max))
+    }
+
+    /// True when some server may take requests but every such server is at its limit: a request
+    /// should wait in the queue rather than get 503.
+    pub fn saturated(&self) -> bool {
+        self.settings.max_in_flight.is_some()
+            && self.servers.iter().any(|s| s.is_available())
+            && self
+                .servers
+                .iter()
+                .filter(|s| s.is_available())
+                .all(|s| self.at_limit(s))
+    }
+
+    /// The pool's queue.
+    pub fn queue(&self) -> Option<&Arc<Queue>> {
+        self.servers.first().map(|s| &s.queue)
     }
 
     /// Reports the outcome of an exchange with `server` to passive health checking, if configured.
@@ -478,6 +578,7 @@ pub struct Pool {
     /// The pool's name from the configuration.
     pub name: String,
     pool_active: Arc<AtomicI64>,
+    queue: Arc<Queue>,
     snapshot: ArcSwap<PoolSnapshot>,
     /// The pool's configuration as last loaded (its `servers` as the file lists them).
     config: Mutex<PoolConfig>,
@@ -488,15 +589,17 @@ impl Pool {
     pub fn new(cfg: &PoolConfig) -> Self {
         let healthy = cfg.health_check.as_ref().is_none_or(|h| h.initial_up);
         let pool_active = Arc::new(AtomicI64::new(0));
+        let queue = Arc::new(Queue::default());
         let servers: Vec<Arc<Server>> = cfg
             .servers
             .iter()
-            .map(|s| Arc::new(Server::new(s, healthy).in_pool(pool_active.clone())))
+            .map(|s| Arc::new(Server::new(s, healthy).in_pool(pool_active.clone(), queue.clone())))
             .collect();
         let snapshot = build(cfg, servers);
         Pool {
             name: cfg.name.clone(),
             pool_active,
+            queue,
             snapshot: ArcSwap::from_pointee(snapshot),
             config: Mutex::new(cfg.clone()),
         }
@@ -537,7 +640,8 @@ impl Pool {
     /// A new server of this pool, in slow start when the pool has it.
     fn make_server(&self, cfg: &PoolConfig, s: &ServerConfig, source: Source) -> Arc<Server> {
         let healthy = cfg.health_check.as_ref().is_none_or(|h| h.initial_up);
-        let mut server = Server::new(s, healthy).in_pool(self.pool_active.clone());
+        let mut server =
+            Server::new(s, healthy).in_pool(self.pool_active.clone(), self.queue.clone());
         server.source = source;
         if cfg.slow_start.is_some() {
             server.health.start_ramp();
