@@ -822,3 +822,38 @@ async fn a_request_that_waits_queue_timeout_in_vain_gets_503() {
     assert_eq!(slow.await.unwrap(), StatusCode::OK);
     stop(lb).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_port_closes_slow_clients_and_keeps_answering() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
+    let admin = lb.admin_addr().unwrap();
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(admin).await.unwrap();
+        s.write_all(b"GET /api/v1/pools HTTP/1.1\r\nhost: a\r\n")
+            .await
+            .unwrap();
+        slow.push(s);
+    }
+    // Others are answered meanwhile.
+    assert_eq!(
+        get(&client(), &format!("http://{admin}/healthz"))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    // The unfinished heads are cut after the admin's header timeout (10 s).
+    let started = Instant::now();
+    for mut s in slow {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "a slow admin client was never closed");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    stop(lb).await;
+}

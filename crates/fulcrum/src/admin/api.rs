@@ -377,10 +377,11 @@ pub async fn add_server(
     let weight = weight_field(&map)?.unwrap_or(1);
     let name = match string_field(&map, "name")? {
         Some(n) => {
-            let bad = |c: char| c.is_control() || c.is_whitespace() || "/?#%".contains(c);
+            // Names appear in URLs and in metric labels.
+            let bad = |c: char| c.is_control() || c.is_whitespace() || "/?#%\"\\".contains(c);
             if n.is_empty() || n.len() > 200 || n.chars().any(bad) {
                 return Err(ApiError::bad(
-                    "must be 1 to 200 characters, without spaces, control characters, `/`, `?`, `#` or `%`",
+                    "must be 1 to 200 characters, without spaces, control characters, `/`, `?`, `#`, `%`, `\"` or `\\`",
                     "name",
                 ));
             }

@@ -99,12 +99,67 @@ pub async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     let addr: Option<SocketAddr> = listener.local_addr().ok();
-    let app = router(shared);
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
-    {
-        tracing::error!(admin = ?addr, error = %e, "admin server failed");
+    let app = router(shared).layer(axum::middleware::from_fn(call_timeout));
+    // The admin port is no softer a target than the listeners: bounded connections, request heads
+    // within 10 s, idle keep-alive connections closed, and every call answered within 30 s.
+    let slots = Arc::new(tokio::sync::Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(admin = ?addr, error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            continue; // full: the connection is closed
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), graceful.shutdown()).await;
+}
+
+/// Open admin connections at most.
+const ADMIN_MAX_CONNECTIONS: usize = 256;
+/// A request head to the admin port must arrive within this.
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// An admin call is answered within this.
+const ADMIN_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn call_timeout(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match tokio::time::timeout(ADMIN_CALL_TIMEOUT, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the admin call timed out\n",
+        )
+            .into_response(),
     }
 }

@@ -1056,8 +1056,9 @@ fn filter(
             (None, Some(lit)) => Pattern::Literal(lit),
             _ => return invalid(at, "needs exactly one of `regex` or `contains`"),
         };
+        let rule_name = name(&r.name, at.key("name"))?;
         rules.push(RuleSpec {
-            name: r.name,
+            name: rule_name,
             target,
             pattern,
         });
@@ -1433,13 +1434,13 @@ fn name(text: &str, path: KeyPath) -> Result<String> {
     }
     if text
         .chars()
-        .any(|c| c == '/' || c.is_whitespace() || c.is_control())
+        .any(|c| "/\"\\".contains(c) || c.is_whitespace() || c.is_control())
     {
         return invalid(
             path,
             format!(
-                "invalid name {text:?}: '/', whitespace and control characters are not allowed \
-                 (names appear in admin API URLs)"
+                "invalid name {text:?}: '/', '\"', '\\', whitespace and control characters are not \
+                 allowed (names appear in admin API URLs and metric labels)"
             ),
         );
     }
