@@ -357,6 +357,8 @@ impl Controller {
                             &cfg,
                             policy.as_ref(),
                             Some(&current),
+                            &state.config.store,
+                            &listener,
                         )));
                         tracing::info!(listener = %listener, "access lists replaced through the admin API");
                         Ok(access)
@@ -655,13 +657,17 @@ impl Controller {
         self.restart_discovery(&config, &pools);
 
         // Listeners: swap the routes of the ones that stay, start the new ones, drain the others.
-        let target =
-            |i: usize, max_body_size: Option<u64>, filter: &crate::config::FilterConfig| Target {
-                pool: pools[i].pool.clone(),
-                sticky: pools[i].sticky.clone(),
-                max_body_size,
-                filter: (!filter.is_empty()).then(|| Arc::new(Filter::new(filter, None))),
-            };
+        let store = config.store.clone();
+        let target = |i: usize,
+                      max_body_size: Option<u64>,
+                      filter: &crate::config::FilterConfig,
+                      scope: String| Target {
+            pool: pools[i].pool.clone(),
+            sticky: pools[i].sticky.clone(),
+            max_body_size,
+            filter: (!filter.is_empty())
+                .then(|| Arc::new(Filter::new(filter, None, &store, &scope))),
+        };
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let mut offered = HashMap::new();
         for (i, l) in config.listeners.iter().enumerate() {
@@ -669,14 +675,21 @@ impl Controller {
                 routes: l
                     .routes
                     .iter()
-                    .map(|r| {
+                    .enumerate()
+                    .map(|(j, r)| {
+                        let scope = format!("{}:route{j}", l.name);
                         (
                             r.matcher.clone(),
-                            target(r.pool, r.max_body_size, &r.filter),
+                            target(r.pool, r.max_body_size, &r.filter, scope),
                         )
                     })
                     .collect(),
-                default: target(l.pool, None, &crate::config::FilterConfig::default()),
+                default: target(
+                    l.pool,
+                    None,
+                    &crate::config::FilterConfig::default(),
+                    l.name.clone(),
+                ),
             };
             let pool = config.pools[l.pool].name.clone();
             if let Some(kept) = self.kept_listener(&old, &config, i) {
@@ -685,6 +698,8 @@ impl Controller {
                     &l.filter,
                     l.auto_ban.as_ref(),
                     Some(&kept.http.filter.load()),
+                    &config.store,
+                    &l.name,
                 );
                 kept.http.filter.store(Arc::new(filter));
                 let settings = ConnSettings::of(l);
@@ -725,6 +740,8 @@ impl Controller {
                     &l.filter,
                     l.auto_ban.as_ref(),
                     None,
+                    &config.store,
+                    &l.name,
                 )),
             });
             let info = ListenerInfo {

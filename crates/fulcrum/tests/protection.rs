@@ -857,3 +857,96 @@ async fn the_admin_port_closes_slow_clients_and_keeps_answering() {
     );
     stop(lb).await;
 }
+
+/// A throwaway redis-server on a free loopback port (scripts/test.sh installs it).
+struct Redis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Redis {
+    async fn start() -> Redis {
+        let port = free_port().port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (scripts/test.sh installs it)");
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "redis-server did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::mem::forget(dir);
+        Redis { child, port }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_rate_limit_holds_across_two_instances() {
+    let redis = Redis::start().await;
+    let apps = apps(&["A"]).await;
+    let text = format!(
+        "{}\n[store]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{}\"\nkey_prefix = \"rl-test\"\n",
+        config(
+            "round_robin",
+            &servers(&apps),
+            "rate_limit = { rate = 6, per = \"1m\", shared = true }",
+            "",
+        ),
+        redis.port,
+    );
+    let lb1 = fulcrum(&text);
+    let lb2 = fulcrum(&text);
+    // Warm up: each instance connects to Redis (with another client address); a connect slower than
+    // the 100 ms command bound trips the 1 s breaker, so give that time to pass.
+    for lb in [&lb1, &lb2] {
+        assert_eq!(get_from("127.0.0.9", web(lb), "/").await.0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut statuses = Vec::new();
+    for i in 0..10 {
+        let web = if i % 2 == 0 { web(&lb1) } else { web(&lb2) };
+        statuses.push(get_from("127.0.0.1", web, "/").await.0);
+    }
+    // Six for the whole fleet in this minute, whichever instance answers (unless the minute turned
+    // over during the loop, which at most doubles the allowance).
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    assert!(
+        ok == 6 || (ok > 6 && ok <= 10 && statuses.iter().any(|&s| s == 429)),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 429),
+        "{statuses:?}"
+    );
+    assert_eq!(&statuses[..6], &[200; 6], "{statuses:?}");
+    // Alone, each instance would have allowed six (five each here): all ten would have passed.
+    assert!(statuses.contains(&429), "{statuses:?}");
+    // Another address has its own count.
+    assert_eq!(get_from("127.0.0.2", web(&lb2), "/").await.0, 200);
+    stop(lb1).await;
+    stop(lb2).await;
+}

@@ -227,6 +227,7 @@ pub(crate) struct RawRateLimit {
     pub per: Option<RawDuration>,
     pub burst: Option<i64>,
     pub key: Option<String>,
+    pub shared: Option<bool>,
 }
 
 /// `[[listeners.block_rules]]`.

@@ -283,6 +283,10 @@ pub struct RateLimitConfig {
     pub burst: u32,
     /// `key` (default `"source_ip"`): what a bucket is kept per.
     pub key: RateKey,
+    /// `shared` (default false; needs `[store] kind = "redis"`): one limit for every fulcrum instance
+    /// using the store — `rate` requests per fixed window of `per`, counted in Redis (one round trip
+    /// per request; `burst` does not apply). While Redis does not answer, each instance limits alone.
+    pub shared: bool,
 }
 
 /// `rate_limit.key`.

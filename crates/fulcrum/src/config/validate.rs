@@ -107,6 +107,25 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
     };
     let pools = pools(raw.pools)?;
     let listeners = listeners(raw.listeners, &pools, admin.as_ref())?;
+    if store == StoreConfig::Memory {
+        for (i, l) in listeners.iter().enumerate() {
+            let at = KeyPath::root("listeners").index(i);
+            let shared = |f: &FilterConfig| f.rate_limit.as_ref().is_some_and(|r| r.shared);
+            let mut places = vec![(shared(&l.filter), at.key("rate_limit").key("shared"))];
+            for (j, r) in l.routes.iter().enumerate() {
+                places.push((
+                    shared(&r.filter),
+                    at.key("routes").index(j).key("rate_limit").key("shared"),
+                ));
+            }
+            if let Some((_, path)) = places.into_iter().find(|(s, _)| *s) {
+                return invalid(
+                    path,
+                    "a shared rate limit needs [store] kind = \"redis\" (where the counts are kept)",
+                );
+            }
+        }
+    }
     Ok(Config {
         shutdown_timeout,
         admin,
@@ -1015,11 +1034,13 @@ fn filter(
             };
             crate::filter::RateLimiter::new(rate, per, burst)
                 .map_err(|e| Invalid::new(at.clone(), e.to_string()))?;
+            let shared = r.shared.unwrap_or(false);
             Some(RateLimitConfig {
                 rate,
                 per,
                 burst,
                 key,
+                shared,
             })
         }
     };

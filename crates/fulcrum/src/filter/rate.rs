@@ -69,6 +69,15 @@ pub enum Key {
 }
 
 impl Key {
+    /// A stable text form of the key, for a shared store (the same on every instance).
+    pub fn redis_name(&self) -> String {
+        match self {
+            Key::Client(crate::filter::ClientKey::V4(a)) => format!("4:{a:08x}"),
+            Key::Client(crate::filter::ClientKey::V6(p)) => format!("6:{p:016x}"),
+            Key::Hash(h) => format!("h:{h:016x}"),
+        }
+    }
+
     /// The key of a client address: IPv4 as is, IPv6 by its /64, IPv4-mapped IPv6 as IPv4.
     #[inline]
     pub fn ip(ip: IpAddr) -> Self {

@@ -26,7 +26,8 @@ pub use passive::observe;
 
 pub use crate::clock::now_ms;
 
-fn unix_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch (for timestamps other instances read too).
+pub fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

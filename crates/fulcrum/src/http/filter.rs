@@ -18,8 +18,9 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use super::body::ProxyBody;
 use super::proxy::local_with;
 use super::route;
-use crate::config::{FilterConfig, RateKey, RateLimitConfig};
+use crate::config::{FilterConfig, RateKey, RateLimitConfig, StoreConfig};
 use crate::filter::{AccessList, BanPolicy, BanTable, DenyRules, Key, RateLimiter};
+use crate::sticky::RedisTable;
 
 /// The filtering of one listener or route, built from its configuration.
 #[derive(Debug)]
@@ -30,6 +31,8 @@ pub struct Filter {
     pub rules: DenyRules,
     /// `rate_limit`, with its configuration (kept to tell whether a reload changed it).
     pub rate: Option<(RateLimitConfig, Arc<RateLimiter>)>,
+    /// With `rate_limit.shared`: the counts in Redis, shared by every instance.
+    pub shared: Option<Arc<RedisTable>>,
     /// Requests answered 429.
     pub rate_limited: AtomicU64,
     /// Requests answered 403 by the access list or a ban.
@@ -39,7 +42,12 @@ pub struct Filter {
 impl Filter {
     /// The filter of `cfg`; a rate limiter of `keep` is reused when its configuration is unchanged,
     /// so that a reload does not hand every client a fresh bucket.
-    pub fn new(cfg: &FilterConfig, keep: Option<&Filter>) -> Self {
+    pub fn new(
+        cfg: &FilterConfig,
+        keep: Option<&Filter>,
+        store: &StoreConfig,
+        scope: &str,
+    ) -> Self {
         let rules = DenyRules::new(cfg.rules.clone()).unwrap_or_default();
         let rate = cfg.rate_limit.as_ref().and_then(|r| {
             let kept = keep
@@ -52,10 +60,28 @@ impl Filter {
             };
             Some((r.clone(), limiter))
         });
+        let shared = match (&cfg.rate_limit, store) {
+            (Some(r), StoreConfig::Redis { target, key_prefix }) if r.shared => {
+                let kept = keep.and_then(|k| k.shared.clone()).filter(|_| {
+                    keep.and_then(|k| k.rate.as_ref())
+                        .is_some_and(|(old, _)| old == r)
+                });
+                kept.or_else(|| {
+                    RedisTable::new(target, format!("{key_prefix}:rate:{scope}"), r.per)
+                        .map(Arc::new)
+                        .map_err(
+                            |e| tracing::error!(scope, error = %e, "shared rate limit: local only"),
+                        )
+                        .ok()
+                })
+            }
+            _ => None,
+        };
         Filter {
             access: cfg.access.clone(),
             rules,
             rate,
+            shared,
             rate_limited: AtomicU64::new(0),
             refused: AtomicU64::new(0),
         }
@@ -68,7 +94,7 @@ impl Filter {
 
     /// The answer that stops `req` here, if any: 403 for a refused address or a matched rule, 429 over
     /// the rate. `check_access` is false at the listener, whose list was checked at accept.
-    pub fn check<B>(
+    pub async fn check<B>(
         &self,
         req: &Request<B>,
         ip: IpAddr,
@@ -103,7 +129,16 @@ impl Filter {
                     None => Key::ip(ip),
                 },
             };
-            if let Err(wait) = limiter.check(&key) {
+            let verdict = match &self.shared {
+                // Shared: the fleet's count of this window, in Redis; alone while Redis is away.
+                Some(redis) => match redis.incr_window(&key.redis_name(), cfg.per).await {
+                    Some((n, _)) if n <= u64::from(cfg.rate) => Ok(()),
+                    Some((_, left)) => Err(left),
+                    None => limiter.check(&key),
+                },
+                None => limiter.check(&key),
+            };
+            if let Err(wait) = verdict {
                 self.rate_limited.fetch_add(1, Ordering::Relaxed);
                 let mut resp = local_with(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -146,6 +181,8 @@ impl ListenerFilter {
         cfg: &FilterConfig,
         policy: Option<&BanPolicy>,
         keep: Option<&ListenerFilter>,
+        store: &StoreConfig,
+        scope: &str,
     ) -> Self {
         let bans = keep
             .filter(|k| k.policy.as_ref() == policy)
@@ -157,7 +194,7 @@ impl ListenerFilter {
                 }))
             });
         ListenerFilter {
-            filter: Filter::new(cfg, keep.map(|k| &k.filter)),
+            filter: Filter::new(cfg, keep.map(|k| &k.filter), store, scope),
             bans,
             policy: policy.cloned(),
             refused_at_accept: AtomicU64::new(0),

@@ -178,13 +178,17 @@ pub async fn handle(
             )
         }
         Ok(()) => {
-            match filter.filter.check(&req, ip, false) {
+            match filter.filter.check(&req, ip, false).await {
                 Some(refused) => refused,
                 None => {
                     let router = listener.router.load();
                     let target = router.route(&req);
                     let limit = target.max_body_size.or(ctx.settings.max_body_size);
-                    match (limit, target.filter.as_ref().and_then(|f| f.check(&req, ip, true))) {
+                    let refused = match target.filter.as_ref() {
+                        Some(f) => f.check(&req, ip, true).await,
+                        None => None,
+                    };
+                    match (limit, refused) {
                     (_, Some(refused)) => refused,
                     (Some(max), None) if declared_length(&req).is_some_and(|n| n > max) => local_with(
                         StatusCode::PAYLOAD_TOO_LARGE,

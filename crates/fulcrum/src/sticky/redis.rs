@@ -154,6 +154,45 @@ impl RedisTable {
     }
 
     /// Stores `key` → `server` with the TTL; failures are counted, not returned.
+    /// Counts one more hit of `key` in the fixed window of `window` that contains now, and returns the
+    /// window's count and the time left in it (`None` while Redis does not answer). One round trip:
+    /// `INCR` and `PEXPIRE … NX` in a pipeline.
+    pub async fn incr_window(&self, key: &str, window: Duration) -> Option<(u64, Duration)> {
+        let window_ms = window.as_millis().max(1) as u64;
+        let now = crate::health::unix_ms();
+        let index = now / window_ms;
+        let left = Duration::from_millis(window_ms - now % window_ms);
+        let key = self.key(&format!("{key}:{index}"));
+        if now_ms() < self.down_until_ms.load(Ordering::Relaxed) {
+            return None;
+        }
+        let attempt = async {
+            let mut conn = self.connection().await?;
+            let mut pipe = redis::pipe();
+            pipe.cmd("INCR")
+                .arg(&key)
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(window_ms * 2)
+                .arg("NX")
+                .ignore();
+            pipe.query_async::<(u64,)>(&mut conn)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
+            Ok(Ok((n,))) => Some((n, left)),
+            Ok(Err(e)) => {
+                self.fail(&e).await;
+                None
+            }
+            Err(_) => {
+                self.fail("timed out").await;
+                None
+            }
+        }
+    }
+
     pub async fn set(&self, key: &str, server: &str) {
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key(key))
