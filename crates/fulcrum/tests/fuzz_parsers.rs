@@ -46,19 +46,36 @@ fn byte() -> impl Strategy<Value = u8> {
     prop_oneof![any::<u8>(), prop::sample::select(ALPHABET)]
 }
 
-/// Applies `flips` (index, byte) and truncates at `cut` (fractions of the length).
-fn mutate(
-    mut bytes: Vec<u8>,
-    flips: &[(prop::sample::Index, u8)],
+/// Random edits of a byte string: bytes replaced, one run of bytes deleted (turning CRLF into a bare
+/// LF, joining lines), and a cut.
+#[derive(Debug, Clone)]
+struct Edits {
+    flips: Vec<(prop::sample::Index, u8)>,
+    delete: Option<(prop::sample::Index, usize)>,
     cut: Option<prop::sample::Index>,
-) -> Vec<u8> {
+}
+
+fn edits() -> impl Strategy<Value = Edits> {
+    (
+        prop::collection::vec((any::<prop::sample::Index>(), byte()), 0..3),
+        prop::option::weighted(0.3, (any::<prop::sample::Index>(), 1usize..4)),
+        prop::option::weighted(0.15, any::<prop::sample::Index>()),
+    )
+        .prop_map(|(flips, delete, cut)| Edits { flips, delete, cut })
+}
+
+fn mutate(mut bytes: Vec<u8>, edits: &Edits) -> Vec<u8> {
     if !bytes.is_empty() {
-        for (at, b) in flips {
+        for (at, b) in &edits.flips {
             let i = at.index(bytes.len());
             bytes[i] = *b;
         }
+        if let Some((at, n)) = &edits.delete {
+            let i = at.index(bytes.len());
+            bytes.drain(i..(i + n).min(bytes.len()));
+        }
     }
-    if let Some(cut) = cut {
+    if let Some(cut) = &edits.cut {
         bytes.truncate(cut.index(bytes.len() + 1));
     }
     bytes
@@ -367,10 +384,9 @@ fn structured_head() -> impl Strategy<Value = Vec<u8>> {
         prop::collection::vec(header_line(), 0..6),
         prop::bool::weighted(0.9),
         prop::collection::vec(byte(), 0..24),
-        prop::collection::vec((any::<prop::sample::Index>(), byte()), 0..2),
-        prop::option::weighted(0.1, any::<prop::sample::Index>()),
+        edits(),
     )
-        .prop_map(|(status, headers, crlf, body, flips, cut)| {
+        .prop_map(|(status, headers, crlf, body, edits)| {
             let eol = if crlf { "\r\n" } else { "\n" };
             let mut out = status.into_bytes();
             out.extend_from_slice(eol.as_bytes());
@@ -380,7 +396,7 @@ fn structured_head() -> impl Strategy<Value = Vec<u8>> {
             }
             out.extend_from_slice(eol.as_bytes());
             out.extend_from_slice(&body);
-            mutate(out, &flips, cut)
+            mutate(out, &edits)
         })
 }
 
@@ -649,8 +665,10 @@ fn encode(
     out
 }
 
-fn chunked_body(
-) -> impl Strategy<Value = (Vec<Vec<u8>>, Vec<String>, Vec<(String, String)>, Vec<u8>)> {
+/// A chunked body to encode: chunks, their extensions, trailers, and the bytes after the body.
+type ChunkedParts = (Vec<Vec<u8>>, Vec<String>, Vec<(String, String)>, Vec<u8>);
+
+fn chunked_body() -> impl Strategy<Value = ChunkedParts> {
     (
         prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 0..6),
         prop::collection::vec("([a-z]{1,5}(=[a-z0-9]{1,5}|=\"[ a-z]{0,5}\")?)?", 0..6),
@@ -674,9 +692,8 @@ proptest! {
     #[test]
     fn mutated_chunked_bodies_follow_rfc_9112(
         body in chunked_body(),
-        flips in prop::collection::vec((any::<prop::sample::Index>(), byte()), 0..3),
+        edits in edits(),
         insert in prop::option::of((any::<prop::sample::Index>(), prop::collection::vec(byte(), 1..4))),
-        cut in prop::option::weighted(0.2, any::<prop::sample::Index>()),
         pieces in prop::collection::vec(1usize..16, 1..3),
     ) {
         let (chunks, exts, trailers, after) = body;
@@ -685,7 +702,7 @@ proptest! {
             let at = at.index(input.len() + 1);
             input.splice(at..at, bytes);
         }
-        let input = mutate(input, &flips, cut);
+        let input = mutate(input, &edits);
         let _ = check_chunked(&input, &pieces)?;
     }
 

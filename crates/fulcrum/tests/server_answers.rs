@@ -479,15 +479,19 @@ const UPLOAD: usize = 3 * 1024 * 1024;
 /// Sends a POST with an `UPLOAD`-byte body the way a robust client (curl) does: writing the body while
 /// reading the answer, and keeping the answer when the upload is cut off. Returns the answer's bytes.
 async fn upload(addr: SocketAddr, path: &str) -> String {
+    upload_of(addr, path, UPLOAD).await
+}
+
+async fn upload_of(addr: SocketAddr, path: &str, size: usize) -> String {
     let s = TcpStream::connect(addr).await.unwrap();
     let (mut r, mut w) = s.into_split();
     let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {UPLOAD}\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {size}\r\n\r\n"
     );
     let writer = tokio::spawn(async move {
         let _ = w.write_all(head.as_bytes()).await;
         let chunk = vec![b'x'; 64 * 1024];
-        for _ in 0..UPLOAD / chunk.len() {
+        for _ in 0..size / chunk.len() {
             if w.write_all(&chunk).await.is_err() {
                 return;
             }
@@ -578,7 +582,8 @@ async fn an_early_answer_from_a_server_that_stops_reading_reaches_the_client() {
     });
     let (addr, conns) = tcp_server(handler).await;
     let lb = fulcrum(&one_server(addr, "response_timeout = \"5s\""));
-    let text = upload(web(&lb), "/upload").await;
+    // More than loopback socket buffers hold (a few MB each way), so fulcrum's writes must wait.
+    let text = upload_of(web(&lb), "/upload", 16 << 20).await;
     assert!(
         text.starts_with("HTTP/1.1 413") && text.ends_with("too large"),
         "{text:?}"
@@ -588,6 +593,38 @@ async fn an_early_answer_from_a_server_that_stops_reading_reaches_the_client() {
     let got = try_get(&client(), &format!("http://{}/", web(&lb))).await;
     assert_eq!(got.status(), Some(StatusCode::PAYLOAD_TOO_LARGE), "{got:?}");
     assert_eq!(conns.load(Ordering::SeqCst), 2);
+    stop(lb).await;
+}
+
+/// A small upload fits in the socket buffers, so fulcrum sends all of it without noticing that the
+/// server answered first and never read it: after an error answer to a request with a body, the
+/// connection is not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_answer_to_an_upload_does_not_leave_its_connection_to_the_next_request() {
+    let handler: Handler = Arc::new(|mut sock| {
+        Box::pin(async move {
+            let mut buf = Vec::new();
+            if read_request(&mut sock, &mut buf, false).await {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(20)).await;
+            }
+        })
+    });
+    let (addr, conns) = tcp_server(handler).await;
+    let lb = fulcrum(&one_server(addr, "response_timeout = \"3s\""));
+    let c = client();
+    let url = format!("http://{}/", web(&lb));
+    for i in 1..=3 {
+        let post = Request::post(&url)
+            .body(Full::new(Bytes::from(vec![b'x'; 64 * 1024])))
+            .unwrap();
+        let got = try_send(&c, post, Duration::from_secs(10)).await;
+        assert_eq!(got.status(), Some(StatusCode::UNAUTHORIZED), "{i}: {got:?}");
+        assert_eq!(conns.load(Ordering::SeqCst), i);
+    }
+    assert_eq!(failures(&lb, 0), 0);
     stop(lb).await;
 }
 

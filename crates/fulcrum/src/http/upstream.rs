@@ -23,6 +23,8 @@
 //! close. While the body is being sent, whenever sending would wait (for the client's next bytes, or
 //! for room in the socket) or a write fails, the server's side is checked: once it has begun a final
 //! answer or closed, sending stops and the answer is read as usual; the connection is not reused.
+//! Nor is it after an error answer to a request with a body, which may well have been sent before the
+//! server read that body even when all of it fitted in the socket buffers.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -73,9 +75,19 @@ pub struct UpstreamConn {
     pub(super) buf: BytesMut,
     /// The request head being written (kept to reuse its allocation).
     out: Vec<u8>,
-    /// The last request's body was not sent to its end (the server answered early, or writing
-    /// failed): the connection is out of step and must not be reused.
-    unfinished: bool,
+    /// How much of the last request's body was sent.
+    body: BodySent,
+}
+
+/// How much of a request's body was sent, which decides whether the connection may be reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodySent {
+    /// The request had no body.
+    None,
+    /// All of it.
+    Whole,
+    /// Not all of it (the server answered early, or writing failed): the connection is out of step.
+    Cut,
 }
 
 /// How a request body is sent.
@@ -166,7 +178,7 @@ impl UpstreamConn {
             stream,
             buf: BytesMut::new(),
             out: Vec::with_capacity(1024),
-            unfinished: false,
+            body: BodySent::None,
         }
     }
 
@@ -197,7 +209,7 @@ impl UpstreamConn {
         body: &mut Incoming,
         framing: RequestBody,
     ) -> Result<(), SendError> {
-        self.unfinished = false;
+        self.body = BodySent::None;
         encode_head(&mut self.out, parts, framing);
         self.stream
             .write_all(&self.out)
@@ -206,8 +218,11 @@ impl UpstreamConn {
         if framing == RequestBody::Empty {
             return Ok(());
         }
-        let finished = self.send_body(body, framing).await?;
-        self.unfinished = !finished;
+        self.body = if self.send_body(body, framing).await? {
+            BodySent::Whole
+        } else {
+            BodySent::Cut
+        };
         Ok(())
     }
 
@@ -267,7 +282,15 @@ impl UpstreamConn {
                     if let Framing::Chunked(decoder) = &head.framing {
                         decoder.check(&self.buf).map_err(ReadError::Body)?;
                     }
-                    if self.unfinished {
+                    // A connection whose request body was cut short is out of step. An error answer
+                    // to a request with a body is often sent before the server read the body (a 413,
+                    // a 401 to an upload), and followed by a close that the next request would race:
+                    // all of the body may have fitted in the socket buffers without the server
+                    // reading a byte of it. Neither connection is reused.
+                    if self.body == BodySent::Cut
+                        || (self.body == BodySent::Whole
+                            && (head.status.is_client_error() || head.status.is_server_error()))
+                    {
                         head.keep_alive = false;
                     }
                     return Ok(head);
