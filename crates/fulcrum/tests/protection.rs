@@ -950,3 +950,67 @@ async fn a_shared_rate_limit_holds_across_two_instances() {
     stop(lb1).await;
     stop(lb2).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_uploads_get_408_and_never_count_against_the_server() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "body_timeout = \"1s\"",
+        "response_timeout = \"2s\"\n[pools.passive]\nconsecutive_failures = 2\nbase_ejection = \"60s\"",
+    ));
+    let web = web(&lb);
+    // Five uploads that stall after a few bytes (longer than the response timeout, too).
+    let mut stalled = Vec::new();
+    for _ in 0..5 {
+        stalled.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(web).await.unwrap();
+            s.write_all(
+                b"POST /sha256 HTTP/1.1\r\nhost: a\r\ncontent-length: 100000\r\n\r\nsome bytes",
+            )
+            .await
+            .unwrap();
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+            status_of(&String::from_utf8_lossy(&out))
+        }));
+    }
+    for s in stalled {
+        assert_eq!(s.await.unwrap(), 408);
+    }
+    let server = lb.shared().pool("p").unwrap().server("A").unwrap();
+    assert_eq!(
+        server.stats.failures_total(),
+        0,
+        "the client's stall was blamed on the server"
+    );
+    assert!(!server.health.is_ejected(), "a healthy server was ejected");
+    assert!(served_within(web, Duration::from_secs(5)).await);
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_body_over_the_limit_gets_413() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "max_body_size = 1000",
+        "",
+    ));
+    let web = web(&lb);
+    let mut raw = b"POST /echo HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n".to_vec();
+    for _ in 0..5 {
+        raw.extend_from_slice(b"190\r\n");
+        raw.extend_from_slice(&[b'x'; 400]);
+        raw.extend_from_slice(b"\r\n");
+    }
+    raw.extend_from_slice(b"0\r\n\r\n");
+    assert_eq!(status_of(&raw_exchange(web, &raw).await), 413);
+    let small = b"POST /echo HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    assert_eq!(status_of(&raw_exchange(web, small).await), 200);
+    let server = lb.shared().pool("p").unwrap().server("A").unwrap();
+    assert_eq!(server.stats.failures_total(), 0);
+    stop(lb).await;
+}

@@ -41,7 +41,9 @@ use super::filter::{Filter, ListenerFilter};
 use super::headers::{check_host, is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
 use super::server::{Builders, ConnSettings};
-use super::upstream::{self, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn};
+use super::upstream::{
+    self, BodyLimits, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn,
+};
 use crate::balance::hash_key;
 use crate::config::{HashKey, RouteMatch};
 use crate::listener::{ConnGuard, ListenerStats, PerIp};
@@ -208,6 +210,8 @@ pub async fn handle(
 
 /// Why a request got no response from a server.
 enum Failure {
+    /// The client's own fault, answered with this status (408 stalled body, 413 oversized body).
+    ClientStatus(StatusCode),
     /// Nothing the server could act on was sent: the request can go to another server.
     NotSent,
     /// The server took the connection and closed it without answering a request that may still go
@@ -295,7 +299,20 @@ async fn forward(
         };
         attempts -= 1;
         let guard = InFlight::start(server.clone());
-        match exchange(server, &snapshot.settings, &parts, &mut body, framing).await {
+        let client_limits = (
+            ctx.settings.body_timeout,
+            target.max_body_size.or(ctx.settings.max_body_size),
+        );
+        match exchange(
+            server,
+            &snapshot.settings,
+            &parts,
+            &mut body,
+            framing,
+            client_limits,
+        )
+        .await
+        {
             Ok((head, conn, elapsed)) => {
                 server.stats.record_response(head.status.as_u16(), elapsed);
                 snapshot.observe(server, !head.status.is_server_error());
@@ -319,6 +336,8 @@ async fn forward(
                 return local(status);
             }
             Err(Failure::Client) => return local(StatusCode::BAD_REQUEST),
+            // The client's fault (a stalled or oversized upload): never counted against the server.
+            Err(Failure::ClientStatus(status)) => return local(status),
         }
     }
     local(if unanswered {
@@ -403,7 +422,13 @@ async fn exchange(
     parts: &http::request::Parts,
     body: &mut Incoming,
     framing: RequestBody,
+    client_limits: (Duration, Option<u64>),
 ) -> Result<(ResponseHead, UpstreamConn, Duration), Failure> {
+    let limits = BodyLimits {
+        client_timeout: client_limits.0,
+        server_timeout: settings.response_timeout,
+        max: client_limits.1,
+    };
     // A request without a body and with an idempotent method may be sent again when a reused
     // connection turns out closed before any byte of answer came back (RFC 9110 §9.2.2).
     let replayable = framing == RequestBody::Empty && parts.method.is_idempotent();
@@ -425,16 +450,22 @@ async fn exchange(
             },
         };
         let started = Instant::now();
-        let attempt = async {
-            conn.send(parts, body, framing).await.map_err(Stage::Send)?;
-            conn.read_head(&parts.method).await.map_err(Stage::Read)
-        };
-        let error = match tokio::time::timeout(settings.response_timeout, attempt).await {
-            Ok(Ok(head)) => return Ok((head, conn, started.elapsed())),
-            Ok(Err(e)) => e,
-            Err(_) => {
-                tracing::warn!(server = %server.name, timeout = ?settings.response_timeout, "server timed out");
-                return Err(Failure::Failed(StatusCode::GATEWAY_TIMEOUT));
+        // The upload is bounded by progress (the client's body_timeout, the server's
+        // response_timeout), not by its length; the response timeout starts once it is sent.
+        let error = match conn.send(parts, body, framing, limits).await {
+            Err(e) => Stage::Send(e),
+            Ok(()) => {
+                let head =
+                    tokio::time::timeout(settings.response_timeout, conn.read_head(&parts.method))
+                        .await;
+                match head {
+                    Ok(Ok(head)) => return Ok((head, conn, started.elapsed())),
+                    Ok(Err(e)) => Stage::Read(e),
+                    Err(_) => {
+                        tracing::warn!(server = %server.name, timeout = ?settings.response_timeout, "server timed out");
+                        return Err(Failure::Failed(StatusCode::GATEWAY_TIMEOUT));
+                    }
+                }
             }
         };
         match error {
@@ -453,6 +484,16 @@ async fn exchange(
             Stage::Send(SendError::Client(e)) => {
                 tracing::debug!(error = %e, "client request body failed");
                 return Err(Failure::Client);
+            }
+            Stage::Send(SendError::ClientTimeout) => {
+                return Err(Failure::ClientStatus(StatusCode::REQUEST_TIMEOUT));
+            }
+            Stage::Send(SendError::TooLarge) => {
+                return Err(Failure::ClientStatus(StatusCode::PAYLOAD_TOO_LARGE));
+            }
+            Stage::Send(SendError::ServerTimeout) => {
+                tracing::warn!(server = %server.name, "the server stopped reading the request body");
+                return Err(Failure::Failed(StatusCode::GATEWAY_TIMEOUT));
             }
             Stage::Read(e) => {
                 tracing::warn!(server = %server.name, error = %e, "server exchange failed");

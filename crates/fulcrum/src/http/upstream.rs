@@ -150,6 +150,26 @@ pub enum SendError {
     /// The client's body failed (client went away, malformed).
     #[error("reading the client's request body: {0}")]
     Client(hyper::Error),
+    /// The client's body made no progress for the listener's `body_timeout`.
+    #[error("the client's request body stopped arriving")]
+    ClientTimeout,
+    /// The client's body went past `max_body_size`.
+    #[error("the client's request body is over the limit")]
+    TooLarge,
+    /// The server took none of the body for the pool's `response_timeout`.
+    #[error("the server stopped reading the request body")]
+    ServerTimeout,
+}
+
+/// What bounds a request body on its way to the server.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// No progress from the client for this long: the client's fault (408).
+    pub client_timeout: Duration,
+    /// No progress into the server for this long: the server's fault (504).
+    pub server_timeout: Duration,
+    /// The most bytes a body may have (413 past it).
+    pub max: Option<u64>,
 }
 
 /// Why reading a response head failed.
@@ -208,6 +228,7 @@ impl UpstreamConn {
         parts: &http::request::Parts,
         body: &mut Incoming,
         framing: RequestBody,
+        limits: BodyLimits,
     ) -> Result<(), SendError> {
         self.body = BodySent::None;
         encode_head(&mut self.out, parts, framing);
@@ -218,7 +239,7 @@ impl UpstreamConn {
         if framing == RequestBody::Empty {
             return Ok(());
         }
-        self.body = if self.send_body(body, framing).await? {
+        self.body = if self.send_body(body, framing, limits).await? {
             BodySent::Whole
         } else {
             BodySent::Cut
@@ -231,17 +252,29 @@ impl UpstreamConn {
         &mut self,
         body: &mut Incoming,
         framing: RequestBody,
+        limits: BodyLimits,
     ) -> Result<bool, SendError> {
         let (stream, buf) = (&mut self.stream, &mut self.buf);
+        let mut total: u64 = 0;
         loop {
-            let frame = poll_fn(|cx| {
+            let next = poll_fn(|cx| {
                 if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
                     return Poll::Ready(Some(frame));
                 }
                 ready!(poll_answer(stream, buf, cx));
                 Poll::Ready(None)
-            })
-            .await;
+            });
+            let frame = tokio::time::timeout(limits.client_timeout, next)
+                .await
+                .map_err(|_| SendError::ClientTimeout)?;
+            if let Some(Some(Ok(f))) = &frame {
+                if let Some(data) = f.data_ref() {
+                    total += data.len() as u64;
+                    if limits.max.is_some_and(|max| total > max) {
+                        return Err(SendError::TooLarge);
+                    }
+                }
+            }
             let data = match frame {
                 None => return Ok(false),
                 Some(None) => break,
@@ -250,20 +283,30 @@ impl UpstreamConn {
                     _ => continue,
                 },
             };
-            if framing == RequestBody::Chunked {
-                self.out.clear();
-                encode_size_line(data.len(), &mut self.out);
-                if !(write_body(stream, buf, &self.out).await
-                    && write_body(stream, buf, &data).await
-                    && write_body(stream, buf, b"\r\n").await)
-                {
-                    return Ok(false);
+            let wrote = async {
+                if framing == RequestBody::Chunked {
+                    self.out.clear();
+                    encode_size_line(data.len(), &mut self.out);
+                    write_body(stream, buf, &self.out).await
+                        && write_body(stream, buf, &data).await
+                        && write_body(stream, buf, b"\r\n").await
+                } else {
+                    write_body(stream, buf, &data).await
                 }
-            } else if !write_body(stream, buf, &data).await {
+            };
+            if !tokio::time::timeout(limits.server_timeout, wrote)
+                .await
+                .map_err(|_| SendError::ServerTimeout)?
+            {
                 return Ok(false);
             }
         }
-        Ok(framing != RequestBody::Chunked || write_body(stream, buf, b"0\r\n\r\n").await)
+        if framing != RequestBody::Chunked {
+            return Ok(true);
+        }
+        tokio::time::timeout(limits.server_timeout, write_body(stream, buf, b"0\r\n\r\n"))
+            .await
+            .map_err(|_| SendError::ServerTimeout)
     }
 
     /// Reads the response head (skipping `100 Continue` and other interim answers except `101`).

@@ -111,15 +111,24 @@ impl RedisTable {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Option<T> {
-        if now_ms() < self.down_until_ms.load(Ordering::Relaxed) {
-            return None;
-        }
-        let attempt = async {
-            let mut conn = self.connection().await?;
+        self.bounded(|mut conn| async move {
             cmd.query_async::<T>(&mut conn)
                 .await
                 .map_err(|e| e.to_string())
-        };
+        })
+        .await
+    }
+
+    /// Runs `query` on a connection within the command bound, behind the breaker.
+    async fn bounded<T, F, Fut>(&self, query: F) -> Option<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
+        if now_ms() < self.down_until_ms.load(Ordering::Relaxed) {
+            return None;
+        }
+        let attempt = async { query(self.connection().await?).await };
         match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
             Ok(Ok(v)) => Some(v),
             Ok(Err(e)) => {
@@ -163,34 +172,22 @@ impl RedisTable {
         let index = now / window_ms;
         let left = Duration::from_millis(window_ms - now % window_ms);
         let key = self.key(&format!("{key}:{index}"));
-        if now_ms() < self.down_until_ms.load(Ordering::Relaxed) {
-            return None;
-        }
-        let attempt = async {
-            let mut conn = self.connection().await?;
-            let mut pipe = redis::pipe();
-            pipe.cmd("INCR")
-                .arg(&key)
-                .cmd("PEXPIRE")
-                .arg(&key)
-                .arg(window_ms * 2)
-                .arg("NX")
-                .ignore();
-            pipe.query_async::<(u64,)>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(COMMAND_TIMEOUT, attempt).await {
-            Ok(Ok((n,))) => Some((n, left)),
-            Ok(Err(e)) => {
-                self.fail(&e).await;
-                None
-            }
-            Err(_) => {
-                self.fail("timed out").await;
-                None
-            }
-        }
+        let counted = self
+            .bounded(|mut conn| async move {
+                let mut pipe = redis::pipe();
+                pipe.cmd("INCR")
+                    .arg(&key)
+                    .cmd("PEXPIRE")
+                    .arg(&key)
+                    .arg(window_ms * 2)
+                    .arg("NX")
+                    .ignore();
+                pipe.query_async::<(u64,)>(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+        counted.map(|(n,)| (n, left))
     }
 
     pub async fn set(&self, key: &str, server: &str) {
