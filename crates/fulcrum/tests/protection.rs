@@ -935,7 +935,7 @@ async fn a_shared_rate_limit_holds_across_two_instances() {
     // over during the loop, which at most doubles the allowance).
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     assert!(
-        ok == 6 || (ok > 6 && ok <= 10 && statuses.iter().any(|&s| s == 429)),
+        ok == 6 || (ok > 6 && ok <= 10 && statuses.contains(&429)),
         "{statuses:?}"
     );
     assert!(

@@ -596,6 +596,43 @@ async fn an_early_answer_from_a_server_that_stops_reading_reaches_the_client() {
     stop(lb).await;
 }
 
+/// A server that starts a `2xx` answer while it reads the body (full duplex, as an echo does) gets the
+/// whole body: fulcrum keeps sending, then relays the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_answer_streamed_while_the_upload_is_read_gets_the_whole_body() {
+    const SIZE: usize = 16 << 20;
+    let handler: Handler = Arc::new(|mut sock| {
+        Box::pin(async move {
+            let mut buf = Vec::new();
+            if !read_request(&mut sock, &mut buf, false).await {
+                return;
+            }
+            let _ = sock
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\n")
+                .await;
+            // Long enough for fulcrum's writes to wait and see the answer begin.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut got = buf.len();
+            let mut chunk = vec![0u8; 64 * 1024];
+            while got < SIZE {
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got += n,
+                }
+            }
+            let _ = sock.write_all(format!("{got:08}").as_bytes()).await;
+        })
+    });
+    let (addr, _) = tcp_server(handler).await;
+    let lb = fulcrum(&one_server(addr, ""));
+    let text = upload_of(web(&lb), "/upload", SIZE).await;
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.ends_with(&format!("{SIZE:08}")),
+        "{text:?}"
+    );
+    stop(lb).await;
+}
+
 /// A small upload fits in the socket buffers, so fulcrum sends all of it without noticing that the
 /// server answered first and never read it: after an error answer to a request with a body, the
 /// connection is not reused.

@@ -21,10 +21,13 @@
 //!
 //! A server may answer before it has read the whole request body (a `413` to a large upload) and
 //! close. While the body is being sent, whenever sending would wait (for the client's next bytes, or
-//! for room in the socket) or a write fails, the server's side is checked: once it has begun a final
-//! answer or closed, sending stops and the answer is read as usual; the connection is not reused.
-//! Nor is it after an error answer to a request with a body, which may well have been sent before the
-//! server read that body even when all of it fitted in the socket buffers.
+//! for room in the socket) or a write fails, the server's side is checked: once it has closed, or
+//! begun a final answer that is not a success, sending stops and the answer is read as usual; the
+//! connection is not reused. A `2xx` that starts while the body is still going is a server streaming
+//! its answer as it reads (full duplex, as an echo does): the body goes on, and the answer is read
+//! once it is sent. Nor is a connection reused after an error answer to a request with a body, which
+//! may well have been sent before the server read that body even when all of it fitted in the socket
+//! buffers.
 
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -256,12 +259,14 @@ impl UpstreamConn {
     ) -> Result<bool, SendError> {
         let (stream, buf) = (&mut self.stream, &mut self.buf);
         let mut total: u64 = 0;
+        // Whether the server's side is still watched (until it starts a streamed answer).
+        let watch = &mut true;
         loop {
             let next = poll_fn(|cx| {
                 if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
                     return Poll::Ready(Some(frame));
                 }
-                ready!(poll_answer(stream, buf, cx));
+                ready!(poll_early(stream, buf, watch, cx));
                 Poll::Ready(None)
             });
             let frame = tokio::time::timeout(limits.client_timeout, next)
@@ -287,11 +292,11 @@ impl UpstreamConn {
                 if framing == RequestBody::Chunked {
                     self.out.clear();
                     encode_size_line(data.len(), &mut self.out);
-                    write_body(stream, buf, &self.out).await
-                        && write_body(stream, buf, &data).await
-                        && write_body(stream, buf, b"\r\n").await
+                    write_body(stream, buf, watch, &self.out).await
+                        && write_body(stream, buf, watch, &data).await
+                        && write_body(stream, buf, watch, b"\r\n").await
                 } else {
-                    write_body(stream, buf, &data).await
+                    write_body(stream, buf, watch, &data).await
                 }
             };
             if !tokio::time::timeout(limits.server_timeout, wrote)
@@ -304,9 +309,12 @@ impl UpstreamConn {
         if framing != RequestBody::Chunked {
             return Ok(true);
         }
-        tokio::time::timeout(limits.server_timeout, write_body(stream, buf, b"0\r\n\r\n"))
-            .await
-            .map_err(|_| SendError::ServerTimeout)
+        tokio::time::timeout(
+            limits.server_timeout,
+            write_body(stream, buf, watch, b"0\r\n\r\n"),
+        )
+        .await
+        .map_err(|_| SendError::ServerTimeout)
     }
 
     /// Reads the response head (skipping `100 Continue` and other interim answers except `101`).
@@ -375,9 +383,14 @@ impl UpstreamConn {
     }
 }
 
-/// Writes all of `data` to the server; false when the server has begun an answer (or closed) while
-/// the write waited for room, or when the write failed — the body stops there either way.
-async fn write_body(stream: &mut TcpStream, buf: &mut BytesMut, mut data: &[u8]) -> bool {
+/// Writes all of `data` to the server; false when the server refused the body (or closed) while the
+/// write waited for room, or when the write failed — the body stops there either way.
+async fn write_body(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    watch: &mut bool,
+    mut data: &[u8],
+) -> bool {
     poll_fn(|cx| {
         while !data.is_empty() {
             match Pin::new(&mut *stream).poll_write(cx, data) {
@@ -388,7 +401,7 @@ async fn write_body(stream: &mut TcpStream, buf: &mut BytesMut, mut data: &[u8])
                     return Poll::Ready(false);
                 }
                 Poll::Pending => {
-                    ready!(poll_answer(stream, buf, cx));
+                    ready!(poll_early(stream, buf, watch, cx));
                     return Poll::Ready(false);
                 }
             }
@@ -398,13 +411,31 @@ async fn write_body(stream: &mut TcpStream, buf: &mut BytesMut, mut data: &[u8])
     .await
 }
 
-/// While sending the request body waits: ready once the server has begun a final answer, closed
-/// the connection or failed. What it sent is read into `buf`; interim answers (`100 Continue`) are
-/// dropped from it, as [`UpstreamConn::read_head`] would.
+/// What the server said while the request body was being sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Early {
+    /// Nothing decisive: nothing, part of a status line, interim answers (consumed).
+    Nothing,
+    /// A `2xx` answer: the server streams its answer while it reads the body.
+    Streaming,
+    /// The server refused the body (any other final answer, or something that is not HTTP), closed
+    /// the connection, or failed.
+    Stop,
+}
+
+/// While sending the request body waits and `watch` holds: ready when the body must stop (see
+/// [`Early::Stop`]). A streamed answer ends the watch (`watch` turns false) and leaves its bytes in
+/// `buf` for [`UpstreamConn::read_head`]; nothing more is read from the server while the body goes
+/// on, so a long streamed answer is never buffered here.
 ///
 /// The reactor's cached readiness answers first, so a server that sends nothing costs no syscall.
-fn poll_answer(stream: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<()> {
-    loop {
+fn poll_early(
+    stream: &TcpStream,
+    buf: &mut BytesMut,
+    watch: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    while *watch {
         if ready!(stream.poll_read_ready(cx)).is_err() {
             return Poll::Ready(());
         }
@@ -413,41 +444,45 @@ fn poll_answer(stream: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> 
         }
         match stream.try_read_buf(buf) {
             Ok(0) => return Poll::Ready(()),
-            Ok(_) if answer_started(buf) => return Poll::Ready(()),
-            Ok(_) => {}
+            Ok(_) => match early_answer(buf) {
+                Early::Nothing => {}
+                Early::Streaming => *watch = false,
+                Early::Stop => return Poll::Ready(()),
+            },
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => return Poll::Ready(()),
         }
     }
+    Poll::Pending
 }
 
-/// True once `buf` holds the start of a final answer, or anything that cannot be an interim one;
-/// complete interim answers are removed from its front.
-fn answer_started(buf: &mut BytesMut) -> bool {
-    /// An interim status line starts so (`?`: any byte).
-    const INTERIM: &[u8] = b"HTTP/1.? 1";
+/// Reads the start of what the server sent while the request body was being sent; complete interim
+/// answers are removed from the front of `buf`.
+fn early_answer(buf: &mut BytesMut) -> Early {
+    /// A status line starts so (`?`: any byte).
+    const STATUS_LINE: &[u8] = b"HTTP/1.? ";
     loop {
-        let n = buf.len().min(INTERIM.len());
-        if n == 0 {
-            return false;
-        }
+        let n = buf.len().min(STATUS_LINE.len());
         if !buf[..n]
             .iter()
-            .zip(INTERIM)
+            .zip(STATUS_LINE)
             .all(|(&b, &p)| p == b'?' || b == p)
         {
-            return true;
+            return Early::Stop;
         }
-        if n < INTERIM.len() {
-            return false;
+        match buf.get(STATUS_LINE.len()) {
+            None => return Early::Nothing,
+            Some(b'2') => return Early::Streaming,
+            Some(b'1') => {}
+            Some(_) => return Early::Stop,
         }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut headers);
         match resp.parse(buf) {
-            Ok(httparse::Status::Complete(_)) if resp.code == Some(101) => return true,
+            Ok(httparse::Status::Complete(_)) if resp.code == Some(101) => return Early::Stop,
             Ok(httparse::Status::Complete(len)) => buf.advance(len),
-            Ok(httparse::Status::Partial) => return buf.len() >= MAX_HEAD,
-            Err(_) => return true,
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => return Early::Nothing,
+            Ok(httparse::Status::Partial) | Err(_) => return Early::Stop,
         }
     }
 }
@@ -843,6 +878,84 @@ mod tests {
         .is_err());
         assert!(parse("HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", Method::GET).is_err());
         assert!(parse("SSH-2.0-OpenSSH\r\n\r\n", Method::GET).is_err());
+    }
+
+    #[test]
+    fn content_length_is_digits_only_and_passed_on_as_one_value() {
+        for bad in [
+            "+2",
+            "-1",
+            "1,2",
+            "0x2",
+            "",
+            "2 2",
+            "18446744073709551616",
+            "2,,2",
+        ] {
+            let text = format!("HTTP/1.1 200 OK\r\nContent-Length: {bad}\r\n\r\n");
+            assert!(parse(&text, Method::GET).is_err(), "{bad:?}");
+        }
+        for (good, n) in [("2", 2), ("002", 2), (" 2\t", 2), ("2, 2", 2), ("0", 0)] {
+            let text = format!("HTTP/1.1 200 OK\r\nContent-Length: {good}\r\n\r\n");
+            let head = parse(&text, Method::GET).unwrap().unwrap();
+            assert_eq!(
+                head.headers["content-length"],
+                n.to_string().as_str(),
+                "{good:?}"
+            );
+        }
+        // Malformed even where there is no body.
+        assert!(parse("HTTP/1.1 204 No\r\nContent-Length: +0\r\n\r\n", Method::GET).is_err());
+    }
+
+    #[test]
+    fn transfer_encoding_rules() {
+        let head = parse(
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(matches!(head.framing, Framing::Chunked(_)));
+        assert!(!head.headers.contains_key("content-length"));
+        assert!(
+            !head.keep_alive,
+            "a message with both is not followed on its connection"
+        );
+        for bad in ["gzip", "gzip, chunked", "chunked, chunked", "identity", ""] {
+            let text = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {bad}\r\n\r\n");
+            assert!(parse(&text, Method::GET).is_err(), "{bad:?}");
+        }
+        assert!(parse(
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            Method::GET
+        )
+        .is_err());
+        assert!(parse("HTTP/1.1 600 X\r\n\r\n", Method::GET).is_err());
+    }
+
+    #[test]
+    fn early_answers_while_the_body_is_sent() {
+        let early = |text: &[u8]| {
+            let mut buf = BytesMut::from(text);
+            let e = early_answer(&mut buf);
+            (e, buf)
+        };
+        assert_eq!(early(b"").0, Early::Nothing);
+        assert_eq!(early(b"HTTP/1.1").0, Early::Nothing);
+        assert_eq!(early(b"HTTP/1.1 2").0, Early::Streaming);
+        assert_eq!(early(b"HTTP/1.1 413 Too Large\r\n").0, Early::Stop);
+        assert_eq!(early(b"HTTP/1.0 302").0, Early::Stop);
+        assert_eq!(early(b"SSH-2.0").0, Early::Stop);
+        assert_eq!(early(b"HTTP/1.1 100 Cont").0, Early::Nothing);
+        assert_eq!(early(b"HTTP/1.1 101 Switching\r\n\r\n").0, Early::Stop);
+        let (e, rest) = early(b"HTTP/1.1 100 Continue\r\n\r\n");
+        assert_eq!((e, rest.is_empty()), (Early::Nothing, true));
+        let (e, rest) = early(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n");
+        assert_eq!(
+            (e, &rest[..]),
+            (Early::Streaming, &b"HTTP/1.1 200 OK\r\n"[..])
+        );
     }
 
     #[test]
