@@ -158,6 +158,7 @@ async fn a_bad_chunk_size_after_a_valid_head_is_a_502_and_the_connection_is_not_
             assert_eq!(raw.connections.load(Ordering::SeqCst), i);
         }
         assert!(failures(&lb, 0) >= 2);
+        drop(c);
         stop(lb).await;
     }
 }
@@ -225,6 +226,7 @@ async fn a_body_cut_short_by_a_close_never_leaves_the_client_without_an_answer()
                 String::from_utf8_lossy(answer)
             );
         }
+        drop(c);
         stop(lb).await;
     }
 }
@@ -288,6 +290,7 @@ async fn a_server_that_closes_without_answering_gives_502_and_is_counted() {
         let _ = try_get(&c, &url).await;
         let snap = lb.shared().pools()[0].snapshot_full();
         assert!(snap.servers[0].health.is_ejected(), "{name}: ejected");
+        drop(c);
         stop(lb).await;
     }
 }
@@ -304,6 +307,7 @@ async fn when_every_server_closes_without_answering_a_retried_get_gives_502() {
         assert_eq!(got.status(), Some(StatusCode::BAD_GATEWAY), "{got:?}");
     }
     assert!(failures(&lb, 0) >= 4 && failures(&lb, 1) >= 4);
+    drop(c);
     stop(lb).await;
 }
 
@@ -326,6 +330,7 @@ async fn a_get_the_server_closed_on_is_still_retried_on_the_next_server() {
         "the closing server was tried"
     );
     assert!(failures(&lb, 0) >= 2);
+    drop(c);
     stop(lb).await;
 }
 
@@ -662,6 +667,7 @@ async fn an_error_answer_to_an_upload_does_not_leave_its_connection_to_the_next_
         assert_eq!(conns.load(Ordering::SeqCst), i);
     }
     assert_eq!(failures(&lb, 0), 0);
+    drop(c);
     stop(lb).await;
 }
 
@@ -917,7 +923,22 @@ mod mutated {
                             if !early && !skip_body(&mut sock, &mut buf, &path).await {
                                 return;
                             }
-                            if sock.write_all(&bytes).await.is_err() || close || early {
+                            if sock.write_all(&bytes).await.is_err() {
+                                return;
+                            }
+                            if early {
+                                // A lingering close, as servers do: stop writing, then read what
+                                // the client still sends, so that unread bytes are not answered with a
+                                // reset that can destroy the answer on its way (under load, it does).
+                                let _ = sock.shutdown().await;
+                                let mut sink = [0u8; 4096];
+                                let drain = async {
+                                    while matches!(sock.read(&mut sink).await, Ok(n) if n > 0) {}
+                                };
+                                let _ = tokio::time::timeout(Duration::from_secs(2), drain).await;
+                                return;
+                            }
+                            if close {
                                 return;
                             }
                             lingering = true;
