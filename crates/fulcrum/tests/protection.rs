@@ -1014,3 +1014,43 @@ async fn a_chunked_body_over_the_limit_gets_413() {
     assert_eq!(server.stats.failures_total(), 0);
     stop(lb).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_rapid_reset_flood_ends_the_connection_and_others_are_served() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
+    let web = web(&lb);
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let (mut h2, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(conn);
+    // Open streams and reset each at once (CVE-2023-44487): the server must give up on this
+    // connection long before 5,000 of them.
+    let mut sent = 0;
+    for _ in 0..5_000 {
+        let ready = match tokio::time::timeout(Duration::from_secs(5), h2.clone().ready()).await {
+            Ok(Ok(ready)) => ready,
+            _ => break,
+        };
+        h2 = ready;
+        let req = http::Request::get(format!("http://{web}/delay/100"))
+            .body(())
+            .unwrap();
+        match h2.send_request(req, true) {
+            Ok((_, mut stream)) => {
+                stream.send_reset(h2::Reason::CANCEL);
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), driver).await;
+    eprintln!("rapid reset: the server ended the connection after {sent} reset streams: {ended:?}");
+    let why = format!("{ended:?}");
+    assert!(
+        sent < 5_000 && why.contains("ENHANCE_YOUR_CALM"),
+        "the connection survived {sent} rapid resets: {why}"
+    );
+    // Other clients are served.
+    assert!(served_within(web, Duration::from_secs(5)).await);
+    stop(lb).await;
+}
