@@ -324,3 +324,36 @@ async fn demo_prints_its_urls_and_balances() {
             .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_fulcrum_on_the_same_ports_is_refused_not_sharing() {
+    let apps = apps(&["A"]).await;
+    // No admin: the listener's own port is what must be refused.
+    let (text, web, _admin) = fixed_ports(&config("round_robin", &servers(&apps), "", ""));
+    let text = text
+        .replace("[admin]\n", "")
+        .replacen(&format!("bind = \"{_admin}\"\n"), "", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(&dir, &text);
+    let mut first = spawn_fulcrum(&path);
+    wait_listening(web).await;
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a second fulcrum started on a taken port"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot bind") && err.contains("in use"),
+        "{err}"
+    );
+    signal(&first, "-TERM");
+    tokio::task::spawn_blocking(move || wait_exit(&mut first, Duration::from_secs(10)))
+        .await
+        .unwrap();
+}
