@@ -466,19 +466,11 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         1,
         1_000_000,
     )? as u32;
-    let max_connections_per_server = raw
-        .max_connections_per_server
-        .map(|_| {
-            integer(
-                raw.max_connections_per_server,
-                path.key("max_connections_per_server"),
-                0,
-                1,
-                u32::MAX.into(),
-            )
-        })
-        .transpose()?
-        .map(|n| n as u32);
+    let max_connections_per_server = optional_count(
+        raw.max_connections_per_server,
+        path.key("max_connections_per_server"),
+    )?
+    .map(|n| n as u32);
     let max_queue = integer(raw.max_queue, path.key("max_queue"), 1000, 0, 10_000_000)? as usize;
     let queue_timeout = duration(
         raw.queue_timeout.as_ref(),
@@ -898,19 +890,11 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         1,
         u32::MAX.into(),
     )? as usize;
-    let max_connections_per_ip = raw
-        .max_connections_per_ip
-        .map(|_| {
-            integer(
-                raw.max_connections_per_ip,
-                path.key("max_connections_per_ip"),
-                0,
-                1,
-                u32::MAX.into(),
-            )
-        })
-        .transpose()?
-        .map(|n| n as usize);
+    let max_connections_per_ip = optional_count(
+        raw.max_connections_per_ip,
+        path.key("max_connections_per_ip"),
+    )?
+    .map(|n| n as usize);
     let timeout = |raw: &Option<RawDuration>, key: &str, default: Duration| {
         duration(raw.as_ref(), path.key(key), default, Zero::Rejected)
     };
@@ -936,11 +920,7 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         1,
         10_000,
     )? as u32;
-    let max_body_size = raw
-        .max_body_size
-        .as_ref()
-        .map(|s| size(Some(s), path.key("max_body_size"), 0, 0, u64::MAX / 2))
-        .transpose()?;
+    let max_body_size = body_size(raw.max_body_size.as_ref(), path)?;
     let filter = filter(
         raw.allow,
         raw.deny,
@@ -1115,32 +1095,9 @@ fn auto_ban(raw: RawAutoBan, path: &KeyPath) -> Result<crate::filter::BanPolicy>
         Duration::from_secs(600),
         Zero::Rejected,
     )?;
-    let max_requests = raw
-        .max_requests
-        .map(|_| {
-            integer(
-                raw.max_requests,
-                path.key("max_requests"),
-                0,
-                1,
-                u32::MAX.into(),
-            )
-        })
-        .transpose()?
-        .map(|n| n as u32);
-    let max_errors = raw
-        .max_errors
-        .map(|_| {
-            integer(
-                raw.max_errors,
-                path.key("max_errors"),
-                0,
-                1,
-                u32::MAX.into(),
-            )
-        })
-        .transpose()?
-        .map(|n| n as u32);
+    let max_requests =
+        optional_count(raw.max_requests, path.key("max_requests"))?.map(|n| n as u32);
+    let max_errors = optional_count(raw.max_errors, path.key("max_errors"))?.map(|n| n as u32);
     if max_requests.is_none() && max_errors.is_none() {
         return invalid(path.clone(), "needs max_requests, max_errors or both");
     }
@@ -1178,6 +1135,18 @@ fn size(raw: Option<&RawSize>, path: KeyPath, default: u64, min: u64, max: u64) 
         );
     }
     Ok(value)
+}
+
+/// An optional count of at least 1 (`max_connections_per_ip`, `max_requests`, …).
+fn optional_count(raw: Option<i64>, path: KeyPath) -> Result<Option<i64>> {
+    raw.map(|_| integer(raw, path, 0, 1, u32::MAX.into()))
+        .transpose()
+}
+
+/// `max_body_size` of a listener or route.
+fn body_size(raw: Option<&RawSize>, path: &KeyPath) -> Result<Option<u64>> {
+    raw.map(|s| size(Some(s), path.key("max_body_size"), 0, 0, u64::MAX / 2))
+        .transpose()
 }
 
 /// `"64KiB"` → 65536.
@@ -1326,11 +1295,7 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
              headers, cookie or query",
         );
     }
-    let max_body_size = raw
-        .max_body_size
-        .as_ref()
-        .map(|s| size(Some(s), path.key("max_body_size"), 0, 0, u64::MAX / 2))
-        .transpose()?;
+    let max_body_size = body_size(raw.max_body_size.as_ref(), path)?;
     let filter = filter(
         raw.allow,
         raw.deny,
