@@ -4,9 +4,10 @@
 //! It exists to make balancing visible and testable: every response names the
 //! instance that produced it (`x-server` header, and the first line of `GET /`),
 //! `GET /` echoes the request line and headers as received (so proxy headers
-//! such as `X-Forwarded-For` can be checked), and login sessions show what
-//! happens to sticky state when requests move between instances. A handful of
-//! utility endpoints produce slow, failing, large or streaming traffic:
+//! such as `X-Forwarded-For` can be checked, and the protocol: `GET / HTTP/1.1`
+//! or `GET / HTTP/2.0`), and login sessions show what happens to sticky state
+//! when requests move between instances. A handful of utility endpoints produce
+//! slow, failing, large or streaming traffic:
 //!
 //! | Endpoint              | Behaviour |
 //! |-----------------------|-----------|
@@ -20,7 +21,16 @@
 //! | `GET /bytes/{n}`      | `n` streamed bytes of `abc…z` (≤ 2 GiB) |
 //! | `POST /echo`          | streams the request body back |
 //! | `POST /sha256`        | `{"bytes": N, "sha256": "…"}` of the streamed request body |
-//! | `GET /ws`             | WebSocket echo |
+//! | `GET /ws`             | WebSocket echo (HTTP/1.1 upgrade) |
+//!
+//! # Protocols
+//!
+//! A plain listener takes HTTP/1.1 and h2c (HTTP/2 with prior knowledge: a
+//! connection that opens with the HTTP/2 preface). With
+//! [`AppConfig::with_tls`] (`--tls cert.pem,key.pem`) the listener takes TLS
+//! 1.2/1.3 only, offering ALPN `h2` and `http/1.1`: a client that picks `h2`
+//! speaks HTTP/2, any other HTTP/1.1. A TLS handshake that fails or takes
+//! longer than [`TLS_HANDSHAKE_TIMEOUT`] closes only that connection.
 //!
 //! # Sessions
 //!
@@ -46,17 +56,21 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 mod routes;
+mod server;
 mod sessions;
+mod tls;
 
+pub use server::TLS_HANDSHAKE_TIMEOUT;
 pub use sessions::{ParseSessionsError, Sessions, REDIS_KEY_PREFIX, REDIS_SESSION_TTL};
+pub use tls::{ParseTlsFilesError, TlsFiles};
 
 /// Configuration of one app instance.
 #[derive(Debug, Clone)]
@@ -67,6 +81,9 @@ pub struct AppConfig {
     pub sessions: Sessions,
     /// Extra latency added before every response.
     pub delay: Duration,
+    /// Serve TLS with these files instead of plain TCP; see
+    /// [`AppConfig::with_tls`].
+    pub tls: Option<TlsFiles>,
 }
 
 impl AppConfig {
@@ -77,6 +94,7 @@ impl AppConfig {
             name: name.into(),
             sessions: Sessions::Memory,
             delay: Duration::ZERO,
+            tls: None,
         }
     }
 
@@ -94,6 +112,16 @@ impl AppConfig {
         self.sessions = sessions;
         self
     }
+
+    /// Serves TLS (1.2 and 1.3) with the certificate chain and key in `files`
+    /// instead of plain TCP: ALPN offers `h2` and `http/1.1`, and a client
+    /// that picks `h2` speaks HTTP/2, any other HTTP/1.1 (WebSocket included).
+    /// [`serve`] and [`spawn`] read the files when they start.
+    #[must_use]
+    pub fn with_tls(mut self, files: TlsFiles) -> Self {
+        self.tls = Some(files);
+        self
+    }
 }
 
 /// The app's routes as an [`axum::Router`], with fresh state (sessions, health)
@@ -106,26 +134,26 @@ pub fn router(cfg: AppConfig) -> axum::Router {
     routes::router(cfg)
 }
 
-/// Serves the app on an already-bound `listener` (HTTP/1.1 with keep-alive,
-/// WebSocket upgrades) until `shutdown` resolves, then stops accepting, lets
-/// in-flight requests finish and returns.
+/// Serves the app on an already-bound `listener` until `shutdown` resolves,
+/// then stops accepting, lets in-flight requests finish and returns.
+///
+/// On plain TCP each connection speaks HTTP/1.1 (keep-alive, WebSocket
+/// upgrades) or, when it opens with the HTTP/2 preface, h2c (HTTP/2 with
+/// prior knowledge). With [`AppConfig::with_tls`] every connection starts with
+/// a TLS handshake (at most [`TLS_HANDSHAKE_TIMEOUT`]; a failed one closes only
+/// that connection), then speaks HTTP/2 if ALPN chose `h2`, else HTTP/1.1.
 ///
 /// Fails at once with [`io::ErrorKind::InvalidInput`] if `cfg.sessions` holds a
-/// Redis URL that does not parse; an unreachable Redis is no error.
+/// Redis URL that does not parse (an unreachable Redis is no error), and with
+/// the error of [`TlsFiles::server_config`] if the TLS files cannot be used.
 pub async fn serve(
     listener: TcpListener,
     cfg: AppConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    validate(&cfg)?;
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!("failed to set TCP_NODELAY: {err}");
-        }
-    });
-    axum::serve(listener, router(cfg))
-        .with_graceful_shutdown(shutdown)
-        .await
+    let tls = prepare(&cfg)?;
+    server::run(listener, router(cfg), tls, shutdown).await;
+    Ok(())
 }
 
 /// Binds `addr` (use `127.0.0.1:0` for an ephemeral port) and runs [`serve`] on
@@ -133,21 +161,19 @@ pub async fn serve(
 ///
 /// The returned handle knows the bound address. Dropping it starts a graceful
 /// shutdown in the background; [`AppHandle::stop`] does the same and waits for
-/// it to finish. Fails like [`serve`] on an invalid Redis URL.
+/// it to finish. Fails like [`serve`] on an invalid Redis URL or unusable TLS
+/// files, before binding.
 pub async fn spawn(addr: SocketAddr, cfg: AppConfig) -> io::Result<AppHandle> {
-    validate(&cfg)?;
+    let tls = prepare(&cfg)?;
     let listener = TcpListener::bind(addr).await?;
     let addr = listener.local_addr()?;
     let (shutdown, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let name = cfg.name.clone();
         // A send or a dropped sender both end the wait.
         let signal = async {
             let _ = stopped.await;
         };
-        if let Err(err) = serve(listener, cfg, signal).await {
-            tracing::error!(server = %name, "fulcrum-app failed: {err}");
-        }
+        server::run(listener, router(cfg), tls, signal).await;
     });
     Ok(AppHandle {
         addr,
@@ -156,10 +182,12 @@ pub async fn spawn(addr: SocketAddr, cfg: AppConfig) -> io::Result<AppHandle> {
     })
 }
 
-fn validate(cfg: &AppConfig) -> io::Result<()> {
+/// Checks the session store URL and loads the TLS configuration, if any.
+fn prepare(cfg: &AppConfig) -> io::Result<Option<Arc<rustls::ServerConfig>>> {
     cfg.sessions
         .validate()
-        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+    cfg.tls.as_ref().map(TlsFiles::server_config).transpose()
 }
 
 /// A running app instance started by [`spawn`].

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use fulcrum_app::{serve, AppConfig, Sessions};
+use fulcrum_app::{serve, AppConfig, Sessions, TlsFiles};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -34,6 +34,14 @@ struct Args {
     /// Latency added before every response, e.g. `50ms` or `1s`.
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     delay: Duration,
+
+    /// Serve TLS with this PEM certificate chain and private key.
+    ///
+    /// ALPN offers `h2` and `http/1.1`: clients that pick `h2` speak HTTP/2,
+    /// others HTTP/1.1 (WebSocket included). Without `--tls` the listener is
+    /// plain TCP and takes HTTP/1.1 as well as h2c (HTTP/2 with prior knowledge).
+    #[arg(long, value_name = "CERT,KEY")]
+    tls: Option<TlsFiles>,
 }
 
 #[tokio::main]
@@ -46,20 +54,28 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
 
+    if let Some(files) = &args.tls {
+        // Fail before listening; `serve` reads the files again when it starts.
+        files.server_config().context("invalid --tls")?;
+    }
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     let name = args.name.unwrap_or_else(|| addr.to_string());
-    tracing::info!(
-        sessions = %args.sessions,
-        delay = %humantime::format_duration(args.delay),
-        "fulcrum-app {name:?} listening on http://{addr}"
-    );
+    let scheme = if args.tls.is_some() { "https" } else { "http" };
 
-    let cfg = AppConfig::new(name)
+    let mut cfg = AppConfig::new(name.clone())
         .with_sessions(args.sessions)
         .with_delay(args.delay);
+    if let Some(files) = args.tls {
+        cfg = cfg.with_tls(files);
+    }
+    tracing::info!(
+        sessions = %cfg.sessions,
+        delay = %humantime::format_duration(cfg.delay),
+        "fulcrum-app {name:?} listening on {scheme}://{addr}"
+    );
     serve(listener, cfg, shutdown_signal())
         .await
         .context("server failed")?;

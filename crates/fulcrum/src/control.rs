@@ -30,7 +30,7 @@ use crate::config::{Config, PoolConfig, Protocol, ServerConfig};
 use crate::discovery::{DnsTarget, Resolver};
 use crate::http::filter::{Filter, ListenerFilter};
 use crate::http::proxy::{HttpListener, HttpRouter, Target};
-use crate::http::server::{Builders, ConnSettings};
+use crate::http::server::{Builders, ConnSettings, TlsListener};
 use crate::listener::{self, PerIp, Slots};
 use crate::pool::{MembershipError, Pool, Server, ServerState, Source};
 use crate::runtime::{ListenerInfo, PoolEntry, Shared, StartError, State};
@@ -702,6 +702,11 @@ impl Controller {
                     &l.name,
                 );
                 kept.http.filter.store(Arc::new(filter));
+                // Certificates were re-read with the configuration: new handshakes use them, open
+                // connections keep theirs.
+                kept.http
+                    .tls
+                    .store(l.tls.as_ref().and_then(TlsListener::new).map(Arc::new));
                 let settings = ConnSettings::of(l);
                 if kept.http.builders.load().settings != settings {
                     kept.http.builders.store(Arc::new(Builders::new(settings)));
@@ -729,7 +734,7 @@ impl Controller {
             };
             let http = Arc::new(HttpListener {
                 name: l.name.clone(),
-                proto: "http",
+                proto: l.protocol.as_str(),
                 router: ArcSwap::from_pointee(router),
                 builders: ArcSwap::from_pointee(Builders::new(ConnSettings::of(l))),
                 stats: Default::default(),
@@ -743,6 +748,9 @@ impl Controller {
                     &config.store,
                     &l.name,
                 )),
+                tls: arc_swap::ArcSwapOption::new(
+                    l.tls.as_ref().and_then(TlsListener::new).map(Arc::new),
+                ),
             });
             let info = ListenerInfo {
                 name: l.name.clone(),

@@ -24,3 +24,4 @@ pub mod pool;
 pub mod runtime;
 pub mod sticky;
 pub mod takeover;
+pub mod tls;

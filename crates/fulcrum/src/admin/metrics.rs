@@ -73,6 +73,21 @@ impl Collector for FulcrumCollector {
                 |s: &ListenerStats| s.write_timeouts.load(Ordering::Relaxed),
             ),
             (
+                "listener_tls_handshakes",
+                "TLS handshakes completed (https listeners)",
+                |s: &ListenerStats| s.tls_handshakes.load(Ordering::Relaxed),
+            ),
+            (
+                "listener_tls_resumed",
+                "TLS handshakes that resumed a session (ticket or session id)",
+                |s: &ListenerStats| s.tls_resumed.load(Ordering::Relaxed),
+            ),
+            (
+                "listener_tls_handshake_failures",
+                "TLS handshakes that failed or took longer than handshake_timeout",
+                |s: &ListenerStats| s.tls_handshake_failures.load(Ordering::Relaxed),
+            ),
+            (
                 "listener_refused_per_ip",
                 "Connections refused because their address was at max_connections_per_ip",
                 |s: &ListenerStats| s.refused_per_ip.load(Ordering::Relaxed),

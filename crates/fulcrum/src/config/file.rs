@@ -99,12 +99,36 @@ pub(crate) struct RawListener {
     pub block: Option<Vec<String>>,
     pub block_rules: Option<Vec<RawBlockRule>>,
     pub auto_ban: Option<RawAutoBan>,
+    pub https_redirect: Option<RawRedirect>,
+}
+
+/// `listeners.https_redirect`: `true` (port 443) or a port.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawRedirect {
+    On(bool),
+    Port(i64),
 }
 
 /// `listeners.tls`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawTls {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub certs: Option<Vec<RawCert>>,
+    pub client_ca: Option<String>,
+    pub client_auth: Option<crate::config::ClientAuth>,
+    pub handshake_timeout: Option<RawDuration>,
+    pub min_version: Option<String>,
+    pub hsts: Option<RawDuration>,
+    pub session_tickets: Option<bool>,
+}
+
+/// `listeners.tls.certs[]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCert {
     pub cert: String,
     pub key: String,
 }
@@ -188,6 +212,7 @@ pub(crate) struct RawHealthCheck {
     pub method: Option<String>,
     pub host: Option<String>,
     pub expect_body: Option<String>,
+    pub service: Option<String>,
     pub initial_state: Option<RawInitialState>,
 }
 

@@ -19,6 +19,7 @@ mod validate;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -150,6 +151,9 @@ pub struct ListenerConfig {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// `tls = { cert = "cert.pem", key = "key.pem" }`: required for `https`, rejected otherwise.
     pub tls: Option<TlsConfig>,
+    /// `https_redirect` (http only, optional): `true` or a port: every request is answered with a
+    /// `308` to the same host and path over HTTPS (on that port; `true` is 443).
+    pub https_redirect: Option<u16>,
     /// `request_header_timeout` (http/https, default `"10s"`, fulcrum extension): a client must send its
     /// whole request head within this, or it gets a 408 and the connection is closed.
     pub request_header_timeout: Duration,
@@ -226,14 +230,58 @@ pub enum ProxyProtocol {
     V2,
 }
 
-/// `listeners.tls`: the certificate an `https` listener presents.
+/// `listeners.tls`: the certificates an `https` listener presents and how it talks TLS.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
-    /// `tls.cert`: PEM file with the certificate chain (relative paths are relative to the working
-    /// directory).
+    /// `tls.cert` + `tls.key`, or `tls.certs = [{ cert, key }, …]`: PEM files (relative paths are
+    /// relative to the working directory). Each certificate serves the DNS names of its subject
+    /// alternative names (wildcards too); the first one also serves every other name and clients that
+    /// send none.
+    pub certs: Vec<CertFiles>,
+    /// `tls.client_ca` (optional): PEM file of the CAs client certificates must chain to (mTLS).
+    pub client_ca: Option<PathBuf>,
+    /// `tls.client_auth` (default `"required"`, only with `client_ca`): `"optional"` also admits clients
+    /// without a certificate (a certificate that is sent must still verify).
+    pub client_auth: ClientAuth,
+    /// `tls.handshake_timeout` (default `"10s"`): a handshake that takes longer is abandoned.
+    pub handshake_timeout: Duration,
+    /// `tls.min_version` (default `"1.2"`): `"1.2"` or `"1.3"`. Older versions are never offered.
+    pub min_version: TlsVersion,
+    /// `tls.hsts` (optional): answers carry `Strict-Transport-Security: max-age=<seconds>`.
+    pub hsts: Option<Duration>,
+    /// `tls.session_tickets` (default true): resumption by session tickets.
+    pub session_tickets: bool,
+    /// The loaded rustls configuration (certificates read and checked), filled in when the
+    /// configuration is loaded from a file; `None` only for configurations validated without files.
+    pub server: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// The certificate chain, the server's own certificate first.
     pub cert: PathBuf,
-    /// `tls.key`: PEM file with the private key.
+    /// The private key.
     pub key: PathBuf,
+}
+
+/// `tls.client_auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// A client without a valid certificate is refused.
+    Required,
+    /// A client may send no certificate; one that is sent must verify.
+    Optional,
+}
+
+/// `tls.min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
 }
 
 /// `[[listeners.routes]]`: send matching requests to another pool.
@@ -506,7 +554,8 @@ pub struct DnsServerConfig {
 /// `[pools.health_check]`: active health checks of every server of the pool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheckConfig {
-    /// `kind` (required): `icmp` (ping), `tcp` (connect) or `http` (request `path`, expect `expect_status`).
+    /// `kind` (required): `icmp` (ping), `tcp` (connect), `http` (request `path`, expect `expect_status`)
+    /// or `grpc` (the standard `grpc.health.v1.Health/Check` over plain-text HTTP/2, expect `SERVING`).
     pub kind: HealthCheckKind,
     /// `path` (http only, default `"/health"`): the path requested. Starts with `/`.
     pub path: String,
@@ -527,6 +576,8 @@ pub struct HealthCheckConfig {
     pub host: Option<String>,
     /// `expect_body` (http only, optional): the response body must contain this text.
     pub expect_body: Option<String>,
+    /// `service` (grpc only, default `""`): the service whose health is asked; `""` is the whole server.
+    pub service: String,
     /// `initial_state` (default `"up"`): the state of a server before its first checks complete.
     pub initial_up: bool,
 }
@@ -556,6 +607,8 @@ pub enum HealthCheckKind {
     Tcp,
     /// L7: an HTTP `GET path`, checked against `expect_status`.
     Http,
+    /// L7: a gRPC `grpc.health.v1.Health/Check` of `service` (h2c), healthy when `SERVING`.
+    Grpc,
 }
 
 impl HealthCheckKind {
@@ -565,6 +618,7 @@ impl HealthCheckKind {
             HealthCheckKind::Icmp => "icmp",
             HealthCheckKind::Tcp => "tcp",
             HealthCheckKind::Http => "http",
+            HealthCheckKind::Grpc => "grpc",
         }
     }
 }

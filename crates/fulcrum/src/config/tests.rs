@@ -330,8 +330,9 @@ fn full_example_parses_when_every_feature_is_enabled() {
     let secure = &config.listeners[1];
     assert_eq!(secure.protocol, Protocol::Https);
     let tls = secure.tls.as_ref().unwrap();
-    assert_eq!(tls.cert, std::path::PathBuf::from("cert.pem"));
-    assert_eq!(tls.key, std::path::PathBuf::from("key.pem"));
+    assert_eq!(tls.certs[0].cert, std::path::PathBuf::from("cert.pem"));
+    assert_eq!(tls.certs[0].key, std::path::PathBuf::from("key.pem"));
+    assert!(tls.server.is_none(), "validated without reading files");
     assert_eq!(config.listeners[2].proxy_protocol, Some(ProxyProtocol::V2));
     // TCP and UDP may share a port.
     assert_eq!(config.listeners[3].protocol, Protocol::Udp);
@@ -1029,6 +1030,35 @@ fn health_check_rules() {
         27,
         "only valid with kind = \"http\"",
     );
+    let text = variant(
+        "# POOL",
+        "[pools.health_check]\nkind = \"http\"\nservice = \"app\"",
+    );
+    assert_error(
+        &err_all(&text),
+        "pools[0].health_check.service",
+        27,
+        "only valid with kind = \"grpc\" (this check is http)",
+    );
+    let text = variant(
+        "# POOL",
+        "[pools.health_check]\nkind = \"grpc\"\npath = \"/health\"",
+    );
+    assert_error(
+        &err_all(&text),
+        "pools[0].health_check.path",
+        27,
+        "only valid with kind = \"http\" (this check is grpc)",
+    );
+    let config = ok_all(&variant(
+        "# POOL",
+        "[pools.health_check]\nkind = \"grpc\"\nservice = \"echo.Echo\"",
+    ));
+    let check = config.pools[0].health_check.as_ref().unwrap();
+    assert_eq!(check.kind, HealthCheckKind::Grpc);
+    assert_eq!(check.service, "echo.Echo");
+    let config = ok_all(&variant("# POOL", "[pools.health_check]\nkind = \"grpc\""));
+    assert_eq!(config.pools[0].health_check.as_ref().unwrap().service, "");
     let text = variant("# POOL", "[pools.health_check]\nkind = \"ping\"");
     assert_error(
         &err_all(&text),
@@ -1247,9 +1277,74 @@ fn protocol_specific_keys() {
     let text = without_routes("https", "tls = { cert = \"c.pem\" }");
     assert_error(
         &err_all(&text),
-        "listeners[0].tls",
+        "listeners[0].tls.key",
         12,
-        "missing required key `key`",
+        "required with `cert`",
+    );
+    for (tls, key, message) in [
+        ("tls = { }", "listeners[0].tls.cert", "required"),
+        (
+            "tls = { cert = \"a\", key = \"b\", certs = [] }",
+            "listeners[0].tls.certs",
+            "not both",
+        ),
+        ("tls = { certs = [] }", "listeners[0].tls.certs", "at least one"),
+        (
+            "tls = { certs = [{ cert = \"a\", key = \"\" }] }",
+            "listeners[0].tls.certs[0].key",
+            "must not be empty",
+        ),
+        (
+            "tls = { cert = \"a\", key = \"b\", client_auth = \"optional\" }",
+            "listeners[0].tls.client_auth",
+            "only valid with `client_ca`",
+        ),
+        (
+            "tls = { cert = \"a\", key = \"b\", min_version = \"1.1\" }",
+            "listeners[0].tls.min_version",
+            "must be \"1.2\" or \"1.3\"",
+        ),
+        (
+            "tls = { cert = \"a\", key = \"b\", handshake_timeout = \"0s\" }",
+            "listeners[0].tls.handshake_timeout",
+            "",
+        ),
+    ] {
+        assert_error(&err_all(&without_routes("https", tls)), key, 12, message);
+    }
+    let tls = ok_all(&without_routes(
+        "https",
+        "tls = { certs = [{ cert = \"a\", key = \"b\" }, { cert = \"c\", key = \"d\" }], \
+         client_ca = \"ca\", client_auth = \"optional\", min_version = \"1.3\", hsts = \"365d\", \
+         session_tickets = false, handshake_timeout = \"3s\" }",
+    ))
+    .listeners[0]
+        .tls
+        .clone()
+        .unwrap();
+    assert_eq!(tls.certs.len(), 2);
+    assert_eq!(tls.client_auth, ClientAuth::Optional);
+    assert_eq!(tls.min_version, TlsVersion::Tls13);
+    assert_eq!(tls.hsts, Some(Duration::from_secs(365 * 86400)));
+    assert!(!tls.session_tickets);
+    assert_eq!(tls.handshake_timeout, Duration::from_secs(3));
+    // https_redirect only on http.
+    let text = without_routes("tcp", "https_redirect = true");
+    assert_error(
+        &err_all(&text),
+        "listeners[0].https_redirect",
+        12,
+        "only valid on http listeners",
+    );
+    let text = without_routes("http", "https_redirect = 70000");
+    assert_error(&err_all(&text), "listeners[0].https_redirect", 12, "a port");
+    assert_eq!(
+        ok_all(&without_routes("http", "https_redirect = true")).listeners[0].https_redirect,
+        Some(443)
+    );
+    assert_eq!(
+        ok_all(&without_routes("http", "https_redirect = 8443")).listeners[0].https_redirect,
+        Some(8443)
     );
     // proxy_protocol only on tcp.
     let text = without_routes("udp", "proxy_protocol = \"v1\"");
@@ -1368,11 +1463,6 @@ fn unsupported_features_are_rejected() {
         // (from, to, key); the line is that of `to`'s first line.
         (
             "protocol = \"http\"",
-            "protocol = \"https\"",
-            "listeners[0].protocol",
-        ),
-        (
-            "protocol = \"http\"",
             "protocol = \"tcp\"",
             "listeners[0].protocol",
         ),
@@ -1380,11 +1470,6 @@ fn unsupported_features_are_rejected() {
             "protocol = \"http\"",
             "protocol = \"udp\"",
             "listeners[0].protocol",
-        ),
-        (
-            "# LISTENER",
-            "tls = { cert = \"c.pem\", key = \"k.pem\" }",
-            "listeners[0].tls",
         ),
         (
             "# LISTENER",
@@ -1403,7 +1488,7 @@ fn unsupported_features_are_rejected() {
         "kind = \"memory\"",
         "kind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"",
     ));
-    for kind in ["icmp", "tcp", "http"] {
+    for kind in ["icmp", "tcp", "http", "grpc"] {
         ok(&variant(
             "# POOL",
             &format!("slow_start = \"30s\"\n[pools.health_check]\nkind = \"{kind}\""),
@@ -1534,4 +1619,54 @@ fn hash_balance_factor_and_fallback_rules() {
         line_of(&text, "hash_fallback"),
         "needs one too",
     );
+}
+
+#[test]
+fn tls_files_are_read_at_load_and_a_bad_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |stem: &str| {
+        let ck = rcgen::generate_simple_self_signed(vec![format!("{stem}.test")]).unwrap();
+        let cert = dir.path().join(format!("{stem}.pem"));
+        let key = dir.path().join(format!("{stem}.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        (cert.display().to_string(), key.display().to_string())
+    };
+    let (a_cert, a_key) = write("a");
+    let (b_cert, b_key) = write("b");
+    let text = |tls: &str| {
+        format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"https\"\n\
+             pool = \"p\"\n{tls}\n\n[[pools]]\nname = \"p\"\nservers = [{{ address = \"127.0.0.1:1\" }}]\n"
+        )
+    };
+    let config = parse(
+        &text(&format!("tls = {{ cert = \"{a_cert}\", key = \"{a_key}\" }}")),
+        ORIGIN,
+    )
+    .unwrap();
+    assert!(config.listeners[0].tls.as_ref().unwrap().server.is_some());
+    let error = parse(
+        &text(&format!("tls = {{ cert = \"{a_cert}\", key = \"{b_key}\" }}")),
+        ORIGIN,
+    )
+    .unwrap_err();
+    assert_error(&error, "listeners[0].tls.key", 6, "does not belong");
+    let error = parse(
+        &text(&format!(
+            "tls = {{ certs = [{{ cert = \"{a_cert}\", key = \"{a_key}\" }}, \
+             {{ cert = \"{b_cert}.missing\", key = \"{b_key}\" }}] }}"
+        )),
+        ORIGIN,
+    )
+    .unwrap_err();
+    assert_error(&error, "listeners[0].tls.certs[1].cert", 6, "cannot read");
+    let error = parse(
+        &text(&format!(
+            "tls = {{ cert = \"{a_cert}\", key = \"{a_key}\", client_ca = \"{a_key}\" }}"
+        )),
+        ORIGIN,
+    )
+    .unwrap_err();
+    assert_error(&error, "listeners[0].tls.client_ca", 6, "no certificate");
 }

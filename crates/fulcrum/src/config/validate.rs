@@ -15,13 +15,13 @@ use super::error::KeyPath;
 use super::file::{
     RawAdmin, RawAutoBan, RawBlockRule, RawConfig, RawDuration, RawHealthCheck, RawInitialState,
     RawListener, RawPassive, RawPool, RawRateLimit, RawRoute, RawServer, RawSize, RawSticky,
-    RawStore, RawStoreKind, RawTls,
+    RawRedirect, RawStore, RawStoreKind, RawTls,
 };
 use super::{
     AdminConfig, Algorithm, Config, DnsServerConfig, FilterConfig, HashKey, HealthCheckConfig,
     HealthCheckKind, HostMatch, ListenerConfig, PassiveConfig, PoolConfig, Protocol, RateKey,
     RateLimitConfig, RedisTarget, RouteConfig, RouteMatch, ServerConfig, StickyConfig, StickyKind,
-    StoreConfig, TlsConfig,
+    StoreConfig, TlsConfig, CertFiles, ClientAuth, TlsVersion,
 };
 
 /// A validation error: what is wrong with the key at `path`.
@@ -49,7 +49,32 @@ fn invalid<T>(path: KeyPath, message: impl Into<String>) -> Result<T> {
 /// Validates a configuration for the features that are built.
 pub(crate) fn validate(raw: RawConfig) -> Result<Config> {
     reject_unsupported(&raw)?;
-    build(raw)
+    let mut config = build(raw)?;
+    load_files(&mut config)?;
+    Ok(config)
+}
+
+/// Reads the files the configuration names (TLS certificates and keys), so that a missing or broken
+/// file is an error of the configuration, placed at the key naming it.
+fn load_files(config: &mut Config) -> Result<()> {
+    for (i, listener) in config.listeners.iter_mut().enumerate() {
+        if let Some(tls) = &mut listener.tls {
+            let server = crate::tls::load(tls).map_err(|e| {
+                let mut path = KeyPath::root("listeners").index(i).key("tls");
+                for part in e.key.split('.') {
+                    path = match part.split_once('[') {
+                        Some((key, index)) => path
+                            .key(key)
+                            .index(index.trim_end_matches(']').parse().unwrap_or(0)),
+                        None => path.key(part),
+                    };
+                }
+                Invalid::new(path, e.message)
+            })?;
+            tls.server = Some(server);
+        }
+    }
+    Ok(())
 }
 
 /// Rejects the keys whose feature is parsed and validated but not built yet, so that a configuration using
@@ -62,10 +87,8 @@ fn reject_unsupported(raw: &RawConfig) -> Result<()> {
     for (i, listener) in raw.listeners.iter().enumerate() {
         let at = |key: &str| KeyPath::root("listeners").index(i).key(key);
         let protocol = |p: Protocol| (listener.protocol == p, format!("protocol = \"{}\"", p.as_str()));
-        deny(protocol(Protocol::Https), at("protocol"))?;
         deny(protocol(Protocol::Tcp), at("protocol"))?;
         deny(protocol(Protocol::Udp), at("protocol"))?;
-        deny((listener.tls.is_some(), "`tls`".into()), at("tls"))?;
         deny((listener.proxy_protocol.is_some(), "`proxy_protocol`".into()), at("proxy_protocol"))?;
     }
     Ok(())
@@ -584,6 +607,15 @@ fn health_check(raw: RawHealthCheck, path: &KeyPath) -> Result<HealthCheckConfig
             );
         }
     }
+    if raw.kind != HealthCheckKind::Grpc && raw.service.is_some() {
+        return invalid(
+            path.key("service"),
+            format!(
+                "only valid with kind = \"grpc\" (this check is {})",
+                raw.kind.as_str()
+            ),
+        );
+    }
     let check_path = raw.path.unwrap_or_else(|| "/health".to_owned());
     if !check_path.starts_with('/') {
         return invalid(
@@ -638,6 +670,7 @@ fn health_check(raw: RawHealthCheck, path: &KeyPath) -> Result<HealthCheckConfig
             }
             b => b,
         },
+        service: raw.service.unwrap_or_default(),
         initial_up: raw.initial_state != Some(RawInitialState::Down),
     })
 }
@@ -862,6 +895,29 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         (_, None) => None,
     };
 
+    let https_redirect = match raw.https_redirect {
+        None | Some(RawRedirect::On(false)) => None,
+        Some(_) if protocol != Protocol::Http => {
+            return invalid(
+                path.key("https_redirect"),
+                format!(
+                    "only valid on http listeners, this one is {}",
+                    protocol.as_str()
+                ),
+            )
+        }
+        Some(RawRedirect::On(true)) => Some(443),
+        Some(RawRedirect::Port(port)) => match u16::try_from(port) {
+            Ok(port) if port > 0 => Some(port),
+            _ => {
+                return invalid(
+                    path.key("https_redirect"),
+                    format!("must be true, false or a port (1 to 65535), got {port}"),
+                )
+            }
+        },
+    };
+
     if raw.request_header_timeout.is_some() && !protocol.is_http() {
         return invalid(
             path.key("request_header_timeout"),
@@ -942,6 +998,7 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         routes,
         proxy_protocol: raw.proxy_protocol,
         tls,
+        https_redirect,
         request_header_timeout,
         idle_timeout,
         max_connections,
@@ -1171,15 +1228,87 @@ pub(crate) fn parse_size(text: &str) -> Option<u64> {
 }
 
 fn tls_config(raw: RawTls, path: &KeyPath) -> Result<TlsConfig> {
-    if raw.cert.is_empty() {
-        return invalid(path.key("cert"), "must not be empty");
+    let file = |value: &str, key: KeyPath| -> Result<PathBuf> {
+        if value.is_empty() {
+            return invalid(key, "must not be empty");
+        }
+        Ok(PathBuf::from(value))
+    };
+    let certs = match (raw.cert, raw.key, raw.certs) {
+        (Some(cert), Some(key), None) => vec![CertFiles {
+            cert: file(&cert, path.key("cert"))?,
+            key: file(&key, path.key("key"))?,
+        }],
+        (None, None, Some(list)) => {
+            if list.is_empty() {
+                return invalid(path.key("certs"), "must list at least one { cert, key }");
+            }
+            list.into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let at = path.key("certs").index(i);
+                    Ok(CertFiles {
+                        cert: file(&c.cert, at.key("cert"))?,
+                        key: file(&c.key, at.key("key"))?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        }
+        (Some(_), None, None) => return invalid(path.key("key"), "required with `cert`"),
+        (None, Some(_), None) => return invalid(path.key("cert"), "required with `key`"),
+        (_, _, Some(_)) => {
+            return invalid(
+                path.key("certs"),
+                "give either `cert` + `key` or `certs = [{ cert, key }, ...]`, not both",
+            )
+        }
+        (None, None, None) => {
+            return invalid(
+                path.key("cert"),
+                "required: `cert` + `key`, or `certs = [{ cert, key }, ...]`",
+            )
+        }
+    };
+    let client_ca = raw
+        .client_ca
+        .map(|ca| file(&ca, path.key("client_ca")))
+        .transpose()?;
+    if raw.client_auth.is_some() && client_ca.is_none() {
+        return invalid(
+            path.key("client_auth"),
+            "only valid with `client_ca` (the CAs client certificates are checked against)",
+        );
     }
-    if raw.key.is_empty() {
-        return invalid(path.key("key"), "must not be empty");
-    }
+    let handshake_timeout = duration(
+        raw.handshake_timeout.as_ref(),
+        path.key("handshake_timeout"),
+        Duration::from_secs(10),
+        Zero::Rejected,
+    )?;
+    let min_version = match raw.min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::Tls12,
+        Some("1.3") => TlsVersion::Tls13,
+        Some(other) => {
+            return invalid(
+                path.key("min_version"),
+                format!("must be \"1.2\" or \"1.3\", got {other:?}"),
+            )
+        }
+    };
+    let hsts = raw
+        .hsts
+        .as_ref()
+        .map(|d| duration(Some(d), path.key("hsts"), Duration::ZERO, Zero::Allowed))
+        .transpose()?;
     Ok(TlsConfig {
-        cert: PathBuf::from(raw.cert),
-        key: PathBuf::from(raw.key),
+        certs,
+        client_ca,
+        client_auth: raw.client_auth.unwrap_or(ClientAuth::Required),
+        handshake_timeout,
+        min_version,
+        hsts,
+        session_tickets: raw.session_tickets.unwrap_or(true),
+        server: None,
     })
 }
 

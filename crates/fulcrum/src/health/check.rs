@@ -1,5 +1,5 @@
-//! Active checks: an L4 TCP connect or an L7 HTTP request, each bounded by the check's `timeout`,
-//! repeated every `interval` with jitter.
+//! Active checks: an L4 TCP connect, an L7 HTTP request or a gRPC health check, each bounded by the
+//! check's `timeout`, repeated every `interval` with jitter.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -132,6 +132,9 @@ pub(super) async fn probe(cfg: &HealthCheckConfig, address: SocketAddr) -> Resul
     match cfg.kind {
         HealthCheckKind::Tcp => Ok("TCP connect".to_owned()),
         HealthCheckKind::Http => http_probe(cfg, address, &mut stream).await,
+        HealthCheckKind::Grpc => {
+            super::grpc::grpc_probe(&cfg.service, cfg.timeout, address, stream).await
+        }
         // ICMP goes through a `Pinger`; without one, reaching the port is all that can be said.
         HealthCheckKind::Icmp => Err("no ICMP socket".to_owned()),
     }
@@ -204,6 +207,7 @@ mod tests {
             method: http::Method::GET,
             host: None,
             expect_body: None,
+            service: String::new(),
             initial_up: true,
         }
     }

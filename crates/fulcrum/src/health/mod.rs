@@ -1,5 +1,6 @@
-//! Server health: active checks (L3 ICMP echo, L4 TCP connect, L7 HTTP request) with rise/fall thresholds, passive
-//! detection of failing servers (outlier ejection, as Envoy's), and slow start.
+//! Server health: active checks (L3 ICMP echo, L4 TCP connect, L7 HTTP request or gRPC health check)
+//! with rise/fall thresholds, passive detection of failing servers (outlier ejection, as Envoy's), and
+//! slow start.
 //!
 //! Each server carries a [`Health`]: the verdict of its active checks, its passive-ejection deadline,
 //! and when it last became available. The request path reads two atomics per candidate
@@ -12,6 +13,7 @@
 //! servers are not probed in the same millisecond), each bounded by `timeout`.
 
 mod check;
+mod grpc;
 pub mod icmp;
 mod passive;
 

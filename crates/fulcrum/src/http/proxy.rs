@@ -103,6 +103,8 @@ pub struct HttpListener {
     pub per_ip: arc_swap::ArcSwapOption<PerIp>,
     /// Access list, rules, rate limit and bans of the listener.
     pub filter: ArcSwap<ListenerFilter>,
+    /// TLS termination (`https` listeners).
+    pub tls: arc_swap::ArcSwapOption<super::server::TlsListener>,
 }
 
 /// The peer of one client connection, formatted once for `X-Forwarded-For`.
@@ -182,6 +184,9 @@ pub async fn handle(
         Ok(()) => {
             match filter.filter.check(&req, ip, false).await {
                 Some(refused) => refused,
+                None if ctx.settings.https_redirect.is_some() => {
+                    https_redirect(&req, ctx.settings.https_redirect.unwrap_or(443))
+                }
                 None => {
                     let router = listener.router.load();
                     let target = router.route(&req);
@@ -202,10 +207,53 @@ pub async fn handle(
             }
         }
     };
+    let mut resp = resp;
+    if let Some(hsts) = &ctx.settings.hsts {
+        resp.headers_mut()
+            .entry(http::header::STRICT_TRANSPORT_SECURITY)
+            .or_insert_with(|| hsts.clone());
+    }
     let status = resp.status().as_u16();
     filter.record(ip, status);
     listener.stats.count(status);
     Ok(resp)
+}
+
+/// `308 Permanent Redirect` to the same host and path over HTTPS on `port` (the method and body are
+/// kept by the client, unlike with 301).
+fn https_redirect<B>(req: &Request<B>, port: u16) -> Response<ProxyBody> {
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_owned())
+        .or_else(|| {
+            let h = req.headers().get(http::header::HOST)?.to_str().ok()?;
+            Some(h.parse::<http::uri::Authority>().ok()?.host().to_owned())
+        });
+    let Some(host) = host else {
+        return local_with(
+            StatusCode::BAD_REQUEST,
+            "400 Bad Request: a redirect to HTTPS needs the request's host\n",
+        );
+    };
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let location = if port == 443 {
+        format!("https://{host}{path}")
+    } else {
+        format!("https://{host}:{port}{path}")
+    };
+    let mut resp = local_with(
+        StatusCode::PERMANENT_REDIRECT,
+        "308 Permanent Redirect: this site is served over HTTPS\n",
+    );
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(http::header::LOCATION, v);
+    }
+    resp
 }
 
 /// Why a request got no response from a server.
@@ -321,7 +369,8 @@ async fn forward(
                     let stuck_here = client
                         .server
                         .is_some_and(|i| Arc::ptr_eq(&snapshot.servers[i], server));
-                    sticky.remember(client, server, stuck_here, resp.headers_mut());
+                    let secure = ctx.listener.tls.load().is_some();
+                    sticky.remember(client, server, stuck_here, secure, resp.headers_mut());
                 }
                 return resp;
             }

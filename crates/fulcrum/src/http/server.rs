@@ -64,6 +64,10 @@ pub struct ConnSettings {
     pub h2_max_concurrent_streams: u32,
     /// The largest request body (routes may say otherwise).
     pub max_body_size: Option<u64>,
+    /// `Strict-Transport-Security` added to every answer (`tls.hsts`).
+    pub hsts: Option<http::HeaderValue>,
+    /// Answer every request with a redirect to HTTPS on this port (`https_redirect`).
+    pub https_redirect: Option<u16>,
 }
 
 impl ConnSettings {
@@ -79,6 +83,12 @@ impl ConnSettings {
             max_headers: l.max_headers,
             h2_max_concurrent_streams: l.h2_max_concurrent_streams,
             max_body_size: l.max_body_size,
+            hsts: l
+                .tls
+                .as_ref()
+                .and_then(|t| t.hsts)
+                .and_then(|d| format!("max-age={}", d.as_secs()).parse().ok()),
+            https_redirect: l.https_redirect,
         }
     }
 }
@@ -113,7 +123,10 @@ impl Builders {
 impl ConnHandler for HttpListener {
     async fn serve(self: Arc<Self>, conn: Accepted) {
         let builders = self.builders.load_full();
-        serve_connection(conn, &self, &builders).await;
+        match self.tls.load_full() {
+            None => serve_connection(conn, &self, &builders).await,
+            Some(tls) => serve_tls(conn, &self, &builders, &tls).await,
+        }
     }
 
     fn name(&self) -> &str {
@@ -136,7 +149,10 @@ impl ConnHandler for HttpListener {
 
 /// The first bytes of a connection: up to the length of `PRI `, fewer when they already differ.
 /// `None` when the client closed or sent nothing within `timeout`.
-async fn read_prefix(stream: &mut TcpStream, timeout: Duration) -> Option<([u8; 4], usize)> {
+async fn read_prefix<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    timeout: Duration,
+) -> Option<([u8; 4], usize)> {
     let read = async {
         let mut buf = [0u8; H2_PREFACE_START.len()];
         let mut n = 0;
@@ -156,7 +172,108 @@ async fn read_prefix(stream: &mut TcpStream, timeout: Duration) -> Option<([u8; 
     tokio::time::timeout(timeout, read).await.ok().flatten()
 }
 
-async fn serve_connection(conn: Accepted, http: &Arc<HttpListener>, builders: &Builders) {
+/// The TLS side of an `https` listener: rebuilt (certificates re-read) at every reload.
+pub struct TlsListener {
+    /// Accepts with the listener's rustls configuration.
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// `tls.handshake_timeout`.
+    pub handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for TlsListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListener")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsListener {
+    /// The TLS side of a listener with `tls` (loaded: `tls.server` is set).
+    pub fn new(tls: &crate::config::TlsConfig) -> Option<Self> {
+        Some(TlsListener {
+            acceptor: tokio_rustls::TlsAcceptor::from(tls.server.clone()?),
+            handshake_timeout: tls.handshake_timeout,
+        })
+    }
+}
+
+/// Completes the TLS handshake (within `handshake_timeout`, or until the listener stops), then serves
+/// HTTP on the decrypted stream: HTTP/2 when ALPN chose `h2` (or the client starts with its preface),
+/// HTTP/1.1 otherwise.
+async fn serve_tls(
+    conn: Accepted,
+    http: &Arc<HttpListener>,
+    builders: &Builders,
+    tls: &TlsListener,
+) {
+    let Accepted {
+        stream,
+        peer,
+        stop,
+        deadline,
+        tracker,
+        guard,
+    } = conn;
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)) => r,
+        _ = stop.cancelled() => return,
+    };
+    let stream = match handshake {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            http.stats
+                .tls_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            http.stats
+                .tls_handshake_failures
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    http.stats.tls_handshakes.fetch_add(1, Ordering::Relaxed);
+    let (_, session) = stream.get_ref();
+    if session.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+        http.stats.tls_resumed.fetch_add(1, Ordering::Relaxed);
+    }
+    let conn = Accepted {
+        stream,
+        peer,
+        stop,
+        deadline,
+        tracker,
+        guard,
+    };
+    serve_connection(conn, http, builders).await;
+}
+
+/// What a client connection is read from and written to: the TCP stream, or TLS over it.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// Writes `bytes` now if the socket takes them, without waiting (plain TCP only: the 408 sent
+    /// when a connection is dropped after a header timeout).
+    fn try_write_now(&self, bytes: &[u8]);
+}
+
+impl ClientStream for TcpStream {
+    fn try_write_now(&self, bytes: &[u8]) {
+        let _ = self.try_write(bytes);
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn try_write_now(&self, _: &[u8]) {}
+}
+
+async fn serve_connection<S: ClientStream>(
+    conn: Accepted<S>,
+    http: &Arc<HttpListener>,
+    builders: &Builders,
+) {
     let Accepted {
         mut stream,
         peer,
@@ -184,7 +301,7 @@ async fn serve_connection(conn: Accepted, http: &Arc<HttpListener>, builders: &B
         deadline: deadline.clone(),
         settings: settings.clone(),
     });
-    let io = TokioIo::new(ClientIo::new(
+    let io = TokioIo::new(ClientIo::<S>::new(
         stream,
         (prefix, len),
         timed_out.clone(),
@@ -289,8 +406,8 @@ async fn drive<C: GracefulConn>(
 /// When the connection is dropped after a header timeout, and bytes of a new request had arrived
 /// since the last response, it writes the 408 before closing; an idle keep-alive connection that
 /// times out is closed silently, as HAProxy does.
-struct ClientIo {
-    stream: TcpStream,
+struct ClientIo<S: ClientStream> {
+    stream: S,
     /// Bytes read before hyper took over, and how many of them hyper has had.
     prefix: [u8; 4],
     prefix_len: u8,
@@ -307,9 +424,9 @@ struct ClientIo {
     timer: Option<Pin<Box<Sleep>>>,
 }
 
-impl ClientIo {
+impl<S: ClientStream> ClientIo<S> {
     fn new(
-        stream: TcpStream,
+        stream: S,
         (prefix, len): ([u8; 4], usize),
         timed_out: Arc<AtomicBool>,
         ctx: Arc<proxy::ConnContext>,
@@ -343,12 +460,12 @@ impl ClientIo {
     }
 }
 
-impl Drop for ClientIo {
+impl<S: ClientStream> Drop for ClientIo<S> {
     fn drop(&mut self) {
         if self.partial && self.timed_out.load(Ordering::Relaxed) {
             // A short write on a socket with an empty send buffer; if it cannot go out now, the
             // client was not going to read it either.
-            let _ = self.stream.try_write(REQUEST_TIMEOUT_RESPONSE);
+            self.stream.try_write_now(REQUEST_TIMEOUT_RESPONSE);
         }
     }
 }
@@ -357,7 +474,7 @@ fn timed_out(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, what.to_owned())
 }
 
-impl AsyncRead for ClientIo {
+impl<S: ClientStream> AsyncRead for ClientIo<S> {
     #[inline]
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -400,7 +517,7 @@ impl AsyncRead for ClientIo {
     }
 }
 
-impl ClientIo {
+impl<S: ClientStream> ClientIo<S> {
     /// Runs the write clock around one write attempt.
     #[inline]
     fn after_write(
@@ -430,7 +547,7 @@ impl ClientIo {
     }
 }
 
-impl AsyncWrite for ClientIo {
+impl<S: ClientStream> AsyncWrite for ClientIo<S> {
     #[inline]
     fn poll_write(
         mut self: Pin<&mut Self>,

@@ -36,6 +36,12 @@ pub struct ListenerStats {
     pub idle_timeouts: AtomicU64,
     /// Connections cut because the client read nothing of its response for `write_timeout`.
     pub write_timeouts: AtomicU64,
+    /// TLS handshakes completed (https).
+    pub tls_handshakes: AtomicU64,
+    /// TLS handshakes that failed or timed out (https).
+    pub tls_handshake_failures: AtomicU64,
+    /// TLS handshakes that resumed an earlier session (https).
+    pub tls_resumed: AtomicU64,
 }
 
 impl ListenerStats {
@@ -104,9 +110,9 @@ impl Slots {
 
 /// One accepted connection, handed to a [`ConnHandler`] with what governs its life.
 #[derive(Debug)]
-pub struct Accepted {
-    /// The client's socket.
-    pub stream: TcpStream,
+pub struct Accepted<S = TcpStream> {
+    /// The client's socket (or, once a handler has wrapped it, e.g. in TLS, that stream).
+    pub stream: S,
     /// The client's address.
     pub peer: SocketAddr,
     /// Fires when the listener stops: finish the current exchange and close.

@@ -214,12 +214,14 @@ impl Sticky {
     }
 
     /// After `server` answered: remember the client there and, for `cookie`, (re)write our cookie.
-    /// `stuck_here` says the client's entry already named this server.
+    /// `stuck_here` says the client's entry already named this server; `secure` (the client came over
+    /// TLS) marks an inserted cookie `Secure`.
     pub fn remember(
         &self,
         client: &ClientKey,
         server: &Server,
         stuck_here: bool,
+        secure: bool,
         response: &mut HeaderMap,
     ) {
         match self.kind {
@@ -227,8 +229,10 @@ impl Sticky {
                 let value = self.cookie_value(&server.name);
                 if client.key.as_deref() != Some(value.as_str()) || !stuck_here {
                     let header = format!(
-                        "{}={value}; Path=/; HttpOnly; SameSite=Lax{}",
-                        self.cookie, self.max_age
+                        "{}={value}; Path=/; HttpOnly; SameSite=Lax{}{}",
+                        self.cookie,
+                        self.max_age,
+                        if secure { "; Secure" } else { "" }
                     );
                     if let Ok(v) = HeaderValue::from_str(&header) {
                         response.append(SET_COOKIE, v);
