@@ -5,10 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use, installed only when missing (needs root, as on CI):
-# redis-server for the session tests, iproute2 (`ip netns`) for the ICMP health-check test.
+# redis-server for the session tests, iproute2 (`ip netns`) for the ICMP health-check test, curl and
+# openssl (`s_client`) as real TLS clients of the TLS tests.
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v ip >/dev/null 2>&1 || packages+=(iproute2)
+command -v curl >/dev/null 2>&1 || packages+=(curl)
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 if ((${#packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"

@@ -26,7 +26,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, PoolConfig, Protocol, ServerConfig};
+use crate::config::{Config, PoolConfig, ServerConfig};
 use crate::discovery::{DnsTarget, Resolver};
 use crate::http::filter::{Filter, ListenerFilter};
 use crate::http::proxy::{HttpListener, HttpRouter, Target};
@@ -538,8 +538,8 @@ impl Controller {
         // Bind the listeners that start; a taken port refuses the whole change.
         let mut sockets = HashMap::new();
         for (i, l) in config.listeners.iter().enumerate() {
-            if l.protocol != Protocol::Http {
-                unreachable!("validated: only http listeners are built");
+            if !l.protocol.is_http() {
+                unreachable!("validated: only http and https listeners are built");
             }
             if self.kept_listener(&old, &config, i).is_some() {
                 continue;

@@ -248,6 +248,59 @@ mod tests {
             .starts_with("connect:"));
     }
 
+    #[tokio::test]
+    async fn grpc_checks_ask_the_standard_health_service() {
+        use tonic_health::ServingStatus;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("echo.Echo", ServingStatus::Serving)
+            .await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(
+                    tonic::transport::server::TcpIncoming::from(listener),
+                    async {
+                        let _ = stopped.await;
+                    },
+                ),
+        );
+        let mut grpc = cfg(HealthCheckKind::Grpc);
+        assert_eq!(probe(&grpc, addr).await, Ok("gRPC SERVING".to_owned()));
+        reporter
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        assert_eq!(probe(&grpc, addr).await, Err("gRPC NOT_SERVING".to_owned()));
+        grpc.service = "echo.Echo".into();
+        assert_eq!(probe(&grpc, addr).await, Ok("gRPC SERVING".to_owned()));
+        grpc.service = "no.such.Service".into();
+        assert_eq!(
+            probe(&grpc, addr).await,
+            Err("grpc-status 5: service not registered".to_owned())
+        );
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        assert!(probe(&grpc, addr)
+            .await
+            .unwrap_err()
+            .starts_with("connect:"));
+        // An HTTP server is no gRPC server.
+        let app = fulcrum_app::spawn(
+            "127.0.0.1:0".parse().unwrap(),
+            fulcrum_app::AppConfig::new("A"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            probe(&cfg(HealthCheckKind::Grpc), app.addr()).await,
+            Err("HTTP 404".to_owned())
+        );
+        app.stop().await;
+    }
+
     #[test]
     fn jitter_stays_in_range() {
         let mut s = 42;

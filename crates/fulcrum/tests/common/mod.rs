@@ -3,6 +3,7 @@
 
 pub mod grpc;
 pub mod process;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::time::Duration;
