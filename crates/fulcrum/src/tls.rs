@@ -30,7 +30,7 @@ use rustls::server::{
 use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::config::{ClientAuth, TlsConfig, TlsVersion};
+use crate::config::{ClientAuth, TlsConfig, TlsVersion, UpstreamTls};
 
 /// The crypto provider of every TLS connection fulcrum makes or accepts.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -110,6 +110,116 @@ pub fn load(tls: &TlsConfig) -> Result<Arc<ServerConfig>, LoadError> {
         config.send_tls13_tickets = 0;
     }
     Ok(Arc::new(config))
+}
+
+/// Builds the rustls client configuration of a pool's `tls` (ALPN `h2` when `http2`, else
+/// `http/1.1`).
+///
+/// # Errors
+///
+/// A file that cannot be read or does not hold what it should (`ca`, `cert`, `key`), or no trusted
+/// root at all (no `ca` and none in the system's store).
+pub fn load_client(tls: &UpstreamTls, http2: bool) -> Result<Arc<rustls::ClientConfig>, LoadError> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| LoadError::new("ca", e.to_string()))?;
+    let builder = if !tls.verify {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerification(provider)))
+    } else {
+        let mut roots = RootCertStore::empty();
+        match &tls.ca {
+            Some(path) => {
+                for cert in read_certs(path).map_err(|m| LoadError::new("ca", m))? {
+                    roots.add(cert).map_err(|e| {
+                        LoadError::new(
+                            "ca",
+                            format!("{}: not a usable CA certificate: {e}", path.display()),
+                        )
+                    })?;
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(LoadError::new(
+                        "ca",
+                        "required: the system has no trusted root certificates to verify the servers with",
+                    ));
+                }
+            }
+        }
+        builder.with_root_certificates(roots)
+    };
+    let mut config = match &tls.client_cert {
+        None => builder.with_no_client_auth(),
+        Some(files) => {
+            let chain = read_certs(&files.cert).map_err(|m| LoadError::new("cert", m))?;
+            let key = read_key(&files.key).map_err(|m| LoadError::new("key", m))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| LoadError::new("key", format!("{}: {e}", files.key.display())))?
+        }
+    };
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    Ok(Arc::new(config))
+}
+
+/// `verify = false`: any certificate is accepted (signatures are still checked, so the handshake is
+/// sound; who holds the key is not).
+#[derive(Debug)]
+struct NoVerification(Arc<CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerification {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// The process-wide ticket keys (rotated by rustls every few hours), shared by every listener and

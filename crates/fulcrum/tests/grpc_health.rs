@@ -2,10 +2,12 @@
 //! self-test of the gRPC test kit (`common/grpc.rs`) that later proxy tests build on.
 
 mod common;
+#[path = "common/grpc.rs"]
+mod grpc;
 
 use std::time::{Duration, Instant};
 
-use common::grpc::{self, EchoReply, EchoRequest};
+use grpc::{EchoReply, EchoRequest};
 use fulcrum::runtime::Running;
 use tonic::Code;
 

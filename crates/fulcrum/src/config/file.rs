@@ -187,6 +187,19 @@ pub(crate) struct RawPool {
     pub max_connections_per_server: Option<i64>,
     pub max_queue: Option<i64>,
     pub queue_timeout: Option<RawDuration>,
+    pub http2: Option<bool>,
+    pub tls: Option<RawUpstreamTls>,
+}
+
+/// `pools.tls`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamTls {
+    pub ca: Option<String>,
+    pub sni: Option<String>,
+    pub verify: Option<bool>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
 }
 
 /// One entry of `pools.servers`.

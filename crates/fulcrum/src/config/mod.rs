@@ -448,6 +448,28 @@ pub struct PoolConfig {
     pub passive: Option<PassiveConfig>,
     /// `[pools.sticky]` (optional): session persistence.
     pub sticky: Option<StickyConfig>,
+    /// `http2` (default false): speak HTTP/2 to the servers: h2c (prior knowledge) in plain text, h2
+    /// (ALPN) over `tls`. Requests are multiplexed over a few connections per server.
+    pub http2: bool,
+    /// `tls` (optional): connect to the servers over TLS.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `pools.tls = { ca = "ca.pem", sni = "app.internal", verify = true }`: TLS to the servers.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    /// `tls.ca` (optional): PEM file of the CAs the servers' certificates must chain to; absent: the
+    /// system's trusted roots.
+    pub ca: Option<PathBuf>,
+    /// `tls.sni` (optional): the name sent (SNI) and verified; absent: each server's host.
+    pub sni: Option<String>,
+    /// `tls.verify` (default true): verify the servers' certificates. `false` accepts any certificate
+    /// (encryption without authentication; for tests and closed networks only).
+    pub verify: bool,
+    /// `tls.cert` + `tls.key` (optional): a client certificate for servers that ask for one.
+    pub client_cert: Option<CertFiles>,
+    /// The loaded rustls client configuration (see [`TlsConfig::server`]).
+    pub client: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// `pools.algorithm`.

@@ -15,13 +15,13 @@ use super::error::KeyPath;
 use super::file::{
     RawAdmin, RawAutoBan, RawBlockRule, RawConfig, RawDuration, RawHealthCheck, RawInitialState,
     RawListener, RawPassive, RawPool, RawRateLimit, RawRoute, RawServer, RawSize, RawSticky,
-    RawRedirect, RawStore, RawStoreKind, RawTls,
+    RawRedirect, RawStore, RawStoreKind, RawTls, RawUpstreamTls,
 };
 use super::{
     AdminConfig, Algorithm, Config, DnsServerConfig, FilterConfig, HashKey, HealthCheckConfig,
     HealthCheckKind, HostMatch, ListenerConfig, PassiveConfig, PoolConfig, Protocol, RateKey,
     RateLimitConfig, RedisTarget, RouteConfig, RouteMatch, ServerConfig, StickyConfig, StickyKind,
-    StoreConfig, TlsConfig, CertFiles, ClientAuth, TlsVersion,
+    StoreConfig, TlsConfig, CertFiles, ClientAuth, TlsVersion, UpstreamTls,
 };
 
 /// A validation error: what is wrong with the key at `path`.
@@ -72,6 +72,18 @@ fn load_files(config: &mut Config) -> Result<()> {
                 Invalid::new(path, e.message)
             })?;
             tls.server = Some(server);
+        }
+    }
+    for (i, pool) in config.pools.iter_mut().enumerate() {
+        let http2 = pool.http2;
+        if let Some(tls) = &mut pool.tls {
+            let client = crate::tls::load_client(tls, http2).map_err(|e| {
+                Invalid::new(
+                    KeyPath::root("pools").index(i).key("tls").key(&e.key),
+                    e.message,
+                )
+            })?;
+            tls.client = Some(client);
         }
     }
     Ok(())
@@ -501,7 +513,13 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         Duration::from_secs(5),
         Zero::Allowed,
     )?;
+    let tls = raw
+        .tls
+        .map(|t| upstream_tls(t, &path.key("tls")))
+        .transpose()?;
     Ok(PoolConfig {
+        http2: raw.http2.unwrap_or(false),
+        tls,
         name,
         algorithm,
         hash_key,
@@ -1309,6 +1327,50 @@ fn tls_config(raw: RawTls, path: &KeyPath) -> Result<TlsConfig> {
         hsts,
         session_tickets: raw.session_tickets.unwrap_or(true),
         server: None,
+    })
+}
+
+fn upstream_tls(raw: RawUpstreamTls, path: &KeyPath) -> Result<UpstreamTls> {
+    let file = |value: String, key: &str| -> Result<PathBuf> {
+        if value.is_empty() {
+            return invalid(path.key(key), "must not be empty");
+        }
+        Ok(PathBuf::from(value))
+    };
+    let sni = match raw.sni {
+        Some(name) => {
+            if rustls::pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return invalid(
+                    path.key("sni"),
+                    format!("not a DNS name or IP address: {name:?}"),
+                );
+            }
+            Some(name)
+        }
+        None => None,
+    };
+    let verify = raw.verify.unwrap_or(true);
+    if !verify && raw.ca.is_some() {
+        return invalid(
+            path.key("ca"),
+            "has no use with verify = false (certificates are not checked)",
+        );
+    }
+    let client_cert = match (raw.cert, raw.key) {
+        (Some(cert), Some(key)) => Some(CertFiles {
+            cert: file(cert, "cert")?,
+            key: file(key, "key")?,
+        }),
+        (None, None) => None,
+        (Some(_), None) => return invalid(path.key("key"), "required with `cert`"),
+        (None, Some(_)) => return invalid(path.key("cert"), "required with `key`"),
+    };
+    Ok(UpstreamTls {
+        ca: raw.ca.map(|ca| file(ca, "ca")).transpose()?,
+        sni,
+        verify,
+        client_cert,
+        client: None,
     })
 }
 

@@ -177,6 +177,8 @@ impl Body for UpstreamBody {
 pub enum ProxyBody {
     /// A server's body, passed through as it arrives.
     Upstream(UpstreamBody),
+    /// A server's body through hyper (TLS or HTTP/2 pools), trailers included.
+    Client(super::client::ClientBody),
     /// A complete body (error pages, local answers); `None` once sent.
     Full(Option<Bytes>),
 }
@@ -205,6 +207,7 @@ impl Body for ProxyBody {
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
+            ProxyBody::Client(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
         }
     }
@@ -213,6 +216,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ProxyBody::Upstream(body) => body.is_end_stream(),
+            ProxyBody::Client(body) => body.is_end_stream(),
             ProxyBody::Full(bytes) => bytes.is_none(),
         }
     }
@@ -221,6 +225,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ProxyBody::Upstream(body) => body.size_hint(),
+            ProxyBody::Client(body) => body.size_hint(),
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
         }

@@ -3,6 +3,7 @@
 
 pub mod body;
 pub mod chunked;
+pub mod client;
 pub mod filter;
 pub mod headers;
 pub mod proxy;

@@ -39,6 +39,7 @@ use arc_swap::ArcSwap;
 use super::body::{ProxyBody, UpstreamBody};
 use super::filter::{Filter, ListenerFilter};
 use super::headers::{check_host, is_websocket_upgrade, rewrite_request, rewrite_response};
+use super::client;
 use super::route;
 use super::server::{Builders, ConnSettings};
 use super::upstream::{
@@ -303,10 +304,40 @@ async fn forward(
         .as_ref()
         .and_then(|k| request_key(k, &req, client));
     let websocket = is_websocket_upgrade(&req);
+    let transport = snapshot.settings.transport.clone();
+    if websocket && transport.is_some() {
+        return local_with(
+            StatusCode::NOT_IMPLEMENTED,
+            "501 Not Implemented: WebSocket to servers over TLS or HTTP/2 is not supported yet\n",
+        );
+    }
+    // gRPC and other trailer users say so with `TE: trailers`, which an HTTP/2 server may need.
+    let te_trailers = transport.is_some()
+        && super::headers::has_token(req.headers(), http::header::TE, "trailers");
     let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
     rewrite_request(&mut req, &client.ip, proto, websocket);
-    let (parts, mut body) = req.into_parts();
+    if te_trailers {
+        req.headers_mut()
+            .insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
+    let (parts, body) = req.into_parts();
     let framing = RequestBody::of(&parts.headers, &body);
+    let max_body = target.max_body_size.or(ctx.settings.max_body_size);
+    // A pool with TLS or HTTP/2 to its servers goes through hyper ([`client`]); the body is handed
+    // over with the request (and back when it was not sent).
+    let mut upload = match &transport {
+        None => Upload::Own(body),
+        Some(_) => {
+            let state = Arc::new(client::UploadState::default());
+            let body = client::boxed(client::Upload::new(
+                body,
+                max_body,
+                ctx.settings.body_timeout,
+                state.clone(),
+            ));
+            Upload::Hyper(Some(body), state)
+        }
+    };
 
     // A sticky client goes to its server first; the algorithm picks for the others, and for it when
     // its server cannot take it.
@@ -347,15 +378,73 @@ async fn forward(
         };
         attempts -= 1;
         let guard = InFlight::start(server.clone());
-        let client_limits = (
-            ctx.settings.body_timeout,
-            target.max_body_size.or(ctx.settings.max_body_size),
-        );
+        let client_limits = (ctx.settings.body_timeout, max_body);
+        let body = match &mut upload {
+            Upload::Own(body) => body,
+            Upload::Hyper(body, state) => {
+                let replayable = framing == RequestBody::Empty && parts.method.is_idempotent();
+                let Some(req_body) = body.take().or_else(|| {
+                    replayable.then(|| client::boxed(http_body_util::Empty::<Bytes>::new()))
+                }) else {
+                    // The body went to a server that failed: it cannot be sent again.
+                    break;
+                };
+                let req = Request::from_parts(parts.clone(), req_body);
+                let transport = transport.as_deref().expect("hyper upload has a transport");
+                let result = client::exchange(
+                    server,
+                    &snapshot.settings,
+                    transport,
+                    req,
+                    state,
+                    replayable,
+                )
+                .await;
+                match result {
+                    Ok(answer) => {
+                        let status = answer.response.status();
+                        server.stats.record_response(status.as_u16(), answer.elapsed);
+                        snapshot.observe(server, !status.is_server_error());
+                        let mut resp = respond_client(answer, guard);
+                        if let Some((sticky, client)) = &sticky {
+                            let stuck_here = client
+                                .server
+                                .is_some_and(|i| Arc::ptr_eq(&snapshot.servers[i], server));
+                            let secure = ctx.listener.tls.load().is_some();
+                            sticky.remember(client, server, stuck_here, secure, resp.headers_mut());
+                        }
+                        return resp;
+                    }
+                    Err(client::ClientFailure::NotSent(req)) => {
+                        *body = Some(req.into_body());
+                        server.stats.record_failure();
+                        snapshot.observe(server, false);
+                    }
+                    Err(client::ClientFailure::ConnectFailed { reset }) => {
+                        unanswered |= reset;
+                        server.stats.record_failure();
+                        snapshot.observe(server, false);
+                    }
+                    Err(client::ClientFailure::Unanswered) => {
+                        unanswered = true;
+                        server.stats.record_failure();
+                        snapshot.observe(server, false);
+                    }
+                    Err(client::ClientFailure::Client(status)) => return local(status),
+                    Err(client::ClientFailure::Failed(status)) => {
+                        server.stats.record_failure();
+                        snapshot.observe(server, false);
+                        return local(status);
+                    }
+                }
+                continue;
+            }
+        };
         match exchange(
             server,
             &snapshot.settings,
             &parts,
-            &mut body,
+            body,
             framing,
             client_limits,
         )
@@ -394,6 +483,24 @@ async fn forward(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     })
+}
+
+/// A request body on its way: read by fulcrum's own client, or handed to hyper (with what its
+/// wrapper records about the client's upload).
+enum Upload {
+    Own(Incoming),
+    Hyper(Option<client::ReqBody>, Arc<client::UploadState>),
+}
+
+/// Answers with a server's response that came through hyper.
+fn respond_client(answer: client::Answer, guard: InFlight) -> Response<ProxyBody> {
+    let (mut parts, body) = answer.response.into_parts();
+    rewrite_response(&mut parts.headers, false);
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(
+        parts,
+        ProxyBody::Client(client::ClientBody::new(body, guard, answer.stream)),
+    )
 }
 
 /// Waits in the pool's queue until a server is below its limit (true) or `deadline` passes or the

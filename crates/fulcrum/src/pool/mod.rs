@@ -220,6 +220,7 @@ impl Server {
         self.retired.store(true, Ordering::Relaxed);
         self.set_checks(None);
         crate::http::upstream::forget(self.id);
+        crate::http::client::forget(self.id);
     }
 }
 
@@ -336,6 +337,8 @@ pub struct PoolSettings {
     pub max_queue: usize,
     /// How long a request may wait for a server.
     pub queue_timeout: Duration,
+    /// TLS and/or HTTP/2 to the servers; `None`: plain HTTP/1.1 (fulcrum's own client).
+    pub transport: Option<Arc<crate::http::client::Transport>>,
 }
 
 impl PoolSettings {
@@ -350,6 +353,7 @@ impl PoolSettings {
             max_in_flight: cfg.max_connections_per_server,
             max_queue: cfg.max_queue,
             queue_timeout: cfg.queue_timeout,
+            transport: crate::http::client::Transport::of(cfg),
         }
     }
 }

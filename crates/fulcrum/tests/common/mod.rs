@@ -1,7 +1,6 @@
 //! Test harness: real fulcrum-app servers and a real balancer on 127.0.0.1, plain HTTP clients.
 #![allow(dead_code)]
 
-pub mod grpc;
 pub mod process;
 pub mod tls;
 
