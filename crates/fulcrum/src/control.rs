@@ -830,6 +830,19 @@ impl Controller {
             }
             _ => None,
         };
+        // A pool that speaks TLS to its servers is checked over TLS too (ALPN for the check's
+        // protocol: HTTP/1.1 for `http`, h2 for `grpc`).
+        let tls = cfg.tls.as_ref().and_then(|t| {
+            let mut client = rustls::ClientConfig::clone(t.client.as_deref()?);
+            client.alpn_protocols = match check.kind {
+                crate::config::HealthCheckKind::Grpc => vec![b"h2".to_vec()],
+                _ => vec![b"http/1.1".to_vec()],
+            };
+            Some(crate::health::CheckTls {
+                connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+                sni: t.sni.clone(),
+            })
+        });
         for server in servers {
             // The seed spreads the first checks over the first interval, the same way on every start.
             let seed =
@@ -841,6 +854,7 @@ impl Controller {
                 cfg: check.clone(),
                 pinger: pinger.clone(),
                 seed,
+                tls: tls.clone(),
             };
             let token = self.stop.child_token();
             server.set_checks(Some(token.clone()));

@@ -212,3 +212,28 @@ async fn grpc_passes_through_with_status_trailers_and_deadlines() {
     }
     stop(lb).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_of_a_tls_pool_speak_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("servers CA");
+    let ca_path = ca.write(dir.path(), "ca");
+    let apps = vec![tls_app(&ca, dir.path(), "A").await];
+    for http2 in [false, true] {
+        let pool = format!(
+            "http2 = {http2}\ntls = {{ ca = {ca_path:?}, sni = \"app.test\" }}\n\
+             [pools.health_check]\nkind = \"http\"\npath = \"/health\"\ninterval = \"100ms\"\n\
+             timeout = \"2s\"\nrise = 1\nfall = 1\ninitial_state = \"down\""
+        );
+        let lb = fulcrum(&config("round_robin", &servers(&apps), "", &pool));
+        let server = lb.shared().pool("p").unwrap().server("A").unwrap();
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while !server.health.is_healthy() && std::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(server.health.is_healthy(), "the TLS server never passed its check");
+        let reply = get(&client(), &format!("http://{}/", web(&lb))).await;
+        assert_eq!(reply.status, StatusCode::OK);
+        stop(lb).await;
+    }
+}

@@ -31,6 +31,23 @@ pub struct CheckSpec {
     pub pinger: Option<Pinger>,
     /// Spreads the first checks of a pool's servers over the first interval (and picks the ICMP id).
     pub seed: u64,
+    /// TLS to the server (the pool's `tls`), for `http` and `grpc` checks.
+    pub tls: Option<CheckTls>,
+}
+
+/// How a check reaches a server that speaks TLS.
+#[derive(Clone)]
+pub struct CheckTls {
+    /// The pool's client configuration, with the check's ALPN.
+    pub connector: tokio_rustls::TlsConnector,
+    /// The name sent and verified (`tls.sni`); absent: the server's IP address.
+    pub sni: Option<String>,
+}
+
+impl std::fmt::Debug for CheckTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckTls").field("sni", &self.sni).finish()
+    }
 }
 
 /// Starts the check loop of one server on the current runtime; it ends when `stop` fires.
@@ -47,6 +64,7 @@ where
         cfg,
         pinger,
         seed,
+        tls,
     } = spec;
     tokio::spawn(async move {
         let health: &Health = S::as_ref(&target);
@@ -65,7 +83,7 @@ where
                     (Some(p), HealthCheckKind::Icmp) => {
                         p.ping(address.ip(), ident, seq, cfg.timeout).await
                     }
-                    _ => probe(&cfg, address).await,
+                    _ => probe(&cfg, address, tls.as_ref()).await,
                 }
             };
             // ICMP enforces `timeout` itself (and says so); the outer bound is only a safety net there.
@@ -122,13 +140,46 @@ fn unit(state: &mut u64) -> f64 {
 }
 
 /// One check: `Ok(what was seen)` or `Err(why it failed)`.
-pub(super) async fn probe(cfg: &HealthCheckConfig, address: SocketAddr) -> Result<String, String> {
+pub(super) async fn probe(
+    cfg: &HealthCheckConfig,
+    address: SocketAddr,
+    tls: Option<&CheckTls>,
+) -> Result<String, String> {
     if cfg.kind == HealthCheckKind::Icmp {
         return Err("no ICMP socket".to_owned());
     }
-    let mut stream = TcpStream::connect(address)
+    let stream = TcpStream::connect(address)
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    // A check is a few small writes: do not let Nagle hold one back.
+    let _ = stream.set_nodelay(true);
+    match tls {
+        Some(tls) if cfg.kind != HealthCheckKind::Tcp => {
+            let name = match &tls.sni {
+                Some(n) => rustls::pki_types::ServerName::try_from(n.clone())
+                    .map_err(|e| format!("sni: {e}"))?,
+                None => rustls::pki_types::ServerName::from(address.ip()),
+            };
+            let stream = tls
+                .connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            probe_on(cfg, address, stream).await
+        }
+        _ => probe_on(cfg, address, stream).await,
+    }
+}
+
+/// The check's exchange on a connected (and, for TLS pools, encrypted) stream.
+async fn probe_on<S>(
+    cfg: &HealthCheckConfig,
+    address: SocketAddr,
+    mut stream: S,
+) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match cfg.kind {
         HealthCheckKind::Tcp => Ok("TCP connect".to_owned()),
         HealthCheckKind::Http => http_probe(cfg, address, &mut stream).await,
@@ -140,11 +191,14 @@ pub(super) async fn probe(cfg: &HealthCheckConfig, address: SocketAddr) -> Resul
     }
 }
 
-async fn http_probe(
+async fn http_probe<S>(
     cfg: &HealthCheckConfig,
     address: SocketAddr,
-    stream: &mut TcpStream,
-) -> Result<String, String> {
+    stream: &mut S,
+) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let host = cfg.host.clone().unwrap_or_else(|| address.to_string());
     let request = format!(
         "{} {} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: fulcrum-health-check\r\nAccept: */*\r\nConnection: close\r\n\r\n",
@@ -221,28 +275,28 @@ mod tests {
         .await
         .unwrap();
         let http = cfg(HealthCheckKind::Http);
-        assert_eq!(probe(&http, app.addr()).await, Ok("HTTP 200".to_owned()));
+        assert_eq!(probe(&http, app.addr(), None).await, Ok("HTTP 200".to_owned()));
         let mut body = cfg(HealthCheckKind::Http);
         body.expect_body = Some("ok".into());
-        assert!(probe(&body, app.addr()).await.is_ok());
+        assert!(probe(&body, app.addr(), None).await.is_ok());
         body.expect_body = Some("nope".into());
-        assert!(probe(&body, app.addr())
+        assert!(probe(&body, app.addr(), None)
             .await
             .unwrap_err()
             .contains("body lacks"));
         let mut missing = cfg(HealthCheckKind::Http);
         missing.path = "/nothing-here".into();
-        assert!(probe(&missing, app.addr())
+        assert!(probe(&missing, app.addr(), None)
             .await
             .unwrap_err()
             .contains("HTTP 404"));
         assert_eq!(
-            probe(&cfg(HealthCheckKind::Tcp), app.addr()).await,
+            probe(&cfg(HealthCheckKind::Tcp), app.addr(), None).await,
             Ok("TCP connect".to_owned())
         );
         let addr = app.addr();
         app.stop().await;
-        assert!(probe(&cfg(HealthCheckKind::Tcp), addr)
+        assert!(probe(&cfg(HealthCheckKind::Tcp), addr, None)
             .await
             .unwrap_err()
             .starts_with("connect:"));
@@ -269,21 +323,21 @@ mod tests {
                 ),
         );
         let mut grpc = cfg(HealthCheckKind::Grpc);
-        assert_eq!(probe(&grpc, addr).await, Ok("gRPC SERVING".to_owned()));
+        assert_eq!(probe(&grpc, addr, None).await, Ok("gRPC SERVING".to_owned()));
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        assert_eq!(probe(&grpc, addr).await, Err("gRPC NOT_SERVING".to_owned()));
+        assert_eq!(probe(&grpc, addr, None).await, Err("gRPC NOT_SERVING".to_owned()));
         grpc.service = "echo.Echo".into();
-        assert_eq!(probe(&grpc, addr).await, Ok("gRPC SERVING".to_owned()));
+        assert_eq!(probe(&grpc, addr, None).await, Ok("gRPC SERVING".to_owned()));
         grpc.service = "no.such.Service".into();
         assert_eq!(
-            probe(&grpc, addr).await,
+            probe(&grpc, addr, None).await,
             Err("grpc-status 5: service not registered".to_owned())
         );
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
-        assert!(probe(&grpc, addr)
+        assert!(probe(&grpc, addr, None)
             .await
             .unwrap_err()
             .starts_with("connect:"));
@@ -295,7 +349,7 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(
-            probe(&cfg(HealthCheckKind::Grpc), app.addr()).await,
+            probe(&cfg(HealthCheckKind::Grpc), app.addr(), None).await,
             Err("HTTP 404".to_owned())
         );
         app.stop().await;

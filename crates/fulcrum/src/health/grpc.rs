@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::HeaderMap;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
 
 /// The most of a check's answer that is read.
 const MAX_ANSWER: usize = 64 * 1024;
@@ -17,14 +16,15 @@ const MAX_ANSWER: usize = 64 * 1024;
 const STATUS_NAMES: [&str; 4] = ["UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"];
 
 /// Asks the server behind `stream` (already connected) about `service` (`""`: the whole server).
-pub(super) async fn grpc_probe(
+pub(super) async fn grpc_probe<S>(
     service: &str,
     timeout: Duration,
     address: SocketAddr,
-    stream: TcpStream,
-) -> Result<String, String> {
-    // The request is two small frames: do not let Nagle hold the second back.
-    let _ = stream.set_nodelay(true);
+    stream: S,
+) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (mut sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(stream))

@@ -23,7 +23,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-pub use check::{spawn_checks, CheckSpec};
+pub use check::{spawn_checks, CheckSpec, CheckTls};
 pub use passive::observe;
 
 pub use crate::clock::now_ms;
