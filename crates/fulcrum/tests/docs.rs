@@ -1,4 +1,4 @@
-//! Every ```` ```toml ```` block of `README.md` and `docs/*.md` is parsed with `fulcrum::config::parse`,
+//! Every ```` ```toml ```` block of `README.md` and `docs/*.md` is parsed with `fulcrum::config::parse_without_files`,
 //! so the documentation cannot drift from the code.
 //!
 //! A block is checked according to its first lines (the convention is documented in
@@ -15,7 +15,8 @@
 //! * `# invalid: TEXT` (first line, or second after a `# fragment:` line): the block, whole or spliced as
 //!   its fragment line says, must be **refused**, with an error that contains TEXT.
 //!
-//! `parse` validates without binding a port, reading a file or resolving a name, so examples may name
+//! `parse_without_files` validates everything but the files a configuration names (TLS certificates and
+//! keys, which `parse` reads), without binding a port or resolving a name, so examples may name
 //! addresses, certificates and hosts that do not exist here.
 
 use std::path::{Path, PathBuf};
@@ -183,7 +184,7 @@ fn check(block: &Block) -> Result<(), String> {
     let at = block.at();
     let (kind, invalid) = markers(&block.text).map_err(|e| format!("{at}: {e}"))?;
     let config = configuration(kind, &block.text).map_err(|e| format!("{at}: {e}"))?;
-    let parsed = fulcrum::config::parse(&config, &block.file).map_err(|mut e| {
+    let parsed = fulcrum::config::parse_without_files(&config, &block.file).map_err(|mut e| {
         match (kind, e.line) {
             // A whole block: the error's line in the Markdown file.
             (Kind::Whole, Some(line)) => e.line = Some(block.line + line),

@@ -54,6 +54,17 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
     parse_with(text, origin, validate::validate)
 }
 
+/// [`parse`] without reading the files the configuration names (TLS certificates and keys are not
+/// loaded: `tls.server` and `tls.client` stay `None`, so such a configuration cannot serve TLS). For
+/// checking documentation and examples whose files do not exist.
+///
+/// # Errors
+///
+/// As [`parse`], except for problems with the named files.
+pub fn parse_without_files(text: &str, origin: &str) -> Result<Config, ConfigError> {
+    parse_with(text, origin, validate::validate_without_files)
+}
+
 /// The common path of [`parse`] and the tests, which also validate features that are not built yet.
 fn parse_with(
     text: &str,

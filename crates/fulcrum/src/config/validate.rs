@@ -54,6 +54,12 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config> {
     Ok(config)
 }
 
+/// [`validate`] without reading the files the configuration names.
+pub(crate) fn validate_without_files(raw: RawConfig) -> Result<Config> {
+    reject_unsupported(&raw)?;
+    build(raw)
+}
+
 /// Reads the files the configuration names (TLS certificates and keys), so that a missing or broken
 /// file is an error of the configuration, placed at the key naming it.
 fn load_files(config: &mut Config) -> Result<()> {
