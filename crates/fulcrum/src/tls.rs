@@ -246,8 +246,7 @@ fn session_cache() -> Arc<dyn StoresServerSessions> {
 }
 
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let data =
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let certs = CertificateDer::pem_slice_iter(&data)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{}: not a PEM certificate file: {e}", path.display()))?;
@@ -258,8 +257,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    let data =
-        std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let data = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     PrivateKeyDer::from_pem_slice(&data)
         .map_err(|e| format!("{}: no usable private key in it: {e}", path.display()))
 }
@@ -297,8 +295,9 @@ impl CertStore {
             };
             let chain = read_certs(&files.cert).map_err(|m| LoadError::new(at("cert"), m))?;
             let key = read_key(&files.key).map_err(|m| LoadError::new(at("key"), m))?;
-            let names = dns_names(&chain[0])
-                .map_err(|m| LoadError::new(at("cert"), format!("{}: {m}", files.cert.display())))?;
+            let names = dns_names(&chain[0]).map_err(|m| {
+                LoadError::new(at("cert"), format!("{}: {m}", files.cert.display()))
+            })?;
             let certified = CertifiedKey::from_der(chain, key, provider).map_err(|e| {
                 let message = match e {
                     rustls::Error::InconsistentKeys(_) => format!(
@@ -420,10 +419,14 @@ mod tests {
         let err = load(&tls(vec![mixed])).unwrap_err();
         assert_eq!(err.key, "key");
         assert!(err.message.contains("does not belong"), "{}", err.message);
-        let err = load(&tls(vec![a.clone(), b.clone(), CertFiles {
-            cert: a.key.clone(),
-            key: a.key.clone(),
-        }]))
+        let err = load(&tls(vec![
+            a.clone(),
+            b.clone(),
+            CertFiles {
+                cert: a.key.clone(),
+                key: a.key.clone(),
+            },
+        ]))
         .unwrap_err();
         assert_eq!(err.key, "certs[2].cert");
         assert!(err.message.contains("no certificate"), "{}", err.message);
@@ -440,6 +443,10 @@ mod tests {
         }]))
         .unwrap_err();
         assert_eq!(err.key, "key");
-        assert!(err.message.contains("no usable private key"), "{}", err.message);
+        assert!(
+            err.message.contains("no usable private key"),
+            "{}",
+            err.message
+        );
     }
 }

@@ -7,8 +7,8 @@ mod grpc;
 
 use std::time::{Duration, Instant};
 
-use grpc::{EchoReply, EchoRequest};
 use fulcrum::runtime::Running;
+use grpc::{EchoReply, EchoRequest};
 use tonic::Code;
 
 /// How long a state change may take on a loaded machine (checks run every 100 ms).

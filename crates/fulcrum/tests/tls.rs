@@ -20,8 +20,11 @@ use tokio::net::TcpStream;
 
 /// A config with one `https` listener `web` whose `tls` table is `tls`, over `servers`.
 fn https_config(servers: &[(String, SocketAddr, u32)], tls: &str, pool_extra: &str) -> String {
-    config("round_robin", servers, &format!("tls = {tls}"), pool_extra)
-        .replacen("protocol = \"http\"", "protocol = \"https\"", 1)
+    config("round_robin", servers, &format!("tls = {tls}"), pool_extra).replacen(
+        "protocol = \"http\"",
+        "protocol = \"https\"",
+        1,
+    )
 }
 
 fn start_file(path: &Path) -> Running {
@@ -87,7 +90,10 @@ async fn sni_picks_the_certificate_and_alpn_picks_http2() {
     let reply = sender.get("a.test", "/").await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert!(
-        reply.body.to_ascii_lowercase().contains("x-forwarded-proto: https"),
+        reply
+            .body
+            .to_ascii_lowercase()
+            .contains("x-forwarded-proto: https"),
         "{}",
         reply.body
     );
@@ -99,7 +105,10 @@ async fn sni_picks_the_certificate_and_alpn_picks_http2() {
     let stream = connect(&h1, web, "a.test").await.unwrap();
     assert_eq!(alpn(&stream).as_deref(), Some(&b"http/1.1"[..]));
     let mut sender = Sender::over(stream).await.unwrap();
-    assert_eq!(sender.get("a.test", "/").await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        sender.get("a.test", "/").await.unwrap().status,
+        StatusCode::OK
+    );
     assert!(stats(&lb).tls_handshakes.load(Ordering::Relaxed) >= 6);
     stop(lb).await;
 }
@@ -144,10 +153,12 @@ fn insecure_for_name_check(ca: &Ca) -> tokio_rustls::TlsConnector {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der()).unwrap();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let inner =
-        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .unwrap();
+    let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
@@ -190,7 +201,10 @@ async fn client_certificates_are_verified_when_asked_for() {
         if optional {
             assert_eq!(anonymous.unwrap().status, StatusCode::OK);
         } else {
-            assert!(anonymous.is_err(), "a client without certificate was let in");
+            assert!(
+                anonymous.is_err(),
+                "a client without certificate was let in"
+            );
         }
         assert!(stats(&lb).tls_handshake_failures.load(Ordering::Relaxed) >= 1);
         stop(lb).await;
@@ -243,7 +257,11 @@ async fn real_clients_agree_and_old_protocols_are_refused() {
         .await
         .expect("run curl");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "curl: {text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(text.contains("server: A"), "{text}");
     assert!(text.ends_with("version=2"), "{text}");
     // openssl: TLS 1.3 and 1.2 are served; 1.1 and 1.0 are refused by the server (the client is
@@ -388,7 +406,10 @@ async fn certificates_rotate_by_reload_under_load_without_a_failed_request() {
     std::fs::write(dir.path().join("a.key"), &first.key_pem).unwrap();
     let refused = tokio::task::block_in_place(|| lb.reload());
     let why = format!("{:?}", refused.expect_err("a mismatched key was loaded"));
-    assert!(why.contains("tls.key") && why.contains("does not belong"), "{why}");
+    assert!(
+        why.contains("tls.key") && why.contains("does not belong"),
+        "{why}"
+    );
     assert_eq!(served_cert(&ca, web).await, second.der);
     wait_for(ok.load(Ordering::Relaxed) + 20).await;
     done.store(true, Ordering::Relaxed);
@@ -397,9 +418,15 @@ async fn certificates_rotate_by_reload_under_load_without_a_failed_request() {
     }
     let failed = failed.lock().unwrap().clone();
     let served = ok.load(Ordering::Relaxed);
-    eprintln!("rotation under load: {served} requests served, {} failed", failed.len());
+    eprintln!(
+        "rotation under load: {served} requests served, {} failed",
+        failed.len()
+    );
     assert!(failed.is_empty(), "failed requests: {failed:?}");
-    assert!(served > after_rotation, "no request was served after the rotation");
+    assert!(
+        served > after_rotation,
+        "no request was served after the rotation"
+    );
     stop(lb).await;
 }
 

@@ -29,9 +29,7 @@ async fn tls_to_servers_is_verified_and_speaks_h1_or_h2() {
     let ca_path = ca.write(dir.path(), "ca");
     let apps = vec![tls_app(&ca, dir.path(), "A").await];
     for (http2, version) in [(false, "HTTP/1.1"), (true, "HTTP/2.0")] {
-        let pool = format!(
-            "http2 = {http2}\ntls = {{ ca = {ca_path:?}, sni = \"app.test\" }}"
-        );
+        let pool = format!("http2 = {http2}\ntls = {{ ca = {ca_path:?}, sni = \"app.test\" }}");
         let lb = fulcrum(&config("round_robin", &servers(&apps), "", &pool));
         let reply = get(&client(), &format!("http://{}/", web(&lb))).await;
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
@@ -111,11 +109,21 @@ async fn h2c_multiplexes_a_hundred_streams_over_few_connections() {
     ));
     let req = http::Request::post(format!("http://{}/echo", common::web(&lb)))
         .header("transfer-encoding", "chunked")
-        .body(http_body_util::Full::new(bytes::Bytes::from(vec![b'y'; 5000])))
+        .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+            b'y';
+            5000
+        ])))
         .unwrap();
-    assert_eq!(send(&client(), req).await.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        send(&client(), req).await.status,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
     let server = lb.shared().pool("p").unwrap().server("A").unwrap();
-    assert_eq!(server.stats.failures_total(), 0, "the client's fault was blamed on the server");
+    assert_eq!(
+        server.stats.failures_total(),
+        0,
+        "the client's fault was blamed on the server"
+    );
     stop(lb).await;
 }
 
@@ -136,12 +144,25 @@ async fn grpc_passes_through_with_status_trailers_and_deadlines() {
     // Unary, over both servers.
     let mut seen = std::collections::HashSet::new();
     for i in 0..4 {
-        let reply = echo.unary(EchoRequest::new(&format!("hi {i}"))).await.unwrap();
-        let server = reply.metadata().get("x-server").unwrap().to_str().unwrap().to_owned();
+        let reply = echo
+            .unary(EchoRequest::new(&format!("hi {i}")))
+            .await
+            .unwrap();
+        let server = reply
+            .metadata()
+            .get("x-server")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         assert_eq!(reply.get_ref().message, format!("hi {i}"));
         seen.insert(server);
     }
-    assert_eq!(seen.len(), 2, "round robin over both gRPC servers: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        2,
+        "round robin over both gRPC servers: {seen:?}"
+    );
     // Server streaming: five replies in order.
     let mut req = EchoRequest::new("stream");
     req.count = 5;
@@ -162,7 +183,10 @@ async fn grpc_passes_through_with_status_trailers_and_deadlines() {
     let (replies, end) = grpc::collect(&mut stream).await;
     assert!(end.is_ok(), "{end:?}");
     assert_eq!(
-        replies.iter().map(|r| r.message.as_str()).collect::<Vec<_>>(),
+        replies
+            .iter()
+            .map(|r| r.message.as_str())
+            .collect::<Vec<_>>(),
         vec!["b0", "b1", "b2"]
     );
     // A failure keeps its code, message and trailer metadata; in a stream, after the replies.
@@ -188,7 +212,10 @@ async fn grpc_passes_through_with_status_trailers_and_deadlines() {
     let started = std::time::Instant::now();
     let status = echo.unary(slow).await.unwrap_err();
     assert!(
-        matches!(status.code(), tonic::Code::Cancelled | tonic::Code::DeadlineExceeded),
+        matches!(
+            status.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
         "{status:?}"
     );
     assert!(started.elapsed() < Duration::from_millis(2500));
@@ -231,7 +258,10 @@ async fn health_checks_of_a_tls_pool_speak_tls() {
         while !server.health.is_healthy() && std::time::Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(server.health.is_healthy(), "the TLS server never passed its check");
+        assert!(
+            server.health.is_healthy(),
+            "the TLS server never passed its check"
+        );
         let reply = get(&client(), &format!("http://{}/", web(&lb))).await;
         assert_eq!(reply.status, StatusCode::OK);
         stop(lb).await;

@@ -1288,7 +1288,11 @@ fn protocol_specific_keys() {
             "listeners[0].tls.certs",
             "not both",
         ),
-        ("tls = { certs = [] }", "listeners[0].tls.certs", "at least one"),
+        (
+            "tls = { certs = [] }",
+            "listeners[0].tls.certs",
+            "at least one",
+        ),
         (
             "tls = { certs = [{ cert = \"a\", key = \"\" }] }",
             "listeners[0].tls.certs[0].key",
@@ -1641,13 +1645,17 @@ fn tls_files_are_read_at_load_and_a_bad_one_is_named() {
         )
     };
     let config = parse(
-        &text(&format!("tls = {{ cert = \"{a_cert}\", key = \"{a_key}\" }}")),
+        &text(&format!(
+            "tls = {{ cert = \"{a_cert}\", key = \"{a_key}\" }}"
+        )),
         ORIGIN,
     )
     .unwrap();
     assert!(config.listeners[0].tls.as_ref().unwrap().server.is_some());
     let error = parse(
-        &text(&format!("tls = {{ cert = \"{a_cert}\", key = \"{b_key}\" }}")),
+        &text(&format!(
+            "tls = {{ cert = \"{a_cert}\", key = \"{b_key}\" }}"
+        )),
         ORIGIN,
     )
     .unwrap_err();

@@ -14,14 +14,14 @@ use regex::Regex;
 use super::error::KeyPath;
 use super::file::{
     RawAdmin, RawAutoBan, RawBlockRule, RawConfig, RawDuration, RawHealthCheck, RawInitialState,
-    RawListener, RawPassive, RawPool, RawRateLimit, RawRoute, RawServer, RawSize, RawSticky,
-    RawRedirect, RawStore, RawStoreKind, RawTls, RawUpstreamTls,
+    RawListener, RawPassive, RawPool, RawRateLimit, RawRedirect, RawRoute, RawServer, RawSize,
+    RawSticky, RawStore, RawStoreKind, RawTls, RawUpstreamTls,
 };
 use super::{
-    AdminConfig, Algorithm, Config, DnsServerConfig, FilterConfig, HashKey, HealthCheckConfig,
-    HealthCheckKind, HostMatch, ListenerConfig, PassiveConfig, PoolConfig, Protocol, RateKey,
-    RateLimitConfig, RedisTarget, RouteConfig, RouteMatch, ServerConfig, StickyConfig, StickyKind,
-    StoreConfig, TlsConfig, CertFiles, ClientAuth, TlsVersion, UpstreamTls,
+    AdminConfig, Algorithm, CertFiles, ClientAuth, Config, DnsServerConfig, FilterConfig, HashKey,
+    HealthCheckConfig, HealthCheckKind, HostMatch, ListenerConfig, PassiveConfig, PoolConfig,
+    Protocol, RateKey, RateLimitConfig, RedisTarget, RouteConfig, RouteMatch, ServerConfig,
+    StickyConfig, StickyKind, StoreConfig, TlsConfig, TlsVersion, UpstreamTls,
 };
 
 /// A validation error: what is wrong with the key at `path`.

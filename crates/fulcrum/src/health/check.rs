@@ -275,7 +275,10 @@ mod tests {
         .await
         .unwrap();
         let http = cfg(HealthCheckKind::Http);
-        assert_eq!(probe(&http, app.addr(), None).await, Ok("HTTP 200".to_owned()));
+        assert_eq!(
+            probe(&http, app.addr(), None).await,
+            Ok("HTTP 200".to_owned())
+        );
         let mut body = cfg(HealthCheckKind::Http);
         body.expect_body = Some("ok".into());
         assert!(probe(&body, app.addr(), None).await.is_ok());
@@ -323,13 +326,22 @@ mod tests {
                 ),
         );
         let mut grpc = cfg(HealthCheckKind::Grpc);
-        assert_eq!(probe(&grpc, addr, None).await, Ok("gRPC SERVING".to_owned()));
+        assert_eq!(
+            probe(&grpc, addr, None).await,
+            Ok("gRPC SERVING".to_owned())
+        );
         reporter
             .set_service_status("", ServingStatus::NotServing)
             .await;
-        assert_eq!(probe(&grpc, addr, None).await, Err("gRPC NOT_SERVING".to_owned()));
+        assert_eq!(
+            probe(&grpc, addr, None).await,
+            Err("gRPC NOT_SERVING".to_owned())
+        );
         grpc.service = "echo.Echo".into();
-        assert_eq!(probe(&grpc, addr, None).await, Ok("gRPC SERVING".to_owned()));
+        assert_eq!(
+            probe(&grpc, addr, None).await,
+            Ok("gRPC SERVING".to_owned())
+        );
         grpc.service = "no.such.Service".into();
         assert_eq!(
             probe(&grpc, addr, None).await,

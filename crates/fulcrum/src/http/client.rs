@@ -211,7 +211,10 @@ where
                 tracing::debug!(error = %e, "HTTP/2 server connection ended");
             }
         });
-        Ok(Checkout::H2(sender, StreamGuard(Arc::new(AtomicUsize::new(0)))))
+        Ok(Checkout::H2(
+            sender,
+            StreamGuard(Arc::new(AtomicUsize::new(0))),
+        ))
     } else {
         let (sender, conn) = http1::handshake(io)
             .await
@@ -436,8 +439,8 @@ impl Body for Upload {
 
 /// Why an exchange through hyper failed.
 pub enum ClientFailure {
-    /// Nothing was sent; the request (with its body) is handed back for another server.
-    NotSent(Request<ReqBody>),
+    /// Nothing was sent; the request's body is handed back for another server.
+    NotSent(ReqBody),
     /// Connecting failed (nothing sent, the body was not taken).
     ConnectFailed { reset: bool },
     /// The server closed or refused the request without processing it.
@@ -537,7 +540,7 @@ pub async fn exchange(
                 return Err(ClientFailure::Client(status));
             }
             if let Some(req) = e.take_message() {
-                return Err(ClientFailure::NotSent(req));
+                return Err(ClientFailure::NotSent(req.into_body()));
             }
             let error = e.error();
             if refused_stream(error) || replayable {

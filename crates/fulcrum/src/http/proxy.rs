@@ -37,9 +37,9 @@ use tokio_util::task::TaskTracker;
 use arc_swap::ArcSwap;
 
 use super::body::{ProxyBody, UpstreamBody};
+use super::client;
 use super::filter::{Filter, ListenerFilter};
 use super::headers::{check_host, is_websocket_upgrade, rewrite_request, rewrite_response};
-use super::client;
 use super::route;
 use super::server::{Builders, ConnSettings};
 use super::upstream::{
@@ -403,7 +403,9 @@ async fn forward(
                 match result {
                     Ok(answer) => {
                         let status = answer.response.status();
-                        server.stats.record_response(status.as_u16(), answer.elapsed);
+                        server
+                            .stats
+                            .record_response(status.as_u16(), answer.elapsed);
                         snapshot.observe(server, !status.is_server_error());
                         let mut resp = respond_client(answer, guard);
                         if let Some((sticky, client)) = &sticky {
@@ -415,8 +417,8 @@ async fn forward(
                         }
                         return resp;
                     }
-                    Err(client::ClientFailure::NotSent(req)) => {
-                        *body = Some(req.into_body());
+                    Err(client::ClientFailure::NotSent(returned)) => {
+                        *body = Some(returned);
                         server.stats.record_failure();
                         snapshot.observe(server, false);
                     }
