@@ -101,12 +101,13 @@ pub fn load(tls: &TlsConfig) -> Result<Arc<ServerConfig>, LoadError> {
     let mut config = builder.with_cert_resolver(Arc::new(store));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.max_early_data_size = 0;
-    config.session_storage = session_cache();
-    if tls.session_tickets {
+    if tls.resumption {
+        config.session_storage = session_cache();
         if let Some(ticketer) = ticketer() {
             config.ticketer = ticketer;
         }
     } else {
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
     }
     Ok(Arc::new(config))
@@ -385,7 +386,7 @@ mod tests {
             handshake_timeout: Duration::from_secs(10),
             min_version: TlsVersion::Tls12,
             hsts: None,
-            session_tickets: true,
+            resumption: true,
             server: None,
         }
     }

@@ -322,6 +322,23 @@ async fn handshakes_time_out_and_sessions_resume() {
         assert!(stats(&lb).tls_resumed.load(Ordering::Relaxed) > resumed_before);
     }
     stop(lb).await;
+    // resumption = false: every connection is a full handshake.
+    let tls = format!("{{ cert = {cert:?}, key = {key:?}, resumption = false }}");
+    let lb = fulcrum(&https_config(&servers(&apps), &tls, ""));
+    let web = common::web(&lb);
+    for tls12 in [false, true] {
+        let client = connector(&[&ca], &[b"http/1.1"], None, tls12);
+        for _ in 0..3 {
+            let stream = connect(&client, web, "a.test").await.unwrap();
+            assert_eq!(
+                stream.get_ref().1.handshake_kind(),
+                Some(rustls::HandshakeKind::Full),
+                "tls1.2 only: {tls12}"
+            );
+        }
+    }
+    assert_eq!(stats(&lb).tls_resumed.load(Ordering::Relaxed), 0);
+    stop(lb).await;
 }
 
 /// The certificate a new client (one that has no session to resume) gets.

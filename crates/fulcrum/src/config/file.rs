@@ -122,7 +122,7 @@ pub(crate) struct RawTls {
     pub handshake_timeout: Option<RawDuration>,
     pub min_version: Option<String>,
     pub hsts: Option<RawDuration>,
-    pub session_tickets: Option<bool>,
+    pub resumption: Option<bool>,
 }
 
 /// `listeners.tls.certs[]`.

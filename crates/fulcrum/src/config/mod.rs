@@ -260,8 +260,9 @@ pub struct TlsConfig {
     pub min_version: TlsVersion,
     /// `tls.hsts` (optional): answers carry `Strict-Transport-Security: max-age=<seconds>`.
     pub hsts: Option<Duration>,
-    /// `tls.session_tickets` (default true): resumption by session tickets.
-    pub session_tickets: bool,
+    /// `tls.resumption` (default true): clients may resume a session (tickets, session ids), skipping
+    /// the full handshake. `false`: every connection makes a full handshake.
+    pub resumption: bool,
     /// The loaded rustls configuration (certificates read and checked), filled in when the
     /// configuration is loaded from a file; `None` only for configurations validated without files.
     pub server: Option<Arc<rustls::ServerConfig>>,

@@ -1320,7 +1320,7 @@ fn protocol_specific_keys() {
         "https",
         "tls = { certs = [{ cert = \"a\", key = \"b\" }, { cert = \"c\", key = \"d\" }], \
          client_ca = \"ca\", client_auth = \"optional\", min_version = \"1.3\", hsts = \"365d\", \
-         session_tickets = false, handshake_timeout = \"3s\" }",
+         resumption = false, handshake_timeout = \"3s\" }",
     ))
     .listeners[0]
         .tls
@@ -1330,7 +1330,7 @@ fn protocol_specific_keys() {
     assert_eq!(tls.client_auth, ClientAuth::Optional);
     assert_eq!(tls.min_version, TlsVersion::Tls13);
     assert_eq!(tls.hsts, Some(Duration::from_secs(365 * 86400)));
-    assert!(!tls.session_tickets);
+    assert!(!tls.resumption);
     assert_eq!(tls.handshake_timeout, Duration::from_secs(3));
     // https_redirect only on http.
     let text = without_routes("tcp", "https_redirect = true");

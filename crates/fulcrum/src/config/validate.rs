@@ -1331,7 +1331,7 @@ fn tls_config(raw: RawTls, path: &KeyPath) -> Result<TlsConfig> {
         handshake_timeout,
         min_version,
         hsts,
-        session_tickets: raw.session_tickets.unwrap_or(true),
+        resumption: raw.resumption.unwrap_or(true),
         server: None,
     })
 }
