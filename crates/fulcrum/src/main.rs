@@ -75,6 +75,9 @@ enum Command {
         /// Latency added to every response, e.g. "50ms".
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
         delay: std::time::Duration,
+        /// Serve TLS (ALPN h2 and http/1.1) with this PEM certificate chain and key: `CERT,KEY`.
+        #[arg(long, value_name = "CERT,KEY")]
+        tls: Option<fulcrum_app::TlsFiles>,
     },
 }
 
@@ -116,7 +119,8 @@ fn main() -> ExitCode {
             listen,
             name,
             delay,
-        } => app(listen, name, delay),
+            tls,
+        } => app(listen, name, delay, tls),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -214,7 +218,12 @@ fn demo(opts: DemoOptions) -> anyhow::Result<()> {
     result
 }
 
-fn app(listen: SocketAddr, name: Option<String>, delay: std::time::Duration) -> anyhow::Result<()> {
+fn app(
+    listen: SocketAddr,
+    name: Option<String>,
+    delay: std::time::Duration,
+    tls: Option<fulcrum_app::TlsFiles>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -223,8 +232,11 @@ fn app(listen: SocketAddr, name: Option<String>, delay: std::time::Duration) -> 
             .await
             .with_context(|| format!("binding {listen}"))?;
         let bound = listener.local_addr()?;
-        let cfg = fulcrum_app::AppConfig::new(name.unwrap_or_else(|| bound.to_string()))
+        let mut cfg = fulcrum_app::AppConfig::new(name.unwrap_or_else(|| bound.to_string()))
             .with_delay(delay);
+        if let Some(tls) = tls {
+            cfg = cfg.with_tls(tls);
+        }
         tracing::info!(listen = %bound, name = %cfg.name, "demo server");
         let shutdown = async {
             use tokio::signal::unix::{signal, SignalKind};

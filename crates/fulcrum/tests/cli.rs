@@ -71,6 +71,47 @@ fn check_accepts_a_good_file_and_names_key_and_line_of_a_bad_one() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/fulcrum.toml"));
 }
 
+#[test]
+fn check_reads_the_tls_files_and_names_a_key_that_does_not_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = common::tls::Ca::new("check CA");
+    let (cert, key) = ca.leaf(&["a.test"]).write(dir.path(), "a");
+    let (_, other_key) = ca.leaf(&["b.test"]).write(dir.path(), "b");
+    let text = |key: &std::path::Path| {
+        format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:8443\"\nprotocol = \"https\"\npool = \"p\"\n\
+             tls = {{ cert = {cert:?}, key = {key:?} }}\n\n\
+             [[pools]]\nname = \"p\"\nservers = [{{ address = \"127.0.0.1:9001\" }}]\n"
+        )
+    };
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, text(&key)).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, text(&other_key)).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(":6:") && err.contains("listeners[0].tls.key"),
+        "{err}"
+    );
+    assert!(err.contains("does not belong to the certificate"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_an_in_flight_request_then_exits_zero() {
     let apps = apps(&["A"]).await;

