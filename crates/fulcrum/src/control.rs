@@ -26,14 +26,16 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, PoolConfig, ServerConfig};
+use crate::config::{Config, PoolConfig, Protocol, ServerConfig};
 use crate::discovery::{DnsTarget, Resolver};
 use crate::http::filter::{Filter, ListenerFilter};
 use crate::http::proxy::{HttpListener, HttpRouter, Target};
 use crate::http::server::{Builders, ConnSettings, TlsListener};
+use crate::l4::tcp::{TcpProxy, TcpRouter, TcpSettings, TcpTarget};
+use crate::l4::udp::{UdpProxy, UdpSettings};
 use crate::listener::{self, PerIp, Slots};
 use crate::pool::{MembershipError, Pool, Server, ServerState, Source};
-use crate::runtime::{ListenerInfo, PoolEntry, Shared, StartError, State};
+use crate::runtime::{Handler, ListenerInfo, PoolEntry, Shared, StartError, State};
 use crate::sticky::Sticky;
 use crate::takeover::{self, Inherited};
 
@@ -174,10 +176,16 @@ pub(crate) enum WorkerCommand {
     /// Accept on this socket for this listener.
     Listen {
         socket: std::net::TcpListener,
-        http: Arc<HttpListener>,
+        handler: Handler,
         slots: Arc<Slots>,
         stop: CancellationToken,
         deadline: CancellationToken,
+    },
+    /// Serve datagrams on this socket for this UDP listener.
+    Udp {
+        socket: std::net::UdpSocket,
+        proxy: Arc<UdpProxy>,
+        stop: CancellationToken,
     },
 }
 
@@ -193,13 +201,27 @@ pub(crate) async fn run_worker(
             biased;
             _ = shutdown.cancelled() => break,
             command = commands.recv() => match command {
-                Some(WorkerCommand::Listen { socket, http, slots, stop, deadline }) => {
-                    match tokio::net::TcpListener::from_std(socket) {
-                        Ok(l) => {
+                Some(WorkerCommand::Listen { socket, handler, slots, stop, deadline }) => {
+                    match (tokio::net::TcpListener::from_std(socket), handler) {
+                        (Ok(l), Handler::Http(http)) => {
                             tasks.spawn(listener::serve(l, http, slots, stop, deadline));
                         }
+                        (Ok(l), Handler::Tcp(tcp)) => {
+                            tasks.spawn(listener::serve(l, tcp, slots, stop, deadline));
+                        }
+                        (Ok(_), Handler::Udp(..)) => {}
+                        (Err(e), _) => {
+                            tracing::error!(error = %e, "cannot register listener");
+                        }
+                    }
+                }
+                Some(WorkerCommand::Udp { socket, proxy, stop }) => {
+                    match tokio::net::UdpSocket::from_std(socket) {
+                        Ok(s) => {
+                            tasks.spawn(crate::l4::udp::serve(s, proxy, stop));
+                        }
                         Err(e) => {
-                            tracing::error!(listener = %http.name, error = %e, "cannot register listener");
+                            tracing::error!(listener = %proxy.name, error = %e, "cannot register listener");
                         }
                     }
                 }
@@ -218,7 +240,16 @@ pub struct Prepared {
     config: Config,
     sticky: Vec<Option<Arc<Sticky>>>,
     /// Sockets of the listeners that start, by index in `config.listeners`.
-    sockets: HashMap<usize, (SocketAddr, Vec<std::net::TcpListener>)>,
+    sockets: HashMap<usize, (SocketAddr, Bound)>,
+}
+
+/// The bound socket(s) of a listener that starts.
+#[derive(Debug)]
+enum Bound {
+    /// One per worker (SO_REUSEPORT).
+    Tcp(Vec<std::net::TcpListener>),
+    /// One socket: a client's datagrams must all reach the task that holds its flow.
+    Udp(std::net::UdpSocket),
 }
 
 /// The control task's state.
@@ -348,12 +379,18 @@ impl Controller {
                         format!("no listener named `{listener}`"),
                         Some("listener"),
                     )),
+                    Some(l) if l.filter().is_none() => Err(ControlError::new(
+                        400,
+                        format!("listener `{listener}` is udp: it has no access lists"),
+                        Some("listener"),
+                    )),
                     Some(l) => {
-                        let current = l.http.filter.load();
+                        let filter = l.filter().expect("checked above");
+                        let current = filter.load();
                         let mut cfg = l_filter_config(&state.config, &listener);
                         cfg.access = access.clone();
                         let policy = current.policy.clone();
-                        l.http.filter.store(Arc::new(ListenerFilter::new(
+                        filter.store(Arc::new(ListenerFilter::new(
                             &cfg,
                             policy.as_ref(),
                             Some(&current),
@@ -398,8 +435,11 @@ impl Controller {
     /// Drops what rate limiters and ban tables no longer need.
     fn sweep_filters(&self) {
         for l in &self.shared.state().listeners {
-            l.http.filter.load().sweep();
-            let router = l.http.router.load();
+            if let Some(filter) = l.filter() {
+                filter.load().sweep();
+            }
+            let Some(http) = l.http() else { continue };
+            let router = http.router.load();
             for (_, t) in &router.routes {
                 if let Some(f) = &t.filter {
                     f.sweep();
@@ -538,9 +578,6 @@ impl Controller {
         // Bind the listeners that start; a taken port refuses the whole change.
         let mut sockets = HashMap::new();
         for (i, l) in config.listeners.iter().enumerate() {
-            if !l.protocol.is_http() {
-                unreachable!("validated: only http and https listeners are built");
-            }
             if self.kept_listener(&old, &config, i).is_some() {
                 continue;
             }
@@ -550,6 +587,13 @@ impl Controller {
                 addr: l.bind,
                 source,
             };
+            if l.protocol == Protocol::Udp {
+                let socket = std::net::UdpSocket::bind(l.bind).map_err(bind_err)?;
+                socket.set_nonblocking(true).map_err(bind_err)?;
+                let bound = socket.local_addr().map_err(bind_err)?;
+                sockets.insert(i, (bound, Bound::Udp(socket)));
+                continue;
+            }
             let mut bound_sockets = inherited
                 .as_deref_mut()
                 .and_then(|inh| inh.take_tcp(&l.name, l.bind))
@@ -569,7 +613,7 @@ impl Controller {
             while bound_sockets.len() < workers {
                 bound_sockets.push(listener::bind_reuseport(bound).map_err(bind_err)?);
             }
-            sockets.insert(i, (bound, bound_sockets));
+            sockets.insert(i, (bound, Bound::Tcp(bound_sockets)));
         }
         Ok(Prepared {
             config,
@@ -671,52 +715,146 @@ impl Controller {
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let mut offered = HashMap::new();
         for (i, l) in config.listeners.iter().enumerate() {
-            let router = HttpRouter {
-                routes: l
-                    .routes
-                    .iter()
-                    .enumerate()
-                    .map(|(j, r)| {
-                        let scope = format!("{}:route{j}", l.name);
-                        (
-                            r.matcher.clone(),
-                            target(r.pool, r.max_body_size, &r.filter, scope),
-                        )
-                    })
-                    .collect(),
-                default: target(
-                    l.pool,
-                    None,
-                    &crate::config::FilterConfig::default(),
-                    l.name.clone(),
-                ),
-            };
             let pool = config.pools[l.pool].name.clone();
-            if let Some(kept) = self.kept_listener(&old, &config, i) {
-                kept.http.router.store(Arc::new(router));
-                let filter = ListenerFilter::new(
-                    &l.filter,
-                    l.auto_ban.as_ref(),
-                    Some(&kept.http.filter.load()),
-                    &config.store,
-                    &l.name,
-                );
-                kept.http.filter.store(Arc::new(filter));
-                // Certificates were re-read with the configuration: new handshakes use them, open
-                // connections keep theirs.
-                kept.http
-                    .tls
-                    .store(l.tls.as_ref().and_then(TlsListener::new).map(Arc::new));
-                let settings = ConnSettings::of(l);
-                if kept.http.builders.load().settings != settings {
-                    kept.http.builders.store(Arc::new(Builders::new(settings)));
+            let kept = self.kept_listener(&old, &config, i);
+            let kept_handler = kept.map(|k| &k.handler);
+            // The protocol side: updated in place when the listener stays, built when it starts.
+            let handler = match l.protocol {
+                Protocol::Http | Protocol::Https => {
+                    let router = HttpRouter {
+                        routes: l
+                            .routes
+                            .iter()
+                            .enumerate()
+                            .map(|(j, r)| {
+                                let scope = format!("{}:route{j}", l.name);
+                                (
+                                    r.matcher.clone(),
+                                    target(r.pool, r.max_body_size, &r.filter, scope),
+                                )
+                            })
+                            .collect(),
+                        default: target(
+                            l.pool,
+                            None,
+                            &crate::config::FilterConfig::default(),
+                            l.name.clone(),
+                        ),
+                    };
+                    match kept_handler {
+                        Some(Handler::Http(http)) => {
+                            http.router.store(Arc::new(router));
+                            let filter = ListenerFilter::new(
+                                &l.filter,
+                                l.auto_ban.as_ref(),
+                                Some(&http.filter.load()),
+                                &config.store,
+                                &l.name,
+                            );
+                            http.filter.store(Arc::new(filter));
+                            // Certificates were re-read with the configuration: new handshakes use
+                            // them, open connections keep theirs.
+                            http.tls
+                                .store(l.tls.as_ref().and_then(TlsListener::new).map(Arc::new));
+                            let settings = ConnSettings::of(l);
+                            if http.builders.load().settings != settings {
+                                http.builders.store(Arc::new(Builders::new(settings)));
+                            }
+                            update_per_ip(&http.per_ip, l.max_connections_per_ip);
+                            None
+                        }
+                        _ => Some(Handler::Http(Arc::new(HttpListener {
+                            name: l.name.clone(),
+                            proto: l.protocol.as_str(),
+                            router: ArcSwap::from_pointee(router),
+                            builders: ArcSwap::from_pointee(Builders::new(ConnSettings::of(l))),
+                            stats: Default::default(),
+                            per_ip: arc_swap::ArcSwapOption::new(
+                                l.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))),
+                            ),
+                            filter: ArcSwap::from_pointee(ListenerFilter::new(
+                                &l.filter,
+                                l.auto_ban.as_ref(),
+                                None,
+                                &config.store,
+                                &l.name,
+                            )),
+                            tls: arc_swap::ArcSwapOption::new(
+                                l.tls.as_ref().and_then(TlsListener::new).map(Arc::new),
+                            ),
+                        }))),
+                    }
                 }
-                let per_ip_limit = kept.http.per_ip.load().as_ref().map(|p| p.limit());
-                if per_ip_limit != l.max_connections_per_ip {
-                    kept.http
-                        .per_ip
-                        .store(l.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))));
+                Protocol::Tcp => {
+                    let tcp_target = |p: usize| TcpTarget {
+                        pool: pools[p].pool.clone(),
+                        sticky: pools[p].sticky.clone(),
+                    };
+                    let router = TcpRouter {
+                        routes: l
+                            .routes
+                            .iter()
+                            .filter_map(|r| Some((r.matcher.sni.clone()?, tcp_target(r.pool))))
+                            .collect(),
+                        default: tcp_target(l.pool),
+                    };
+                    match kept_handler {
+                        Some(Handler::Tcp(tcp)) => {
+                            tcp.router.store(Arc::new(router));
+                            let filter = ListenerFilter::new(
+                                &l.filter,
+                                None,
+                                Some(&tcp.filter.load()),
+                                &config.store,
+                                &l.name,
+                            );
+                            tcp.filter.store(Arc::new(filter));
+                            tcp.settings.store(Arc::new(TcpSettings::of(l)));
+                            update_per_ip(&tcp.per_ip, l.max_connections_per_ip);
+                            None
+                        }
+                        _ => Some(Handler::Tcp(Arc::new(TcpProxy {
+                            name: l.name.clone(),
+                            stats: Default::default(),
+                            tcp: Default::default(),
+                            per_ip: arc_swap::ArcSwapOption::new(
+                                l.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))),
+                            ),
+                            filter: ArcSwap::from_pointee(ListenerFilter::new(
+                                &l.filter,
+                                None,
+                                None,
+                                &config.store,
+                                &l.name,
+                            )),
+                            router: ArcSwap::from_pointee(router),
+                            settings: ArcSwap::from_pointee(TcpSettings::of(l)),
+                        }))),
+                    }
                 }
+                Protocol::Udp => {
+                    let settings = UdpSettings {
+                        idle_timeout: l.idle_timeout,
+                        max_flows: l.max_flows,
+                    };
+                    match kept_handler {
+                        Some(Handler::Udp(udp, _)) => {
+                            udp.pool.store(pools[l.pool].pool.clone());
+                            udp.settings.store(Arc::new(settings));
+                            None
+                        }
+                        _ => Some(Handler::Udp(
+                            Arc::new(UdpProxy::new(
+                                l.name.clone(),
+                                pools[l.pool].pool.clone(),
+                                settings,
+                            )),
+                            Default::default(),
+                        )),
+                    }
+                }
+            };
+            if let (Some(kept), None) = (kept, &handler) {
                 if kept.slots.limit() != l.max_connections {
                     kept.slots.resize(l.max_connections);
                 }
@@ -729,52 +867,45 @@ impl Controller {
                 });
                 continue;
             }
-            let Some((bound, socks)) = sockets.remove(&i) else {
+            let (Some(handler), Some((bound, socks))) = (handler, sockets.remove(&i)) else {
                 continue;
             };
-            let http = Arc::new(HttpListener {
-                name: l.name.clone(),
-                proto: l.protocol.as_str(),
-                router: ArcSwap::from_pointee(router),
-                builders: ArcSwap::from_pointee(Builders::new(ConnSettings::of(l))),
-                stats: Default::default(),
-                per_ip: arc_swap::ArcSwapOption::new(
-                    l.max_connections_per_ip.map(|n| Arc::new(PerIp::new(n))),
-                ),
-                filter: ArcSwap::from_pointee(ListenerFilter::new(
-                    &l.filter,
-                    l.auto_ban.as_ref(),
-                    None,
-                    &config.store,
-                    &l.name,
-                )),
-                tls: arc_swap::ArcSwapOption::new(
-                    l.tls.as_ref().and_then(TlsListener::new).map(Arc::new),
-                ),
-            });
             let info = ListenerInfo {
                 name: l.name.clone(),
                 bound,
                 protocol: l.protocol.as_str(),
                 pool,
-                http,
+                handler,
                 slots: Arc::new(Slots::new(l.max_connections)),
                 stop: self.shutdown.child_token(),
                 deadline: self.drain_deadline.child_token(),
             };
-            if self.keep_sockets {
-                let copies: Vec<std::net::TcpListener> =
-                    socks.iter().filter_map(|s| s.try_clone().ok()).collect();
-                offered.insert(l.name.clone(), Arc::new(copies));
-            }
-            for (k, socket) in socks.into_iter().enumerate() {
-                let _ = self.workers[k % workers].send(WorkerCommand::Listen {
-                    socket,
-                    http: info.http.clone(),
-                    slots: info.slots.clone(),
-                    stop: info.stop.clone(),
-                    deadline: info.deadline.clone(),
-                });
+            match socks {
+                Bound::Tcp(socks) => {
+                    if self.keep_sockets {
+                        let copies: Vec<std::net::TcpListener> =
+                            socks.iter().filter_map(|s| s.try_clone().ok()).collect();
+                        offered.insert(l.name.clone(), Arc::new(copies));
+                    }
+                    for (k, socket) in socks.into_iter().enumerate() {
+                        let _ = self.workers[k % workers].send(WorkerCommand::Listen {
+                            socket,
+                            handler: info.handler.clone(),
+                            slots: info.slots.clone(),
+                            stop: info.stop.clone(),
+                            deadline: info.deadline.clone(),
+                        });
+                    }
+                }
+                Bound::Udp(socket) => {
+                    if let Handler::Udp(proxy, _) = &info.handler {
+                        let _ = self.workers[i % workers].send(WorkerCommand::Udp {
+                            socket,
+                            proxy: proxy.clone(),
+                            stop: info.stop.clone(),
+                        });
+                    }
+                }
             }
             if !old.listeners.is_empty() {
                 report.listeners_added.push(l.name.clone());
@@ -783,7 +914,7 @@ impl Controller {
             listeners.push(info);
         }
         for l in &old.listeners {
-            if listeners.iter().any(|n| Arc::ptr_eq(&n.http, &l.http)) {
+            if listeners.iter().any(|n| n.same(l)) {
                 continue;
             }
             report.listeners_removed.push(l.name.clone());
@@ -1019,5 +1150,13 @@ async fn discover(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// Applies a new `max_connections_per_ip` to a listener that stays.
+fn update_per_ip(per_ip: &arc_swap::ArcSwapOption<PerIp>, limit: Option<usize>) {
+    let current = per_ip.load().as_ref().map(|p| p.limit());
+    if current != limit {
+        per_ip.store(limit.map(|n| Arc::new(PerIp::new(n))));
     }
 }

@@ -18,6 +18,7 @@ pub mod discovery;
 pub mod filter;
 pub mod health;
 pub mod http;
+pub mod l4;
 pub mod listener;
 pub mod logging;
 pub mod pool;

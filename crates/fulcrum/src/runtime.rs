@@ -51,8 +51,8 @@ pub struct ListenerInfo {
     pub protocol: &'static str,
     /// The name of the pool that gets the traffic no route matches.
     pub pool: String,
-    /// The HTTP handler (routes, counters).
-    pub http: Arc<HttpListener>,
+    /// What serves its traffic.
+    pub handler: Handler,
     /// The connection slots (`max_connections`).
     pub slots: Arc<Slots>,
     /// Stops this listener's accept loops (at shutdown, or when a reload removes it).
@@ -61,10 +61,52 @@ pub struct ListenerInfo {
     pub(crate) deadline: CancellationToken,
 }
 
+/// The protocol side of a listener.
+#[derive(Debug, Clone)]
+pub enum Handler {
+    /// `http` and `https`.
+    Http(Arc<HttpListener>),
+    /// `tcp`.
+    Tcp(Arc<crate::l4::tcp::TcpProxy>),
+    /// `udp`, with the connection counters it keeps for the admin side (flows as connections).
+    Udp(Arc<crate::l4::udp::UdpProxy>, Arc<ListenerStats>),
+}
+
 impl ListenerInfo {
     /// The listener's counters.
     pub fn stats(&self) -> &ListenerStats {
-        &self.http.stats
+        match &self.handler {
+            Handler::Http(h) => &h.stats,
+            Handler::Tcp(t) => &t.stats,
+            Handler::Udp(_, s) => s,
+        }
+    }
+
+    /// The HTTP side, for `http` and `https` listeners.
+    pub fn http(&self) -> Option<&Arc<HttpListener>> {
+        match &self.handler {
+            Handler::Http(h) => Some(h),
+            _ => None,
+        }
+    }
+
+    /// The access lists and bans checked at accept (`http`, `https` and `tcp` listeners).
+    pub fn filter(&self) -> Option<&arc_swap::ArcSwap<crate::http::filter::ListenerFilter>> {
+        match &self.handler {
+            Handler::Http(h) => Some(&h.filter),
+            Handler::Tcp(t) => Some(&t.filter),
+            Handler::Udp(..) => None,
+        }
+    }
+
+    /// True when both describe the same running listener.
+    pub fn same(&self, other: &ListenerInfo) -> bool {
+        match (&self.handler, &other.handler) {
+            (Handler::Http(a), Handler::Http(b)) => Arc::ptr_eq(a, b),
+            (Handler::Tcp(a), Handler::Tcp(b)) => Arc::ptr_eq(a, b),
+            (Handler::Udp(a, _), Handler::Udp(b, _)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 }
 

@@ -41,7 +41,11 @@ fn start_file(path: &Path) -> Running {
 }
 
 fn stats(lb: &Running) -> Arc<fulcrum::listener::ListenerStats> {
-    lb.shared().state().listeners[0].http.stats.clone()
+    lb.shared().state().listeners[0]
+        .http()
+        .unwrap()
+        .stats
+        .clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

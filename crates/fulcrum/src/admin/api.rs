@@ -502,6 +502,18 @@ pub async fn reload(
     Ok(Json(report))
 }
 
+/// The access lists and bans of listener `l` (a udp listener has none: 400).
+fn filter_of(
+    l: &crate::runtime::ListenerInfo,
+) -> Result<arc_swap::Guard<Arc<crate::http::filter::ListenerFilter>>, ApiError> {
+    l.filter().map(|f| f.load()).ok_or_else(|| {
+        ApiError::bad(
+            "this listener is udp: it has no access lists or bans",
+            "listener",
+        )
+    })
+}
+
 fn find_listener(shared: &Shared, name: &str) -> Result<crate::runtime::ListenerInfo, ApiError> {
     shared
         .state()
@@ -530,7 +542,7 @@ pub async fn bans(
     Path(listener): Path<String>,
 ) -> Result<Json<BansView>, ApiError> {
     let l = find_listener(&shared, &listener)?;
-    let bans = l.http.filter.load().bans.list();
+    let bans = filter_of(&l)?.bans.list();
     Ok(Json(BansView { listener, bans }))
 }
 
@@ -556,7 +568,7 @@ pub async fn add_ban(
             .ok_or_else(|| ApiError::bad("expected a duration such as \"10m\"", "duration"))?,
     };
     let note = string_field(&map, "note")?.unwrap_or("banned through the admin API");
-    let filter = l.http.filter.load();
+    let filter = filter_of(&l)?;
     filter.bans.ban(
         ip,
         duration,
@@ -583,7 +595,7 @@ pub async fn remove_ban(
     let ip: std::net::IpAddr = ip
         .parse()
         .map_err(|_| ApiError::bad("not an IP address", "ip"))?;
-    let filter = l.http.filter.load();
+    let filter = filter_of(&l)?;
     if !filter.bans.unban(ip) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -629,7 +641,7 @@ pub async fn access(
     Path(listener): Path<String>,
 ) -> Result<Json<AccessView>, ApiError> {
     let l = find_listener(&shared, &listener)?;
-    let view = access_view(listener, &l.http.filter.load().filter.access);
+    let view = access_view(listener, &filter_of(&l)?.filter.access);
     Ok(Json(view))
 }
 

@@ -106,7 +106,9 @@ impl Collector for FulcrumCollector {
             MetricType::Counter,
         )?;
         for l in &state.listeners {
-            let filter = l.http.filter.load();
+            let Some(filter) = l.filter().map(|f| f.load()) else {
+                continue;
+            };
             for (reason, n) in [
                 ("access", filter.refused_at_accept.load(Ordering::Relaxed)),
                 ("per_ip", l.stats().refused_per_ip.load(Ordering::Relaxed)),
@@ -122,8 +124,9 @@ impl Collector for FulcrumCollector {
             MetricType::Counter,
         )?;
         for l in &state.listeners {
-            let filter = l.http.filter.load();
-            let router = l.http.router.load();
+            let Some(http) = l.http() else { continue };
+            let filter = http.filter.load();
+            let router = http.router.load();
             let n = filter.filter.rate_limited.load(Ordering::Relaxed)
                 + router
                     .routes
@@ -140,8 +143,9 @@ impl Collector for FulcrumCollector {
             MetricType::Counter,
         )?;
         for l in &state.listeners {
-            let filter = l.http.filter.load();
-            let router = l.http.router.load();
+            let Some(http) = l.http() else { continue };
+            let filter = http.filter.load();
+            let router = http.router.load();
             let route_rules = router
                 .routes
                 .iter()
@@ -163,8 +167,100 @@ impl Collector for FulcrumCollector {
             MetricType::Gauge,
         )?;
         for l in &state.listeners {
-            let n = l.http.filter.load().bans.list().len();
+            let Some(filter) = l.filter() else { continue };
+            let n = filter.load().bans.list().len();
             ConstGauge::new(n as i64).encode(m.encode_family(&[("listener", l.name.as_str())])?)?;
+        }
+        // L4 listeners.
+        type TcpRead = fn(&crate::l4::tcp::TcpStats) -> u64;
+        let tcp: [(&str, &str, TcpRead); 6] = [
+            ("tcp_bytes_in", "Bytes from clients to servers (tcp listeners)", |t| {
+                t.bytes_in.load(Ordering::Relaxed)
+            }),
+            ("tcp_bytes_out", "Bytes from servers to clients (tcp listeners)", |t| {
+                t.bytes_out.load(Ordering::Relaxed)
+            }),
+            (
+                "tcp_refused_no_server",
+                "TCP connections closed at once: no server could take them",
+                |t| t.refused_no_server.load(Ordering::Relaxed),
+            ),
+            (
+                "tcp_bad_hello",
+                "TCP connections closed: no usable TLS ClientHello for sni routes",
+                |t| t.bad_hello.load(Ordering::Relaxed),
+            ),
+            (
+                "tcp_bad_proxy_header",
+                "TCP connections closed: a PROXY header missing or malformed from a trusted source, or sent by an untrusted one",
+                |t| t.bad_proxy_header.load(Ordering::Relaxed),
+            ),
+            (
+                "tcp_idle_timeouts",
+                "TCP sessions closed after idle_timeout without a byte",
+                |t| t.idle_timeouts.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, read) in tcp {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for l in &state.listeners {
+                if let crate::runtime::Handler::Tcp(t) = &l.handler {
+                    ConstCounter::new(read(&t.tcp))
+                        .encode(m.encode_family(&[("listener", l.name.as_str())])?)?;
+                }
+            }
+        }
+        type UdpRead = fn(&crate::l4::udp::UdpStats) -> u64;
+        let udp: [(&str, &str, UdpRead); 8] = [
+            ("udp_datagrams_in", "Datagrams from clients", |u| {
+                u.datagrams_in.load(Ordering::Relaxed)
+            }),
+            ("udp_datagrams_out", "Datagrams to clients", |u| {
+                u.datagrams_out.load(Ordering::Relaxed)
+            }),
+            ("udp_bytes_in", "Bytes from clients", |u| {
+                u.bytes_in.load(Ordering::Relaxed)
+            }),
+            ("udp_bytes_out", "Bytes to clients", |u| {
+                u.bytes_out.load(Ordering::Relaxed)
+            }),
+            ("udp_flows", "Client flows started", |u| {
+                u.flows_total.load(Ordering::Relaxed)
+            }),
+            (
+                "udp_flows_refused",
+                "New flows refused: the flow table was at max_flows",
+                |u| u.flows_refused.load(Ordering::Relaxed),
+            ),
+            ("udp_flows_expired", "Flows ended after idle_timeout", |u| {
+                u.flows_expired.load(Ordering::Relaxed)
+            }),
+            (
+                "udp_dropped",
+                "Datagrams dropped: no server available",
+                |u| u.dropped.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, help, read) in udp {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for l in &state.listeners {
+                if let crate::runtime::Handler::Udp(u, _) = &l.handler {
+                    ConstCounter::new(read(&u.stats))
+                        .encode(m.encode_family(&[("listener", l.name.as_str())])?)?;
+                }
+            }
+        }
+        let mut m = enc.encode_descriptor(
+            "udp_flows_active",
+            "Client flows open now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in &state.listeners {
+            if let crate::runtime::Handler::Udp(u, _) = &l.handler {
+                ConstGauge::new(u.stats.flows_active.load(Ordering::Relaxed))
+                    .encode(m.encode_family(&[("listener", l.name.as_str())])?)?;
+            }
         }
         let mut m = enc.encode_descriptor(
             "listener_responses",
@@ -232,6 +328,13 @@ impl Collector for FulcrumCollector {
             "server_failures",
             "Requests that failed at the server (connect, reset, timeout)",
             |s| Value::Counter(s.stats.failures_total()),
+        )?;
+        per_server(
+            &mut enc,
+            &snapshots,
+            "server_sessions",
+            "L4 sessions sent to the server (TCP connections, UDP flows)",
+            |s| Value::Counter(s.stats.sessions.load(Ordering::Relaxed)),
         )?;
         per_server(
             &mut enc,

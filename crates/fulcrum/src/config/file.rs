@@ -100,6 +100,9 @@ pub(crate) struct RawListener {
     pub block_rules: Option<Vec<RawBlockRule>>,
     pub auto_ban: Option<RawAutoBan>,
     pub https_redirect: Option<RawRedirect>,
+    pub accept_proxy_protocol: Option<Vec<String>>,
+    pub hello_timeout: Option<RawDuration>,
+    pub max_flows: Option<i64>,
 }
 
 /// `listeners.https_redirect`: `true` (port 443) or a port.
@@ -144,6 +147,7 @@ pub(crate) struct RawRoute {
     pub headers: Option<BTreeMap<String, String>>,
     pub cookie: Option<RawCookieMatch>,
     pub query: Option<BTreeMap<String, String>>,
+    pub sni: Option<String>,
     pub pool: String,
     pub max_body_size: Option<RawSize>,
     pub allow: Option<Vec<String>>,

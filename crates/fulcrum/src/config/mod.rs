@@ -165,6 +165,16 @@ pub struct ListenerConfig {
     /// `https_redirect` (http only, optional): `true` or a port: every request is answered with a
     /// `308` to the same host and path over HTTPS (on that port; `true` is 443).
     pub https_redirect: Option<u16>,
+    /// `accept_proxy_protocol` (tcp only, optional): connections from these CIDRs start with a PROXY
+    /// protocol header (v1 or v2), whose source address is then the client's; from any other source a
+    /// connection is served as it is (a header it sends is not trusted: it is passed on as data).
+    pub accept_proxy_protocol: Option<crate::filter::CidrSet>,
+    /// `hello_timeout` (tcp listeners with `sni` routes, default `"5s"`): the TLS ClientHello must
+    /// arrive within this (and the PROXY header, when one is expected).
+    pub hello_timeout: Duration,
+    /// `max_flows` (udp only, default 100 000): client flows tracked at once; new clients beyond are
+    /// refused (their datagrams dropped) and counted.
+    pub max_flows: usize,
     /// `request_header_timeout` (http/https, default `"10s"`, fulcrum extension): a client must send its
     /// whole request head within this, or it gets a 408 and the connection is closed.
     pub request_header_timeout: Duration,
@@ -381,6 +391,9 @@ pub struct RouteMatch {
     /// `query = { "v" = "2" }`: each query parameter is present with exactly this value, compared as it
     /// appears in the URL (not percent-decoded).
     pub query: Vec<(String, String)>,
+    /// `sni` (tcp listeners only, the only match key there): the server name of the client's TLS
+    /// ClientHello, read without terminating TLS; `"*.example.com"` matches any subdomain.
+    pub sni: Option<HostMatch>,
 }
 
 /// `routes.host`, normalised: lowercase, port and trailing dot removed.

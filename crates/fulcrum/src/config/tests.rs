@@ -1244,14 +1244,38 @@ fn route_rules() {
 
 #[test]
 fn protocol_specific_keys() {
-    // Routes only on http/https listeners.
+    // Routes: HTTP match keys on http/https listeners, `sni` on tcp ones, none on udp.
     let text = BASE.replace("protocol = \"http\"", "protocol = \"tcp\"");
+    assert_error(
+        &err_all(&text),
+        "listeners[0].routes[0].path_prefix",
+        15,
+        "tcp routes match on `sni` only",
+    );
+    let text = BASE.replace("protocol = \"http\"", "protocol = \"udp\"");
     assert_error(
         &err_all(&text),
         "listeners[0].routes",
         14,
-        "only valid on http and https listeners",
+        "only valid on http, https and tcp listeners",
     );
+    let text = BASE.replace("path_prefix = \"/api/\"", "sni = \"*.example.com\"");
+    assert_error(
+        &err_all(&text),
+        "listeners[0].routes[0].sni",
+        15,
+        "only valid on tcp listeners",
+    );
+    let text = BASE
+        .replace("protocol = \"http\"", "protocol = \"tcp\"")
+        .replace("path_prefix = \"/api/\"", "sni = \"*.example.com\"");
+    let tcp = ok_all(&text);
+    assert_eq!(
+        tcp.listeners[0].routes[0].matcher.sni,
+        Some(HostMatch::Suffix(".example.com".into()))
+    );
+    assert_eq!(tcp.listeners[0].idle_timeout, Duration::from_secs(3600));
+    assert_eq!(tcp.listeners[0].hello_timeout, Duration::from_secs(5));
     let without_routes = |protocol: &str, extra: &str| {
         let start = BASE.find("\n  [[listeners.routes]]").unwrap();
         let end = BASE.find("# ROUTE\n").unwrap() + "# ROUTE\n".len();
@@ -1459,33 +1483,10 @@ fn names_are_checked() {
     assert_error(&err(&text), "listeners[0].name", 8, "must not be empty");
 }
 
-// ---- features that are not built yet ----
+// ---- every feature of the schema is built ----
 
 #[test]
-fn unsupported_features_are_rejected() {
-    let cases: &[(&str, &str, &str)] = &[
-        // (from, to, key); the line is that of `to`'s first line.
-        (
-            "protocol = \"http\"",
-            "protocol = \"tcp\"",
-            "listeners[0].protocol",
-        ),
-        (
-            "protocol = \"http\"",
-            "protocol = \"udp\"",
-            "listeners[0].protocol",
-        ),
-        (
-            "# LISTENER",
-            "proxy_protocol = \"v2\"",
-            "listeners[0].proxy_protocol",
-        ),
-    ];
-    for (from, to, key) in cases {
-        let text = variant(from, to);
-        let line = line_of(&text, to.lines().next().unwrap());
-        assert_error(&err(&text), key, line, "is not supported yet");
-    }
+fn every_feature_is_accepted() {
     // What is built is accepted.
     ok(&variant("# POOL", "[pools.sticky]\nkind = \"source_ip\""));
     ok(&variant(
@@ -1508,18 +1509,6 @@ fn unsupported_features_are_rejected() {
         "# POOL",
         "algorithm = \"maglev\"\nhash_key = \"uri\"",
     ));
-}
-
-#[test]
-fn not_supported_message_names_the_value() {
-    let text = variant("protocol = \"http\"", "protocol = \"udp\"");
-    let line = line_of(&text, "protocol = \"udp\"");
-    assert_eq!(
-        err(&text).to_string(),
-        format!(
-            "fulcrum.toml:{line}:1: listeners[0].protocol: protocol = \"udp\" is not supported yet"
-        )
-    );
 }
 
 // ---- loading and display ----

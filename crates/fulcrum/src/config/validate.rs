@@ -48,7 +48,6 @@ fn invalid<T>(path: KeyPath, message: impl Into<String>) -> Result<T> {
 
 /// Validates a configuration for the features that are built.
 pub(crate) fn validate(raw: RawConfig) -> Result<Config> {
-    reject_unsupported(&raw)?;
     let mut config = build(raw)?;
     load_files(&mut config)?;
     Ok(config)
@@ -56,7 +55,6 @@ pub(crate) fn validate(raw: RawConfig) -> Result<Config> {
 
 /// [`validate`] without reading the files the configuration names.
 pub(crate) fn validate_without_files(raw: RawConfig) -> Result<Config> {
-    reject_unsupported(&raw)?;
     build(raw)
 }
 
@@ -93,32 +91,6 @@ fn load_files(config: &mut Config) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Rejects the keys whose feature is parsed and validated but not built yet, so that a configuration using
-/// one fails loudly instead of being silently ignored.
-///
-/// Each line is one feature: delete it when the feature lands (with its case in
-/// `tests::unsupported_features_are_rejected`, and its ⏳ in `docs/configuration.md`).
-#[rustfmt::skip] // one feature per line
-fn reject_unsupported(raw: &RawConfig) -> Result<()> {
-    for (i, listener) in raw.listeners.iter().enumerate() {
-        let at = |key: &str| KeyPath::root("listeners").index(i).key(key);
-        let protocol = |p: Protocol| (listener.protocol == p, format!("protocol = \"{}\"", p.as_str()));
-        deny(protocol(Protocol::Tcp), at("protocol"))?;
-        deny(protocol(Protocol::Udp), at("protocol"))?;
-        deny((listener.proxy_protocol.is_some(), "`proxy_protocol`".into()), at("proxy_protocol"))?;
-    }
-    Ok(())
-}
-
-/// `(used, what)`: when `used`, `what` (the key or value as written) is reported at `path`.
-fn deny((used, what): (bool, String), path: KeyPath) -> Result<()> {
-    if used {
-        invalid(path, format!("{what} is not supported yet"))
-    } else {
-        Ok(())
-    }
 }
 
 /// Validates every feature, built or not.
@@ -876,13 +848,10 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
     let protocol = raw.protocol;
     let pool = pool_ref(&raw.pool, path.key("pool"), pools)?;
 
-    if !protocol.is_http() && !raw.routes.is_empty() {
+    if protocol == Protocol::Udp && !raw.routes.is_empty() {
         return invalid(
             path.key("routes"),
-            format!(
-                "routes are only valid on http and https listeners, this one is {}",
-                protocol.as_str()
-            ),
+            "routes are only valid on http, https and tcp listeners, this one is udp",
         );
     }
     let routes = raw
@@ -891,6 +860,46 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         .enumerate()
         .map(|(i, r)| route(r, &path.key("routes").index(i), pools))
         .collect::<Result<Vec<_>>>()?;
+    for (i, r) in routes.iter().enumerate() {
+        let at = path.key("routes").index(i);
+        let m = &r.matcher;
+        if protocol == Protocol::Tcp {
+            let http_only = [
+                ("path_prefix", m.path_prefix.is_some()),
+                ("path_regex", m.path_regex.is_some()),
+                ("host", m.host.is_some()),
+                ("method", m.method.is_some()),
+                ("headers", !m.headers.is_empty()),
+                ("cookie", m.cookie.is_some()),
+                ("query", !m.query.is_empty()),
+                ("max_body_size", r.max_body_size.is_some()),
+                (
+                    "allow",
+                    r.filter.access.allow.is_some() || !r.filter.access.deny.is_empty(),
+                ),
+                ("rate_limit", r.filter.rate_limit.is_some()),
+                ("block", !r.filter.rules.is_empty()),
+            ];
+            if let Some((key, _)) = http_only.iter().find(|(_, used)| *used) {
+                return invalid(
+                    at.key(key),
+                    "tcp routes match on `sni` only (the TLS ClientHello's server name); \
+                     this key needs an http or https listener",
+                );
+            }
+            if m.sni.is_none() {
+                return invalid(at, "a tcp route needs `sni`");
+            }
+        } else if m.sni.is_some() {
+            return invalid(
+                at.key("sni"),
+                format!(
+                    "only valid on tcp listeners (TLS passthrough); this one is {} — use `host`",
+                    protocol.as_str()
+                ),
+            );
+        }
+    }
 
     if raw.proxy_protocol.is_some() && protocol != Protocol::Tcp {
         return invalid(
@@ -957,10 +966,93 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         Duration::from_secs(10),
         Zero::Rejected,
     )?;
+    // L4 listeners: the HTTP keys have no meaning there.
+    if !protocol.is_http() {
+        let http_only = [
+            ("body_timeout", raw.body_timeout.is_some()),
+            ("write_timeout", raw.write_timeout.is_some()),
+            ("tunnel_timeout", raw.tunnel_timeout.is_some()),
+            ("max_header_size", raw.max_header_size.is_some()),
+            ("max_headers", raw.max_headers.is_some()),
+            (
+                "h2_max_concurrent_streams",
+                raw.h2_max_concurrent_streams.is_some(),
+            ),
+            ("max_body_size", raw.max_body_size.is_some()),
+            ("rate_limit", raw.rate_limit.is_some()),
+            ("block", raw.block.is_some()),
+            ("block_rules", raw.block_rules.is_some()),
+            ("auto_ban", raw.auto_ban.is_some()),
+        ];
+        if let Some((key, _)) = http_only.iter().find(|(_, used)| *used) {
+            return invalid(
+                path.key(key),
+                format!(
+                    "only valid on http and https listeners, this one is {}",
+                    protocol.as_str()
+                ),
+            );
+        }
+    }
+    let only_on = |key: &str, used: bool, want: Protocol| -> Result<()> {
+        if used && protocol != want {
+            return invalid(
+                path.key(key),
+                format!(
+                    "only valid on {} listeners, this one is {}",
+                    want.as_str(),
+                    protocol.as_str()
+                ),
+            );
+        }
+        Ok(())
+    };
+    only_on(
+        "accept_proxy_protocol",
+        raw.accept_proxy_protocol.is_some(),
+        Protocol::Tcp,
+    )?;
+    only_on("hello_timeout", raw.hello_timeout.is_some(), Protocol::Tcp)?;
+    only_on("max_flows", raw.max_flows.is_some(), Protocol::Udp)?;
+    if protocol == Protocol::Udp {
+        only_on(
+            "max_connections_per_ip",
+            raw.max_connections_per_ip.is_some(),
+            Protocol::Tcp,
+        )?;
+        only_on(
+            "max_connections",
+            raw.max_connections.is_some(),
+            Protocol::Tcp,
+        )?;
+    }
+    let accept_proxy_protocol = raw
+        .accept_proxy_protocol
+        .map(|list| {
+            crate::filter::CidrSet::parse(&list).map_err(|e| match e {
+                crate::filter::FilterError::Cidr { index, .. } => Invalid::new(
+                    path.key("accept_proxy_protocol").index(index),
+                    e.to_string(),
+                ),
+                other => Invalid::new(path.key("accept_proxy_protocol"), other.to_string()),
+            })
+        })
+        .transpose()?;
+    let hello_timeout = duration(
+        raw.hello_timeout.as_ref(),
+        path.key("hello_timeout"),
+        Duration::from_secs(5),
+        Zero::Rejected,
+    )?;
+    let max_flows = integer(raw.max_flows, path.key("max_flows"), 100_000, 1, 10_000_000)? as usize;
     let idle_timeout = duration(
         raw.idle_timeout.as_ref(),
         path.key("idle_timeout"),
-        Duration::from_secs(60),
+        match protocol {
+            Protocol::Tcp => Duration::from_secs(3600),
+            Protocol::Udp => Duration::from_secs(30),
+            _ => Duration::from_secs(60),
+        },
         Zero::Rejected,
     )?;
     let max_connections = integer(
@@ -1023,6 +1115,9 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         proxy_protocol: raw.proxy_protocol,
         tls,
         https_redirect,
+        accept_proxy_protocol,
+        hello_timeout,
+        max_flows,
         request_header_timeout,
         idle_timeout,
         max_connections,
@@ -1469,6 +1564,10 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
         return invalid(path.key("query"), "query parameter names must not be empty");
     }
 
+    let sni = raw
+        .sni
+        .map(|h| host_match(&h, &path.key("sni")))
+        .transpose()?;
     let matcher = RouteMatch {
         path_prefix,
         path_regex,
@@ -1477,8 +1576,10 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
         headers,
         cookie,
         query,
+        sni,
     };
-    let matches_nothing = matcher.path_prefix.is_none()
+    let matches_nothing = matcher.sni.is_none()
+        && matcher.path_prefix.is_none()
         && matcher.path_regex.is_none()
         && matcher.host.is_none()
         && matcher.method.is_none()
@@ -1489,7 +1590,7 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
         return invalid(
             path.clone(),
             "a route needs at least one match key: path_prefix, path_regex, host, method, \
-             headers, cookie or query",
+             headers, cookie or query (tcp listeners: sni)",
         );
     }
     let max_body_size = body_size(raw.max_body_size.as_ref(), path)?;

@@ -121,6 +121,7 @@ mod tests {
             headers: vec![],
             cookie: None,
             query: vec![],
+            sni: None,
         }
     }
 

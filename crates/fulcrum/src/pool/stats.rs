@@ -38,6 +38,8 @@ pub struct ServerStats {
     pub responses: [AtomicU64; 5],
     /// Requests that failed at the server: connect errors, resets, timeouts.
     pub failures: AtomicU64,
+    /// L4 sessions (TCP connections, UDP flows) sent to the server.
+    pub sessions: AtomicU64,
     /// Histogram of response times (to the response head), cumulative counts per [`LATENCY_BUCKETS`] bound
     /// are computed at scrape time from these per-bucket counts; the last slot is +Inf.
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
@@ -99,6 +101,14 @@ impl ServerStats {
         let class = usize::from((status / 100).clamp(1, 5)) - 1;
         self.responses[class].fetch_add(1, Ordering::Relaxed);
         self.record_latency(elapsed);
+    }
+
+    /// Records an L4 session whose connection took `connect` to establish (the latency least response
+    /// time reads, for TCP).
+    #[inline]
+    pub fn record_session(&self, connect: Duration) {
+        self.sessions.fetch_add(1, Ordering::Relaxed);
+        self.record_latency(connect);
     }
 
     /// Records a failure (no usable response from the server).

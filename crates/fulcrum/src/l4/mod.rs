@@ -1,0 +1,7 @@
+//! L4 balancing: TCP listeners (byte streams, optionally routed by a TLS ClientHello's server name,
+//! with the PROXY protocol either way) and UDP listeners (datagram flows).
+
+pub mod proxy_protocol;
+pub mod sni;
+pub mod tcp;
+pub mod udp;

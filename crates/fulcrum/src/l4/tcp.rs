@@ -1,0 +1,522 @@
+//! TCP listeners: each accepted connection is relayed byte for byte to a server of the pool.
+//!
+//! The path of one connection ([`TcpProxy::serve`]):
+//! 1. From a source in `accept_proxy_protocol`, a PROXY header (v1 or v2) is read first; its source
+//!    address becomes the client's (for hashing, stickiness, the header sent on, logs).
+//! 2. With `sni` routes, the TLS ClientHello is read (not altered, not terminated) within
+//!    `hello_timeout`; its server name picks the route, else the listener's pool. A connection that is
+//!    not TLS, or whose hello is malformed or larger than 16 KiB, is closed and counted.
+//! 3. A server is picked (any algorithm; `source_ip` / `source_ip_port` hash keys; `source_ip`
+//!    stickiness) among those that may take it (up, not draining, under `max_connections_per_server`);
+//!    a failed connect (within the pool's `connect_timeout`) tries the next one, up to `retries`.
+//!    No server: the connection is closed at once and counted.
+//! 4. The PROXY header the listener sends (`proxy_protocol`), then the bytes read so far, go to the
+//!    server; then bytes flow both ways until both sides have closed. A side that closes its writing
+//!    half (FIN) is passed on as such, while the other direction keeps flowing.
+//!
+//! The relay holds no buffer while a connection is idle: each direction waits for readiness with
+//! nothing allocated, borrows a 16 KiB buffer for the bytes that are there, writes them out and gives
+//! it back. An idle connection costs its task and its two sockets. No byte either way for
+//! `idle_timeout` closes both sides; a drain (listener removed, shutdown) lets sessions run until the
+//! deadline. The session counts as in flight on its server (least connections, saturation, a draining
+//! server's removal) until it ends.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{HashKey, HostMatch, ProxyProtocol};
+use crate::filter::CidrSet;
+use crate::http::filter::ListenerFilter;
+use crate::listener::{Accepted, ConnHandler, ListenerStats, PerIp};
+use crate::pool::{InFlight, Pool, Server};
+use crate::sticky::Sticky;
+
+/// The largest ClientHello read to route by SNI.
+const MAX_HELLO: usize = 16 * 1024;
+/// The buffer a direction borrows while bytes flow.
+const RELAY_BUFFER: usize = 16 * 1024;
+/// Buffers kept per worker thread for reuse.
+const POOLED_BUFFERS: usize = 64;
+
+/// Where a TCP connection goes.
+#[derive(Debug, Clone)]
+pub struct TcpTarget {
+    /// The pool.
+    pub pool: Arc<Pool>,
+    /// Its stickiness (`source_ip` applies to TCP).
+    pub sticky: Option<Arc<Sticky>>,
+}
+
+/// A TCP listener's routes: by the ClientHello's server name, else the default.
+#[derive(Debug)]
+pub struct TcpRouter {
+    /// `sni` routes in order; the first match wins.
+    pub routes: Vec<(HostMatch, TcpTarget)>,
+    /// The listener's pool.
+    pub default: TcpTarget,
+}
+
+impl TcpRouter {
+    /// The target for a hello naming `name` (or none).
+    pub fn route(&self, name: Option<&str>) -> &TcpTarget {
+        let Some(name) = name else {
+            return &self.default;
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        self.routes
+            .iter()
+            .find(|(m, _)| m.matches(&name))
+            .map_or(&self.default, |(_, t)| t)
+    }
+}
+
+/// The settings of a TCP listener that a reload may change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpSettings {
+    /// No byte either way for this long closes the session.
+    pub idle_timeout: Duration,
+    /// The PROXY header and the ClientHello must arrive within this.
+    pub hello_timeout: Duration,
+    /// Send a PROXY header of this version to the server.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Read a PROXY header from connections of these sources.
+    pub accept_proxy_protocol: Option<CidrSet>,
+}
+
+impl TcpSettings {
+    /// The settings of listener `l`.
+    pub fn of(l: &crate::config::ListenerConfig) -> Self {
+        TcpSettings {
+            idle_timeout: l.idle_timeout,
+            hello_timeout: l.hello_timeout,
+            proxy_protocol: l.proxy_protocol,
+            accept_proxy_protocol: l.accept_proxy_protocol.clone(),
+        }
+    }
+}
+
+/// Counters of a TCP listener beyond [`ListenerStats`].
+#[derive(Debug, Default)]
+pub struct TcpStats {
+    /// Bytes from clients to servers.
+    pub bytes_in: AtomicU64,
+    /// Bytes from servers to clients.
+    pub bytes_out: AtomicU64,
+    /// Connections closed at once: no server could take them (none up, all at their limit, every
+    /// connect failed).
+    pub refused_no_server: AtomicU64,
+    /// Connections closed because their ClientHello was not TLS, malformed, too large or late.
+    pub bad_hello: AtomicU64,
+    /// Connections closed because their PROXY header was missing, malformed or late.
+    pub bad_proxy_header: AtomicU64,
+    /// Sessions closed after `idle_timeout` without a byte.
+    pub idle_timeouts: AtomicU64,
+}
+
+/// A TCP listener.
+#[derive(Debug)]
+pub struct TcpProxy {
+    /// The listener's name.
+    pub name: String,
+    /// Connection counters (shared with the accept loop).
+    pub stats: Arc<ListenerStats>,
+    /// TCP counters.
+    pub tcp: Arc<TcpStats>,
+    /// Open connections per client address, when limited.
+    pub per_ip: arc_swap::ArcSwapOption<PerIp>,
+    /// Access lists and bans (checked at accept).
+    pub filter: ArcSwap<ListenerFilter>,
+    /// Routes.
+    pub router: ArcSwap<TcpRouter>,
+    /// Timeouts and the PROXY protocol.
+    pub settings: ArcSwap<TcpSettings>,
+}
+
+impl ConnHandler for TcpProxy {
+    async fn serve(self: Arc<Self>, conn: Accepted) {
+        self.serve_conn(conn).await;
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn stats(&self) -> &Arc<ListenerStats> {
+        &self.stats
+    }
+
+    fn per_ip(&self) -> Option<Arc<PerIp>> {
+        self.per_ip.load_full()
+    }
+
+    fn admit(&self, ip: std::net::IpAddr) -> bool {
+        self.filter.load().admit(ip)
+    }
+}
+
+impl TcpProxy {
+    async fn serve_conn(&self, conn: Accepted) {
+        let Accepted {
+            mut stream,
+            peer,
+            stop: _,
+            deadline,
+            tracker: _,
+            guard: _guard,
+        } = conn;
+        let settings = self.settings.load_full();
+        let local = stream.local_addr().unwrap_or(peer);
+        let mut client = peer;
+        let mut early = Vec::new();
+        let trusted = settings
+            .accept_proxy_protocol
+            .as_ref()
+            .map(|trusted| trusted.contains(peer.ip()));
+        // A source outside `accept_proxy_protocol` may not claim another address: a connection of one
+        // that starts with a PROXY header is refused.
+        let refuse_header = trusted == Some(false);
+        if trusted == Some(true) {
+            match super::proxy_protocol::read(&mut stream, settings.hello_timeout).await {
+                Ok(received) => {
+                    if let Some(source) = received.source {
+                        client = source;
+                    }
+                    early = received.leftover;
+                }
+                Err(e) => {
+                    self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(listener = %self.name, client = %peer, error = %e, "bad PROXY header");
+                    return;
+                }
+            }
+        }
+        let router = self.router.load_full();
+        let target = if router.routes.is_empty() {
+            &router.default
+        } else {
+            let mut reader = (&early[..]).chain(&mut stream);
+            match super::sni::read_client_hello(&mut reader, settings.hello_timeout, MAX_HELLO)
+                .await
+            {
+                Ok(hello) => {
+                    early = hello.bytes;
+                    if refuse_header && is_proxy_header(&early) {
+                        self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                    router.route(hello.server_name.as_deref())
+                }
+                Err(e) => {
+                    self.tcp.bad_hello.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(listener = %self.name, client = %client, error = %e, "no usable TLS ClientHello");
+                    return;
+                }
+            }
+        };
+        let Some((server, upstream, _in_flight)) = connect(target, client).await else {
+            self.tcp.refused_no_server.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut upstream = upstream;
+        let mut head = Vec::new();
+        if let Some(version) = settings.proxy_protocol {
+            head = super::proxy_protocol::encode(version, client, local);
+        }
+        head.extend_from_slice(&early);
+        if !head.is_empty() && upstream.write_all(&head).await.is_err() {
+            server.stats.record_failure();
+            return;
+        }
+        self.tcp
+            .bytes_in
+            .fetch_add(early.len() as u64, Ordering::Relaxed);
+        drop(early);
+        drop(head);
+        let check_first = refuse_header && self.router.load().routes.is_empty();
+        let outcome = tokio::select! {
+            r = relay(&mut stream, &mut upstream, settings.idle_timeout, &self.tcp, check_first) => r,
+            _ = deadline.cancelled() => Ended::Cut,
+        };
+        match outcome {
+            Ended::Idle => {
+                self.tcp.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+            Ended::ProxyHeader => {
+                self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(listener = %self.name, client = %peer, "PROXY header from an untrusted source: refused");
+            }
+            Ended::Closed | Ended::Cut => {}
+        }
+    }
+}
+
+/// Picks a server and connects to it: the sticky one first, then the algorithm's candidates, skipping
+/// those that may not take a connection; a failed connect tries the next, up to the pool's `retries`.
+async fn connect(
+    target: &TcpTarget,
+    client: SocketAddr,
+) -> Option<(Arc<Server>, TcpStream, InFlight)> {
+    let snapshot = target.pool.snapshot_full();
+    let key = snapshot.settings.hash_key.as_ref().and_then(|k| match k {
+        HashKey::SourceIp => Some(ip_key(client, false)),
+        HashKey::SourceIpPort => Some(ip_key(client, true)),
+        // HTTP keys: a TCP connection has none, so the pool's fallback algorithm picks.
+        _ => None,
+    });
+    let sticky = match &target.sticky {
+        Some(s) => Some((
+            s,
+            s.lookup(&http::HeaderMap::new(), client.ip(), &snapshot)
+                .await,
+        )),
+        None => None,
+    };
+    let sticky_server = sticky
+        .as_ref()
+        .and_then(|(_, c)| c.server)
+        .map(|i| snapshot.servers[i].clone())
+        .filter(|s| s.is_available() && !snapshot.at_limit(s));
+    let mut candidates = snapshot.pick(key);
+    let mut attempts = snapshot.settings.retries + 1;
+    let mut first = sticky_server.clone();
+    while attempts > 0 {
+        let server = match first.take() {
+            Some(s) => s,
+            None => loop {
+                match snapshot.next_available(&mut candidates) {
+                    Some(s) if sticky_server.as_ref().is_some_and(|t| Arc::ptr_eq(t, s)) => {
+                        continue
+                    }
+                    Some(s) => break s.clone(),
+                    None => return None,
+                }
+            },
+        };
+        attempts -= 1;
+        let in_flight = InFlight::start(server.clone());
+        let started = Instant::now();
+        match tokio::time::timeout(
+            snapshot.settings.connect_timeout,
+            TcpStream::connect(server.address),
+        )
+        .await
+        {
+            Ok(Ok(upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                server.stats.record_session(started.elapsed());
+                snapshot.observe(&server, true);
+                if let Some((sticky, c)) = &sticky {
+                    let stuck_here = c
+                        .server
+                        .is_some_and(|i| Arc::ptr_eq(&snapshot.servers[i], &server));
+                    sticky.remember(c, &server, stuck_here, false, &mut http::HeaderMap::new());
+                }
+                return Some((server, upstream, in_flight));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(server = %server.name, error = %e, "server connect failed");
+            }
+            Err(_) => {
+                tracing::warn!(server = %server.name, "server connect timed out");
+            }
+        }
+        server.stats.record_failure();
+        snapshot.observe(&server, false);
+    }
+    None
+}
+
+fn ip_key(addr: SocketAddr, with_port: bool) -> u64 {
+    let mut bytes = [0u8; 18];
+    let n = match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            bytes[..4].copy_from_slice(&ip.octets());
+            4
+        }
+        std::net::IpAddr::V6(ip) => {
+            bytes[..16].copy_from_slice(&ip.octets());
+            16
+        }
+    };
+    if with_port {
+        bytes[n..n + 2].copy_from_slice(&addr.port().to_be_bytes());
+        crate::balance::hash_key(&bytes[..n + 2])
+    } else {
+        crate::balance::hash_key(&bytes[..n])
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// Both sides closed (or one failed).
+    Closed,
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// The drain deadline passed.
+    Cut,
+    /// An untrusted client started with a PROXY header.
+    ProxyHeader,
+}
+
+/// True when `bytes` start like a PROXY protocol header (v1 `PROXY `, or v2's signature).
+fn is_proxy_header(bytes: &[u8]) -> bool {
+    const V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+    let starts =
+        |sig: &[u8]| bytes[..bytes.len().min(sig.len())] == sig[..bytes.len().min(sig.len())];
+    !bytes.is_empty() && (starts(b"PROXY ") || starts(V2))
+}
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A relay buffer, taken from this thread's spares (or allocated) and given back on drop.
+struct Buffer(Option<Box<[u8]>>);
+
+impl Buffer {
+    fn take() -> Self {
+        let spare = BUFFERS.with(|b| b.borrow_mut().pop());
+        Buffer(Some(
+            spare.unwrap_or_else(|| vec![0u8; RELAY_BUFFER].into_boxed_slice()),
+        ))
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            // Given back to the thread it is dropped on (tasks may move between workers).
+            let _ = BUFFERS.try_with(|spares| {
+                let mut spares = spares.borrow_mut();
+                if spares.len() < POOLED_BUFFERS {
+                    spares.push(b);
+                }
+            });
+        }
+    }
+}
+
+/// Copies bytes both ways until both directions have ended, or nothing moved for `idle`.
+async fn relay(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    idle: Duration,
+    stats: &TcpStats,
+    refuse_header: bool,
+) -> Ended {
+    let last = AtomicU64::new(crate::clock::now_ms());
+    let (mut client_read, mut client_write) = client.split();
+    let (mut server_read, mut server_write) = server.split();
+    let up = pipe(
+        &mut client_read,
+        &mut server_write,
+        &last,
+        &stats.bytes_in,
+        refuse_header,
+    );
+    let down = pipe(
+        &mut server_read,
+        &mut client_write,
+        &last,
+        &stats.bytes_out,
+        false,
+    );
+    // Both directions run until each has ended; an error either way ends the session.
+    let both = async {
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            let result = tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; r }
+                r = &mut down, if !down_done => { down_done = true; r }
+            };
+            if let Err(e) = result {
+                if e.kind() == io::ErrorKind::PermissionDenied {
+                    return Ended::ProxyHeader;
+                }
+                tracing::debug!(error = %e, "TCP session ended with an error");
+                return Ended::Closed;
+            }
+        }
+        Ended::Closed
+    };
+    let quiet = async {
+        loop {
+            let since = Duration::from_millis(
+                crate::clock::now_ms().saturating_sub(last.load(Ordering::Relaxed)),
+            );
+            if since >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - since).await;
+        }
+    };
+    tokio::select! {
+        ended = both => ended,
+        _ = quiet => Ended::Idle,
+    }
+}
+
+/// One direction: waits for bytes holding no buffer, moves what is there, passes a close on as a
+/// half-close (`shutdown` of the writing side).
+async fn pipe(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    last: &AtomicU64,
+    counter: &AtomicU64,
+    mut check_first: bool,
+) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut buf = Buffer::take();
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => {
+                drop(buf);
+                // The peer will send no more: tell the other side, keep the other direction going.
+                let _ = to.shutdown().await;
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                let _ = to.shutdown().await;
+                return Err(e);
+            }
+        };
+        if check_first {
+            check_first = false;
+            if is_proxy_header(&buf[..n]) {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    "PROXY header from an untrusted source",
+                ));
+            }
+        }
+        last.store(crate::clock::now_ms(), Ordering::Relaxed);
+        to.write_all(&buf[..n]).await?;
+        counter.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+}
