@@ -588,8 +588,12 @@ impl Controller {
                 source,
             };
             if l.protocol == Protocol::Udp {
-                let socket = std::net::UdpSocket::bind(l.bind).map_err(bind_err)?;
-                socket.set_nonblocking(true).map_err(bind_err)?;
+                // A successor taking over binds next to its predecessor (SO_REUSEPORT); otherwise a
+                // port another process holds is refused, as for TCP.
+                if inherited.is_none() && l.bind.port() != 0 {
+                    drop(std::net::UdpSocket::bind(l.bind).map_err(bind_err)?);
+                }
+                let socket = listener::bind_udp_reuseport(l.bind).map_err(bind_err)?;
                 let bound = socket.local_addr().map_err(bind_err)?;
                 sockets.insert(i, (bound, Bound::Udp(socket)));
                 continue;

@@ -280,7 +280,7 @@ fn the_rules_catch_what_they_should() {
     assert!(check(&block("# fragment: inside [[pools]]\nretries = 11\n")).is_err());
     // Invalid examples must fail, and for the reason given.
     assert!(check(&block(
-        "# fragment: inside [[listeners]]\n# invalid: is not supported yet\nprotocol = \"tcp\"\n"
+        "# fragment: inside [[listeners]]\n# invalid: at least 1\nmax_connections = 0\n"
     ))
     .is_ok());
     assert!(check(&block(

@@ -535,6 +535,10 @@ async fn a_closed_server_port_counts_failures_on_the_server() {
     // The flow survives the refusal (the server may come back).
     assert_eq!(proxy.active(), 1);
     assert_eq!(ask(&socket, proxy.addr, "two", SILENCE).await, None);
+    eventually("the second refusal is counted too", || {
+        gone.stats.failures_total() >= 2
+    })
+    .await;
     assert_eq!(proxy.stat(|s| s.flows_total.load(Ordering::Relaxed)), 1);
     proxy.stop().await;
 }

@@ -74,6 +74,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
@@ -496,7 +497,8 @@ fn relay(
 }
 
 /// A flow's reply task: relays the server's answers to the client until the flow ends (the task is
-/// aborted) or the server socket fails (then it marks the flow closed).
+/// aborted) or the server socket fails (then it marks the flow closed). ICMP errors from the server
+/// ("port unreachable") count as failures on the server and the flow goes on: the server may come back.
 async fn reply(
     upstream: Arc<UdpSocket>,
     listener: Arc<UdpSocket>,
@@ -511,9 +513,28 @@ async fn reply(
         stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
     };
     loop {
-        if let Err(e) = upstream.readable().await {
-            tracing::debug!(server = %server.name, error = %e, "UDP server socket failed");
-            break;
+        let ready = match upstream.ready(Interest::READABLE | Interest::ERROR).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                tracing::debug!(server = %server.name, error = %e, "UDP server socket failed");
+                break;
+            }
+        };
+        if ready.is_error() {
+            // An ICMP error (port or host unreachable) is pending on the socket: epoll reports it as
+            // an error, not as readable. Taking it clears it; the `WouldBlock` after it clears tokio's
+            // error readiness.
+            while let Ok(e) = upstream.try_io(Interest::ERROR, || {
+                upstream
+                    .take_error()?
+                    .ok_or_else(|| io::ErrorKind::WouldBlock.into())
+            }) {
+                tracing::trace!(server = %server.name, error = %e, "UDP server refused");
+                server.stats.record_failure();
+            }
+        }
+        if !ready.is_readable() {
+            continue;
         }
         match SCRATCH.with_borrow_mut(|buf| relay(&upstream, &listener, client, buf)) {
             Relayed::Sent(n) => sent(n),

@@ -306,3 +306,15 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.listen(4096)?;
     Ok(socket.into())
 }
+
+/// Binds a UDP socket with `SO_REUSEPORT` (non-blocking), so that a successor process taking over can
+/// bind the same port while this one still drains.
+pub fn bind_udp_reuseport(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol as SockProto, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(SockProto::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
