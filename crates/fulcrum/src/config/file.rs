@@ -103,6 +103,7 @@ pub(crate) struct RawListener {
     pub accept_proxy_protocol: Option<Vec<String>>,
     pub hello_timeout: Option<RawDuration>,
     pub max_flows: Option<i64>,
+    pub splice: Option<bool>,
 }
 
 /// `listeners.https_redirect`: `true` (port 443) or a port.

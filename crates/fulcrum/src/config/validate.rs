@@ -1014,6 +1014,7 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
     )?;
     only_on("hello_timeout", raw.hello_timeout.is_some(), Protocol::Tcp)?;
     only_on("max_flows", raw.max_flows.is_some(), Protocol::Udp)?;
+    only_on("splice", raw.splice.is_some(), Protocol::Tcp)?;
     if protocol == Protocol::Udp {
         only_on(
             "max_connections_per_ip",
@@ -1118,6 +1119,7 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         accept_proxy_protocol,
         hello_timeout,
         max_flows,
+        splice: raw.splice.unwrap_or(false),
         request_header_timeout,
         idle_timeout,
         max_connections,

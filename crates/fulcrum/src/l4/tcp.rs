@@ -89,6 +89,8 @@ pub struct TcpSettings {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// Read a PROXY header from connections of these sources.
     pub accept_proxy_protocol: Option<CidrSet>,
+    /// Move bytes with `splice(2)` through a pipe per direction instead of through a buffer.
+    pub splice: bool,
 }
 
 impl TcpSettings {
@@ -99,6 +101,7 @@ impl TcpSettings {
             hello_timeout: l.hello_timeout,
             proxy_protocol: l.proxy_protocol,
             accept_proxy_protocol: l.accept_proxy_protocol.clone(),
+            splice: l.splice,
         }
     }
 }
@@ -184,7 +187,14 @@ impl TcpProxy {
         // that starts with a PROXY header is refused.
         let refuse_header = trusted == Some(false);
         if trusted == Some(true) {
-            match super::proxy_protocol::read(&mut stream, settings.hello_timeout).await {
+            // The phases before the relay are boxed: the session's task keeps only the relay's state
+            // for its (idle) lifetime, not the largest phase's.
+            match Box::pin(super::proxy_protocol::read(
+                &mut stream,
+                settings.hello_timeout,
+            ))
+            .await
+            {
                 Ok(received) => {
                     if let Some(source) = received.source {
                         client = source;
@@ -203,8 +213,12 @@ impl TcpProxy {
             &router.default
         } else {
             let mut reader = (&early[..]).chain(&mut stream);
-            match super::sni::read_client_hello(&mut reader, settings.hello_timeout, MAX_HELLO)
-                .await
+            match Box::pin(super::sni::read_client_hello(
+                &mut reader,
+                settings.hello_timeout,
+                MAX_HELLO,
+            ))
+            .await
             {
                 Ok(hello) => {
                     early = hello.bytes;
@@ -221,7 +235,7 @@ impl TcpProxy {
                 }
             }
         };
-        let Some((server, upstream, _in_flight)) = connect(target, client).await else {
+        let Some((server, upstream, _in_flight)) = Box::pin(connect(target, client)).await else {
             self.tcp.refused_no_server.fetch_add(1, Ordering::Relaxed);
             return;
         };
@@ -242,7 +256,7 @@ impl TcpProxy {
         drop(head);
         let check_first = refuse_header && self.router.load().routes.is_empty();
         let outcome = tokio::select! {
-            r = relay(&mut stream, &mut upstream, settings.idle_timeout, &self.tcp, check_first) => r,
+            r = relay(&mut stream, &mut upstream, settings.idle_timeout, &self.tcp, check_first, settings.splice) => r,
             _ = deadline.cancelled() => Ended::Cut,
         };
         match outcome {
@@ -425,8 +439,13 @@ async fn relay(
     idle: Duration,
     stats: &TcpStats,
     refuse_header: bool,
+    splice: bool,
 ) -> Ended {
     let last = AtomicU64::new(crate::clock::now_ms());
+    // The header check needs the first bytes in hand: those sessions copy through a buffer.
+    if splice && !refuse_header {
+        return relay_spliced(client, server, idle, stats, &last).await;
+    }
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let up = pipe(
@@ -517,6 +536,97 @@ async fn pipe(
         last.store(crate::clock::now_ms(), Ordering::Relaxed);
         to.write_all(&buf[..n]).await?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
+        last.store(crate::clock::now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// [`relay`] with `splice(2)`: the kernel moves bytes from one socket into a pipe and from the pipe into
+/// the other socket, so they never cross into user space. Each direction has its own pipe (4 file
+/// descriptors per session), opened when the session starts.
+async fn relay_spliced(
+    client: &TcpStream,
+    server: &TcpStream,
+    idle: Duration,
+    stats: &TcpStats,
+    last: &AtomicU64,
+) -> Ended {
+    let both = async {
+        let up = splice_pipe(client, server, last, &stats.bytes_in);
+        let down = splice_pipe(server, client, last, &stats.bytes_out);
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            let result = tokio::select! {
+                r = &mut up, if !up_done => { up_done = true; r }
+                r = &mut down, if !down_done => { down_done = true; r }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "TCP session ended with an error");
+                return Ended::Closed;
+            }
+        }
+        Ended::Closed
+    };
+    let quiet = async {
+        loop {
+            let since = Duration::from_millis(
+                crate::clock::now_ms().saturating_sub(last.load(Ordering::Relaxed)),
+            );
+            if since >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - since).await;
+        }
+    };
+    tokio::select! {
+        ended = both => ended,
+        _ = quiet => Ended::Idle,
+    }
+}
+
+/// Bytes a direction moves per `splice` call (the default pipe holds 64 KiB).
+const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// One spliced direction: socket → pipe → socket until `from` ends, then a half-close of `to`.
+async fn splice_pipe(
+    from: &TcpStream,
+    to: &TcpStream,
+    last: &AtomicU64,
+    counter: &AtomicU64,
+) -> io::Result<()> {
+    use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
+    use tokio::io::Interest;
+    let (pipe_out, pipe_in) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    loop {
+        from.readable().await?;
+        let moved = from.try_io(Interest::READABLE, || {
+            splice(from, None, &pipe_in, None, SPLICE_CHUNK, flags).map_err(io::Error::from)
+        });
+        let mut in_pipe = match moved {
+            Ok(0) => {
+                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                return Ok(());
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+                return Err(e);
+            }
+        };
+        last.store(crate::clock::now_ms(), Ordering::Relaxed);
+        counter.fetch_add(in_pipe as u64, Ordering::Relaxed);
+        while in_pipe > 0 {
+            to.writable().await?;
+            match to.try_io(Interest::WRITABLE, || {
+                splice(&pipe_out, None, to, None, in_pipe, flags).map_err(io::Error::from)
+            }) {
+                Ok(n) => in_pipe -= n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
         last.store(crate::clock::now_ms(), Ordering::Relaxed);
     }
 }
