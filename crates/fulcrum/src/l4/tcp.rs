@@ -587,6 +587,52 @@ async fn relay_spliced(
 /// Bytes a direction moves per `splice` call (the default pipe holds 64 KiB).
 const SPLICE_CHUNK: usize = 64 * 1024;
 
+thread_local! {
+    static PIPES: RefCell<Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>> =
+        const { RefCell::new(Vec::new()) };
+}
+
+/// Empty pipes kept per worker thread for reuse.
+const POOLED_PIPES: usize = 64;
+
+/// A pipe borrowed while bytes flow in one direction: taken from this thread's spares (or opened) when
+/// bytes arrive, given back empty when the direction waits again, so an idle session holds none.
+struct Pipe {
+    /// (read end, write end).
+    fds: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    /// Bytes in it; a pipe that still holds some is closed, not reused.
+    held: usize,
+}
+
+impl Pipe {
+    fn take() -> io::Result<Self> {
+        use rustix::pipe::{pipe_with, PipeFlags};
+        let fds = match PIPES.with(|p| p.borrow_mut().pop()) {
+            Some(fds) => fds,
+            None => pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?,
+        };
+        Ok(Pipe {
+            fds: Some(fds),
+            held: 0,
+        })
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some(fds) = self.fds.take() {
+            if self.held == 0 {
+                let _ = PIPES.try_with(|spares| {
+                    let mut spares = spares.borrow_mut();
+                    if spares.len() < POOLED_PIPES {
+                        spares.push(fds);
+                    }
+                });
+            }
+        }
+    }
+}
+
 /// One spliced direction: socket → pipe → socket until `from` ends, then a half-close of `to`.
 async fn splice_pipe(
     from: &TcpStream,
@@ -594,39 +640,49 @@ async fn splice_pipe(
     last: &AtomicU64,
     counter: &AtomicU64,
 ) -> io::Result<()> {
-    use rustix::pipe::{pipe_with, splice, PipeFlags, SpliceFlags};
+    use rustix::pipe::{splice, SpliceFlags};
     use tokio::io::Interest;
-    let (pipe_out, pipe_in) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let half_close = || {
+        let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+    };
     loop {
+        // Waiting holds no pipe.
         from.readable().await?;
-        let moved = from.try_io(Interest::READABLE, || {
-            splice(from, None, &pipe_in, None, SPLICE_CHUNK, flags).map_err(io::Error::from)
-        });
-        let mut in_pipe = match moved {
-            Ok(0) => {
-                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-                return Err(e);
-            }
+        let mut pipe = Pipe::take()?;
+        let Some((pipe_out, pipe_in)) = pipe.fds.as_ref() else {
+            return Ok(());
         };
-        last.store(crate::clock::now_ms(), Ordering::Relaxed);
-        counter.fetch_add(in_pipe as u64, Ordering::Relaxed);
-        while in_pipe > 0 {
-            to.writable().await?;
-            match to.try_io(Interest::WRITABLE, || {
-                splice(&pipe_out, None, to, None, in_pipe, flags).map_err(io::Error::from)
-            }) {
-                Ok(n) => in_pipe -= n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+        loop {
+            let moved = from.try_io(Interest::READABLE, || {
+                splice(from, None, pipe_in, None, SPLICE_CHUNK, flags).map_err(io::Error::from)
+            });
+            match moved {
+                Ok(0) => {
+                    half_close();
+                    return Ok(());
+                }
+                Ok(n) => pipe.held = n,
+                // Nothing more for now: the pipe (empty) goes back, and the direction waits.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    half_close();
+                    return Err(e);
+                }
             }
+            last.store(crate::clock::now_ms(), Ordering::Relaxed);
+            counter.fetch_add(pipe.held as u64, Ordering::Relaxed);
+            while pipe.held > 0 {
+                to.writable().await?;
+                match to.try_io(Interest::WRITABLE, || {
+                    splice(pipe_out, None, to, None, pipe.held, flags).map_err(io::Error::from)
+                }) {
+                    Ok(n) => pipe.held -= n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            last.store(crate::clock::now_ms(), Ordering::Relaxed);
         }
-        last.store(crate::clock::now_ms(), Ordering::Relaxed);
     }
 }
