@@ -175,8 +175,9 @@ pub struct ListenerConfig {
     /// `max_flows` (udp only, default 100 000): client flows tracked at once; new clients beyond are
     /// refused (their datagrams dropped) and counted.
     pub max_flows: usize,
-    /// `splice` (tcp only, default false): move bytes with `splice(2)` (kernel to kernel, through a
-    /// pipe per direction) instead of through a user-space buffer.
+    /// `splice` (tcp only, default true): move bytes with `splice(2)` (kernel to kernel, through a
+    /// pipe borrowed per burst) instead of through a user-space buffer; `false` copies through a
+    /// 16 KiB buffer borrowed per burst.
     pub splice: bool,
     /// `request_header_timeout` (http/https, default `"10s"`, fulcrum extension): a client must send its
     /// whole request head within this, or it gets a 408 and the connection is closed.

@@ -1119,7 +1119,7 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         accept_proxy_protocol,
         hello_timeout,
         max_flows,
-        splice: raw.splice.unwrap_or(false),
+        splice: raw.splice.unwrap_or(true),
         request_header_timeout,
         idle_timeout,
         max_connections,

@@ -14,9 +14,11 @@
 //!    server; then bytes flow both ways until both sides have closed. A side that closes its writing
 //!    half (FIN) is passed on as such, while the other direction keeps flowing.
 //!
-//! The relay holds no buffer while a connection is idle: each direction waits for readiness with
-//! nothing allocated, borrows a 16 KiB buffer for the bytes that are there, writes them out and gives
-//! it back. An idle connection costs its task and its two sockets. No byte either way for
+//! The relay holds nothing while a connection is idle: each direction waits for readiness with nothing
+//! allocated. By default (`splice = true`) it then borrows a pipe from its thread's spares and moves the
+//! bytes that are there with `splice(2)`, socket to pipe to socket, without copying them into user
+//! space; with `splice = false` it borrows a 16 KiB buffer instead. Either goes back when the direction
+//! waits again. An idle connection costs its task and its two sockets. No byte either way for
 //! `idle_timeout` closes both sides; a drain (listener removed, shutdown) lets sessions run until the
 //! deadline. The session counts as in flight on its server (least connections, saturation, a draining
 //! server's removal) until it ends.
