@@ -6,30 +6,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use fulcrum::runtime::{self, Running, StartOptions};
 use fulcrum_app::AppConfig;
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
-
-/// Starts a balancer from a configuration file, so that reloads re-read it.
-fn fulcrum_file(path: &Path) -> Running {
-    let cfg = fulcrum::config::load(path).unwrap_or_else(|e| panic!("config: {e}"));
-    runtime::start_with(
-        cfg,
-        StartOptions {
-            workers: Some(2),
-            config_path: Some(path.to_owned()),
-            ..StartOptions::default()
-        },
-    )
-    .expect("start fulcrum")
-}
 
 /// An admin call: method, path, optional JSON body, optional token. Returns status and JSON (or Null).
 async fn call(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::tls::*;
 use common::*;
-use fulcrum::runtime::{self, Running, StartOptions};
+use fulcrum::runtime::Running;
 use http::StatusCode;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -25,19 +25,6 @@ fn https_config(servers: &[(String, SocketAddr, u32)], tls: &str, pool_extra: &s
         "protocol = \"https\"",
         1,
     )
-}
-
-fn start_file(path: &Path) -> Running {
-    let cfg = fulcrum::config::load(path).unwrap_or_else(|e| panic!("config: {e}"));
-    runtime::start_with(
-        cfg,
-        StartOptions {
-            workers: Some(2),
-            config_path: Some(path.to_owned()),
-            ..StartOptions::default()
-        },
-    )
-    .expect("start fulcrum")
 }
 
 fn stats(lb: &Running) -> Arc<fulcrum::listener::ListenerStats> {
@@ -396,7 +383,7 @@ async fn certificates_rotate_by_reload_under_load_without_a_failed_request() {
     let tls = format!("{{ cert = {cert:?}, key = {key:?} }}");
     let path = dir.path().join("fulcrum.toml");
     std::fs::write(&path, https_config(&servers(&apps), &tls, "")).unwrap();
-    let lb = start_file(&path);
+    let lb = fulcrum_file(&path);
     let web = web(&lb);
     let client = connector(&[&ca], &[b"h2", b"http/1.1"], None, false);
 

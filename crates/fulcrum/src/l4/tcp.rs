@@ -464,39 +464,45 @@ async fn relay(
         &stats.bytes_out,
         false,
     );
-    // Both directions run until each has ended; an error either way ends the session.
-    let both = async {
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            let result = tokio::select! {
-                r = &mut up, if !up_done => { up_done = true; r }
-                r = &mut down, if !down_done => { down_done = true; r }
-            };
-            if let Err(e) = result {
-                if e.kind() == io::ErrorKind::PermissionDenied {
-                    return Ended::ProxyHeader;
-                }
-                tracing::debug!(error = %e, "TCP session ended with an error");
-                return Ended::Closed;
-            }
-        }
-        Ended::Closed
-    };
-    let quiet = async {
-        loop {
-            let since = Duration::from_millis(
-                crate::clock::now_ms().saturating_sub(last.load(Ordering::Relaxed)),
-            );
-            if since >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - since).await;
-        }
-    };
     tokio::select! {
-        ended = both => ended,
-        _ = quiet => Ended::Idle,
+        ended = until_both_end(up, down) => ended,
+        _ = quiet_for(&last, idle) => Ended::Idle,
+    }
+}
+
+/// Runs both directions of a session until each has ended; an error either way ends the session.
+async fn until_both_end(
+    up: impl std::future::Future<Output = io::Result<()>>,
+    down: impl std::future::Future<Output = io::Result<()>>,
+) -> Ended {
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        let result = tokio::select! {
+            r = &mut up, if !up_done => { up_done = true; r }
+            r = &mut down, if !down_done => { down_done = true; r }
+        };
+        if let Err(e) = result {
+            if e.kind() == io::ErrorKind::PermissionDenied {
+                return Ended::ProxyHeader;
+            }
+            tracing::debug!(error = %e, "TCP session ended with an error");
+            return Ended::Closed;
+        }
+    }
+    Ended::Closed
+}
+
+/// Resolves once nothing has moved (`last`, on [`crate::clock`]) for `idle`.
+async fn quiet_for(last: &AtomicU64, idle: Duration) {
+    loop {
+        let since = Duration::from_millis(
+            crate::clock::now_ms().saturating_sub(last.load(Ordering::Relaxed)),
+        );
+        if since >= idle {
+            return;
+        }
+        tokio::time::sleep(idle - since).await;
     }
 }
 
@@ -552,37 +558,11 @@ async fn relay_spliced(
     stats: &TcpStats,
     last: &AtomicU64,
 ) -> Ended {
-    let both = async {
-        let up = splice_pipe(client, server, last, &stats.bytes_in);
-        let down = splice_pipe(server, client, last, &stats.bytes_out);
-        tokio::pin!(up, down);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            let result = tokio::select! {
-                r = &mut up, if !up_done => { up_done = true; r }
-                r = &mut down, if !down_done => { down_done = true; r }
-            };
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "TCP session ended with an error");
-                return Ended::Closed;
-            }
-        }
-        Ended::Closed
-    };
-    let quiet = async {
-        loop {
-            let since = Duration::from_millis(
-                crate::clock::now_ms().saturating_sub(last.load(Ordering::Relaxed)),
-            );
-            if since >= idle {
-                return;
-            }
-            tokio::time::sleep(idle - since).await;
-        }
-    };
+    let up = splice_pipe(client, server, last, &stats.bytes_in);
+    let down = splice_pipe(server, client, last, &stats.bytes_out);
     tokio::select! {
-        ended = both => ended,
-        _ = quiet => Ended::Idle,
+        ended = until_both_end(up, down) => ended,
+        _ = quiet_for(last, idle) => Ended::Idle,
     }
 }
 

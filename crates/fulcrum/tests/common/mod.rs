@@ -70,6 +70,20 @@ pub fn fulcrum(text: &str) -> Running {
     runtime::start_with_workers(cfg, 2).expect("start fulcrum")
 }
 
+/// Starts a balancer (two workers) from a configuration file, so that reloads re-read it.
+pub fn fulcrum_file(path: &std::path::Path) -> Running {
+    let cfg = fulcrum::config::load(path).unwrap_or_else(|e| panic!("config: {e}"));
+    runtime::start_with(
+        cfg,
+        runtime::StartOptions {
+            workers: Some(2),
+            config_path: Some(path.to_owned()),
+            ..runtime::StartOptions::default()
+        },
+    )
+    .expect("start fulcrum")
+}
+
 pub fn web(running: &Running) -> SocketAddr {
     running.listener_addr("web").expect("listener web")
 }
