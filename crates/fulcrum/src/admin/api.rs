@@ -206,21 +206,29 @@ pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusView> {
     let listeners = state
         .listeners
         .iter()
-        .map(|l| ListenerView {
-            name: l.name.clone(),
-            bind: l.bound.to_string(),
-            protocol: l.protocol,
-            pool: l.pool.clone(),
-            active_connections: l
-                .stats()
-                .active_connections
-                .load(std::sync::atomic::Ordering::Relaxed),
-            connections_total: l
-                .stats()
-                .connections_total
-                .load(std::sync::atomic::Ordering::Relaxed),
-            requests_total: l.stats().requests_total(),
-            max_connections: l.slots.limit(),
+        .map(|l| {
+            use std::sync::atomic::Ordering::Relaxed;
+            // A udp listener's connections are its client flows.
+            let (active, total) = match &l.handler {
+                crate::runtime::Handler::Udp(u, _) => (
+                    u.stats.flows_active.load(Relaxed),
+                    u.stats.flows_total.load(Relaxed),
+                ),
+                _ => (
+                    l.stats().active_connections.load(Relaxed),
+                    l.stats().connections_total.load(Relaxed),
+                ),
+            };
+            ListenerView {
+                name: l.name.clone(),
+                bind: l.bound.to_string(),
+                protocol: l.protocol,
+                pool: l.pool.clone(),
+                active_connections: active,
+                connections_total: total,
+                requests_total: l.stats().requests_total(),
+                max_connections: l.slots.limit(),
+            }
         })
         .collect();
     Json(StatusView {
