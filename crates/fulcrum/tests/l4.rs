@@ -485,6 +485,19 @@ async fn a_udp_listener_keeps_each_client_on_its_server() {
         seen.insert(first.unwrap());
     }
     assert_eq!(seen.len(), 2, "clients spread over both servers");
+    let flows: u64 = lb
+        .shared()
+        .pool("p")
+        .unwrap()
+        .snapshot_full()
+        .servers
+        .iter()
+        .map(|s| s.stats.sessions.load(std::sync::atomic::Ordering::Relaxed))
+        .sum();
+    assert_eq!(
+        flows, 6,
+        "each client's flow counts as a session on its server"
+    );
     let metrics = get(
         &client(),
         &format!("http://{}/metrics", lb.admin_addr().unwrap()),

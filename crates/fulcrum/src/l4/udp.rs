@@ -402,6 +402,10 @@ impl Table {
             self.proxy.stats.clone(),
         ))
         .abort_handle();
+        server
+            .stats
+            .sessions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(Flow {
             upstream,
             activity,
