@@ -408,13 +408,7 @@ async fn forward(
                             .record_response(status.as_u16(), answer.elapsed);
                         snapshot.observe(server, !status.is_server_error());
                         let mut resp = respond_client(answer, guard);
-                        if let Some((sticky, client)) = &sticky {
-                            let stuck_here = client
-                                .server
-                                .is_some_and(|i| Arc::ptr_eq(&snapshot.servers[i], server));
-                            let secure = ctx.listener.tls.load().is_some();
-                            sticky.remember(client, server, stuck_here, secure, resp.headers_mut());
-                        }
+                        remember(&sticky, &snapshot, server, ctx, &mut resp);
                         return resp;
                     }
                     Err(client::ClientFailure::NotSent(returned)) => {
@@ -456,13 +450,7 @@ async fn forward(
                 server.stats.record_response(head.status.as_u16(), elapsed);
                 snapshot.observe(server, !head.status.is_server_error());
                 let mut resp = respond(head, conn, guard, client_upgrade, ctx);
-                if let Some((sticky, client)) = &sticky {
-                    let stuck_here = client
-                        .server
-                        .is_some_and(|i| Arc::ptr_eq(&snapshot.servers[i], server));
-                    let secure = ctx.listener.tls.load().is_some();
-                    sticky.remember(client, server, stuck_here, secure, resp.headers_mut());
-                }
+                remember(&sticky, &snapshot, server, ctx, &mut resp);
                 return resp;
             }
             Err(f @ (Failure::NotSent | Failure::Unanswered)) => {
@@ -485,6 +473,23 @@ async fn forward(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     })
+}
+
+/// After `server` answered: the sticky client is remembered there (its cookie `Secure` on `https`).
+fn remember(
+    sticky: &Option<(&Arc<Sticky>, crate::sticky::ClientKey)>,
+    snapshot: &PoolSnapshot,
+    server: &Arc<Server>,
+    ctx: &ConnContext,
+    resp: &mut Response<ProxyBody>,
+) {
+    if let Some((sticky, client)) = sticky {
+        let stuck_here = client
+            .server
+            .is_some_and(|i| Arc::ptr_eq(&snapshot.servers[i], server));
+        let secure = ctx.listener.proto == "https";
+        sticky.remember(client, server, stuck_here, secure, resp.headers_mut());
+    }
 }
 
 /// A request body on its way: read by fulcrum's own client, or handed to hyper (with what its

@@ -219,20 +219,13 @@ async fn serve_tls(
         r = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)) => r,
         _ = stop.cancelled() => return,
     };
-    let stream = match handshake {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    let stream = match handshake.unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())) {
+        Ok(s) => s,
+        Err(e) => {
             http.stats
                 .tls_handshake_failures
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
-            return;
-        }
-        Err(_) => {
-            http.stats
-                .tls_handshake_failures
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(client = %peer, "TLS handshake timed out");
             return;
         }
     };
