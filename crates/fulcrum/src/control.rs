@@ -241,6 +241,8 @@ pub struct Prepared {
     sticky: Vec<Option<Arc<Sticky>>>,
     /// Sockets of the listeners that start, by index in `config.listeners`.
     sockets: HashMap<usize, (SocketAddr, Bound)>,
+    /// The access log to switch to (`Some(None)`: none any more), when it changed.
+    access_log: Option<Option<Arc<crate::access_log::AccessLog>>>,
 }
 
 /// The bound socket(s) of a listener that starts.
@@ -619,10 +621,27 @@ impl Controller {
             }
             sockets.insert(i, (bound, Bound::Tcp(bound_sockets)));
         }
+        // The access log: kept when its settings did not change, else (re)started.
+        let current = self.shared.access_log.load_full();
+        let access_log = match (&config.access_log, current) {
+            (None, None) => None,
+            (Some(want), Some(log)) if log.settings() == want => None,
+            (None, Some(_)) => Some(None),
+            (Some(want), _) => Some(Some(crate::access_log::AccessLog::start(want.clone()).map_err(
+                |source| StartError::AccessLog {
+                    path: match &want.destination {
+                        crate::access_log::Destination::File(p) => p.display().to_string(),
+                        crate::access_log::Destination::Stdout => "stdout".into(),
+                    },
+                    source,
+                },
+            )?)),
+        };
         Ok(Prepared {
             config,
             sticky,
             sockets,
+            access_log,
         })
     }
 
@@ -647,7 +666,11 @@ impl Controller {
             config,
             sticky,
             mut sockets,
+            access_log,
         } = prepared;
+        if let Some(log) = access_log {
+            self.shared.access_log.store(log);
+        }
         let old = self.shared.state();
         let workers = self.workers.len();
         let mut report = ReloadReport::default();
@@ -765,6 +788,7 @@ impl Controller {
                                 http.builders.store(Arc::new(Builders::new(settings)));
                             }
                             update_per_ip(&http.per_ip, l.max_connections_per_ip);
+                            http.explain.store(explain(l, &config));
                             None
                         }
                         _ => Some(Handler::Http(Arc::new(HttpListener {
@@ -786,6 +810,9 @@ impl Controller {
                             tls: arc_swap::ArcSwapOption::new(
                                 l.tls.as_ref().and_then(TlsListener::new).map(Arc::new),
                             ),
+                            access_log: self.shared.access_log.clone(),
+                            log_name: Arc::from(l.name.as_str()),
+                            explain: arc_swap::ArcSwapOption::new(explain(l, &config)),
                         }))),
                     }
                 }
@@ -833,6 +860,8 @@ impl Controller {
                             )),
                             router: ArcSwap::from_pointee(router),
                             settings: ArcSwap::from_pointee(TcpSettings::of(l)),
+                            access_log: self.shared.access_log.clone(),
+                            log_name: Arc::from(l.name.as_str()),
                         }))),
                     }
                 }
@@ -848,11 +877,14 @@ impl Controller {
                             None
                         }
                         _ => Some(Handler::Udp(
-                            Arc::new(UdpProxy::new(
-                                l.name.clone(),
-                                pools[l.pool].pool.clone(),
-                                settings,
-                            )),
+                            Arc::new(
+                                UdpProxy::new(
+                                    l.name.clone(),
+                                    pools[l.pool].pool.clone(),
+                                    settings,
+                                )
+                                .with_access_log(self.shared.access_log.clone()),
+                            ),
                             Default::default(),
                         )),
                     }
@@ -1158,6 +1190,14 @@ async fn discover(
 }
 
 /// Applies a new `max_connections_per_ip` to a listener that stays.
+/// What an HTTP listener's `explain` allows: nothing, or explanations for requests carrying the admin
+/// token (when one is set).
+fn explain(l: &crate::config::ListenerConfig, config: &Config) -> Option<Arc<Option<String>>> {
+    l.explain.then(|| {
+        Arc::new(config.admin.as_ref().and_then(|a| a.token.clone()))
+    })
+}
+
 fn update_per_ip(per_ip: &arc_swap::ArcSwapOption<PerIp>, limit: Option<usize>) {
     let current = per_ip.load().as_ref().map(|p| p.limit());
     if current != limit {

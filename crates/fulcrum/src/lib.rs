@@ -8,6 +8,7 @@
 //! while it runs (admin API, reload, [`discovery`], [`takeover`]); [`admin`] serves the API, metrics and
 //! dashboard. See `docs/architecture.md`.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod clock;

@@ -83,7 +83,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format);
+    // Dropping the guard (when main returns) writes out the queued log lines.
+    let _log = logging::init(cli.log_format);
     let result = match cli.command {
         Command::Check { config } => match fulcrum::config::load(&config)
             .map_err(|e| e.to_string())
@@ -253,17 +254,18 @@ fn app(
 }
 
 /// Serves until SIGTERM or SIGINT (or a successor took over), then drains; a second signal exits at
-/// once. SIGHUP reloads the configuration file.
+/// once. SIGHUP reloads the configuration file; SIGUSR1 reopens the access log's file.
 fn serve_until_signal(running: Running) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let (mut term, mut int, mut hup) = rt.block_on(async {
+    let (mut term, mut int, mut hup, mut usr1) = rt.block_on(async {
         Ok::<_, std::io::Error>((
             signal(SignalKind::terminate())?,
             signal(SignalKind::interrupt())?,
             signal(SignalKind::hangup())?,
+            signal(SignalKind::user_defined1())?,
         ))
     })?;
     let stopping = running.shared().stopping();
@@ -274,6 +276,10 @@ fn serve_until_signal(running: Running) -> anyhow::Result<()> {
                 _ = term.recv() => break,
                 _ = int.recv() => break,
                 _ = stopping.cancelled() => break,
+                _ = usr1.recv() => {
+                    tracing::info!("SIGUSR1: reopening the access log");
+                    fulcrum::access_log::reopen_all();
+                }
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading the configuration");
                     // The outcome is logged by the control task.

@@ -160,6 +160,8 @@ pub struct Shared {
     pub reloads: ReloadStats,
     /// The admin API's bearer token, when configured (changes at reload).
     pub(crate) admin_token: ArcSwap<Option<String>>,
+    /// The access log (`[access_log]`), shared by every listener; swapped when a reload changes it.
+    pub access_log: crate::access_log::Slot,
 }
 
 impl Shared {
@@ -248,6 +250,12 @@ pub enum StartError {
     /// The stick table's store could not be set up (a malformed Redis address).
     #[error("pool `{pool}`: stick table: {message}")]
     Store { pool: String, message: String },
+    /// The access log's file could not be opened.
+    #[error("access_log.path: cannot open {path}: {source}")]
+    AccessLog {
+        path: String,
+        source: std::io::Error,
+    },
     /// ICMP health checks are configured but this process may not send ICMP.
     #[error("pool `{pool}`: {message}")]
     Icmp { pool: String, message: String },
@@ -264,6 +272,7 @@ impl StartError {
             StartError::AdminBind { .. } => Some("admin.bind".into()),
             StartError::Store { pool, .. } => Some(format!("pools.{pool}.sticky")),
             StartError::Icmp { pool, .. } => Some(format!("pools.{pool}.health_check.kind")),
+            StartError::AccessLog { .. } => Some("access_log.path".into()),
             StartError::Io(_) => None,
         }
     }
@@ -393,6 +402,7 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
         control: control_tx,
         reloads: ReloadStats::default(),
         admin_token: ArcSwap::from_pointee(config.admin.as_ref().and_then(|a| a.token.clone())),
+        access_log: Default::default(),
     });
     let drain_deadline = CancellationToken::new();
     let admin_stop = CancellationToken::new();

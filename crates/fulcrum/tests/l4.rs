@@ -160,6 +160,19 @@ async fn a_gibibyte_passes_intact_both_ways() {
         stats.bytes_out.load(std::sync::atomic::Ordering::Relaxed),
         TOTAL as u64
     );
+    // The same bytes on the server's counters, as the metrics show them.
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    for direction in ["to_server", "from_server"] {
+        let line = format!(
+            "fulcrum_server_l4_bytes_total{{pool=\"p\",server=\"S0\",direction=\"{direction}\"}} {TOTAL}"
+        );
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
     stop(lb).await;
 }
 
@@ -508,6 +521,48 @@ async fn a_udp_listener_keeps_each_client_on_its_server() {
         metrics.contains("fulcrum_udp_flows_total{listener=\"dns\"} 6"),
         "{metrics}"
     );
+    // Per server: every datagram sent to a server and answered by it, in the metrics (an answer is
+    // counted just after it is sent: the count may trail the client for a moment).
+    let per_server = |metrics: &str, direction: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("fulcrum_server_datagrams_total{")
+                    && l.contains(&format!("direction=\"{direction}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let sent = lb
+        .shared()
+        .state()
+        .listeners
+        .iter()
+        .find_map(|l| match &l.handler {
+            fulcrum::runtime::Handler::Udp(proxy, _) => {
+                Some(proxy.stats.datagrams_in.load(std::sync::atomic::Ordering::Relaxed))
+            }
+            _ => None,
+        })
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = get(
+            &client(),
+            &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+        )
+        .await
+        .body;
+        let counted = (
+            per_server(&metrics, "to_server"),
+            per_server(&metrics, "from_server"),
+        );
+        if counted == (sent, sent) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{counted:?} of {sent}: {metrics}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop(lb).await;
 }
 
@@ -533,6 +588,13 @@ async fn buffered_copies_move_the_same_bytes_and_pass_a_half_close() {
     writer.await.unwrap();
     assert_eq!(got.len(), TOTAL);
     assert_eq!(Sha256::digest(&got), expected);
+    let server = lb.shared().pool("p").unwrap().snapshot_full().servers[0].clone();
+    for direction in [fulcrum::pool::TO_SERVER, fulcrum::pool::FROM_SERVER] {
+        assert_eq!(
+            server.stats.l4_bytes[direction].load(std::sync::atomic::Ordering::Relaxed),
+            TOTAL as u64
+        );
+    }
     stop(lb).await;
     let lb = fulcrum(&tcp_config(&[counting], "splice = false", ""));
     let answer = exchange(edge(&lb), &[7u8; 100_000]).await;

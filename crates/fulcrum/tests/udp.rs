@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fulcrum::l4::udp::{serve, UdpProxy, UdpSettings};
-use fulcrum::pool::{Pool, ServerState};
+use fulcrum::pool::{Pool, ServerState, FROM_SERVER, TO_SERVER};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -213,6 +213,31 @@ async fn each_client_keeps_its_server_and_clients_spread_over_servers() {
         bytes_in + 40 * 2
     );
     assert_eq!(proxy.stat(|s| s.dropped.load(Ordering::Relaxed)), 0);
+    // Per server: the datagrams (and bytes) of the clients it kept, both ways.
+    let servers = proxy.proxy.pool.load().snapshot().servers.clone();
+    for server in &servers {
+        let clients = clients_per_server.get(&server.name).copied().unwrap_or(0) as u64;
+        let stats = &server.stats;
+        assert_eq!(
+            stats.datagrams[TO_SERVER].load(Ordering::Relaxed),
+            clients * 5,
+            "datagrams to {}",
+            server.name
+        );
+        assert_eq!(
+            stats.l4_bytes[TO_SERVER].load(Ordering::Relaxed),
+            clients * 5 * "client2-0".len() as u64
+        );
+        eventually("answers counted per server", || {
+            stats.datagrams[FROM_SERVER].load(Ordering::Relaxed) == clients * 5
+        })
+        .await;
+        assert_eq!(
+            stats.l4_bytes[FROM_SERVER].load(Ordering::Relaxed),
+            clients * 5 * "a:client2-0".len() as u64
+        );
+        assert_eq!(stats.sessions.load(Ordering::Relaxed), clients);
+    }
     // Stopping ends every flow.
     let pool_view = proxy.proxy.clone();
     let stopped = proxy.stop().await;

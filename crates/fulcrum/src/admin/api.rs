@@ -28,7 +28,7 @@ use crate::runtime::Shared;
 pub struct ApiError(StatusCode, ControlError);
 
 impl ApiError {
-    fn new(status: StatusCode, error: impl Into<String>, field: Option<&str>) -> Self {
+    pub(super) fn new(status: StatusCode, error: impl Into<String>, field: Option<&str>) -> Self {
         ApiError(
             status,
             ControlError {

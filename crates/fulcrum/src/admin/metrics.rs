@@ -3,7 +3,7 @@
 //! The request path only bumps atomics; this collector turns them into metric families at scrape time,
 //! so no label lookup or lock ever runs per request.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -336,6 +336,33 @@ impl Collector for FulcrumCollector {
             "L4 sessions sent to the server (TCP connections, UDP flows)",
             |s| Value::Counter(s.stats.sessions.load(Ordering::Relaxed)),
         )?;
+        for (name, help, counters) in [
+            (
+                "server_l4_bytes",
+                "L4 payload bytes to and from the server (TCP sessions, UDP datagrams)",
+                (|s: &Server| &s.stats.l4_bytes) as fn(&Server) -> &[AtomicU64; 2],
+            ),
+            (
+                "server_datagrams",
+                "UDP datagrams to and from the server",
+                |s: &Server| &s.stats.datagrams,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (pool, snap) in &snapshots {
+                for s in &snap.servers {
+                    for (i, direction) in ["to_server", "from_server"].into_iter().enumerate() {
+                        let labels = [
+                            ("pool", *pool),
+                            ("server", s.name.as_str()),
+                            ("direction", direction),
+                        ];
+                        ConstCounter::new(counters(s)[i].load(Ordering::Relaxed))
+                            .encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+        }
         per_server(
             &mut enc,
             &snapshots,
@@ -376,6 +403,43 @@ impl Collector for FulcrumCollector {
             "Passive ejections of the server",
             |s| Value::Counter(s.health.ejections_total()),
         )?;
+        for (name, help, n) in [
+            (
+                "log_lines_dropped",
+                "Diagnostic log lines dropped because stderr did not keep up (workers never wait for it)",
+                crate::logging::dropped(),
+            ),
+            (
+                "log_lines_suppressed",
+                "Diagnostic log lines suppressed by the per-statement rate limit",
+                crate::logging::suppressed(),
+            ),
+        ] {
+            let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(n).encode(m)?;
+        }
+        if let Some(log) = shared.access_log.load_full() {
+            for (name, help, counter) in [
+                (
+                    "access_log_lines",
+                    "Access log lines written",
+                    &log.counters.written,
+                ),
+                (
+                    "access_log_dropped",
+                    "Access log lines dropped because the writer was behind (requests never wait for it)",
+                    &log.counters.dropped,
+                ),
+                (
+                    "access_log_errors",
+                    "Access log writes or reopens that failed",
+                    &log.counters.errors,
+                ),
+            ] {
+                let m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(counter.load(Ordering::Relaxed)).encode(m)?;
+            }
+        }
         let mut m = enc.encode_descriptor(
             "config_reloads",
             "Configuration reloads, by result (error: refused, the running configuration stayed)",

@@ -3,6 +3,7 @@
 //! request path takes.
 
 mod api;
+mod explain;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/status"),
     ("get", "/api/v1/pools"),
     ("get", "/api/v1/pools/{pool}"),
+    ("get", "/api/v1/pools/{pool}/explain"),
     ("post", "/api/v1/pools/{pool}/servers"),
     ("get", "/api/v1/pools/{pool}/servers/{name}"),
     ("delete", "/api/v1/pools/{pool}/servers/{name}"),
@@ -62,6 +64,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/status", get(api::status))
         .route("/api/v1/pools", get(api::pools))
         .route("/api/v1/pools/{pool}", get(api::pool))
+        .route("/api/v1/pools/{pool}/explain", get(explain::explain))
         .route("/api/v1/pools/{pool}/servers", post(api::add_server))
         .route(
             "/api/v1/pools/{pool}/servers/{name}",

@@ -21,11 +21,39 @@ pub(crate) struct RawConfig {
     pub admin: Option<RawAdmin>,
     pub store: Option<RawStore>,
     pub dns: Option<RawDns>,
+    pub access_log: Option<RawAccessLog>,
     /// Defaulted so that "no listeners" gets the same message as `listeners = []`.
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub pools: Vec<RawPool>,
+}
+
+/// `[access_log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAccessLog {
+    pub format: Option<RawLogFormat>,
+    pub path: Option<String>,
+    pub sample: Option<f64>,
+    pub status: Option<Vec<RawLogStatus>>,
+    pub buffer: Option<i64>,
+}
+
+/// `access_log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawLogFormat {
+    Json,
+    Combined,
+}
+
+/// An entry of `access_log.status`: `404` or `"5xx"` / `"404"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawLogStatus {
+    Code(i64),
+    Text(String),
 }
 
 /// `[dns]`.
@@ -104,6 +132,7 @@ pub(crate) struct RawListener {
     pub hello_timeout: Option<RawDuration>,
     pub max_flows: Option<i64>,
     pub splice: Option<bool>,
+    pub explain: Option<bool>,
 }
 
 /// `listeners.https_redirect`: `true` (port 443) or a port.

@@ -93,6 +93,8 @@ pub struct Config {
     /// `dns.nameservers` (optional, `IP:PORT` each): the DNS servers that resolve server host names and
     /// `dns_srv`. Empty (the default): the system's (`/etc/resolv.conf`, `/etc/hosts`).
     pub dns_nameservers: Vec<SocketAddr>,
+    /// `[access_log]` (optional): one line per HTTP request and per L4 session. Absent: no access log.
+    pub access_log: Option<crate::access_log::Settings>,
     /// `[[listeners]]` (at least one): the addresses fulcrum accepts traffic on.
     pub listeners: Vec<ListenerConfig>,
     /// `[[pools]]` (at least one): groups of servers traffic is balanced over. Listeners and routes refer to
@@ -179,6 +181,10 @@ pub struct ListenerConfig {
     /// pipe borrowed per burst) instead of through a user-space buffer; `false` copies through a
     /// 16 KiB buffer borrowed per burst.
     pub splice: bool,
+    /// `explain` (http/https, default false): a request carrying `X-Fulcrum-Explain` (with the admin
+    /// token as its value when `admin.token` is set) gets response headers explaining its routing and
+    /// pick.
+    pub explain: bool,
     /// `request_header_timeout` (http/https, default `"10s"`, fulcrum extension): a client must send its
     /// whole request head within this, or it gets a 408 and the connection is closed.
     pub request_header_timeout: Duration,

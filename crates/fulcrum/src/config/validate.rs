@@ -13,7 +13,7 @@ use regex::Regex;
 
 use super::error::KeyPath;
 use super::file::{
-    RawAdmin, RawAutoBan, RawBlockRule, RawConfig, RawDuration, RawHealthCheck, RawInitialState,
+    RawAccessLog, RawAdmin, RawAutoBan, RawBlockRule, RawLogFormat, RawLogStatus, RawConfig, RawDuration, RawHealthCheck, RawInitialState,
     RawListener, RawPassive, RawPool, RawRateLimit, RawRedirect, RawRoute, RawServer, RawSize,
     RawSticky, RawStore, RawStoreKind, RawTls, RawUpstreamTls,
 };
@@ -118,6 +118,7 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
             })
             .collect::<Result<Vec<_>>>()?,
     };
+    let access_log = raw.access_log.map(access_log).transpose()?;
     let pools = pools(raw.pools)?;
     let listeners = listeners(raw.listeners, &pools, admin.as_ref())?;
     if store == StoreConfig::Memory {
@@ -144,8 +145,58 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
         admin,
         store,
         dns_nameservers,
+        access_log,
         listeners,
         pools,
+    })
+}
+
+fn access_log(raw: RawAccessLog) -> Result<crate::access_log::Settings> {
+    use crate::access_log::{Destination, Format, Settings, StatusMatch};
+    let path = KeyPath::root("access_log");
+    let destination = match raw.path.as_deref() {
+        None | Some("stdout") => Destination::Stdout,
+        Some("") => return invalid(path.key("path"), "must be \"stdout\" or a file path"),
+        Some(file) => Destination::File(file.into()),
+    };
+    let sample = raw.sample.unwrap_or(1.0);
+    if !(sample > 0.0 && sample <= 1.0) {
+        return invalid(
+            path.key("sample"),
+            format!("must be in (0, 1] (the share of requests logged), got {sample}"),
+        );
+    }
+    let mut status = Vec::new();
+    for (i, s) in raw.status.unwrap_or_default().iter().enumerate() {
+        let at = path.key("status").index(i);
+        let parsed = match s {
+            RawLogStatus::Code(c) if (100..=599).contains(c) => StatusMatch::Code(*c as u16),
+            RawLogStatus::Text(t) => match t.as_bytes() {
+                [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => StatusMatch::Class(u16::from(c - b'0')),
+                _ => match t.parse::<u16>() {
+                    Ok(c) if (100..=599).contains(&c) => StatusMatch::Code(c),
+                    _ => {
+                        return invalid(
+                            at,
+                            format!("{t:?}: expected a status (100-599) or a class like \"5xx\""),
+                        )
+                    }
+                },
+            },
+            RawLogStatus::Code(c) => return invalid(at, format!("{c}: a status is 100-599")),
+        };
+        status.push(parsed);
+    }
+    let buffer = integer(raw.buffer, path.key("buffer"), 65_536, 1, 16 << 20)? as usize;
+    Ok(Settings {
+        format: match raw.format.unwrap_or(RawLogFormat::Json) {
+            RawLogFormat::Json => Format::Json,
+            RawLogFormat::Combined => Format::Combined,
+        },
+        destination,
+        sample,
+        status,
+        buffer,
     })
 }
 
@@ -983,6 +1034,7 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
             ("block", raw.block.is_some()),
             ("block_rules", raw.block_rules.is_some()),
             ("auto_ban", raw.auto_ban.is_some()),
+            ("explain", raw.explain.is_some()),
         ];
         if let Some((key, _)) = http_only.iter().find(|(_, used)| *used) {
             return invalid(
@@ -1120,6 +1172,7 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
         hello_timeout,
         max_flows,
         splice: raw.splice.unwrap_or(true),
+        explain: raw.explain.unwrap_or(false),
         request_header_timeout,
         idle_timeout,
         max_connections,

@@ -22,7 +22,11 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use super::chunked::Step;
+use crate::access_log::{AccessLog, Record, Termination};
 use super::upstream::{Framing, UpstreamConn};
 use crate::pool::InFlight;
 
@@ -181,6 +185,8 @@ pub enum ProxyBody {
     Client(super::client::ClientBody),
     /// A complete body (error pages, local answers); `None` once sent.
     Full(Option<Bytes>),
+    /// A body whose request is logged once it has been sent (or given up).
+    Logged(Box<LoggedBody>),
 }
 
 impl ProxyBody {
@@ -209,6 +215,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Client(body) => Pin::new(body).poll_frame(cx),
             ProxyBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            ProxyBody::Logged(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -218,6 +225,7 @@ impl Body for ProxyBody {
             ProxyBody::Upstream(body) => body.is_end_stream(),
             ProxyBody::Client(body) => body.is_end_stream(),
             ProxyBody::Full(bytes) => bytes.is_none(),
+            ProxyBody::Logged(body) => body.inner.is_end_stream(),
         }
     }
 
@@ -228,6 +236,90 @@ impl Body for ProxyBody {
             ProxyBody::Client(body) => body.size_hint(),
             ProxyBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             ProxyBody::Full(None) => SizeHint::with_exact(0),
+            ProxyBody::Logged(body) => body.inner.size_hint(),
         }
+    }
+}
+
+/// A response body that writes its request's access log line when it ends: complete (`ok`), failed
+/// at the server (`server_abort`), or dropped before its end because the client went away
+/// (`client_abort`).
+#[derive(Debug)]
+pub struct LoggedBody {
+    inner: ProxyBody,
+    pending: Option<(Arc<AccessLog>, Record, Instant)>,
+    sent: u64,
+    failed: bool,
+}
+
+impl LoggedBody {
+    /// `inner`, logging `record` to `log` when it ends; `started` is when the request arrived.
+    pub fn wrap(inner: ProxyBody, log: Arc<AccessLog>, record: Record, started: Instant) -> ProxyBody {
+        ProxyBody::Logged(Box::new(LoggedBody {
+            inner,
+            pending: Some((log, record, started)),
+            sent: 0,
+            failed: false,
+        }))
+    }
+
+    fn finish(&mut self) {
+        let Some((log, mut record, started)) = self.pending.take() else {
+            return;
+        };
+        record.bytes_out = self.sent;
+        record.request_time = started.elapsed();
+        if record.termination == Termination::Ok {
+            if self.failed {
+                record.termination = Termination::ServerAbort;
+            } else if !self.inner.is_end_stream() {
+                record.termination = Termination::ClientAbort;
+            }
+        }
+        log.log(record);
+    }
+}
+
+impl Body for LoggedBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent += data.len() as u64;
+                }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.failed = true;
+                this.finish();
+            }
+            Poll::Ready(None) => this.finish(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        self.finish();
     }
 }

@@ -9,4 +9,5 @@ pub mod headers;
 pub mod proxy;
 pub mod route;
 pub mod server;
+pub mod trace;
 pub mod upstream;

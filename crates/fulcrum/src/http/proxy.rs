@@ -41,6 +41,7 @@ use super::client;
 use super::filter::{Filter, ListenerFilter};
 use super::headers::{check_host, is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
+use super::trace::Trace;
 use super::server::{Builders, ConnSettings};
 use super::upstream::{
     self, BodyLimits, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn,
@@ -77,11 +78,16 @@ impl HttpRouter {
     /// The target for `req`.
     #[inline]
     pub fn route<B>(&self, req: &Request<B>) -> &Target {
+        self.route_at(req).1
+    }
+
+    /// The target for `req`, with the index of the route that matched (`None`: the default).
+    #[inline]
+    pub fn route_at<B>(&self, req: &Request<B>) -> (Option<usize>, &Target) {
         self.routes
             .iter()
-            .find(|(m, _)| route::matches(m, req))
-            .map(|(_, t)| t)
-            .unwrap_or(&self.default)
+            .position(|(m, _)| route::matches(m, req))
+            .map_or((None, &self.default), |i| (Some(i), &self.routes[i].1))
     }
 }
 
@@ -106,6 +112,13 @@ pub struct HttpListener {
     pub filter: ArcSwap<ListenerFilter>,
     /// TLS termination (`https` listeners).
     pub tls: arc_swap::ArcSwapOption<super::server::TlsListener>,
+    /// The access log (shared by every listener).
+    pub access_log: crate::access_log::Slot,
+    /// The listener's name for log lines.
+    pub log_name: Arc<str>,
+    /// `explain = true`: `Some`, holding the admin token the request's `X-Fulcrum-Explain` must carry
+    /// (when one is set).
+    pub explain: arc_swap::ArcSwapOption<Option<String>>,
 }
 
 /// The peer of one client connection, formatted once for `X-Forwarded-For`.
@@ -172,6 +185,16 @@ pub async fn handle(
     let _active = Active::start(&ctx.active);
     let listener = &ctx.listener;
     let ip = ctx.client.addr.ip();
+    // Tracing what happens costs only the requests that are logged or ask for an explanation.
+    let log = listener.access_log.load_full().filter(|log| log.sampled());
+    let explain = explain_allowed(listener, &req);
+    let mut trace = (log.is_some() || explain).then(|| {
+        Box::new(Trace {
+            explain,
+            ..Trace::default()
+        })
+    });
+    let logged = log.map(|log| (log, request_record(&req, &ctx), Instant::now()));
     let filter = listener.filter.load();
     let resp = match check_host(&req) {
         Err(why) => local_with(StatusCode::BAD_REQUEST, why),
@@ -190,7 +213,11 @@ pub async fn handle(
                 }
                 None => {
                     let router = listener.router.load();
-                    let target = router.route(&req);
+                    let (route, target) = router.route_at(&req);
+                    if let Some(trace) = trace.as_deref_mut() {
+                        trace.route = route;
+                        trace.pool = Some(Arc::from(target.pool.name.as_str()));
+                    }
                     let limit = target.max_body_size.or(ctx.settings.max_body_size);
                     let refused = match target.filter.as_ref() {
                         Some(f) => f.check(&req, ip, true).await,
@@ -202,7 +229,7 @@ pub async fn handle(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "413 Content Too Large: the request body is over this route's limit\n",
                     ),
-                    _ => forward(target, &ctx, req).await,
+                    _ => forward(target, &ctx, req, trace.as_deref_mut()).await,
                 }
                 }
             }
@@ -217,7 +244,78 @@ pub async fn handle(
     let status = resp.status().as_u16();
     filter.record(ip, status);
     listener.stats.count(status);
+    if let Some(trace) = trace.as_deref() {
+        if trace.explain {
+            trace.write_headers(resp.headers_mut());
+        }
+    }
+    if let (Some((log, mut record, started)), Some(trace)) = (logged, trace) {
+        if !log.wants_status(status) {
+            return Ok(resp);
+        }
+        record.status = status;
+        record.route = trace.route;
+        record.retries = trace.retries();
+        record.sticky = trace.sticky;
+        record.server_time = trace.server_time;
+        record.termination = match (trace.server.is_some() && !trace.gave_up, status) {
+            (true, _) => crate::access_log::Termination::Ok,
+            (false, 503) => crate::access_log::Termination::NoServer,
+            (false, 504) => crate::access_log::Termination::Timeout,
+            (false, 502) => crate::access_log::Termination::ServerAbort,
+            (false, _) => crate::access_log::Termination::Local,
+        };
+        record.pool = trace.pool;
+        record.server = trace.server;
+        return Ok(resp.map(|body| super::body::LoggedBody::wrap(body, log, record, started)));
+    }
     Ok(resp)
+}
+
+/// Whether `req` may have its routing explained: the listener allows it and the request asks with
+/// `X-Fulcrum-Explain` (carrying the admin token when one is set).
+fn explain_allowed<B>(listener: &HttpListener, req: &Request<B>) -> bool {
+    let explain = listener.explain.load();
+    let Some(allowed) = explain.as_deref() else {
+        return false;
+    };
+    let Some(value) = req.headers().get(&super::trace::EXPLAIN_HEADER) else {
+        return false;
+    };
+    match allowed {
+        None => true,
+        Some(token) => {
+            let given = value.as_bytes();
+            let given = given.strip_prefix(b"Bearer ").unwrap_or(given);
+            bool::from(subtle::ConstantTimeEq::ct_eq(given, token.as_bytes()))
+        }
+    }
+}
+
+/// The access log's record of a request, with what it knows before the request moves on.
+fn request_record<B>(req: &Request<B>, ctx: &ConnContext) -> crate::access_log::Record {
+    let mut record = crate::access_log::Record::new(
+        crate::access_log::Kind::Http,
+        ctx.client.addr,
+        ctx.listener.log_name.clone(),
+    );
+    let copy = |name: http::header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+    };
+    record.method = Some(req.method().clone());
+    record.path = Some(
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().to_string(), |pq| pq.as_str().to_owned()),
+    );
+    record.version = Some(req.version());
+    record.host = copy(http::header::HOST);
+    record.referer = copy(http::header::REFERER);
+    record.user_agent = copy(http::header::USER_AGENT);
+    record.bytes_in = declared_length(req).unwrap_or(0);
+    record
 }
 
 /// `308 Permanent Redirect` to the same host and path over HTTPS on `port` (the method and body are
@@ -287,6 +385,7 @@ async fn forward(
     target: &Target,
     ctx: &Arc<ConnContext>,
     mut req: Request<Incoming>,
+    mut trace: Option<&mut Trace>,
 ) -> Response<ProxyBody> {
     let client = &ctx.client;
     let proto = ctx.listener.proto;
@@ -347,6 +446,9 @@ async fn forward(
         .map(|i| &snapshot.servers[i]);
     let mut sticky_first = sticky_server;
     let mut candidates = snapshot.pick(key);
+    if let Some(trace) = trace.as_deref_mut() {
+        trace.picked(&snapshot, key, &candidates);
+    }
     let mut attempts = snapshot.settings.retries + 1;
     let mut unanswered = false;
     let mut queue_deadline = None;
@@ -407,6 +509,10 @@ async fn forward(
                             .stats
                             .record_response(status.as_u16(), answer.elapsed);
                         snapshot.observe(server, !status.is_server_error());
+                        if let Some(trace) = trace.as_deref_mut() {
+                            trace.answered(server, answer.elapsed);
+                            trace.sticky = sticky_outcome(&sticky, &snapshot, server);
+                        }
                         let mut resp = respond_client(answer, guard);
                         remember(&sticky, &snapshot, server, ctx, &mut resp);
                         return resp;
@@ -415,21 +521,34 @@ async fn forward(
                         *body = Some(returned);
                         server.stats.record_failure();
                         snapshot.observe(server, false);
+                        if let Some(trace) = trace.as_deref_mut() {
+                            trace.failed(server, "not sent");
+                        }
                     }
                     Err(client::ClientFailure::ConnectFailed { reset }) => {
                         unanswered |= reset;
                         server.stats.record_failure();
                         snapshot.observe(server, false);
+                        if let Some(trace) = trace.as_deref_mut() {
+                            trace.failed(server, "connect failed");
+                        }
                     }
                     Err(client::ClientFailure::Unanswered) => {
                         unanswered = true;
                         server.stats.record_failure();
                         snapshot.observe(server, false);
+                        if let Some(trace) = trace.as_deref_mut() {
+                            trace.failed(server, "closed without answering");
+                        }
                     }
                     Err(client::ClientFailure::Client(status)) => return local(status),
                     Err(client::ClientFailure::Failed(status)) => {
                         server.stats.record_failure();
                         snapshot.observe(server, false);
+                        if let Some(trace) = trace.as_deref_mut() {
+                            trace.server = Some(Arc::from(server.name.as_str()));
+                            trace.gave_up = true;
+                        }
                         return local(status);
                     }
                 }
@@ -449,6 +568,10 @@ async fn forward(
             Ok((head, conn, elapsed)) => {
                 server.stats.record_response(head.status.as_u16(), elapsed);
                 snapshot.observe(server, !head.status.is_server_error());
+                if let Some(trace) = trace.as_deref_mut() {
+                    trace.answered(server, elapsed);
+                    trace.sticky = sticky_outcome(&sticky, &snapshot, server);
+                }
                 let mut resp = respond(head, conn, guard, client_upgrade, ctx);
                 remember(&sticky, &snapshot, server, ctx, &mut resp);
                 return resp;
@@ -457,10 +580,24 @@ async fn forward(
                 unanswered |= matches!(f, Failure::Unanswered);
                 server.stats.record_failure();
                 snapshot.observe(server, false);
+                if let Some(trace) = trace.as_deref_mut() {
+                    trace.failed(
+                        server,
+                        if matches!(f, Failure::Unanswered) {
+                            "closed without answering"
+                        } else {
+                            "connect failed"
+                        },
+                    );
+                }
             }
             Err(Failure::Failed(status)) => {
                 server.stats.record_failure();
                 snapshot.observe(server, false);
+                if let Some(trace) = trace.as_deref_mut() {
+                    trace.server = Some(Arc::from(server.name.as_str()));
+                    trace.gave_up = true;
+                }
                 return local(status);
             }
             Err(Failure::Client) => return local(StatusCode::BAD_REQUEST),
@@ -473,6 +610,23 @@ async fn forward(
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     })
+}
+
+/// What stickiness did for a request `server` answered.
+fn sticky_outcome(
+    sticky: &Option<(&Arc<Sticky>, crate::sticky::ClientKey)>,
+    snapshot: &PoolSnapshot,
+    server: &Arc<Server>,
+) -> crate::access_log::StickyOutcome {
+    use crate::access_log::StickyOutcome;
+    match sticky {
+        None => StickyOutcome::None,
+        Some((_, client)) if !client.known() => StickyOutcome::Miss,
+        Some((_, client)) => match client.server {
+            Some(i) if Arc::ptr_eq(&snapshot.servers[i], server) => StickyOutcome::Hit,
+            _ => StickyOutcome::Redispatch,
+        },
+    }
 }
 
 /// After `server` answered: the sticky client is remembered there (its cookie `Secure` on `https`).
@@ -539,7 +693,7 @@ async fn wait_for_slot(snapshot: &PoolSnapshot, deadline: Instant) -> bool {
 }
 
 /// The request's hash key for the pool's `hash_key`; `None` when the request lacks it.
-fn request_key<B>(key: &HashKey, req: &Request<B>, client: &Client) -> Option<u64> {
+pub(crate) fn request_key<B>(key: &HashKey, req: &Request<B>, client: &Client) -> Option<u64> {
     Some(match key {
         HashKey::SourceIp => match client.addr.ip() {
             IpAddr::V4(ip) => hash_key(&ip.octets()),

@@ -34,11 +34,12 @@ use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::access_log::{Kind, Record, Termination};
 use crate::config::{HashKey, HostMatch, ProxyProtocol};
 use crate::filter::CidrSet;
 use crate::http::filter::ListenerFilter;
 use crate::listener::{Accepted, ConnHandler, ListenerStats, PerIp};
-use crate::pool::{InFlight, Pool, Server};
+use crate::pool::{InFlight, Pool, Server, ServerStats, FROM_SERVER, TO_SERVER};
 use crate::sticky::Sticky;
 
 /// The largest ClientHello read to route by SNI.
@@ -143,11 +144,33 @@ pub struct TcpProxy {
     pub router: ArcSwap<TcpRouter>,
     /// Timeouts and the PROXY protocol.
     pub settings: ArcSwap<TcpSettings>,
+    /// The access log: a line per session when it ends.
+    pub access_log: crate::access_log::Slot,
+    /// The listener's name for log lines.
+    pub log_name: Arc<str>,
 }
 
 impl ConnHandler for TcpProxy {
     async fn serve(self: Arc<Self>, conn: Accepted) {
-        self.serve_conn(conn).await;
+        let Some(log) = self.access_log.load_full().filter(|log| log.sampled()) else {
+            self.serve_conn(conn, None).await;
+            return;
+        };
+        // The logged path: the session's bytes are counted for its line.
+        let mut record = Record::new(Kind::Tcp, conn.peer, self.log_name.clone());
+        let started = Instant::now();
+        let bytes = [AtomicU64::new(0), AtomicU64::new(0)];
+        let mut session = Session::default();
+        let termination = Box::pin(self.serve_conn(conn, Some((&bytes, &mut session)))).await;
+        record.client = session.client.unwrap_or(record.client);
+        record.pool = session.pool;
+        record.server = session.server;
+        record.server_time = session.connect_time;
+        record.bytes_in = bytes[0].load(Ordering::Relaxed);
+        record.bytes_out = bytes[1].load(Ordering::Relaxed);
+        record.request_time = started.elapsed();
+        record.termination = termination;
+        log.log(record);
     }
 
     fn name(&self) -> &str {
@@ -167,8 +190,22 @@ impl ConnHandler for TcpProxy {
     }
 }
 
+/// What a logged session reports for its access log line.
+#[derive(Default)]
+struct Session {
+    client: Option<SocketAddr>,
+    pool: Option<Arc<str>>,
+    server: Option<Arc<str>>,
+    connect_time: Option<Duration>,
+}
+
 impl TcpProxy {
-    async fn serve_conn(&self, conn: Accepted) {
+    /// Serves one connection; with `log`, counts its bytes there and fills in its [`Session`].
+    async fn serve_conn(
+        &self,
+        conn: Accepted,
+        mut log: Option<(&[AtomicU64; 2], &mut Session)>,
+    ) -> Termination {
         let Accepted {
             mut stream,
             peer,
@@ -206,7 +243,7 @@ impl TcpProxy {
                 Err(e) => {
                     self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(listener = %self.name, client = %peer, error = %e, "bad PROXY header");
-                    return;
+                    return Termination::Refused;
                 }
             }
         }
@@ -226,21 +263,33 @@ impl TcpProxy {
                     early = hello.bytes;
                     if refuse_header && is_proxy_header(&early) {
                         self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
-                        return;
+                        return Termination::Refused;
                     }
                     router.route(hello.server_name.as_deref())
                 }
                 Err(e) => {
                     self.tcp.bad_hello.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(listener = %self.name, client = %client, error = %e, "no usable TLS ClientHello");
-                    return;
+                    return Termination::Refused;
                 }
             }
         };
-        let Some((server, upstream, _in_flight)) = Box::pin(connect(target, client)).await else {
+        if let Some((_, session)) = &mut log {
+            session.client = Some(client);
+            session.pool = Some(Arc::from(target.pool.name.as_str()));
+        }
+        let Some((server, upstream, _in_flight, connect_time)) =
+            Box::pin(connect(target, client)).await
+        else {
             self.tcp.refused_no_server.fetch_add(1, Ordering::Relaxed);
-            return;
+            return Termination::NoServer;
         };
+        let mut session_bytes = None;
+        if let Some((bytes, session)) = log.take() {
+            session.server = Some(Arc::from(server.name.as_str()));
+            session.connect_time = Some(connect_time);
+            session_bytes = Some(bytes);
+        }
         let mut upstream = upstream;
         let mut head = Vec::new();
         if let Some(version) = settings.proxy_protocol {
@@ -249,27 +298,34 @@ impl TcpProxy {
         head.extend_from_slice(&early);
         if !head.is_empty() && upstream.write_all(&head).await.is_err() {
             server.stats.record_failure();
-            return;
+            return Termination::ServerAbort;
         }
         self.tcp
             .bytes_in
             .fetch_add(early.len() as u64, Ordering::Relaxed);
+        server.stats.record_l4(TO_SERVER, early.len(), false);
+        if let Some(bytes) = session_bytes {
+            bytes[0].fetch_add(early.len() as u64, Ordering::Relaxed);
+        }
         drop(early);
         drop(head);
         let check_first = refuse_header && self.router.load().routes.is_empty();
         let outcome = tokio::select! {
-            r = relay(&mut stream, &mut upstream, settings.idle_timeout, &self.tcp, check_first, settings.splice) => r,
+            r = relay(&mut stream, &mut upstream, settings.idle_timeout, Counters { tcp: &self.tcp, server: &server.stats, session: session_bytes }, check_first, settings.splice) => r,
             _ = deadline.cancelled() => Ended::Cut,
         };
         match outcome {
             Ended::Idle => {
                 self.tcp.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                Termination::Idle
             }
             Ended::ProxyHeader => {
                 self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(listener = %self.name, client = %peer, "PROXY header from an untrusted source: refused");
+                Termination::Refused
             }
-            Ended::Closed | Ended::Cut => {}
+            Ended::Closed => Termination::Ok,
+            Ended::Cut => Termination::Cut,
         }
     }
 }
@@ -279,7 +335,7 @@ impl TcpProxy {
 async fn connect(
     target: &TcpTarget,
     client: SocketAddr,
-) -> Option<(Arc<Server>, TcpStream, InFlight)> {
+) -> Option<(Arc<Server>, TcpStream, InFlight, Duration)> {
     let snapshot = target.pool.snapshot_full();
     let key = snapshot.settings.hash_key.as_ref().and_then(|k| match k {
         HashKey::SourceIp => Some(ip_key(client, false)),
@@ -327,7 +383,8 @@ async fn connect(
         {
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                server.stats.record_session(started.elapsed());
+                let connect_time = started.elapsed();
+                server.stats.record_session(connect_time);
                 snapshot.observe(&server, true);
                 if let Some((sticky, c)) = &sticky {
                     let stuck_here = c
@@ -335,7 +392,7 @@ async fn connect(
                         .is_some_and(|i| Arc::ptr_eq(&snapshot.servers[i], &server));
                     sticky.remember(c, &server, stuck_here, false, &mut http::HeaderMap::new());
                 }
-                return Some((server, upstream, in_flight));
+                return Some((server, upstream, in_flight, connect_time));
             }
             Ok(Err(e)) => {
                 tracing::warn!(server = %server.name, error = %e, "server connect failed");
@@ -434,19 +491,45 @@ impl Drop for Buffer {
     }
 }
 
+/// The counters a session's bytes go to: its listener's and its server's.
+#[derive(Clone, Copy)]
+struct Counters<'a> {
+    tcp: &'a TcpStats,
+    server: &'a ServerStats,
+    /// The session's own counts, when its access log line needs them.
+    session: Option<&'a [AtomicU64; 2]>,
+}
+
+impl Counters<'_> {
+    /// Counts `n` bytes moved to the server (`direction` [`TO_SERVER`]) or from it.
+    #[inline]
+    fn add(&self, direction: usize, n: usize) {
+        let listener = if direction == TO_SERVER {
+            &self.tcp.bytes_in
+        } else {
+            &self.tcp.bytes_out
+        };
+        listener.fetch_add(n as u64, Ordering::Relaxed);
+        self.server.record_l4(direction, n, false);
+        if let Some(session) = self.session {
+            session[direction].fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
 /// Copies bytes both ways until both directions have ended, or nothing moved for `idle`.
 async fn relay(
     client: &mut TcpStream,
     server: &mut TcpStream,
     idle: Duration,
-    stats: &TcpStats,
+    counters: Counters<'_>,
     refuse_header: bool,
     splice: bool,
 ) -> Ended {
     let last = AtomicU64::new(crate::clock::now_ms());
     // The header check needs the first bytes in hand: those sessions copy through a buffer.
     if splice && !refuse_header {
-        return relay_spliced(client, server, idle, stats, &last).await;
+        return relay_spliced(client, server, idle, counters, &last).await;
     }
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
@@ -454,14 +537,14 @@ async fn relay(
         &mut client_read,
         &mut server_write,
         &last,
-        &stats.bytes_in,
+        (counters, TO_SERVER),
         refuse_header,
     );
     let down = pipe(
         &mut server_read,
         &mut client_write,
         &last,
-        &stats.bytes_out,
+        (counters, FROM_SERVER),
         false,
     );
     tokio::select! {
@@ -512,7 +595,7 @@ async fn pipe(
     from: &mut tokio::net::tcp::ReadHalf<'_>,
     to: &mut tokio::net::tcp::WriteHalf<'_>,
     last: &AtomicU64,
-    counter: &AtomicU64,
+    (counters, direction): (Counters<'_>, usize),
     mut check_first: bool,
 ) -> io::Result<()> {
     loop {
@@ -543,7 +626,7 @@ async fn pipe(
         }
         last.store(crate::clock::now_ms(), Ordering::Relaxed);
         to.write_all(&buf[..n]).await?;
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+        counters.add(direction, n);
         last.store(crate::clock::now_ms(), Ordering::Relaxed);
     }
 }
@@ -555,11 +638,11 @@ async fn relay_spliced(
     client: &TcpStream,
     server: &TcpStream,
     idle: Duration,
-    stats: &TcpStats,
+    counters: Counters<'_>,
     last: &AtomicU64,
 ) -> Ended {
-    let up = splice_pipe(client, server, last, &stats.bytes_in);
-    let down = splice_pipe(server, client, last, &stats.bytes_out);
+    let up = splice_pipe(client, server, last, (counters, TO_SERVER));
+    let down = splice_pipe(server, client, last, (counters, FROM_SERVER));
     tokio::select! {
         ended = until_both_end(up, down) => ended,
         _ = quiet_for(last, idle) => Ended::Idle,
@@ -620,7 +703,7 @@ async fn splice_pipe(
     from: &TcpStream,
     to: &TcpStream,
     last: &AtomicU64,
-    counter: &AtomicU64,
+    (counters, direction): (Counters<'_>, usize),
 ) -> io::Result<()> {
     use rustix::pipe::{splice, SpliceFlags};
     use tokio::io::Interest;
@@ -653,7 +736,7 @@ async fn splice_pipe(
                 }
             }
             last.store(crate::clock::now_ms(), Ordering::Relaxed);
-            counter.fetch_add(pipe.held as u64, Ordering::Relaxed);
+            counters.add(direction, pipe.held);
             while pipe.held > 0 {
                 to.writable().await?;
                 match to.try_io(Interest::WRITABLE, || {

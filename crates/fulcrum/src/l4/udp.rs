@@ -13,10 +13,10 @@
 //! client sees its answers come from the address it sent to.
 //!
 //! A flow holds an [`InFlight`] on its server for as long as it lives: least connections, bounded
-//! loads, `max_connections_per_server` and drains count flows, as they count TCP tunnels. There is
-//! no per-datagram counter on the server ([`crate::pool::ServerStats`] counts HTTP responses by status
-//! and latency, which a datagram has not); an ICMP "port unreachable" answer from a server counts as a
-//! failure there ([`crate::pool::ServerStats::record_failure`]).
+//! loads, `max_connections_per_server` and drains count flows, as they count TCP tunnels. The server's
+//! counters take each flow (`sessions`), each datagram and its payload bytes either way
+//! ([`crate::pool::ServerStats::record_l4`]); an ICMP "port unreachable" answer from a server counts
+//! as a failure there ([`crate::pool::ServerStats::record_failure`]).
 //!
 //! # Ownership and the datagram path
 //!
@@ -79,10 +79,11 @@ use tokio::net::UdpSocket;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::access_log::{AccessLog, Kind, Record, Termination};
 use crate::balance::hash_key;
 use crate::clock::now_ms;
 use crate::config::HashKey;
-use crate::pool::{InFlight, Pool, Server};
+use crate::pool::{InFlight, Pool, Server, FROM_SERVER, TO_SERVER};
 
 /// Size of the receive buffers: any UDP payload fits.
 const MAX_DATAGRAM: usize = 64 * 1024;
@@ -144,6 +145,8 @@ pub struct UdpProxy {
     /// The target pool; a reload may swap it. Existing flows keep their server while it stays
     /// available (a server leaving its pool is retired, and its flows move on their next datagram).
     pub pool: ArcSwap<Pool>,
+    /// The access log: a line per flow when it ends.
+    pub access_log: crate::access_log::Slot,
 }
 
 impl UdpProxy {
@@ -154,7 +157,14 @@ impl UdpProxy {
             stats: Arc::default(),
             settings: ArcSwap::from_pointee(settings),
             pool: ArcSwap::new(pool),
+            access_log: Arc::default(),
         }
+    }
+
+    /// The proxy logging its flows to the access log found in `slot`.
+    pub fn with_access_log(mut self, slot: crate::access_log::Slot) -> Self {
+        self.access_log = slot;
+        self
     }
 }
 
@@ -265,6 +275,15 @@ struct Activity {
     last_ms: AtomicU64,
     /// The reply task has ended (its server socket failed).
     closed: AtomicBool,
+    /// Payload bytes from the client and to it (for the access log).
+    bytes: [AtomicU64; 2],
+}
+
+/// What the access log's line of a flow needs, kept while the flow lives (only when it is logged).
+struct FlowLog {
+    log: Arc<AccessLog>,
+    record: Record,
+    started: std::time::Instant,
 }
 
 /// One client's flow: its server, the socket connected to it, and the task relaying its answers.
@@ -274,6 +293,10 @@ struct Flow {
     reply: AbortHandle,
     /// Counts the flow on its server; holds the server.
     in_flight: InFlight,
+    /// The access log line written when the flow ends.
+    log: Option<Box<FlowLog>>,
+    /// Why the flow ends (set by whoever ends it).
+    end: Termination,
 }
 
 impl Flow {
@@ -305,7 +328,13 @@ impl Flow {
             }
             Err(_) => false,
         };
-        if !sent {
+        if sent {
+            self.activity.bytes[0].fetch_add(datagram.len() as u64, Ordering::Relaxed);
+            self.in_flight
+                .server()
+                .stats
+                .record_l4(TO_SERVER, datagram.len(), true);
+        } else {
             stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -315,6 +344,17 @@ impl Drop for Flow {
     fn drop(&mut self) {
         // The task holds the other reference to the server socket: aborting it closes the socket.
         self.reply.abort();
+        if let Some(mut log) = self.log.take() {
+            log.record.bytes_in = self.activity.bytes[0].load(Ordering::Relaxed);
+            log.record.bytes_out = self.activity.bytes[1].load(Ordering::Relaxed);
+            log.record.request_time = log.started.elapsed();
+            log.record.termination = if self.activity.closed.load(Ordering::Relaxed) {
+                Termination::ServerAbort
+            } else {
+                self.end
+            };
+            log.log.log(log.record);
+        }
     }
 }
 
@@ -348,7 +388,14 @@ impl Table {
     #[cold]
     fn forward_new(&mut self, client: SocketAddr, datagram: &[u8], now: u64) {
         let stats = self.proxy.stats.clone();
-        let replaced = self.flows.remove(&client).is_some();
+        let replaced = match self.flows.remove(&client) {
+            Some(mut old) => {
+                // Its server can no longer take traffic.
+                old.end = Termination::ServerAbort;
+                true
+            }
+            None => false,
+        };
         if replaced {
             stats.flows_active.fetch_sub(1, Ordering::Relaxed);
         }
@@ -392,7 +439,23 @@ impl Table {
         let activity = Arc::new(Activity {
             last_ms: AtomicU64::new(now),
             closed: AtomicBool::new(false),
+            bytes: Default::default(),
         });
+        let log = self
+            .proxy
+            .access_log
+            .load_full()
+            .filter(|log| log.sampled())
+            .map(|log| {
+                let mut record = Record::new(Kind::Udp, client, Arc::from(self.proxy.name.as_str()));
+                record.pool = Some(Arc::from(pool.name.as_str()));
+                record.server = Some(Arc::from(server.name.as_str()));
+                Box::new(FlowLog {
+                    log,
+                    record,
+                    started: std::time::Instant::now(),
+                })
+            });
         let reply = tokio::spawn(reply(
             upstream.clone(),
             self.socket.clone(),
@@ -411,6 +474,8 @@ impl Table {
             activity,
             reply,
             in_flight: InFlight::start(server),
+            log,
+            end: Termination::Cut,
         })
     }
 
@@ -425,6 +490,9 @@ impl Table {
             }
             let idle = now.saturating_sub(flow.activity.last_ms.load(Ordering::Relaxed)) >= idle_ms;
             expired += u64::from(idle);
+            if idle {
+                flow.end = Termination::Idle;
+            }
             !idle
         });
         let ended = before - self.flows.len();
@@ -513,6 +581,8 @@ async fn reply(
 ) {
     let sent = |n: usize| {
         activity.last_ms.store(now_ms(), Ordering::Relaxed);
+        activity.bytes[1].fetch_add(n as u64, Ordering::Relaxed);
+        server.stats.record_l4(FROM_SERVER, n, true);
         stats.datagrams_out.fetch_add(1, Ordering::Relaxed);
         stats.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
     };

@@ -17,7 +17,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-pub use stats::{ServerStats, LATENCY_BUCKETS};
+pub use stats::{ServerStats, FROM_SERVER, LATENCY_BUCKETS, TO_SERVER};
 
 use crate::balance::{Candidates, Loads, Selector, SelectorOptions, ServerSpec};
 use crate::config::{Algorithm, HashKey, PassiveConfig, PoolConfig, ServerConfig};
@@ -481,7 +481,7 @@ impl PoolSnapshot {
 }
 
 /// True with probability `p`, from a per-thread xorshift generator (slow-start draws need no more).
-fn chance(p: f64) -> bool {
+pub(crate) fn chance(p: f64) -> bool {
     use std::cell::Cell;
     thread_local! {
         static STATE: Cell<u64> = const { Cell::new(0x2545_f491_4f6c_dd1d) };

@@ -29,6 +29,11 @@ fn clock_ns() -> u64 {
     crate::clock::now_ns()
 }
 
+/// [`ServerStats::record_l4`]: bytes sent to the server.
+pub const TO_SERVER: usize = 0;
+/// [`ServerStats::record_l4`]: bytes received from the server.
+pub const FROM_SERVER: usize = 1;
+
 /// Counters of one server.
 #[derive(Debug, Default)]
 pub struct ServerStats {
@@ -40,6 +45,10 @@ pub struct ServerStats {
     pub failures: AtomicU64,
     /// L4 sessions (TCP connections, UDP flows) sent to the server.
     pub sessions: AtomicU64,
+    /// L4 payload bytes: index 0 = sent to the server, 1 = received from it (TCP and UDP).
+    pub l4_bytes: [AtomicU64; 2],
+    /// UDP datagrams: index 0 = sent to the server, 1 = received from it.
+    pub datagrams: [AtomicU64; 2],
     /// Histogram of response times (to the response head), cumulative counts per [`LATENCY_BUCKETS`] bound
     /// are computed at scrape time from these per-bucket counts; the last slot is +Inf.
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
@@ -109,6 +118,16 @@ impl ServerStats {
     pub fn record_session(&self, connect: Duration) {
         self.sessions.fetch_add(1, Ordering::Relaxed);
         self.record_latency(connect);
+    }
+
+    /// Records an L4 transfer to (`TO_SERVER`) or from (`FROM_SERVER`) the server: `bytes` of payload,
+    /// in one datagram when `datagram`.
+    #[inline]
+    pub fn record_l4(&self, direction: usize, bytes: usize, datagram: bool) {
+        self.l4_bytes[direction].fetch_add(bytes as u64, Ordering::Relaxed);
+        if datagram {
+            self.datagrams[direction].fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Records a failure (no usable response from the server).

@@ -53,6 +53,21 @@ pub struct ClientKey {
     known: bool,
 }
 
+impl Sticky {
+    /// How this pool sticks.
+    pub fn kind(&self) -> StickyKind {
+        self.kind
+    }
+}
+
+impl ClientKey {
+    /// The key was known (a valid cookie or a stick-table entry), whether or not its server may take
+    /// the client now.
+    pub fn known(&self) -> bool {
+        self.known
+    }
+}
+
 /// The stickiness of one pool.
 #[derive(Debug)]
 pub struct Sticky {
