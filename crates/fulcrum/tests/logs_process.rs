@@ -12,6 +12,17 @@ use common::process::*;
 use common::*;
 use http::StatusCode;
 
+/// Kills the child when the test ends, also when it fails (a leftover process would keep the
+/// caller's inherited file descriptors open).
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigusr1_reopens_the_access_log_file() {
     let apps = apps(&["A"]).await;
@@ -20,7 +31,7 @@ async fn sigusr1_reopens_the_access_log_file() {
     let mut text = config("round_robin", &servers(&apps), "", "");
     text.push_str(&format!("\n[access_log]\npath = \"{}\"\n", log.display()));
     let (text, web, _admin) = fixed_ports(&text);
-    let mut child = spawn_fulcrum(&write_config(&dir, &text));
+    let mut child = Reap(spawn_fulcrum(&write_config(&dir, &text)));
     wait_listening(web).await;
     let c = client();
     let r = get(&c, &format!("http://{web}/")).await;
@@ -38,7 +49,7 @@ async fn sigusr1_reopens_the_access_log_file() {
     // logrotate: rename, then signal. Lines go on into the renamed file until the signal is seen.
     let rotated = dir.path().join("access.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    signal(&child, "-USR1");
+    signal(&child.0, "-USR1");
     let mut sent = 1;
     let deadline = Instant::now() + Duration::from_secs(20);
     while count(&log) < 1 {
@@ -55,8 +66,8 @@ async fn sigusr1_reopens_the_access_log_file() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(count(&rotated) >= 1);
-    signal(&child, "-TERM");
-    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+    signal(&child.0, "-TERM");
+    assert!(wait_exit(&mut child.0, Duration::from_secs(20)).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,15 +89,15 @@ async fn a_stalled_stderr_does_not_stop_traffic() {
     let (text, web, admin) = fixed_ports(&text);
     let path = write_config(&dir, &text);
     // stderr is a pipe nobody reads, shrunk to one page: it is full after a few dozen lines.
-    let mut child = Command::new(BIN)
+    let mut child = Reap(Command::new(BIN)
         .args(["run", "--config"])
         .arg(&path)
         .env("RUST_LOG", "debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn fulcrum");
-    let stderr = child.stderr.take().unwrap();
+        .expect("spawn fulcrum"));
+    let stderr = child.0.stderr.take().unwrap();
     rustix::pipe::fcntl_setpipe_size(stderr.as_fd(), 4096).expect("shrink the pipe");
     wait_listening(web).await;
     let c = client();
@@ -129,8 +140,8 @@ async fn a_stalled_stderr_does_not_stop_traffic() {
         let _ = stderr.read_to_end(&mut all);
         all
     });
-    signal(&child, "-TERM");
-    assert!(wait_exit(&mut child, Duration::from_secs(20)).success());
+    signal(&child.0, "-TERM");
+    assert!(wait_exit(&mut child.0, Duration::from_secs(20)).success());
     let written = reader.join().unwrap();
     assert!(!written.is_empty());
 }
