@@ -125,6 +125,11 @@ impl Sticky {
         })
     }
 
+    /// How clients are recognised.
+    pub fn kind(&self) -> StickyKind {
+        self.kind
+    }
+
     /// The shared (Redis) table, if configured.
     pub fn shared(&self) -> Option<&Arc<RedisTable>> {
         self.shared.as_ref()
