@@ -6,12 +6,15 @@ cd "$(dirname "$0")/.."
 
 # System packages the tests use, installed only when missing (needs root, as on CI):
 # redis-server for the session tests, iproute2 (`ip netns`) for the ICMP health-check test, curl and
-# openssl (`s_client`) as real TLS clients of the TLS tests.
+# openssl (`s_client`) as real TLS clients of the TLS tests, chromium and chromium-driver
+# (`chromedriver`) for the dashboard's browser test.
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v ip >/dev/null 2>&1 || packages+=(iproute2)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
+[ -x /usr/bin/chromium ] || packages+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || packages+=(chromium-driver)
 if ((${#packages[@]})); then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${packages[@]}"

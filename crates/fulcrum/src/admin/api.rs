@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use crate::config::ServerConfig;
 use crate::control::{AdminState, Command, ControlError};
 use crate::pool::{Pool, Server, ServerState};
-use crate::runtime::Shared;
+use crate::runtime::{PoolEntry, Shared};
 
 /// An error answer: status and `{"error", "field"}`.
 #[derive(Debug)]
@@ -261,7 +261,41 @@ pub struct PoolView {
     /// server is available while requests wait.
     saturation: Option<f64>,
     saturation_target: u32,
+    /// Session persistence, when the pool has it: how clients are recognised and the size of the
+    /// stick table.
+    sticky: Option<StickyView>,
     servers: Vec<ServerView>,
+}
+
+#[derive(Serialize)]
+pub struct StickyView {
+    /// `cookie`, `app_cookie` or `source_ip`.
+    kind: &'static str,
+    /// Entries in this instance's stick table (with a Redis store, its local copy); always 0 for
+    /// `cookie`, whose cookie names the server itself.
+    entries: usize,
+    /// Bytes those entries take, as counted against the table's bound.
+    bytes: u64,
+}
+
+/// A server's response-time histogram since it joined: `counts[i]` responses took at most
+/// `le_ms[i]`; the last count, one more than there are bounds, is every response (the `+Inf` bucket).
+/// Two readings subtracted give the histogram of the time between them.
+#[derive(Serialize)]
+pub struct LatencyBuckets {
+    le_ms: Vec<f64>,
+    counts: Vec<u64>,
+}
+
+fn latency_buckets(s: &Server) -> LatencyBuckets {
+    let (buckets, _, _) = s.stats.latency_histogram();
+    LatencyBuckets {
+        le_ms: crate::pool::LATENCY_BUCKETS
+            .iter()
+            .map(|b| (b * 1e6).round() / 1e3)
+            .collect(),
+        counts: buckets.iter().map(|(_, c)| *c).collect(),
+    }
 }
 
 #[derive(Serialize)]
@@ -278,8 +312,12 @@ pub struct ServerView {
     requests_total: u64,
     failures_total: u64,
     latency_ewma_ms: f64,
+    /// Cumulative response-time histogram, for percentiles over any window.
+    latency_buckets: LatencyBuckets,
     /// The last active health check, if checks are configured.
     last_check: Option<crate::health::CheckResult>,
+    /// The last active health checks, oldest first (at most [`crate::health::HISTORY_LEN`]).
+    check_history: Vec<crate::health::CheckMark>,
     /// The last up/down change and why (checks or passive ejection).
     last_change: Option<crate::health::StateChange>,
     /// Passive detection holds the server out right now.
@@ -298,13 +336,16 @@ fn server_view(s: &Server) -> ServerView {
         requests_total: s.stats.requests_total(),
         failures_total: s.stats.failures_total(),
         latency_ewma_ms: (s.stats.latency_ewma_ms() * 1000.0).round() / 1000.0,
+        latency_buckets: latency_buckets(s),
         last_check: s.health.last_check(),
+        check_history: s.health.check_history(),
         last_change: s.health.last_change(),
         ejected: s.health.is_ejected(),
     }
 }
 
-fn pool_view(pool: &Pool) -> PoolView {
+fn pool_view(entry: &PoolEntry) -> PoolView {
+    let pool = &entry.pool;
     let snapshot = pool.snapshot_full();
     let target = pool.config().saturation_target;
     let saturation = snapshot.saturation(target);
@@ -317,24 +358,31 @@ fn pool_view(pool: &Pool) -> PoolView {
             .is_finite()
             .then(|| (saturation * 1000.0).round() / 1000.0),
         saturation_target: target,
+        sticky: entry.sticky.as_ref().map(|st| StickyView {
+            kind: st.kind().as_str(),
+            entries: st.table().len(),
+            bytes: st.table().bytes(),
+        }),
         servers: snapshot.servers.iter().map(|s| server_view(s)).collect(),
     }
 }
 
 pub async fn pools(State(shared): State<Arc<Shared>>) -> Json<PoolsView> {
     Json(PoolsView {
-        pools: shared.pools().iter().map(|p| pool_view(p)).collect(),
+        pools: shared.state().pools.iter().map(pool_view).collect(),
     })
 }
 
+fn no_pool(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no pool named `{name}`"),
+        Some("pool"),
+    )
+}
+
 fn find_pool(shared: &Shared, name: &str) -> Result<Arc<Pool>, ApiError> {
-    shared.pool(name).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no pool named `{name}`"),
-            Some("pool"),
-        )
-    })
+    shared.pool(name).ok_or_else(|| no_pool(name))
 }
 
 /// `GET /api/v1/pools/{pool}`.
@@ -342,8 +390,9 @@ pub async fn pool(
     State(shared): State<Arc<Shared>>,
     Path(name): Path<String>,
 ) -> Result<Json<PoolView>, ApiError> {
-    let p = find_pool(&shared, &name)?;
-    Ok(Json(pool_view(&p)))
+    let state = shared.state();
+    let entry = state.pool(&name).ok_or_else(|| no_pool(&name))?;
+    Ok(Json(pool_view(entry)))
 }
 
 /// `GET /api/v1/pools/{pool}/servers/{name}`.

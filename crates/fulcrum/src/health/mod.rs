@@ -11,12 +11,16 @@
 //! consecutive failed checks mark it down, `rise` consecutive successes mark it up again. Checks run
 //! every `interval` (±10% jitter, the first one at a random point of the first interval, so a thousand
 //! servers are not probed in the same millisecond), each bounded by `timeout`.
+//!
+//! Each server keeps its last [`HISTORY_LEN`] check results (time, verdict, a short reason) for the
+//! admin API and the dashboard: a bounded ring, written only by its checker.
 
 mod check;
 mod grpc;
 pub mod icmp;
 mod passive;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -49,6 +53,40 @@ pub struct CheckResult {
     pub message: String,
 }
 
+/// Check results kept per server (the oldest is dropped first).
+pub const HISTORY_LEN: usize = 20;
+
+/// Characters of a check's message kept in the history (the last check keeps it whole).
+const HISTORY_MESSAGE_CHARS: usize = 80;
+
+/// One entry of a server's check history.
+#[derive(Debug, Clone, Serialize)]
+pub struct CheckMark {
+    /// The check passed.
+    pub ok: bool,
+    /// When it completed (Unix time, ms).
+    pub at_unix_ms: u64,
+    /// How long it took, in ms.
+    pub latency_ms: f64,
+    /// What was seen, cut to 80 characters.
+    pub message: String,
+}
+
+impl From<&CheckResult> for CheckMark {
+    fn from(r: &CheckResult) -> Self {
+        let message = match r.message.char_indices().nth(HISTORY_MESSAGE_CHARS) {
+            Some((cut, _)) => format!("{}…", &r.message[..cut]),
+            None => r.message.clone(),
+        };
+        CheckMark {
+            ok: r.ok,
+            at_unix_ms: r.at_unix_ms,
+            latency_ms: r.latency_ms,
+            message,
+        }
+    }
+}
+
 /// The last change of a server's health.
 #[derive(Debug, Clone, Serialize)]
 pub struct StateChange {
@@ -63,6 +101,8 @@ pub struct StateChange {
 #[derive(Debug, Default)]
 struct Record {
     last_check: Option<CheckResult>,
+    /// The last [`HISTORY_LEN`] check results, oldest first.
+    history: VecDeque<CheckMark>,
     last_change: Option<StateChange>,
     ok_streak: u32,
     fail_streak: u32,
@@ -151,6 +191,7 @@ impl Health {
         }
         let mut r = self.lock();
         r.last_check = None;
+        r.history.clear();
         r.ok_streak = 0;
         r.fail_streak = 0;
     }
@@ -173,6 +214,11 @@ impl Health {
     /// The last check's result.
     pub fn last_check(&self) -> Option<CheckResult> {
         self.lock().last_check.clone()
+    }
+
+    /// The last [`HISTORY_LEN`] check results, oldest first.
+    pub fn check_history(&self) -> Vec<CheckMark> {
+        self.lock().history.iter().cloned().collect()
     }
 
     /// The last state change and its reason.
@@ -214,6 +260,10 @@ impl Health {
         } else {
             None
         };
+        if r.history.len() == HISTORY_LEN {
+            r.history.pop_front();
+        }
+        r.history.push_back(CheckMark::from(&result));
         r.last_check = Some(result);
         let (now_up, reason) = change?;
         self.checked_up.store(now_up, Ordering::Relaxed);
@@ -285,6 +335,33 @@ mod tests {
             "{}",
             change.reason
         );
+    }
+
+    #[test]
+    fn the_history_keeps_the_last_results_in_order_with_short_messages() {
+        let h = Health::new(true);
+        assert!(h.check_history().is_empty());
+        for i in 0..(HISTORY_LEN as u64 + 5) {
+            let mut r = result(i % 3 != 0);
+            r.at_unix_ms = i;
+            h.record_check(r, 2, 3);
+        }
+        let history = h.check_history();
+        assert_eq!(history.len(), HISTORY_LEN);
+        let times: Vec<u64> = history.iter().map(|m| m.at_unix_ms).collect();
+        assert_eq!(times, (5..HISTORY_LEN as u64 + 5).collect::<Vec<_>>());
+        assert!(history.iter().all(|m| m.ok == (m.at_unix_ms % 3 != 0)));
+
+        let mut long = result(false);
+        long.message = "é".repeat(200);
+        h.record_check(long, 2, 3);
+        let last = h.check_history().pop().unwrap();
+        assert_eq!(last.message.chars().count(), HISTORY_MESSAGE_CHARS + 1);
+        assert!(last.message.ends_with('…'));
+        assert_eq!(h.last_check().unwrap().message.chars().count(), 200);
+
+        h.clear_checks();
+        assert!(h.check_history().is_empty(), "no checks, no history");
     }
 
     #[test]

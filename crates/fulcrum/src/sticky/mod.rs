@@ -53,13 +53,6 @@ pub struct ClientKey {
     known: bool,
 }
 
-impl Sticky {
-    /// How this pool sticks.
-    pub fn kind(&self) -> StickyKind {
-        self.kind
-    }
-}
-
 impl ClientKey {
     /// The key was known (a valid cookie or a stick-table entry), whether or not its server may take
     /// the client now.
@@ -138,6 +131,11 @@ impl Sticky {
                 .map(|d| format!("; Max-Age={}", d.as_secs().max(1)))
                 .unwrap_or_default(),
         })
+    }
+
+    /// How clients are recognised.
+    pub fn kind(&self) -> StickyKind {
+        self.kind
     }
 
     /// The shared (Redis) table, if configured.
