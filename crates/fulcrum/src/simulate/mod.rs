@@ -48,7 +48,7 @@ pub use workload::{
 
 use crate::balance::{hash_key, Loads};
 use crate::config::{Algorithm, HashKey, PoolConfig};
-use crate::pool::{InFlight, Pool, PoolSnapshot};
+use crate::pool::{InFlight, Pool, PoolSnapshot, ServerState};
 
 /// What to compare.
 #[derive(Debug, Clone)]
@@ -82,11 +82,12 @@ pub struct AlgorithmResult {
     pub errors: u64,
     /// Distinct keys whose server (of their first request) changes when `leaving` leaves the pool.
     pub keys_moved: f64,
-    /// With stickiness by client: the share of returning clients' requests sent to their sticky server.
+    /// With stickiness by client, and the leaving server taken out halfway: the share of returning
+    /// clients' requests sent to their sticky server.
     pub sticky_hits: f64,
-    /// With stickiness by client: the 99th percentile latency, in milliseconds.
+    /// With stickiness by client (leaving server out halfway): the 99th percentile latency, in ms.
     pub sticky_p99_ms: f64,
-    /// With stickiness by client: the busiest server's share over the mean.
+    /// With stickiness by client (leaving server out halfway): the busiest server's share over the mean.
     pub sticky_max_over_mean: f64,
 }
 
@@ -218,6 +219,8 @@ pub struct Setup<'a> {
     pub draw_ids: &'a [usize],
     /// Stickiness by client address.
     pub sticky: bool,
+    /// A server (index in `pool`) taken out of service (state `maint`) at a virtual time, ns.
+    pub leave: Option<(usize, u64)>,
 }
 
 /// A request being served (or waiting in its server's queue), counted in flight by its guard.
@@ -335,9 +338,16 @@ pub fn run(setup: &Setup<'_>) -> Run {
         },
     };
     let mut next = 0;
+    let mut leave = setup.leave;
     loop {
         let arrival = setup.arrivals.get(next).map(|a| a.at_ns);
         let answer = e.answers.peek().map(|a| a.at);
+        if let Some((server, at)) = leave {
+            if arrival.into_iter().chain(answer).min().is_some_and(|t| t >= at) {
+                e.snapshot.servers[server].set_state(ServerState::Maint);
+                leave = None;
+            }
+        }
         match (arrival, answer) {
             (None, None) => break,
             // Answers first at the same instant: they free their servers before the next pick.
@@ -539,6 +549,7 @@ pub fn compare(
             seed: options.seed,
             draw_ids: ids,
             sticky,
+            leave: None,
         };
         let mut main = run(&setup(&cfg, models, &all_ids, false));
         main.latencies.sort_unstable();
@@ -559,7 +570,12 @@ pub fn compare(
                 .count();
             moved as f64 / main.first.len().max(1) as f64
         };
-        let mut sticky = run(&setup(&cfg, models, &all_ids, true));
+        // Sticky, with the leaving server taken out halfway: its clients are dispatched again.
+        let halfway = workload.arrivals.last().map_or(0, |a| a.at_ns / 2);
+        let mut sticky = run(&Setup {
+            leave: Some((leaving, halfway)),
+            ..setup(&cfg, models, &all_ids, true)
+        });
         sticky.latencies.sort_unstable();
         let mean = if main.latencies.is_empty() {
             0.0
@@ -644,8 +660,10 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            "moved: keys ({}) whose server changes when `{}` leaves; sticky: by client address\n",
-            self.hash_key, self.leaving
+            "moved: keys ({}) whose server changes when `{}` leaves\n\
+             sticky: returning clients' requests to their sticky server, stickiness by client address and \
+             `{}` out of service halfway (st.: with that stickiness)\n",
+            self.hash_key, self.leaving, self.leaving
         );
         let show_shares = self.servers.len() <= 8;
         let shares_w = if show_shares {
@@ -659,8 +677,17 @@ impl Report {
         }
         let _ = writeln!(
             o,
-            " {:>8} {:>8} {:>8} {:>9} {:>7} {:>6} {:>7} {:>9}",
-            "max/mean", "p50 ms", "p99 ms", "p99.9 ms", "errors", "moved", "sticky", "st. p99"
+            " {:>8} {:>7} {:>7} {:>7} {:>8} {:>7} {:>6} {:>7} {:>7} {:>8}",
+            "max/mean",
+            "mean ms",
+            "p50 ms",
+            "p99 ms",
+            "p99.9 ms",
+            "errors",
+            "moved",
+            "sticky",
+            "st. p99",
+            "st. max"
         );
         for r in &self.results {
             let total: u64 = r.requests.iter().sum::<u64>().max(1);
@@ -675,15 +702,17 @@ impl Report {
             }
             let _ = writeln!(
                 o,
-                " {:>8.2} {:>8.1} {:>8.1} {:>9.1} {:>6.2}% {:>5.0}% {:>6.1}% {:>9.1}",
+                " {:>8.2} {:>7.1} {:>7.1} {:>7.1} {:>8.1} {:>6.2}% {:>5.0}% {:>6.1}% {:>7.1} {:>8.2}",
                 r.max_over_mean,
+                r.mean_ms,
                 r.p50_ms,
                 r.p99_ms,
                 r.p999_ms,
                 r.errors as f64 * 100.0 / self.requests.max(1) as f64,
                 r.keys_moved * 100.0,
                 r.sticky_hits * 100.0,
-                r.sticky_p99_ms
+                r.sticky_p99_ms,
+                r.sticky_max_over_mean
             );
         }
         o
