@@ -119,7 +119,11 @@ fn assert_ranking(what: &str, o: &HashMap<Algorithm, Outcome>) {
         lrt.p99_ms < rr.p99_ms * 0.5,
         "{what}: least_response_time's p99 far below round robin's: {o:?}"
     );
-    for (name, x) in [("least_connections", lc), ("p2c", p2c), ("least_response_time", lrt)] {
+    for (name, x) in [
+        ("least_connections", lc),
+        ("p2c", p2c),
+        ("least_response_time", lrt),
+    ] {
         assert!(
             x.mean_ms < rr.mean_ms * 0.6,
             "{what}: {name}'s mean far below round robin's: {o:?}"

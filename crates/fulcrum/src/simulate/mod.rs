@@ -343,7 +343,12 @@ pub fn run(setup: &Setup<'_>) -> Run {
         let arrival = setup.arrivals.get(next).map(|a| a.at_ns);
         let answer = e.answers.peek().map(|a| a.at);
         if let Some((server, at)) = leave {
-            if arrival.into_iter().chain(answer).min().is_some_and(|t| t >= at) {
+            if arrival
+                .into_iter()
+                .chain(answer)
+                .min()
+                .is_some_and(|t| t >= at)
+            {
                 e.snapshot.servers[server].set_state(ServerState::Maint);
                 leave = None;
             }
@@ -394,10 +399,7 @@ impl Engine<'_> {
             };
             let mut candidates = snapshot.pick_with(key, &loads);
             let server = snapshot.next_available(&mut candidates)?;
-            snapshot
-                .servers
-                .iter()
-                .position(|s| Arc::ptr_eq(s, server))
+            snapshot.servers.iter().position(|s| Arc::ptr_eq(s, server))
         });
         let Some(server) = chosen else {
             return if snapshot.saturated() {
@@ -408,7 +410,8 @@ impl Engine<'_> {
             };
         };
         self.out.per_server[server] += 1;
-        let (service, error) = self.s.models[server].draw(self.s.seed, req, self.s.draw_ids[server]);
+        let (service, error) =
+            self.s.models[server].draw(self.s.seed, req, self.s.draw_ids[server]);
         let job = Job {
             req,
             server,
@@ -443,9 +446,7 @@ impl Engine<'_> {
         self.now = at;
         let server = &self.snapshot.servers[job.server];
         // The proxy's `record_response`: the time from sending to the answer feeds the peak EWMA.
-        server
-            .stats
-            .observe_latency((at - job.sent).max(1), at + 1);
+        server.stats.observe_latency((at - job.sent).max(1), at + 1);
         let arrival = &self.s.arrivals[job.req];
         self.out.latencies.push(at - arrival.at_ns);
         self.out.errors += u64::from(job.error);
@@ -557,8 +558,7 @@ pub fn compare(
         let mut smaller = cfg.clone();
         smaller.servers.remove(leaving);
         let kept_ids: Vec<usize> = all_ids.iter().copied().filter(|&i| i != leaving).collect();
-        let kept_models: Vec<ServerModel> =
-            kept_ids.iter().map(|&i| models[i].clone()).collect();
+        let kept_models: Vec<ServerModel> = kept_ids.iter().map(|&i| models[i].clone()).collect();
         let keys_moved = if smaller.servers.is_empty() {
             1.0
         } else {
@@ -599,7 +599,10 @@ pub fn compare(
             requests: main.per_server,
         });
     }
-    let duration_s = workload.arrivals.last().map_or(0.0, |a| a.at_ns as f64 / 1e9);
+    let duration_s = workload
+        .arrivals
+        .last()
+        .map_or(0.0, |a| a.at_ns as f64 / 1e9);
     Ok(Report {
         pool: pool.name.clone(),
         configured: pool.algorithm.as_str(),

@@ -8,7 +8,12 @@ const MS: u64 = 1_000_000;
 
 fn pool(algorithm: &str, servers: usize, extra: &str) -> PoolConfig {
     let list: Vec<String> = (0..servers)
-        .map(|i| format!("{{ name = \"s{i}\", address = \"127.0.0.1:{}\" }}", 9000 + i))
+        .map(|i| {
+            format!(
+                "{{ name = \"s{i}\", address = \"127.0.0.1:{}\" }}",
+                9000 + i
+            )
+        })
         .collect();
     let text = format!(
         "[[listeners]]\nname=\"l\"\nbind=\"127.0.0.1:1\"\nprotocol=\"http\"\npool=\"p\"\n\
@@ -104,7 +109,12 @@ fn the_pools_queue_holds_requests_while_every_server_is_at_its_limit() {
         "max_connections_per_server = 1\nmax_queue = 1\n",
     );
     // Four at once: two served, one queued, one refused (the queue holds one).
-    let r = run_on(&cfg, &[fixed(10), fixed(10)], &arrivals(&[0, 0, 0, 0]), false);
+    let r = run_on(
+        &cfg,
+        &[fixed(10), fixed(10)],
+        &arrivals(&[0, 0, 0, 0]),
+        false,
+    );
     assert_eq!(r.latencies, vec![10 * MS, 10 * MS, 20 * MS]);
     assert_eq!(r.errors, 1);
 }
@@ -225,7 +235,10 @@ fn models_come_from_options_over_the_log() {
         ..Command::default()
     };
     let m = models(&cfg, &w, &cmd).unwrap();
-    assert_eq!(m[0].latency, Latency::Observed(Arc::new(vec![(3 * MS, false)])));
+    assert_eq!(
+        m[0].latency,
+        Latency::Observed(Arc::new(vec![(3 * MS, false)]))
+    );
     assert_eq!(m[0].fail, 0.5);
     assert_eq!(m[1].latency, Latency::parse(DEFAULT_LATENCY).unwrap());
     assert_eq!(m[1].slow, 4.0);
@@ -234,5 +247,7 @@ fn models_come_from_options_over_the_log() {
         slow: vec!["nope=2".to_owned()],
         ..Command::default()
     };
-    assert!(models(&cfg, &w, &bad).unwrap_err().contains("no server `nope`"));
+    assert!(models(&cfg, &w, &bad)
+        .unwrap_err()
+        .contains("no server `nope`"));
 }

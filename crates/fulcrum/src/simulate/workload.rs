@@ -215,10 +215,7 @@ pub fn read_log(text: &str, pool: &str, origin: &str) -> Result<Workload, String
             .collect(),
         observed_all: (!all.is_empty()).then(|| Arc::new(all)),
         skipped,
-        source: format!(
-            "{origin}: {count} requests over {:.1} s",
-            span as f64 / 1e9
-        ),
+        source: format!("{origin}: {count} requests over {:.1} s", span as f64 / 1e9),
     })
 }
 
@@ -504,11 +501,9 @@ mod tests {
         let draws: Vec<_> = (0..10_000).map(|r| m.draw(1, r, 0)).collect();
         let errors = draws.iter().filter(|d| d.1).count();
         assert!((2_300..2_700).contains(&errors), "{errors}");
-        assert!(draws.iter().all(|&(ns, e)| if e {
-            ns == FAIL_NS
-        } else {
-            ns == 200_000_000
-        }));
+        assert!(draws
+            .iter()
+            .all(|&(ns, e)| if e { ns == FAIL_NS } else { ns == 200_000_000 }));
     }
 
     #[test]
