@@ -24,6 +24,7 @@ pub mod listener;
 pub mod logging;
 pub mod pool;
 pub mod runtime;
+pub mod simulate;
 pub mod sticky;
 pub mod takeover;
 pub mod tls;

@@ -377,9 +377,16 @@ impl PoolSnapshot {
     /// `key` is the request's hash key (`balance::hash_key`), for the hash algorithms.
     #[inline]
     pub fn pick(&self, key: Option<u64>) -> Candidates {
+        self.pick_with(key, self)
+    }
+
+    /// [`PoolSnapshot::pick`] reading the load from `loads` instead of the servers' counters as they are
+    /// now: the simulator (`crate::simulate`) passes the same counters with latency read in virtual time.
+    #[inline]
+    pub fn pick_with<L: Loads + ?Sized>(&self, key: Option<u64>, loads: &L) -> Candidates {
         match (key, &self.fallback) {
-            (None, Some(fallback)) => fallback.pick(None, self),
-            _ => self.selector.pick(key, self),
+            (None, Some(fallback)) => fallback.pick(None, loads),
+            _ => self.selector.pick(key, loads),
         }
     }
 

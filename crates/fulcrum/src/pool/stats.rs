@@ -89,8 +89,11 @@ impl ServerStats {
         self.latency_estimate_at(RECENT_NS.load(Ordering::Relaxed))
     }
 
+    /// [`ServerStats::latency_estimate_ns`] as read at `now_ns` (ns on the clock of
+    /// [`ServerStats::observe_latency`]'s stamps) rather than at the coarse shared clock: what the
+    /// simulator (`crate::simulate`) reads in virtual time.
     #[inline]
-    fn latency_estimate_at(&self, now_ns: u64) -> u64 {
+    pub(crate) fn latency_estimate_at(&self, now_ns: u64) -> u64 {
         let ewma = self.latency_ewma_ns.load(Ordering::Relaxed);
         let age = now_ns.saturating_sub(self.latency_stamp_ns.load(Ordering::Relaxed));
         if ewma == 0 || age < READ_DECAY_AFTER_NS {
@@ -158,8 +161,12 @@ impl ServerStats {
     /// Peak EWMA update (Finagle `PeakEwma`): a slower sample is taken at once, a faster one is blended in
     /// with weight `1 − e^(−Δt/τ)`. A lost update between two racing requests only delays the average by
     /// one sample.
+    ///
+    /// `now_ns` is the time of the sample (ns since the clock's origin, plus one, as
+    /// [`crate::clock::now_ns`]); the request path passes the real clock, the simulator
+    /// (`crate::simulate`) its virtual time.
     #[inline]
-    fn observe_latency(&self, sample_ns: u64, now_ns: u64) {
+    pub(crate) fn observe_latency(&self, sample_ns: u64, now_ns: u64) {
         let sample = sample_ns.max(1); // 0 means "no estimate"
         let old = self.latency_ewma_ns.load(Ordering::Relaxed);
         let then = self.latency_stamp_ns.load(Ordering::Relaxed);
