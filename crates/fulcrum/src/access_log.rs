@@ -308,7 +308,11 @@ impl Record {
                 out.push_str(self.version.map_or("-", version_str));
             }
             Kind::Tcp | Kind::Udp => {
-                out.push_str(if self.kind == Kind::Tcp { "TCP " } else { "UDP " });
+                out.push_str(if self.kind == Kind::Tcp {
+                    "TCP "
+                } else {
+                    "UDP "
+                });
                 clf_escape(out, &self.listener);
             }
         }

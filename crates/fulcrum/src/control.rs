@@ -627,15 +627,17 @@ impl Controller {
             (None, None) => None,
             (Some(want), Some(log)) if log.settings() == want => None,
             (None, Some(_)) => Some(None),
-            (Some(want), _) => Some(Some(crate::access_log::AccessLog::start(want.clone()).map_err(
-                |source| StartError::AccessLog {
-                    path: match &want.destination {
-                        crate::access_log::Destination::File(p) => p.display().to_string(),
-                        crate::access_log::Destination::Stdout => "stdout".into(),
-                    },
-                    source,
-                },
-            )?)),
+            (Some(want), _) => Some(Some(
+                crate::access_log::AccessLog::start(want.clone()).map_err(|source| {
+                    StartError::AccessLog {
+                        path: match &want.destination {
+                            crate::access_log::Destination::File(p) => p.display().to_string(),
+                            crate::access_log::Destination::Stdout => "stdout".into(),
+                        },
+                        source,
+                    }
+                })?,
+            )),
         };
         Ok(Prepared {
             config,
@@ -878,12 +880,8 @@ impl Controller {
                         }
                         _ => Some(Handler::Udp(
                             Arc::new(
-                                UdpProxy::new(
-                                    l.name.clone(),
-                                    pools[l.pool].pool.clone(),
-                                    settings,
-                                )
-                                .with_access_log(self.shared.access_log.clone()),
+                                UdpProxy::new(l.name.clone(), pools[l.pool].pool.clone(), settings)
+                                    .with_access_log(self.shared.access_log.clone()),
                             ),
                             Default::default(),
                         )),
@@ -1193,9 +1191,8 @@ async fn discover(
 /// What an HTTP listener's `explain` allows: nothing, or explanations for requests carrying the admin
 /// token (when one is set).
 fn explain(l: &crate::config::ListenerConfig, config: &Config) -> Option<Arc<Option<String>>> {
-    l.explain.then(|| {
-        Arc::new(config.admin.as_ref().and_then(|a| a.token.clone()))
-    })
+    l.explain
+        .then(|| Arc::new(config.admin.as_ref().and_then(|a| a.token.clone())))
 }
 
 fn update_per_ip(per_ip: &arc_swap::ArcSwapOption<PerIp>, limit: Option<usize>) {

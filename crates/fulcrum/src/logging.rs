@@ -115,10 +115,7 @@ impl<S> Filter<S> for RateLimit {
         self.admit(callsite, self.start.elapsed().as_secs())
     }
 
-    fn callsite_enabled(
-        &self,
-        _meta: &'static Metadata<'static>,
-    ) -> tracing::subscriber::Interest {
+    fn callsite_enabled(&self, _meta: &'static Metadata<'static>) -> tracing::subscriber::Interest {
         // Asked per event, not once per callsite: the answer changes with time.
         tracing::subscriber::Interest::sometimes()
     }

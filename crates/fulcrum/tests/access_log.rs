@@ -44,7 +44,12 @@ fn log_path(dir: &tempfile::TempDir) -> PathBuf {
 }
 
 /// One HTTP listener `web` over the apps (and a dead server first, so that round robin retries).
-fn http_config(apps: &[fulcrum_app::AppHandle], dead: SocketAddr, log: &Path, format: &str) -> String {
+fn http_config(
+    apps: &[fulcrum_app::AppHandle],
+    dead: SocketAddr,
+    log: &Path,
+    format: &str,
+) -> String {
     let mut servers = vec![("dead".to_owned(), dead, 1)];
     servers.extend(common::servers(apps));
     let mut text = config(
@@ -113,7 +118,10 @@ async fn json_lines_describe_plain_retried_timed_out_and_websocket_requests() {
         assert_eq!(v["kind"], "http");
         assert_eq!(v["listener"], "web");
         assert_eq!(v["pool"], "p");
-        assert!(v["client"].as_str().unwrap().starts_with("127.0.0.1:"), "{v}");
+        assert!(
+            v["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{v}"
+        );
         assert!(v["time"].as_str().unwrap().ends_with('Z'), "{v}");
         assert!(v["request_time_ms"].as_f64().unwrap() >= 0.0);
         assert_eq!(v["route"], Value::Null);
@@ -214,7 +222,11 @@ async fn a_status_filter_logs_only_the_chosen_statuses() {
     assert_eq!(lines_after.lines().count(), 2, "{lines_after}");
     let statuses: Vec<u64> = lines
         .iter()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["status"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["status"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(statuses, [404, 503]);
     stop(lb).await;
@@ -277,8 +289,14 @@ async fn tcp_sessions_and_udp_flows_get_a_line_each() {
     assert_eq!(&buf[..n], b"hello udp");
     // The UDP flow's line comes when it expires (idle_timeout 200 ms).
     let lines = lines(&path, 2).await;
-    let parsed: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let tcp_line = parsed.iter().find(|v| v["kind"] == "tcp").expect("a tcp line");
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let tcp_line = parsed
+        .iter()
+        .find(|v| v["kind"] == "tcp")
+        .expect("a tcp line");
     assert_eq!(tcp_line["listener"], "t");
     assert_eq!(tcp_line["pool"], "tp");
     assert_eq!(tcp_line["server"], "echo");
@@ -286,7 +304,10 @@ async fn tcp_sessions_and_udp_flows_get_a_line_each() {
     assert_eq!(tcp_line["bytes_out"], 9);
     assert_eq!(tcp_line["termination"], "ok");
     assert!(tcp_line["server_time_ms"].as_f64().is_some());
-    let udp_line = parsed.iter().find(|v| v["kind"] == "udp").expect("a udp line");
+    let udp_line = parsed
+        .iter()
+        .find(|v| v["kind"] == "udp")
+        .expect("a udp line");
     assert_eq!(udp_line["listener"], "u");
     assert_eq!(udp_line["server"], "uecho");
     assert_eq!(udp_line["bytes_in"], 9);
@@ -335,7 +356,12 @@ async fn explain_headers_and_endpoint_agree_with_where_requests_go() {
 
     // Each algorithm family: the header names the server that really answered, and the candidates
     // start with it when it was available.
-    for algorithm in ["round_robin", "least_connections", "p2c", "least_response_time"] {
+    for algorithm in [
+        "round_robin",
+        "least_connections",
+        "p2c",
+        "least_response_time",
+    ] {
         let lb = fulcrum(&config(algorithm, &servers, "explain = true", ""));
         let base = format!("http://{}", web(&lb));
         for _ in 0..6 {
@@ -370,7 +396,10 @@ async fn explain_headers_and_endpoint_agree_with_where_requests_go() {
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
         let api = explain_api(&lb, &format!("key={user}")).await;
         let api_by_header = explain_api(&lb, &format!("header=x-user:%20{user}")).await;
-        assert_eq!(api["server"], api_by_header["server"], "{api} {api_by_header}");
+        assert_eq!(
+            api["server"], api_by_header["server"],
+            "{api} {api_by_header}"
+        );
         assert_eq!(api["hash_key"], "header:x-user");
         let r = explained(&c, &base, "/", &[("x-user", user)]).await;
         assert_eq!(api["server"], r.server(), "{user}: {api}");
@@ -409,7 +438,10 @@ async fn explain_headers_and_endpoint_agree_with_where_requests_go() {
     .await;
     assert_eq!(api["server"], first.server());
     assert_eq!(api["sticky"]["known"], true);
-    assert!(api["reason"].as_str().unwrap().starts_with("sticky"), "{api}");
+    assert!(
+        api["reason"].as_str().unwrap().starts_with("sticky"),
+        "{api}"
+    );
     stop(lb).await;
 }
 

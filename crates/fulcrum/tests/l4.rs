@@ -539,9 +539,12 @@ async fn a_udp_listener_keeps_each_client_on_its_server() {
         .listeners
         .iter()
         .find_map(|l| match &l.handler {
-            fulcrum::runtime::Handler::Udp(proxy, _) => {
-                Some(proxy.stats.datagrams_in.load(std::sync::atomic::Ordering::Relaxed))
-            }
+            fulcrum::runtime::Handler::Udp(proxy, _) => Some(
+                proxy
+                    .stats
+                    .datagrams_in
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ),
             _ => None,
         })
         .unwrap();
@@ -560,7 +563,10 @@ async fn a_udp_listener_keeps_each_client_on_its_server() {
         if counted == (sent, sent) {
             break;
         }
-        assert!(Instant::now() < deadline, "{counted:?} of {sent}: {metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "{counted:?} of {sent}: {metrics}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop(lb).await;

@@ -89,14 +89,16 @@ async fn a_stalled_stderr_does_not_stop_traffic() {
     let (text, web, admin) = fixed_ports(&text);
     let path = write_config(&dir, &text);
     // stderr is a pipe nobody reads, shrunk to one page: it is full after a few dozen lines.
-    let mut child = Reap(Command::new(BIN)
-        .args(["run", "--config"])
-        .arg(&path)
-        .env("RUST_LOG", "debug")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn fulcrum"));
+    let mut child = Reap(
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn fulcrum"),
+    );
     let stderr = child.0.stderr.take().unwrap();
     rustix::pipe::fcntl_setpipe_size(stderr.as_fd(), 4096).expect("shrink the pipe");
     wait_listening(web).await;
@@ -107,12 +109,9 @@ async fn a_stalled_stderr_does_not_stop_traffic() {
         if i >= 1500 && started.elapsed() > Duration::from_secs(3) {
             break;
         }
-        let r = tokio::time::timeout(
-            Duration::from_secs(10),
-            get(&c, &format!("http://{web}/")),
-        )
-        .await
-        .unwrap_or_else(|_| panic!("request {i} answered while stderr is full"));
+        let r = tokio::time::timeout(Duration::from_secs(10), get(&c, &format!("http://{web}/")))
+            .await
+            .unwrap_or_else(|_| panic!("request {i} answered while stderr is full"));
         assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.body);
     }
     assert!(

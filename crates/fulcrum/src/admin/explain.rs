@@ -101,14 +101,22 @@ pub async fn explain(
                 client = value
                     .parse::<SocketAddr>()
                     .or_else(|_| value.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
-                    .map_err(|_| bad(format!("client {value:?}: expected IP or IP:port"), "client"))?;
+                    .map_err(|_| {
+                        bad(
+                            format!("client {value:?}: expected IP or IP:port"),
+                            "client",
+                        )
+                    })?;
             }
             "path" if value.starts_with('/') => path = value.into_owned(),
             "path" => return Err(bad(format!("path {value:?} must start with /"), "path")),
             "header" => {
-                let (n, v) = value
-                    .split_once(':')
-                    .ok_or_else(|| bad(format!("header {value:?}: expected `Name: value`"), "header"))?;
+                let (n, v) = value.split_once(':').ok_or_else(|| {
+                    bad(
+                        format!("header {value:?}: expected `Name: value`"),
+                        "header",
+                    )
+                })?;
                 let n = http::HeaderName::try_from(n.trim())
                     .map_err(|_| bad(format!("header name {n:?}"), "header"))?;
                 let v = http::HeaderValue::from_str(v.trim())
@@ -144,17 +152,11 @@ pub async fn explain(
         ),
     };
     let sticky = match &entry.sticky {
-        Some(s) => Some((
-            s,
-            s.lookup(request.headers(), client.ip(), &snapshot).await,
-        )),
+        Some(s) => Some((s, s.lookup(request.headers(), client.ip(), &snapshot).await)),
         None => None,
     };
     let mut candidates = snapshot.pick(key);
-    let offered: Vec<usize> = candidates
-        .clone()
-        .take(snapshot.servers.len())
-        .collect();
+    let offered: Vec<usize> = candidates.clone().take(snapshot.servers.len()).collect();
     let sticky_server = sticky
         .as_ref()
         .and_then(|(_, c)| c.server)
@@ -164,7 +166,10 @@ pub async fn explain(
     let (server, reason) = match &sticky_server {
         Some(s) => (
             Some(s.name.clone()),
-            format!("sticky: the client's {} names it", entry.sticky.as_ref().map_or("key", |s| s.kind().as_str())),
+            format!(
+                "sticky: the client's {} names it",
+                entry.sticky.as_ref().map_or("key", |s| s.kind().as_str())
+            ),
         ),
         None => match snapshot.next_available(&mut candidates) {
             Some(s) => {
@@ -183,7 +188,9 @@ pub async fn explain(
                     ),
                 };
                 let why = match &sticky {
-                    Some((_, c)) if c.known() => format!("{why} (its sticky server cannot take it)"),
+                    Some((_, c)) if c.known() => {
+                        format!("{why} (its sticky server cannot take it)")
+                    }
                     Some(_) => format!("{why} (new sticky client)"),
                     None => why,
                 };
@@ -239,14 +246,20 @@ fn key_of_value(kind: &HashKey, raw: &str) -> Result<u64, ApiError> {
     };
     Ok(match kind {
         HashKey::SourceIp => {
-            let ip: IpAddr = raw
-                .parse()
-                .map_err(|_| bad(format!("key {raw:?}: expected an IP (hash_key = source_ip)"), "key"))?;
+            let ip: IpAddr = raw.parse().map_err(|_| {
+                bad(
+                    format!("key {raw:?}: expected an IP (hash_key = source_ip)"),
+                    "key",
+                )
+            })?;
             hash_key(&ip_octets(ip))
         }
         HashKey::SourceIpPort => {
             let addr: SocketAddr = raw.parse().map_err(|_| {
-                bad(format!("key {raw:?}: expected IP:port (hash_key = source_ip_port)"), "key")
+                bad(
+                    format!("key {raw:?}: expected IP:port (hash_key = source_ip_port)"),
+                    "key",
+                )
             })?;
             let mut bytes = ip_octets(addr.ip());
             bytes.extend_from_slice(&addr.port().to_be_bytes());

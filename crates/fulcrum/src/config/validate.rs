@@ -13,9 +13,10 @@ use regex::Regex;
 
 use super::error::KeyPath;
 use super::file::{
-    RawAccessLog, RawAdmin, RawAutoBan, RawBlockRule, RawLogFormat, RawLogStatus, RawConfig, RawDuration, RawHealthCheck, RawInitialState,
-    RawListener, RawPassive, RawPool, RawRateLimit, RawRedirect, RawRoute, RawServer, RawSize,
-    RawSticky, RawStore, RawStoreKind, RawTls, RawUpstreamTls,
+    RawAccessLog, RawAdmin, RawAutoBan, RawBlockRule, RawConfig, RawDuration, RawHealthCheck,
+    RawInitialState, RawListener, RawLogFormat, RawLogStatus, RawPassive, RawPool, RawRateLimit,
+    RawRedirect, RawRoute, RawServer, RawSize, RawSticky, RawStore, RawStoreKind, RawTls,
+    RawUpstreamTls,
 };
 use super::{
     AdminConfig, Algorithm, CertFiles, ClientAuth, Config, DnsServerConfig, FilterConfig, HashKey,
@@ -172,7 +173,9 @@ fn access_log(raw: RawAccessLog) -> Result<crate::access_log::Settings> {
         let parsed = match s {
             RawLogStatus::Code(c) if (100..=599).contains(c) => StatusMatch::Code(*c as u16),
             RawLogStatus::Text(t) => match t.as_bytes() {
-                [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => StatusMatch::Class(u16::from(c - b'0')),
+                [c @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                    StatusMatch::Class(u16::from(c - b'0'))
+                }
                 _ => match t.parse::<u16>() {
                     Ok(c) if (100..=599).contains(&c) => StatusMatch::Code(c),
                     _ => {

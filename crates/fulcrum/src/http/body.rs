@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::chunked::Step;
-use crate::access_log::{AccessLog, Record, Termination};
 use super::upstream::{Framing, UpstreamConn};
+use crate::access_log::{AccessLog, Record, Termination};
 use crate::pool::InFlight;
 
 /// A server's response body, read from its connection.
@@ -254,7 +254,12 @@ pub struct LoggedBody {
 
 impl LoggedBody {
     /// `inner`, logging `record` to `log` when it ends; `started` is when the request arrived.
-    pub fn wrap(inner: ProxyBody, log: Arc<AccessLog>, record: Record, started: Instant) -> ProxyBody {
+    pub fn wrap(
+        inner: ProxyBody,
+        log: Arc<AccessLog>,
+        record: Record,
+        started: Instant,
+    ) -> ProxyBody {
         ProxyBody::Logged(Box::new(LoggedBody {
             inner,
             pending: Some((log, record, started)),

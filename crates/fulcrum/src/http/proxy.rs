@@ -41,8 +41,8 @@ use super::client;
 use super::filter::{Filter, ListenerFilter};
 use super::headers::{check_host, is_websocket_upgrade, rewrite_request, rewrite_response};
 use super::route;
-use super::trace::Trace;
 use super::server::{Builders, ConnSettings};
+use super::trace::Trace;
 use super::upstream::{
     self, BodyLimits, ReadError, RequestBody, ResponseHead, SendError, UpstreamConn,
 };

@@ -447,7 +447,8 @@ impl Table {
             .load_full()
             .filter(|log| log.sampled())
             .map(|log| {
-                let mut record = Record::new(Kind::Udp, client, Arc::from(self.proxy.name.as_str()));
+                let mut record =
+                    Record::new(Kind::Udp, client, Arc::from(self.proxy.name.as_str()));
                 record.pool = Some(Arc::from(pool.name.as_str()));
                 record.server = Some(Arc::from(server.name.as_str()));
                 Box::new(FlowLog {
