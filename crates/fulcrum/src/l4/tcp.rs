@@ -215,7 +215,6 @@ impl TcpProxy {
             guard: _guard,
         } = conn;
         let settings = self.settings.load_full();
-        let local = stream.local_addr().unwrap_or(peer);
         let mut client = peer;
         let mut early = Vec::new();
         let trusted = settings
@@ -293,6 +292,8 @@ impl TcpProxy {
         let mut upstream = upstream;
         let mut head = Vec::new();
         if let Some(version) = settings.proxy_protocol {
+            // The listener's own address (`getsockname`), asked only when a header needs it.
+            let local = stream.local_addr().unwrap_or(peer);
             head = super::proxy_protocol::encode(version, client, local);
         }
         head.extend_from_slice(&early);
