@@ -175,7 +175,11 @@ async fn combined_lines_follow_the_apache_format() {
     }
     let r = get(&c, &format!("{base}/delay/3000")).await;
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
-    let lines = lines(&path, 3).await;
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", web(&lb)))
+        .await
+        .expect("websocket through fulcrum");
+    drop(ws);
+    let lines = lines(&path, 4).await;
     // client - - [dd/Mon/yyyy:hh:mm:ss +0000] "METHOD target PROTO" status bytes "referer" "ua"
     let re = regex::Regex::new(
         r#"^127\.0\.0\.1 - - \[\d{2}/[A-Z][a-z]{2}/\d{4}:\d{2}:\d{2}:\d{2} \+0000\] "(\S+) (\S+) (HTTP/1\.1)" (\d{3}) (\d+|-) "([^"]*)" "([^"]*)"$"#,
@@ -194,7 +198,7 @@ async fn combined_lines_follow_the_apache_format() {
         }
     }
     statuses.sort();
-    assert_eq!(statuses, ["200", "200", "504"]);
+    assert_eq!(statuses, ["101", "200", "200", "504"]);
     stop(lb).await;
 }
 

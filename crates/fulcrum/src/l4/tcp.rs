@@ -642,8 +642,9 @@ async fn relay_spliced(
     counters: Counters<'_>,
     last: &AtomicU64,
 ) -> Ended {
-    let up = splice_pipe(client, server, last, (counters, TO_SERVER));
-    let down = splice_pipe(server, client, last, (counters, FROM_SERVER));
+    let ended = std::sync::atomic::AtomicBool::new(false);
+    let up = splice_pipe(client, server, last, (counters, TO_SERVER), &ended);
+    let down = splice_pipe(server, client, last, (counters, FROM_SERVER), &ended);
     tokio::select! {
         ended = until_both_end(up, down) => ended,
         _ = quiet_for(last, idle) => Ended::Idle,
@@ -699,18 +700,23 @@ impl Drop for Pipe {
     }
 }
 
-/// One spliced direction: socket → pipe → socket until `from` ends, then a half-close of `to`.
+/// One spliced direction: socket → pipe → socket until `from` ends, then a half-close of `to` —
+/// unless the other direction has `ended` already: both sockets close next, and `close(2)` sends
+/// the FIN (one `shutdown(2)` fewer per session).
 async fn splice_pipe(
     from: &TcpStream,
     to: &TcpStream,
     last: &AtomicU64,
     (counters, direction): (Counters<'_>, usize),
+    ended: &std::sync::atomic::AtomicBool,
 ) -> io::Result<()> {
     use rustix::pipe::{splice, SpliceFlags};
     use tokio::io::Interest;
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let half_close = || {
-        let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+        if !ended.swap(true, Ordering::Relaxed) {
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+        }
     };
     loop {
         // Waiting holds no pipe.
@@ -729,7 +735,9 @@ async fn splice_pipe(
                     return Ok(());
                 }
                 Ok(n) => pipe.held = n,
-                // Nothing more for now: the pipe (empty) goes back, and the direction waits.
+                // Nothing more for now: the pipe (empty) goes back, and the direction waits. (A
+                // short splice does not prove the socket empty: it stops when the pipe's 16 slots
+                // are full, which small segments reach well below 64 KiB.)
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     half_close();
