@@ -65,56 +65,7 @@ enum Command {
     },
     /// Compare the balancing algorithms on a pool: replay an access log's arrivals (or a synthetic
     /// workload) through each algorithm's real picker, in virtual time.
-    Simulate {
-        /// The configuration file (its pool's servers, weights and settings are simulated).
-        #[arg(long, env = "FULCRUM_CONFIG", default_value = "fulcrum.toml")]
-        config: PathBuf,
-        /// The pool, when the file has several.
-        #[arg(long)]
-        pool: Option<String>,
-        /// An access log (JSON lines) whose HTTP requests of the pool are replayed; without it, a
-        /// synthetic workload (--rate, --requests, --keys, --zipf).
-        #[arg(long)]
-        log: Option<PathBuf>,
-        /// The algorithms to compare, comma-separated (default: all).
-        #[arg(long, value_delimiter = ',')]
-        algorithms: Vec<String>,
-        /// Synthetic workload: requests per second (Poisson arrivals).
-        #[arg(long, default_value_t = 1000.0)]
-        rate: f64,
-        /// Synthetic workload: how many requests.
-        #[arg(long, default_value_t = 20_000)]
-        requests: usize,
-        /// Synthetic workload: distinct clients (each its own address).
-        #[arg(long, default_value_t = 1000)]
-        keys: usize,
-        /// Synthetic workload: Zipf exponent of the clients' popularity (0: uniform).
-        #[arg(long, default_value_t = 0.0)]
-        zipf: f64,
-        /// Answer time, for every server or `NAME=DIST`: `10ms`, `exp:10ms` (mean) or
-        /// `lognormal:10ms:0.5` (median, sigma). Default: what the log observed, else
-        /// lognormal:10ms:0.5. Repeatable.
-        #[arg(long, value_name = "[NAME=]DIST")]
-        latency: Vec<String>,
-        /// A slow server: its answer times multiplied by FACTOR. Repeatable.
-        #[arg(long, value_name = "NAME=FACTOR")]
-        slow: Vec<String>,
-        /// A failing server: this fraction of its requests answered 503 within 1 ms. Repeatable.
-        #[arg(long, value_name = "NAME=RATE")]
-        fail: Vec<String>,
-        /// Requests a server serves at once (more wait in its queue); default unbounded. Repeatable.
-        #[arg(long, value_name = "[NAME=]N")]
-        workers: Vec<String>,
-        /// The server that leaves for the "moved" column (default: the pool's last).
-        #[arg(long, value_name = "NAME")]
-        leaving: Option<String>,
-        /// Seed of the synthetic arrivals and of the answer times.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Simulate(fulcrum::simulate::Command),
     /// Run one demo server, as `fulcrum-app` does (for tests and quick experiments).
     #[command(hide = true)]
     App {
@@ -168,44 +119,9 @@ fn main() -> ExitCode {
             sessions,
             sticky,
         }),
-        Command::Simulate {
-            config,
-            pool,
-            log,
-            algorithms,
-            rate,
-            requests,
-            keys,
-            zipf,
-            latency,
-            slow,
-            fail,
-            workers,
-            leaving,
-            seed,
-            json,
-        } => {
-            let cmd = fulcrum::simulate::Command {
-                config,
-                pool,
-                log,
-                algorithms,
-                rate,
-                requests,
-                keys,
-                zipf,
-                latency,
-                slow,
-                fail,
-                workers,
-                leaving,
-                seed,
-                json,
-            };
-            fulcrum::simulate::command(&cmd)
-                .map(|out| print!("{out}"))
-                .map_err(|e| anyhow::anyhow!(e))
-        }
+        Command::Simulate(cmd) => fulcrum::simulate::command(&cmd)
+            .map(|out| print!("{out}"))
+            .map_err(|e| anyhow::anyhow!(e)),
         Command::App {
             listen,
             name,

@@ -737,37 +737,55 @@ pub fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
 }
 
 /// `fulcrum simulate`'s arguments.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct Command {
-    /// The configuration file.
+    /// The configuration file (its pool's servers, weights and settings are simulated).
+    #[arg(long, env = "FULCRUM_CONFIG", default_value = "fulcrum.toml")]
     pub config: std::path::PathBuf,
-    /// The pool (needed when the file has several).
+    /// The pool, when the file has several.
+    #[arg(long)]
     pub pool: Option<String>,
-    /// An access log (JSON lines) to replay; `None`: the synthetic workload.
+    /// An access log (JSON lines) whose HTTP requests of the pool are replayed; without it, a
+    /// synthetic workload (--rate, --requests, --keys, --zipf).
+    #[arg(long)]
     pub log: Option<std::path::PathBuf>,
-    /// The algorithms; empty: all of them.
+    /// The algorithms to compare, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
     pub algorithms: Vec<String>,
-    /// Synthetic workload: requests per second.
+    /// Synthetic workload: requests per second (Poisson arrivals).
+    #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
     /// Synthetic workload: how many requests.
+    #[arg(long, default_value_t = 20_000)]
     pub requests: usize,
-    /// Synthetic workload: distinct clients.
+    /// Synthetic workload: distinct clients (each its own address).
+    #[arg(long, default_value_t = 1000)]
     pub keys: usize,
-    /// Synthetic workload: Zipf exponent of the clients' popularity.
+    /// Synthetic workload: Zipf exponent of the clients' popularity (0: uniform).
+    #[arg(long, default_value_t = 0.0)]
     pub zipf: f64,
-    /// `DIST` or `NAME=DIST`: answer time models.
+    /// Answer time, for every server or `NAME=DIST`: `10ms`, `exp:10ms` (mean) or
+    /// `lognormal:10ms:0.5` (median, sigma). Default: what the log observed, else
+    /// lognormal:10ms:0.5. Repeatable.
+    #[arg(long, value_name = "[NAME=]DIST")]
     pub latency: Vec<String>,
-    /// `NAME=FACTOR`: slow servers.
+    /// A slow server: its answer times multiplied by FACTOR. Repeatable.
+    #[arg(long, value_name = "NAME=FACTOR")]
     pub slow: Vec<String>,
-    /// `NAME=RATE`: failing servers.
+    /// A failing server: this fraction of its requests answered 503 within 1 ms. Repeatable.
+    #[arg(long, value_name = "NAME=RATE")]
     pub fail: Vec<String>,
-    /// `N` or `NAME=N`: requests a server serves at once.
+    /// Requests a server serves at once (more wait in its queue); default unbounded. Repeatable.
+    #[arg(long, value_name = "[NAME=]N")]
     pub workers: Vec<String>,
-    /// The server that leaves for "keys moved".
+    /// The server that leaves for the "moved" column (default: the pool's last).
+    #[arg(long, value_name = "NAME")]
     pub leaving: Option<String>,
-    /// Seed.
+    /// Seed of the synthetic arrivals and of the answer times.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// JSON output.
+    /// Print JSON instead of a table.
+    #[arg(long)]
     pub json: bool,
 }
 
