@@ -18,7 +18,7 @@ use axum::Json;
 use serde::Serialize;
 
 use super::api::ApiError;
-use crate::balance::hash_key;
+use crate::balance::{address_key, hash_key};
 use crate::config::HashKey;
 use crate::runtime::Shared;
 
@@ -240,10 +240,6 @@ fn hash_key_name(k: &HashKey) -> String {
 
 /// The hash of `raw`, read as the value of the pool's hash key.
 fn key_of_value(kind: &HashKey, raw: &str) -> Result<u64, ApiError> {
-    let ip_octets = |ip: IpAddr| match ip {
-        IpAddr::V4(ip) => ip.octets().to_vec(),
-        IpAddr::V6(ip) => ip.octets().to_vec(),
-    };
     Ok(match kind {
         HashKey::SourceIp => {
             let ip: IpAddr = raw.parse().map_err(|_| {
@@ -252,7 +248,7 @@ fn key_of_value(kind: &HashKey, raw: &str) -> Result<u64, ApiError> {
                     "key",
                 )
             })?;
-            hash_key(&ip_octets(ip))
+            address_key(SocketAddr::new(ip, 0), false)
         }
         HashKey::SourceIpPort => {
             let addr: SocketAddr = raw.parse().map_err(|_| {
@@ -261,9 +257,7 @@ fn key_of_value(kind: &HashKey, raw: &str) -> Result<u64, ApiError> {
                     "key",
                 )
             })?;
-            let mut bytes = ip_octets(addr.ip());
-            bytes.extend_from_slice(&addr.port().to_be_bytes());
-            hash_key(&bytes)
+            address_key(addr, true)
         }
         HashKey::Uri | HashKey::Header(_) | HashKey::Cookie(_) => hash_key(raw.as_bytes()),
     })

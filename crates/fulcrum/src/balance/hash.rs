@@ -25,6 +25,28 @@ pub fn hash_key(bytes: &[u8]) -> u64 {
     xxh3_64_with_seed(bytes, KEY_SEED)
 }
 
+/// The hash key of a client address, for `hash_key = "source_ip"` (the IP's octets) or, `with_port`,
+/// `"source_ip_port"` (then the port, big-endian): the same for HTTP, TCP, UDP and the explain API.
+pub fn address_key(addr: std::net::SocketAddr, with_port: bool) -> u64 {
+    let mut bytes = [0u8; 18];
+    let n = match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            bytes[..4].copy_from_slice(&ip.octets());
+            4
+        }
+        std::net::IpAddr::V6(ip) => {
+            bytes[..16].copy_from_slice(&ip.octets());
+            16
+        }
+    };
+    if with_port {
+        bytes[n..n + 2].copy_from_slice(&addr.port().to_be_bytes());
+        hash_key(&bytes[..n + 2])
+    } else {
+        hash_key(&bytes[..n])
+    }
+}
+
 /// The hash of a server's identity under `seed`.
 pub(super) fn id_hash(id: &str, seed: u64) -> u64 {
     xxh3_64_with_seed(id.as_bytes(), seed)

@@ -59,7 +59,7 @@ mod testing;
 mod weighted;
 
 pub use ewma::LeastResponseTime;
-pub use hash::{hash_key, KEY_SEED};
+pub use hash::{address_key, hash_key, KEY_SEED};
 pub use least_conn::{LeastConnections, SAMPLE, SCAN_MAX};
 pub use maglev::{Maglev, DEFAULT_TABLE_SIZE};
 pub use p2c::P2c;

@@ -18,7 +18,7 @@
 //! against it, and 502 when no other server answers), even when the request could be retried.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -695,25 +695,8 @@ async fn wait_for_slot(snapshot: &PoolSnapshot, deadline: Instant) -> bool {
 /// The request's hash key for the pool's `hash_key`; `None` when the request lacks it.
 pub(crate) fn request_key<B>(key: &HashKey, req: &Request<B>, client: &Client) -> Option<u64> {
     Some(match key {
-        HashKey::SourceIp => match client.addr.ip() {
-            IpAddr::V4(ip) => hash_key(&ip.octets()),
-            IpAddr::V6(ip) => hash_key(&ip.octets()),
-        },
-        HashKey::SourceIpPort => {
-            let mut bytes = [0u8; 18];
-            let n = match client.addr.ip() {
-                IpAddr::V4(ip) => {
-                    bytes[..4].copy_from_slice(&ip.octets());
-                    4
-                }
-                IpAddr::V6(ip) => {
-                    bytes[..16].copy_from_slice(&ip.octets());
-                    16
-                }
-            };
-            bytes[n..n + 2].copy_from_slice(&client.addr.port().to_be_bytes());
-            hash_key(&bytes[..n + 2])
-        }
+        HashKey::SourceIp => crate::balance::address_key(client.addr, false),
+        HashKey::SourceIpPort => crate::balance::address_key(client.addr, true),
         HashKey::Uri => hash_key(
             req.uri()
                 .path_and_query()

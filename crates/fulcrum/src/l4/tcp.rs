@@ -339,8 +339,8 @@ async fn connect(
 ) -> Option<(Arc<Server>, TcpStream, InFlight, Duration)> {
     let snapshot = target.pool.snapshot_full();
     let key = snapshot.settings.hash_key.as_ref().and_then(|k| match k {
-        HashKey::SourceIp => Some(ip_key(client, false)),
-        HashKey::SourceIpPort => Some(ip_key(client, true)),
+        HashKey::SourceIp => Some(crate::balance::address_key(client, false)),
+        HashKey::SourceIpPort => Some(crate::balance::address_key(client, true)),
         // HTTP keys: a TCP connection has none, so the pool's fallback algorithm picks.
         _ => None,
     });
@@ -406,26 +406,6 @@ async fn connect(
         snapshot.observe(&server, false);
     }
     None
-}
-
-fn ip_key(addr: SocketAddr, with_port: bool) -> u64 {
-    let mut bytes = [0u8; 18];
-    let n = match addr.ip() {
-        std::net::IpAddr::V4(ip) => {
-            bytes[..4].copy_from_slice(&ip.octets());
-            4
-        }
-        std::net::IpAddr::V6(ip) => {
-            bytes[..16].copy_from_slice(&ip.octets());
-            16
-        }
-    };
-    if with_port {
-        bytes[n..n + 2].copy_from_slice(&addr.port().to_be_bytes());
-        crate::balance::hash_key(&bytes[..n + 2])
-    } else {
-        crate::balance::hash_key(&bytes[..n])
-    }
 }
 
 /// How a relay ended.

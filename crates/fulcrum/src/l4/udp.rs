@@ -67,7 +67,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,7 +80,7 @@ use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log::{AccessLog, Kind, Record, Termination};
-use crate::balance::hash_key;
+use crate::balance::address_key;
 use crate::clock::now_ms;
 use crate::config::HashKey;
 use crate::pool::{InFlight, Pool, Server, FROM_SERVER, TO_SERVER};
@@ -247,23 +247,10 @@ fn sweep_period(idle_timeout: Duration) -> Duration {
 /// client hashes alike on an IPv4 and on a dual-stack socket. `None` for the keys UDP has not (URI,
 /// header, cookie): the pool's fallback algorithm picks.
 fn flow_key(key: &HashKey, client: SocketAddr) -> Option<u64> {
-    let mut bytes = [0u8; 18];
-    let n = match client.ip().to_canonical() {
-        IpAddr::V4(ip) => {
-            bytes[..4].copy_from_slice(&ip.octets());
-            4
-        }
-        IpAddr::V6(ip) => {
-            bytes[..16].copy_from_slice(&ip.octets());
-            16
-        }
-    };
+    let canonical = SocketAddr::new(client.ip().to_canonical(), client.port());
     match key {
-        HashKey::SourceIp => Some(hash_key(&bytes[..n])),
-        HashKey::SourceIpPort => {
-            bytes[n..n + 2].copy_from_slice(&client.port().to_be_bytes());
-            Some(hash_key(&bytes[..n + 2]))
-        }
+        HashKey::SourceIp => Some(address_key(canonical, false)),
+        HashKey::SourceIpPort => Some(address_key(canonical, true)),
         HashKey::Uri | HashKey::Header(_) | HashKey::Cookie(_) => None,
     }
 }
@@ -636,6 +623,7 @@ async fn reply(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::hash_key;
 
     #[test]
     fn keys_are_made_from_the_canonical_client_address() {
