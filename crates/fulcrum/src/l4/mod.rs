@@ -2,6 +2,7 @@
 //! with the PROXY protocol either way) and UDP listeners (datagram flows).
 
 pub mod proxy_protocol;
+mod relay;
 pub mod sni;
 pub mod tcp;
 pub mod udp;

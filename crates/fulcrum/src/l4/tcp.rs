@@ -23,8 +23,6 @@
 //! deadline. The session counts as in flight on its server (least connections, saturation, a draining
 //! server's removal) until it ends.
 
-use std::cell::RefCell;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,20 +32,17 @@ use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::relay::{relay, Counters, Ended};
 use crate::access_log::{Kind, Record, Termination};
 use crate::config::{HashKey, HostMatch, ProxyProtocol};
 use crate::filter::CidrSet;
 use crate::http::filter::ListenerFilter;
 use crate::listener::{Accepted, ConnHandler, ListenerStats, PerIp};
-use crate::pool::{InFlight, Pool, Server, ServerStats, FROM_SERVER, TO_SERVER};
+use crate::pool::{InFlight, Pool, Server, TO_SERVER};
 use crate::sticky::Sticky;
 
 /// The largest ClientHello read to route by SNI.
 const MAX_HELLO: usize = 16 * 1024;
-/// The buffer a direction borrows while bytes flow.
-const RELAY_BUFFER: usize = 16 * 1024;
-/// Buffers kept per worker thread for reuse.
-const POOLED_BUFFERS: usize = 64;
 
 /// Where a TCP connection goes.
 #[derive(Debug, Clone)]
@@ -199,22 +194,73 @@ struct Session {
     connect_time: Option<Duration>,
 }
 
+/// A session ready to relay: its server picked, connected and counted, what came first sent on.
+struct Opened {
+    upstream: TcpStream,
+    server: Arc<Server>,
+    /// Keeps the session counted on its server (least connections, limits, drains).
+    _in_flight: InFlight,
+    /// The client's first bytes must not be a PROXY header (an untrusted source, no SNI routes).
+    check_first: bool,
+}
+
 impl TcpProxy {
     /// Serves one connection; with `log`, counts its bytes there and fills in its [`Session`].
     async fn serve_conn(
         &self,
         conn: Accepted,
-        mut log: Option<(&[AtomicU64; 2], &mut Session)>,
+        log: Option<(&[AtomicU64; 2], &mut Session)>,
     ) -> Termination {
         let Accepted {
             mut stream,
             peer,
-            stop: _,
+            stop,
             deadline,
-            tracker: _,
+            tracker,
             guard: _guard,
         } = conn;
+        drop((stop, tracker));
         let settings = self.settings.load_full();
+        let (idle, splice) = (settings.idle_timeout, settings.splice);
+        let session_bytes = log.as_ref().map(|(bytes, _)| *bytes);
+        // The phases before the relay are boxed: for as long as the session lasts, its task keeps only
+        // the relay's state, not the largest phase's.
+        let opened = match Box::pin(self.open(&mut stream, peer, settings, log)).await {
+            Ok(opened) => opened,
+            Err(termination) => return termination,
+        };
+        let counters = Counters {
+            tcp: &self.tcp,
+            server: &opened.server.stats,
+            session: session_bytes,
+        };
+        let outcome = tokio::select! {
+            r = relay(&stream, &opened.upstream, idle, counters, opened.check_first, splice) => r,
+            _ = deadline.cancelled() => return Termination::Cut,
+        };
+        match outcome {
+            Ended::Idle => {
+                self.tcp.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                Termination::Idle
+            }
+            Ended::ProxyHeader => {
+                self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(listener = %self.name, client = %peer, "PROXY header from an untrusted source: refused");
+                Termination::Refused
+            }
+            Ended::Closed => Termination::Ok,
+        }
+    }
+
+    /// Everything before the relay: the PROXY header read, the ClientHello routed, the server
+    /// connected, the header sent and the bytes read so far passed on.
+    async fn open(
+        &self,
+        stream: &mut TcpStream,
+        peer: SocketAddr,
+        settings: Arc<TcpSettings>,
+        mut log: Option<(&[AtomicU64; 2], &mut Session)>,
+    ) -> Result<Opened, Termination> {
         let mut client = peer;
         let mut early = Vec::new();
         let trusted = settings
@@ -225,14 +271,7 @@ impl TcpProxy {
         // that starts with a PROXY header is refused.
         let refuse_header = trusted == Some(false);
         if trusted == Some(true) {
-            // The phases before the relay are boxed: the session's task keeps only the relay's state
-            // for its (idle) lifetime, not the largest phase's.
-            match Box::pin(super::proxy_protocol::read(
-                &mut stream,
-                settings.hello_timeout,
-            ))
-            .await
-            {
+            match super::proxy_protocol::read(stream, settings.hello_timeout).await {
                 Ok(received) => {
                     if let Some(source) = received.source {
                         client = source;
@@ -242,7 +281,7 @@ impl TcpProxy {
                 Err(e) => {
                     self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(listener = %self.name, client = %peer, error = %e, "bad PROXY header");
-                    return Termination::Refused;
+                    return Err(Termination::Refused);
                 }
             }
         }
@@ -250,26 +289,22 @@ impl TcpProxy {
         let target = if router.routes.is_empty() {
             &router.default
         } else {
-            let mut reader = (&early[..]).chain(&mut stream);
-            match Box::pin(super::sni::read_client_hello(
-                &mut reader,
-                settings.hello_timeout,
-                MAX_HELLO,
-            ))
-            .await
+            let mut reader = (&early[..]).chain(&mut *stream);
+            match super::sni::read_client_hello(&mut reader, settings.hello_timeout, MAX_HELLO)
+                .await
             {
                 Ok(hello) => {
                     early = hello.bytes;
                     if refuse_header && is_proxy_header(&early) {
                         self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
-                        return Termination::Refused;
+                        return Err(Termination::Refused);
                     }
                     router.route(hello.server_name.as_deref())
                 }
                 Err(e) => {
                     self.tcp.bad_hello.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(listener = %self.name, client = %client, error = %e, "no usable TLS ClientHello");
-                    return Termination::Refused;
+                    return Err(Termination::Refused);
                 }
             }
         };
@@ -277,11 +312,10 @@ impl TcpProxy {
             session.client = Some(client);
             session.pool = Some(Arc::from(target.pool.name.as_str()));
         }
-        let Some((server, upstream, _in_flight, connect_time)) =
-            Box::pin(connect(target, client)).await
+        let Some((server, upstream, in_flight, connect_time)) = connect(target, client).await
         else {
             self.tcp.refused_no_server.fetch_add(1, Ordering::Relaxed);
-            return Termination::NoServer;
+            return Err(Termination::NoServer);
         };
         let mut session_bytes = None;
         if let Some((bytes, session)) = log.take() {
@@ -299,7 +333,7 @@ impl TcpProxy {
         head.extend_from_slice(&early);
         if !head.is_empty() && upstream.write_all(&head).await.is_err() {
             server.stats.record_failure();
-            return Termination::ServerAbort;
+            return Err(Termination::ServerAbort);
         }
         self.tcp
             .bytes_in
@@ -308,26 +342,12 @@ impl TcpProxy {
         if let Some(bytes) = session_bytes {
             bytes[0].fetch_add(early.len() as u64, Ordering::Relaxed);
         }
-        drop(early);
-        drop(head);
-        let check_first = refuse_header && self.router.load().routes.is_empty();
-        let outcome = tokio::select! {
-            r = relay(&mut stream, &mut upstream, settings.idle_timeout, Counters { tcp: &self.tcp, server: &server.stats, session: session_bytes }, check_first, settings.splice) => r,
-            _ = deadline.cancelled() => Ended::Cut,
-        };
-        match outcome {
-            Ended::Idle => {
-                self.tcp.idle_timeouts.fetch_add(1, Ordering::Relaxed);
-                Termination::Idle
-            }
-            Ended::ProxyHeader => {
-                self.tcp.bad_proxy_header.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(listener = %self.name, client = %peer, "PROXY header from an untrusted source: refused");
-                Termination::Refused
-            }
-            Ended::Closed => Termination::Ok,
-            Ended::Cut => Termination::Cut,
-        }
+        Ok(Opened {
+            upstream,
+            server,
+            _in_flight: in_flight,
+            check_first: refuse_header && router.routes.is_empty(),
+        })
     }
 }
 
@@ -408,335 +428,10 @@ async fn connect(
     None
 }
 
-/// How a relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Ended {
-    /// Both sides closed (or one failed).
-    Closed,
-    /// No byte either way for the idle timeout.
-    Idle,
-    /// The drain deadline passed.
-    Cut,
-    /// An untrusted client started with a PROXY header.
-    ProxyHeader,
-}
-
 /// True when `bytes` start like a PROXY protocol header (v1 `PROXY `, or v2's signature).
-fn is_proxy_header(bytes: &[u8]) -> bool {
+pub(super) fn is_proxy_header(bytes: &[u8]) -> bool {
     const V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
     let starts =
         |sig: &[u8]| bytes[..bytes.len().min(sig.len())] == sig[..bytes.len().min(sig.len())];
     !bytes.is_empty() && (starts(b"PROXY ") || starts(V2))
-}
-
-thread_local! {
-    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-}
-
-/// A relay buffer, taken from this thread's spares (or allocated) and given back on drop.
-struct Buffer(Option<Box<[u8]>>);
-
-impl Buffer {
-    fn take() -> Self {
-        let spare = BUFFERS.with(|b| b.borrow_mut().pop());
-        Buffer(Some(
-            spare.unwrap_or_else(|| vec![0u8; RELAY_BUFFER].into_boxed_slice()),
-        ))
-    }
-}
-
-impl std::ops::Deref for Buffer {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        self.0.as_deref().unwrap_or(&[])
-    }
-}
-
-impl std::ops::DerefMut for Buffer {
-    fn deref_mut(&mut self) -> &mut [u8] {
-        self.0.as_deref_mut().unwrap_or(&mut [])
-    }
-}
-
-impl Drop for Buffer {
-    fn drop(&mut self) {
-        if let Some(b) = self.0.take() {
-            // Given back to the thread it is dropped on (tasks may move between workers).
-            let _ = BUFFERS.try_with(|spares| {
-                let mut spares = spares.borrow_mut();
-                if spares.len() < POOLED_BUFFERS {
-                    spares.push(b);
-                }
-            });
-        }
-    }
-}
-
-/// The counters a session's bytes go to: its listener's and its server's.
-#[derive(Clone, Copy)]
-struct Counters<'a> {
-    tcp: &'a TcpStats,
-    server: &'a ServerStats,
-    /// The session's own counts, when its access log line needs them.
-    session: Option<&'a [AtomicU64; 2]>,
-}
-
-impl Counters<'_> {
-    /// Counts `n` bytes moved to the server (`direction` [`TO_SERVER`]) or from it.
-    #[inline]
-    fn add(&self, direction: usize, n: usize) {
-        let listener = if direction == TO_SERVER {
-            &self.tcp.bytes_in
-        } else {
-            &self.tcp.bytes_out
-        };
-        listener.fetch_add(n as u64, Ordering::Relaxed);
-        self.server.record_l4(direction, n, false);
-        if let Some(session) = self.session {
-            session[direction].fetch_add(n as u64, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Copies bytes both ways until both directions have ended, or nothing moved for `idle`.
-async fn relay(
-    client: &mut TcpStream,
-    server: &mut TcpStream,
-    idle: Duration,
-    counters: Counters<'_>,
-    refuse_header: bool,
-    splice: bool,
-) -> Ended {
-    let last = AtomicU64::new(crate::clock::now_ms());
-    // The header check needs the first bytes in hand: those sessions copy through a buffer.
-    if splice && !refuse_header {
-        return relay_spliced(client, server, idle, counters, &last).await;
-    }
-    let (mut client_read, mut client_write) = client.split();
-    let (mut server_read, mut server_write) = server.split();
-    let up = pipe(
-        &mut client_read,
-        &mut server_write,
-        &last,
-        (counters, TO_SERVER),
-        refuse_header,
-    );
-    let down = pipe(
-        &mut server_read,
-        &mut client_write,
-        &last,
-        (counters, FROM_SERVER),
-        false,
-    );
-    tokio::select! {
-        ended = until_both_end(up, down) => ended,
-        _ = quiet_for(&last, idle) => Ended::Idle,
-    }
-}
-
-/// Runs both directions of a session until each has ended; an error either way ends the session.
-async fn until_both_end(
-    up: impl std::future::Future<Output = io::Result<()>>,
-    down: impl std::future::Future<Output = io::Result<()>>,
-) -> Ended {
-    tokio::pin!(up, down);
-    let (mut up_done, mut down_done) = (false, false);
-    while !(up_done && down_done) {
-        let result = tokio::select! {
-            r = &mut up, if !up_done => { up_done = true; r }
-            r = &mut down, if !down_done => { down_done = true; r }
-        };
-        if let Err(e) = result {
-            if e.kind() == io::ErrorKind::PermissionDenied {
-                return Ended::ProxyHeader;
-            }
-            tracing::debug!(error = %e, "TCP session ended with an error");
-            return Ended::Closed;
-        }
-    }
-    Ended::Closed
-}
-
-/// Resolves once nothing has moved (`last`, on [`crate::clock`]) for `idle`.
-async fn quiet_for(last: &AtomicU64, idle: Duration) {
-    loop {
-        let since = Duration::from_millis(
-            crate::clock::now_ms().saturating_sub(last.load(Ordering::Relaxed)),
-        );
-        if since >= idle {
-            return;
-        }
-        tokio::time::sleep(idle - since).await;
-    }
-}
-
-/// One direction: waits for bytes holding no buffer, moves what is there, passes a close on as a
-/// half-close (`shutdown` of the writing side).
-async fn pipe(
-    from: &mut tokio::net::tcp::ReadHalf<'_>,
-    to: &mut tokio::net::tcp::WriteHalf<'_>,
-    last: &AtomicU64,
-    (counters, direction): (Counters<'_>, usize),
-    mut check_first: bool,
-) -> io::Result<()> {
-    loop {
-        from.readable().await?;
-        let mut buf = Buffer::take();
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => {
-                drop(buf);
-                // The peer will send no more: tell the other side, keep the other direction going.
-                let _ = to.shutdown().await;
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => {
-                let _ = to.shutdown().await;
-                return Err(e);
-            }
-        };
-        if check_first {
-            check_first = false;
-            if is_proxy_header(&buf[..n]) {
-                return Err(io::Error::new(
-                    io::ErrorKind::PermissionDenied,
-                    "PROXY header from an untrusted source",
-                ));
-            }
-        }
-        last.store(crate::clock::now_ms(), Ordering::Relaxed);
-        to.write_all(&buf[..n]).await?;
-        counters.add(direction, n);
-        last.store(crate::clock::now_ms(), Ordering::Relaxed);
-    }
-}
-
-/// [`relay`] with `splice(2)`: the kernel moves bytes from one socket into a pipe and from the pipe into
-/// the other socket, so they never cross into user space. Each direction has its own pipe (4 file
-/// descriptors per session), opened when the session starts.
-async fn relay_spliced(
-    client: &TcpStream,
-    server: &TcpStream,
-    idle: Duration,
-    counters: Counters<'_>,
-    last: &AtomicU64,
-) -> Ended {
-    let ended = std::sync::atomic::AtomicBool::new(false);
-    let up = splice_pipe(client, server, last, (counters, TO_SERVER), &ended);
-    let down = splice_pipe(server, client, last, (counters, FROM_SERVER), &ended);
-    tokio::select! {
-        ended = until_both_end(up, down) => ended,
-        _ = quiet_for(last, idle) => Ended::Idle,
-    }
-}
-
-/// Bytes a direction moves per `splice` call (the default pipe holds 64 KiB).
-const SPLICE_CHUNK: usize = 64 * 1024;
-
-thread_local! {
-    static PIPES: RefCell<Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>> =
-        const { RefCell::new(Vec::new()) };
-}
-
-/// Empty pipes kept per worker thread for reuse.
-const POOLED_PIPES: usize = 64;
-
-/// A pipe borrowed while bytes flow in one direction: taken from this thread's spares (or opened) when
-/// bytes arrive, given back empty when the direction waits again, so an idle session holds none.
-struct Pipe {
-    /// (read end, write end).
-    fds: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
-    /// Bytes in it; a pipe that still holds some is closed, not reused.
-    held: usize,
-}
-
-impl Pipe {
-    fn take() -> io::Result<Self> {
-        use rustix::pipe::{pipe_with, PipeFlags};
-        let fds = match PIPES.with(|p| p.borrow_mut().pop()) {
-            Some(fds) => fds,
-            None => pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?,
-        };
-        Ok(Pipe {
-            fds: Some(fds),
-            held: 0,
-        })
-    }
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        if let Some(fds) = self.fds.take() {
-            if self.held == 0 {
-                let _ = PIPES.try_with(|spares| {
-                    let mut spares = spares.borrow_mut();
-                    if spares.len() < POOLED_PIPES {
-                        spares.push(fds);
-                    }
-                });
-            }
-        }
-    }
-}
-
-/// One spliced direction: socket → pipe → socket until `from` ends, then a half-close of `to` —
-/// unless the other direction has `ended` already: both sockets close next, and `close(2)` sends
-/// the FIN (one `shutdown(2)` fewer per session).
-async fn splice_pipe(
-    from: &TcpStream,
-    to: &TcpStream,
-    last: &AtomicU64,
-    (counters, direction): (Counters<'_>, usize),
-    ended: &std::sync::atomic::AtomicBool,
-) -> io::Result<()> {
-    use rustix::pipe::{splice, SpliceFlags};
-    use tokio::io::Interest;
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
-    let half_close = || {
-        if !ended.swap(true, Ordering::Relaxed) {
-            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
-        }
-    };
-    loop {
-        // Waiting holds no pipe.
-        from.readable().await?;
-        let mut pipe = Pipe::take()?;
-        let Some((pipe_out, pipe_in)) = pipe.fds.as_ref() else {
-            return Ok(());
-        };
-        loop {
-            let moved = from.try_io(Interest::READABLE, || {
-                splice(from, None, pipe_in, None, SPLICE_CHUNK, flags).map_err(io::Error::from)
-            });
-            match moved {
-                Ok(0) => {
-                    half_close();
-                    return Ok(());
-                }
-                Ok(n) => pipe.held = n,
-                // Nothing more for now: the pipe (empty) goes back, and the direction waits. (A
-                // short splice does not prove the socket empty: it stops when the pipe's 16 slots
-                // are full, which small segments reach well below 64 KiB.)
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    half_close();
-                    return Err(e);
-                }
-            }
-            last.store(crate::clock::now_ms(), Ordering::Relaxed);
-            counters.add(direction, pipe.held);
-            while pipe.held > 0 {
-                to.writable().await?;
-                match to.try_io(Interest::WRITABLE, || {
-                    splice(pipe_out, None, to, None, pipe.held, flags).map_err(io::Error::from)
-                }) {
-                    Ok(n) => pipe.held -= n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            last.store(crate::clock::now_ms(), Ordering::Relaxed);
-        }
-    }
 }

@@ -1,0 +1,530 @@
+//! The relay of a TCP session: bytes both ways between the client's socket and the server's, until
+//! both directions have ended, one fails, or nothing has moved for the idle timeout.
+//!
+//! One hand-written future drives both directions. It holds, while the session is idle, two small
+//! state machines and one timer — no buffer, no pipe, no task or waiter node per direction: it waits
+//! through the sockets' own reader and writer slots (`poll_read_ready` / `poll_write_ready`).
+//!
+//! How a direction moves bytes:
+//! - **Small transfers are copied.** When bytes arrive, a 16 KiB buffer is borrowed from the thread's
+//!   spares, filled by one `recv(2)` and written on by `send(2)`, then given back. A `recv` that
+//!   returns less than the buffer emptied the socket's receive queue, so the direction waits for the
+//!   next readiness edge at once instead of asking again for an `EAGAIN` (one system call fewer per
+//!   burst). That is safe with edge-triggered readiness: bytes that arrive after the `recv` raise a new
+//!   edge, and a close (FIN, RST) stays a ready state until it is read.
+//! - **Bulk transfers are spliced.** A `recv` that fills the whole buffer marks the direction as bulk
+//!   (with `splice = true`, the default); from then on it moves bytes with `splice(2)`, socket to pipe
+//!   to socket, never copying them into user space, through a pipe borrowed per burst. A short splice
+//!   proves nothing (a pipe stops at 16 segments), so spliced reads go on until `EAGAIN`.
+//!
+//! A source that closes (FIN) is passed on as a half-close (`shutdown(SHUT_WR)` of the other socket)
+//! while the other direction keeps flowing; the last direction to end skips it, as the `close(2)` that
+//! follows sends the FIN anyway.
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::tcp::{is_proxy_header, TcpStats};
+use crate::pool::{ServerStats, FROM_SERVER, TO_SERVER};
+
+/// The buffer a copying direction borrows while bytes flow.
+const RELAY_BUFFER: usize = 16 * 1024;
+/// Buffers kept per worker thread for reuse.
+const POOLED_BUFFERS: usize = 64;
+/// Bytes a spliced direction moves per `splice` call (the default pipe holds 64 KiB).
+const SPLICE_CHUNK: usize = 64 * 1024;
+/// Empty pipes kept per worker thread for reuse.
+const POOLED_PIPES: usize = 64;
+
+/// How a relay ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// Both sides closed (or one failed).
+    Closed,
+    /// No byte either way for the idle timeout.
+    Idle,
+    /// An untrusted client started with a PROXY header.
+    ProxyHeader,
+}
+
+/// The counters a session's bytes go to: its listener's and its server's.
+#[derive(Clone, Copy)]
+pub(super) struct Counters<'a> {
+    pub(super) tcp: &'a TcpStats,
+    pub(super) server: &'a ServerStats,
+    /// The session's own counts, when its access log line needs them.
+    pub(super) session: Option<&'a [AtomicU64; 2]>,
+}
+
+impl Counters<'_> {
+    /// Counts `n` bytes moved to the server (`direction` [`TO_SERVER`]) or from it.
+    #[inline]
+    fn add(&self, direction: usize, n: usize) {
+        let listener = if direction == TO_SERVER {
+            &self.tcp.bytes_in
+        } else {
+            &self.tcp.bytes_out
+        };
+        listener.fetch_add(n as u64, Ordering::Relaxed);
+        self.server.record_l4(direction, n, false);
+        if let Some(session) = self.session {
+            session[direction].fetch_add(n as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Relays bytes between `client` and `server` until both directions have ended, one fails, or
+/// nothing has moved for `idle`. `check_first`: the client's first bytes must not be a PROXY header.
+/// `splice`: bulk transfers move with `splice(2)` (else every byte is copied through a buffer).
+pub(super) async fn relay(
+    client: &TcpStream,
+    server: &TcpStream,
+    idle: Duration,
+    counters: Counters<'_>,
+    check_first: bool,
+    splice: bool,
+) -> Ended {
+    let mut up = Direction::new(TO_SERVER, splice, check_first);
+    let mut down = Direction::new(FROM_SERVER, splice, false);
+    let mut last = crate::clock::now();
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer);
+    poll_fn(|cx| {
+        let mut moved = false;
+        let other = down.is_done();
+        if let Poll::Ready(Err(e)) = up.poll(cx, client, server, other, &counters, &mut moved) {
+            return Poll::Ready(ended_by(&e));
+        }
+        let other = up.is_done();
+        if let Poll::Ready(Err(e)) = down.poll(cx, server, client, other, &counters, &mut moved) {
+            return Poll::Ready(ended_by(&e));
+        }
+        if up.is_done() && down.is_done() {
+            return Poll::Ready(Ended::Closed);
+        }
+        if moved {
+            last = crate::clock::now();
+        }
+        // The timer is not moved on each transfer: when it fires, it is set again from the last one.
+        while timer.as_mut().poll(cx).is_ready() {
+            let quiet = crate::clock::now().saturating_duration_since(last);
+            if quiet >= idle {
+                return Poll::Ready(Ended::Idle);
+            }
+            timer.as_mut().reset(last + idle);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// How a failed direction ends the session.
+fn ended_by(e: &io::Error) -> Ended {
+    if e.kind() == io::ErrorKind::PermissionDenied {
+        return Ended::ProxyHeader;
+    }
+    tracing::debug!(error = %e, "TCP session ended with an error");
+    Ended::Closed
+}
+
+/// One direction of a session: from one socket to the other.
+struct Direction {
+    stage: Stage,
+    /// [`TO_SERVER`] or [`FROM_SERVER`], for the counters.
+    way: usize,
+    /// A read may turn the direction to splicing.
+    may_splice: bool,
+    /// Bulk: bytes move with `splice(2)` from now on.
+    spliced: bool,
+    /// The first bytes must not be a PROXY header (an untrusted client's).
+    check_first: bool,
+}
+
+enum Stage {
+    /// Waiting for bytes, holding nothing.
+    Read,
+    /// Writing `buf[at..len]` on.
+    Write { buf: Buffer, at: usize, len: usize },
+    /// Moving the bytes `pipe` holds on.
+    Drain(Pipe),
+    /// The source has closed and the close was passed on.
+    Done,
+}
+
+/// A `recv`/`send` that moved fewer bytes than asked (so the socket is now empty, or full): the
+/// readiness is cleared as for `EAGAIN`, and the count kept here.
+fn short(n: usize, asked: usize, out: &mut usize) -> io::Result<usize> {
+    if n > 0 && n < asked {
+        *out = n;
+        return Err(io::ErrorKind::WouldBlock.into());
+    }
+    Ok(n)
+}
+
+impl Direction {
+    fn new(way: usize, may_splice: bool, check_first: bool) -> Self {
+        Direction {
+            stage: Stage::Read,
+            way,
+            may_splice,
+            spliced: false,
+            check_first,
+        }
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self.stage, Stage::Done)
+    }
+
+    /// The source has closed: passes it on as a half-close, unless the other direction has ended
+    /// too (both sockets close next, and `close(2)` sends the FIN).
+    fn end(&mut self, to: &TcpStream, other_done: bool) {
+        if !other_done {
+            let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+        }
+        self.stage = Stage::Done;
+    }
+
+    /// Moves what can move now. Ready(Ok) once the direction has ended, Ready(Err) when it failed,
+    /// Pending while it waits on a socket.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        other_done: bool,
+        counters: &Counters<'_>,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        use rustix::net::{recv, send, RecvFlags, SendFlags};
+        use rustix::pipe::{splice, SpliceFlags};
+        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        loop {
+            match &mut self.stage {
+                Stage::Done => return Poll::Ready(Ok(())),
+                Stage::Read if self.spliced => {
+                    ready!(from.poll_read_ready(cx))?;
+                    let mut pipe = Pipe::take()?;
+                    let Some((_, pipe_in)) = pipe.fds.as_ref() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    match from.try_io(Interest::READABLE, || {
+                        Ok(splice(from, None, pipe_in, None, SPLICE_CHUNK, flags)?)
+                    }) {
+                        Ok(0) => {
+                            drop(pipe);
+                            self.end(to, other_done);
+                            return Poll::Ready(Ok(()));
+                        }
+                        Ok(n) => {
+                            pipe.held = n;
+                            counters.add(self.way, n);
+                            *moved = true;
+                            self.stage = Stage::Drain(pipe);
+                        }
+                        // Nothing more for now: the (empty) pipe goes back, the direction waits.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                Stage::Read => {
+                    ready!(from.poll_read_ready(cx))?;
+                    let mut buf = Buffer::take();
+                    let mut got = 0;
+                    let n = match from.try_io(Interest::READABLE, || {
+                        let (n, _) = recv(from, &mut buf[..], RecvFlags::empty())?;
+                        short(n, buf.len(), &mut got)
+                    }) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    };
+                    if n == 0 {
+                        drop(buf);
+                        self.end(to, other_done);
+                        return Poll::Ready(Ok(()));
+                    }
+                    if self.check_first {
+                        self.check_first = false;
+                        if is_proxy_header(&buf[..n]) {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::PermissionDenied,
+                                "PROXY header from an untrusted source",
+                            )));
+                        }
+                    }
+                    // A full buffer: more is waiting, a bulk transfer — splice from now on.
+                    self.spliced = self.may_splice && n == buf.len();
+                    counters.add(self.way, n);
+                    *moved = true;
+                    self.stage = Stage::Write { buf, at: 0, len: n };
+                }
+                Stage::Write { buf, at, len } => {
+                    ready!(to.poll_write_ready(cx))?;
+                    let mut sent = 0;
+                    let rest = &buf[*at..*len];
+                    match to.try_io(Interest::WRITABLE, || {
+                        short(send(to, rest, SendFlags::NOSIGNAL)?, rest.len(), &mut sent)
+                    }) {
+                        Ok(n) => *at += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => *at += sent,
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    if at == len {
+                        // The buffer goes back; the direction waits for more.
+                        self.stage = Stage::Read;
+                    }
+                }
+                Stage::Drain(pipe) => {
+                    ready!(to.poll_write_ready(cx))?;
+                    let Some((pipe_out, _)) = pipe.fds.as_ref() else {
+                        return Poll::Ready(Ok(()));
+                    };
+                    match to.try_io(Interest::WRITABLE, || {
+                        Ok(splice(pipe_out, None, to, None, pipe.held, flags)?)
+                    }) {
+                        Ok(n) => pipe.held -= n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    if pipe.held == 0 {
+                        self.stage = Stage::Read;
+                    }
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static PIPES: RefCell<Vec<(OwnedFd, OwnedFd)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A relay buffer, taken from this thread's spares (or allocated) and given back on drop.
+struct Buffer(Option<Box<[u8]>>);
+
+impl Buffer {
+    fn take() -> Self {
+        let spare = BUFFERS.with(|b| b.borrow_mut().pop());
+        Buffer(Some(
+            spare.unwrap_or_else(|| vec![0u8; RELAY_BUFFER].into_boxed_slice()),
+        ))
+    }
+}
+
+impl std::ops::Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or(&[])
+    }
+}
+
+impl std::ops::DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.0.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(b) = self.0.take() {
+            // Given back to the thread it is dropped on (tasks may move between workers).
+            let _ = BUFFERS.try_with(|spares| {
+                let mut spares = spares.borrow_mut();
+                if spares.len() < POOLED_BUFFERS {
+                    spares.push(b);
+                }
+            });
+        }
+    }
+}
+
+/// A pipe borrowed while bytes flow in one direction: taken from this thread's spares (or opened) when
+/// bytes arrive, given back empty when the direction waits again, so an idle session holds none.
+struct Pipe {
+    /// (read end, write end).
+    fds: Option<(OwnedFd, OwnedFd)>,
+    /// Bytes in it; a pipe that still holds some is closed, not reused.
+    held: usize,
+}
+
+impl Pipe {
+    fn take() -> io::Result<Self> {
+        use rustix::pipe::{pipe_with, PipeFlags};
+        let fds = match PIPES.with(|p| p.borrow_mut().pop()) {
+            Some(fds) => fds,
+            None => pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?,
+        };
+        Ok(Pipe {
+            fds: Some(fds),
+            held: 0,
+        })
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some(fds) = self.fds.take() {
+            if self.held == 0 {
+                let _ = PIPES.try_with(|spares| {
+                    let mut spares = spares.borrow_mut();
+                    if spares.len() < POOLED_PIPES {
+                        spares.push(fds);
+                    }
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair of loopback sockets: (the end the relay holds, the test's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let outside = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (inside, _) = listener.accept().await.unwrap();
+        (inside, outside)
+    }
+
+    /// Runs a relay between two pairs; returns the test's ends (client side, server side) and the
+    /// relay's task, which reports how it ended and the counted bytes (to server, from server).
+    async fn start(
+        splice: bool,
+        idle: Duration,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(Ended, [u64; 2])>,
+    ) {
+        let (client_in, client_out) = pair().await;
+        let (server_in, server_out) = pair().await;
+        let task = tokio::spawn(async move {
+            let tcp = TcpStats::default();
+            let server = ServerStats::default();
+            let counters = Counters {
+                tcp: &tcp,
+                server: &server,
+                session: None,
+            };
+            let ended = relay(&client_in, &server_in, idle, counters, false, splice).await;
+            let moved = [
+                tcp.bytes_in.load(Ordering::Relaxed),
+                tcp.bytes_out.load(Ordering::Relaxed),
+            ];
+            (ended, moved)
+        });
+        (client_out, server_out, task)
+    }
+
+    const LONG: Duration = Duration::from_secs(60);
+    const BOUND: Duration = Duration::from_secs(30);
+
+    /// Bytes and a FIN that are already queued together when the relay first reads: the short read
+    /// that empties the queue must not lose the close (the next readiness edge never comes).
+    #[tokio::test]
+    async fn bytes_and_a_close_queued_together_both_pass() {
+        for splice in [true, false] {
+            let (mut client, mut server, task) = start(splice, LONG).await;
+            client.write_all(b"request").await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(BOUND, server.read_to_end(&mut got))
+                .await
+                .expect("the client's close reached the server")
+                .unwrap();
+            assert_eq!(got, b"request");
+            server.write_all(b"answer").await.unwrap();
+            drop(server);
+            let mut answer = Vec::new();
+            tokio::time::timeout(BOUND, client.read_to_end(&mut answer))
+                .await
+                .expect("the server's close reached the client")
+                .unwrap();
+            assert_eq!(answer, b"answer");
+            let (ended, moved) = tokio::time::timeout(BOUND, task).await.unwrap().unwrap();
+            assert_eq!(ended, Ended::Closed);
+            assert_eq!(moved, [7, 6]);
+        }
+    }
+
+    /// Small messages (copied), then a bulk transfer (which turns the direction to splicing), then
+    /// small messages again: every byte arrives, in order, and is counted.
+    #[tokio::test]
+    async fn a_direction_turning_to_splice_keeps_every_byte_in_order() {
+        for splice in [true, false] {
+            let (mut client, mut server, task) = start(splice, LONG).await;
+            let bulk: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+            let mut sent = b"hello".to_vec();
+            sent.extend_from_slice(&bulk);
+            sent.extend_from_slice(b"bye");
+            let writer = {
+                let sent = sent.clone();
+                tokio::spawn(async move {
+                    client.write_all(&sent[..5]).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    client.write_all(&sent[5..sent.len() - 3]).await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    client.write_all(&sent[sent.len() - 3..]).await.unwrap();
+                    client.shutdown().await.unwrap();
+                    client
+                })
+            };
+            let mut got = Vec::new();
+            tokio::time::timeout(BOUND, server.read_to_end(&mut got))
+                .await
+                .expect("the whole stream arrived")
+                .unwrap();
+            assert!(
+                got == sent,
+                "{} bytes of {} arrived, or out of order",
+                got.len(),
+                sent.len()
+            );
+            let mut client = writer.await.unwrap();
+            drop(server);
+            let mut rest = Vec::new();
+            tokio::time::timeout(BOUND, client.read_to_end(&mut rest))
+                .await
+                .unwrap()
+                .unwrap();
+            let (ended, moved) = tokio::time::timeout(BOUND, task).await.unwrap().unwrap();
+            assert_eq!(ended, Ended::Closed);
+            assert_eq!(moved, [sent.len() as u64, 0]);
+        }
+    }
+
+    /// With nothing moving, the relay ends after the idle time; bytes moving keep it alive.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timer_counts_from_the_last_transfer() {
+        let (mut client, mut server, task) = start(true, Duration::from_secs(10)).await;
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            client.write_all(b"ping").await.unwrap();
+            let mut b = [0u8; 4];
+            server.read_exact(&mut b).await.unwrap();
+        }
+        assert!(
+            !task.is_finished(),
+            "18 s with a transfer every 6 s is not idle"
+        );
+        let (ended, _) = task.await.unwrap();
+        assert_eq!(ended, Ended::Idle);
+    }
+}
