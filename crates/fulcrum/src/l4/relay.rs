@@ -97,33 +97,52 @@ pub(super) async fn relay(
     let mut last = crate::clock::now();
     let timer = tokio::time::sleep(idle);
     tokio::pin!(timer);
-    poll_fn(|cx| {
-        let mut moved = false;
-        let other = down.is_done();
-        if let Poll::Ready(Err(e)) = up.poll(cx, client, server, other, &counters, &mut moved) {
-            return Poll::Ready(ended_by(&e));
-        }
-        let other = up.is_done();
-        if let Poll::Ready(Err(e)) = down.poll(cx, server, client, other, &counters, &mut moved) {
-            return Poll::Ready(ended_by(&e));
-        }
-        if up.is_done() && down.is_done() {
-            return Poll::Ready(Ended::Closed);
-        }
-        if moved {
-            last = crate::clock::now();
-        }
-        // The timer is not moved on each transfer: when it fires, it is set again from the last one.
-        while timer.as_mut().poll(cx).is_ready() {
-            let quiet = crate::clock::now().saturating_duration_since(last);
-            if quiet >= idle {
-                return Poll::Ready(Ended::Idle);
+    let mut deferred = false;
+    loop {
+        let step = poll_fn(|cx| {
+            let mut moved = false;
+            if let Poll::Ready(Err(e)) = up.poll(cx, (client, server), &counters, &mut moved) {
+                return Poll::Ready(Some(ended_by(&e)));
             }
-            timer.as_mut().reset(last + idle);
+            if let Poll::Ready(Err(e)) = down.poll(cx, (server, client), &counters, &mut moved) {
+                return Poll::Ready(Some(ended_by(&e)));
+            }
+            if up.has_ended() && down.has_ended() {
+                // Both sockets close next: `close(2)` sends the FINs, no `shutdown(2)` is needed.
+                return Poll::Ready(Some(Ended::Closed));
+            }
+            if moved {
+                last = crate::clock::now();
+            }
+            if up.is_closing() || down.is_closing() {
+                // A source closed while the other way still runs. The close is passed on after one
+                // more turn of the worker's event loop: a client that closes as soon as it has its
+                // answer (HTTP with `Connection: close`) is then usually seen closing first, and
+                // the session ends without a half-close — and without this end keeping TIME_WAIT.
+                if !deferred {
+                    deferred = true;
+                    return Poll::Ready(None);
+                }
+                deferred = false;
+                up.pass_close(server);
+                down.pass_close(client);
+            }
+            // The timer is not moved on each transfer: when it fires, it is set again from the last one.
+            while timer.as_mut().poll(cx).is_ready() {
+                let quiet = crate::clock::now().saturating_duration_since(last);
+                if quiet >= idle {
+                    return Poll::Ready(Some(Ended::Idle));
+                }
+                timer.as_mut().reset(last + idle);
+            }
+            Poll::Pending
+        })
+        .await;
+        match step {
+            Some(ended) => return ended,
+            None => tokio::task::yield_now().await,
         }
-        Poll::Pending
-    })
-    .await
+    }
 }
 
 /// How a failed direction ends the session.
@@ -155,7 +174,9 @@ enum Stage {
     Write { buf: Buffer, at: usize, len: usize },
     /// Moving the bytes `pipe` holds on.
     Drain(Pipe),
-    /// The source has closed and the close was passed on.
+    /// The source has closed; the close is to be passed on.
+    Closing,
+    /// The source has closed and the close was passed on (or needs not be).
     Done,
 }
 
@@ -180,17 +201,23 @@ impl Direction {
         }
     }
 
-    fn is_done(&self) -> bool {
-        matches!(self.stage, Stage::Done)
+    /// The source has closed (its close passed on or not).
+    fn has_ended(&self) -> bool {
+        matches!(self.stage, Stage::Closing | Stage::Done)
     }
 
-    /// The source has closed: passes it on as a half-close, unless the other direction has ended
-    /// too (both sockets close next, and `close(2)` sends the FIN).
-    fn end(&mut self, to: &TcpStream, other_done: bool) {
-        if !other_done {
+    /// The source has closed and its close is still to be passed on.
+    fn is_closing(&self) -> bool {
+        matches!(self.stage, Stage::Closing)
+    }
+
+    /// Passes a source's close on as a half-close of `to` (`shutdown(SHUT_WR)`), while the other
+    /// direction keeps flowing.
+    fn pass_close(&mut self, to: &TcpStream) {
+        if self.is_closing() {
             let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+            self.stage = Stage::Done;
         }
-        self.stage = Stage::Done;
     }
 
     /// Moves what can move now. Ready(Ok) once the direction has ended, Ready(Err) when it failed,
@@ -198,9 +225,7 @@ impl Direction {
     fn poll(
         &mut self,
         cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        other_done: bool,
+        (from, to): (&TcpStream, &TcpStream),
         counters: &Counters<'_>,
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
@@ -209,7 +234,7 @@ impl Direction {
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         loop {
             match &mut self.stage {
-                Stage::Done => return Poll::Ready(Ok(())),
+                Stage::Done | Stage::Closing => return Poll::Ready(Ok(())),
                 Stage::Read if self.spliced => {
                     ready!(from.poll_read_ready(cx))?;
                     let mut pipe = Pipe::take()?;
@@ -221,7 +246,7 @@ impl Direction {
                     }) {
                         Ok(0) => {
                             drop(pipe);
-                            self.end(to, other_done);
+                            self.stage = Stage::Closing;
                             return Poll::Ready(Ok(()));
                         }
                         Ok(n) => {
@@ -250,7 +275,7 @@ impl Direction {
                     };
                     if n == 0 {
                         drop(buf);
-                        self.end(to, other_done);
+                        self.stage = Stage::Closing;
                         return Poll::Ready(Ok(()));
                     }
                     if self.check_first {
