@@ -14,14 +14,13 @@
 //!    server; then bytes flow both ways until both sides have closed. A side that closes its writing
 //!    half (FIN) is passed on as such, while the other direction keeps flowing.
 //!
-//! The relay holds nothing while a connection is idle: each direction waits for readiness with nothing
-//! allocated. By default (`splice = true`) it then borrows a pipe from its thread's spares and moves the
-//! bytes that are there with `splice(2)`, socket to pipe to socket, without copying them into user
-//! space; with `splice = false` it borrows a 16 KiB buffer instead. Either goes back when the direction
-//! waits again. An idle connection costs its task and its two sockets. No byte either way for
-//! `idle_timeout` closes both sides; a drain (listener removed, shutdown) lets sessions run until the
-//! deadline. The session counts as in flight on its server (least connections, saturation, a draining
-//! server's removal) until it ends.
+//! The relay ([`super::relay`]) holds nothing while a connection is idle but two small state machines
+//! and a timer: small transfers are copied through a buffer borrowed per burst, bulk ones (a read that
+//! fills the buffer) are spliced through a pipe borrowed per burst (`splice = true`, the default). An
+//! idle session costs its task (about 1 KiB with its two sockets' registrations) and its two sockets.
+//! No byte either way for `idle_timeout` closes both sides; a drain (listener removed, shutdown) lets
+//! sessions run until the deadline. The session counts as in flight on its server (least connections,
+//! saturation, a draining server's removal) until it ends.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
