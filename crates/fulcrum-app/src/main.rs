@@ -21,13 +21,17 @@ struct Args {
     #[arg(long)]
     name: Option<String>,
 
-    /// Session store: `memory` (this instance only) or `redis://HOST:PORT[/DB]` (shared).
+    /// Session store: `memory` (this instance only), `redis://HOST:PORT[/DB]` or
+    /// `redis-cluster://HOST:PORT[,HOST:PORT…]` (shared).
     ///
     /// `memory` keeps sessions in this process. A Redis URL,
     /// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` (`rediss://` for TLS, add
     /// `#insecure` to skip certificate checks), keeps them in Redis, so every
-    /// instance using that Redis shares them. Redis may be down at start or go
-    /// away later: the session endpoints answer 503 until it is reachable again.
+    /// instance using that Redis shares them;
+    /// `redis-cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]` keeps them in
+    /// a Redis Cluster reached through those seed nodes. Redis may be down at
+    /// start or go away later: the session endpoints answer 503 until it is
+    /// reachable again (on a cluster: until the failed master's replica takes over).
     #[arg(long, default_value = "memory", value_name = "memory|URL")]
     sessions: Sessions,
 

@@ -1,7 +1,8 @@
 //! Login session storage and the `SESSIONID` cookie.
 //!
 //! Two stores exist: [`MemoryStore`], private to one process, and
-//! [`RedisStore`], which every app instance pointed at the same Redis shares.
+//! [`RedisStore`], which every app instance pointed at the same Redis (one node
+//! or a Redis Cluster) shares.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
@@ -15,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use http::header::COOKIE;
 use http::HeaderMap;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, RedisResult};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use serde::{Deserialize, Serialize};
 
 /// Name of the cookie that carries the session id.
@@ -46,7 +49,9 @@ const REDIS_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Parsed from the `--sessions` flag with [`FromStr`]: `memory` selects
 /// [`Sessions::Memory`]; a `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` URL
 /// (`rediss://` for TLS, with a `#insecure` fragment to skip certificate
-/// checks) selects [`Sessions::Redis`].
+/// checks) selects [`Sessions::Redis`];
+/// `redis-cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]` selects
+/// [`Sessions::RedisCluster`].
 ///
 /// [`Display`](fmt::Display) and [`Debug`] never show a password from the URL.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -67,6 +72,13 @@ pub enum Sessions {
     /// [`serve`]: crate::serve
     /// [`spawn`]: crate::spawn
     Redis(String),
+    /// Sessions live in a Redis Cluster reached through these seed nodes
+    /// (`redis://[[USER]:PASSWORD@]HOST:PORT` each): the same keys, values and
+    /// TTL as [`Sessions::Redis`], spread over the cluster's masters by slot.
+    /// The client follows slot moves (`MOVED`/`ASK`) and failovers; while the
+    /// master of a session's slot is down and not yet replaced, that session's
+    /// requests answer `503`.
+    RedisCluster(Vec<String>),
 }
 
 impl Sessions {
@@ -75,6 +87,7 @@ impl Sessions {
         match self {
             Sessions::Memory => Ok(()),
             Sessions::Redis(url) => redis_client(url).map(drop),
+            Sessions::RedisCluster(nodes) => cluster_client(nodes).map(drop),
         }
     }
 }
@@ -84,6 +97,7 @@ impl fmt::Display for Sessions {
         match self {
             Sessions::Memory => f.write_str("memory"),
             Sessions::Redis(url) => f.write_str(&redact_password(url)),
+            Sessions::RedisCluster(nodes) => f.write_str(&cluster_url(nodes)),
         }
     }
 }
@@ -93,6 +107,10 @@ impl fmt::Debug for Sessions {
         match self {
             Sessions::Memory => f.write_str("Memory"),
             Sessions::Redis(url) => f.debug_tuple("Redis").field(&redact_password(url)).finish(),
+            Sessions::RedisCluster(nodes) => f
+                .debug_tuple("RedisCluster")
+                .field(&cluster_url(nodes))
+                .finish(),
         }
     }
 }
@@ -107,15 +125,99 @@ impl FromStr for Sessions {
         } else if is_redis_url(s) {
             redis_client(s)?;
             Ok(Sessions::Redis(s.to_owned()))
+        } else if let Some(rest) = strip_prefix_ignore_case(s, CLUSTER_SCHEME) {
+            let nodes = cluster_nodes(rest)?;
+            cluster_client(&nodes)?;
+            Ok(Sessions::RedisCluster(nodes))
         } else {
             // Not echoed: it might be a mistyped URL with a password in it.
             Err(ParseSessionsError(
-                "invalid session store: expected `memory` or a `redis://host:port[/db]` \
-                 (or `rediss://`) URL"
+                "invalid session store: expected `memory`, a `redis://host:port[/db]` \
+                 (or `rediss://`) URL or `redis-cluster://host:port[,host:port…]`"
                     .to_owned(),
             ))
         }
     }
+}
+
+/// Scheme of a `--sessions` value naming a Redis Cluster.
+const CLUSTER_SCHEME: &str = "redis-cluster://";
+
+fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    s.get(..prefix.len())
+        .filter(|head| head.eq_ignore_ascii_case(prefix))
+        .map(|_| &s[prefix.len()..])
+}
+
+/// The seed node URLs of `[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]`: the user
+/// info, when given, applies to every node.
+fn cluster_nodes(rest: &str) -> Result<Vec<String>, ParseSessionsError> {
+    let (auth, hosts) = match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (format!("{auth}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.trim_end_matches('/');
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("redis://{auth}{h}"))
+        .collect();
+    let bad = hosts.split(',').map(str::trim).find(|h| {
+        !h.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+    });
+    if nodes.is_empty() || bad.is_some() {
+        return Err(ParseSessionsError(format!(
+            "invalid redis cluster {:?}: expected redis-cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]",
+            bad.unwrap_or(hosts)
+        )));
+    }
+    Ok(nodes)
+}
+
+/// `nodes` written back as one `redis-cluster://` value, without the password.
+fn cluster_url(nodes: &[String]) -> String {
+    let mut auth = None;
+    let hosts: Vec<&str> = nodes
+        .iter()
+        .map(|n| {
+            let rest = n.strip_prefix("redis://").unwrap_or(n);
+            match rest.rsplit_once('@') {
+                Some((user, host)) => {
+                    auth = Some(user);
+                    host
+                }
+                None => rest,
+            }
+        })
+        .collect();
+    let auth = match auth.map(|a| a.split_once(':')) {
+        Some(Some((user, _))) => format!("{user}:***@"),
+        Some(None) => format!("{}@", auth.unwrap_or_default()),
+        None => String::new(),
+    };
+    format!("{CLUSTER_SCHEME}{auth}{}", hosts.join(","))
+}
+
+/// A cluster client for the seed `nodes` (which does not connect yet).
+fn cluster_client(nodes: &[String]) -> Result<ClusterClient, ParseSessionsError> {
+    ClusterClient::builder(nodes.iter().map(String::as_str))
+        .connection_timeout(REDIS_CONNECT_TIMEOUT)
+        .response_timeout(REDIS_COMMAND_TIMEOUT)
+        // Redirections and reconnections are retried inside the client, but
+        // quickly: the command's own bound ends the wait.
+        .retries(3)
+        .min_retry_wait(10)
+        .max_retry_wait(100)
+        .build()
+        .map_err(|err| {
+            ParseSessionsError(format!(
+                "invalid redis cluster {}: {err}",
+                cluster_url(nodes)
+            ))
+        })
 }
 
 fn is_redis_url(s: &str) -> bool {
@@ -196,6 +298,7 @@ impl SessionStore {
         match kind {
             Sessions::Memory => SessionStore::Memory(MemoryStore::new(MEMORY_CAPACITY)),
             Sessions::Redis(url) => SessionStore::Redis(RedisStore::new(url)),
+            Sessions::RedisCluster(nodes) => SessionStore::Redis(RedisStore::cluster(nodes)),
         }
     }
 
@@ -251,7 +354,51 @@ struct RedisSession<'a> {
     user: Cow<'a, str>,
 }
 
-/// Sessions in Redis, reached through a [`ConnectionManager`].
+/// How [`RedisStore`] reaches Redis.
+enum Backend {
+    Node(Box<redis::Client>),
+    Cluster(Box<ClusterClient>),
+}
+
+/// A connection to one node (through a [`ConnectionManager`]) or to a cluster.
+#[derive(Clone)]
+enum Connection {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Node(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Node(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Sessions in Redis, reached through a [`ConnectionManager`] (or, on a
+/// cluster, a cluster connection that keeps the slot map and follows
+/// redirections; any error on it makes the next request build a new one from
+/// the seed nodes, which reads the slot map afresh after a failover).
 ///
 /// The manager is created lazily, on the first request that needs it, so an app
 /// starts even while Redis is unreachable; until a connection succeeds, every
@@ -264,12 +411,12 @@ struct RedisSession<'a> {
 pub(crate) struct RedisStore {
     /// `None` when the URL does not parse (only possible when [`Sessions::Redis`]
     /// was built by hand and the app was started through [`crate::router`]).
-    client: Option<redis::Client>,
+    client: Option<Backend>,
     /// The URL without its password, for logs.
     url: String,
     /// Created by the first request that finds it missing; replaced after
     /// errors the manager cannot recover from (see [`RedisStore::forget`]).
-    manager: tokio::sync::Mutex<Option<Arc<ConnectionManager>>>,
+    manager: tokio::sync::Mutex<Option<Arc<Connection>>>,
     /// Whether the last operation succeeded (starts `true` so that the first
     /// failure is logged as a warning).
     available: AtomicBool,
@@ -297,15 +444,32 @@ impl RedisStore {
         };
         if client.as_ref().is_some_and(|c| {
             matches!(
-                c.get_connection_info().addr,
+                c.get_connection_info().addr(),
                 redis::ConnectionAddr::TcpTls { .. }
             )
         }) {
             install_crypto_provider();
         }
         Self {
-            client,
+            client: client.map(|c| Backend::Node(Box::new(c))),
             url: redact_password(url).into_owned(),
+            manager: tokio::sync::Mutex::new(None),
+            available: AtomicBool::new(true),
+            last_warning: Mutex::new(None),
+        }
+    }
+
+    fn cluster(nodes: &[String]) -> Self {
+        let client = match cluster_client(nodes) {
+            Ok(client) => Some(Backend::Cluster(Box::new(client))),
+            Err(err) => {
+                tracing::error!("session store disabled: {err}");
+                None
+            }
+        };
+        Self {
+            client,
+            url: cluster_url(nodes),
             manager: tokio::sync::Mutex::new(None),
             available: AtomicBool::new(true),
             last_warning: Mutex::new(None),
@@ -373,7 +537,7 @@ impl RedisStore {
     /// failure (or the recovery after one).
     async fn run<T, F, Fut>(&self, name: &str, command: F) -> Result<T, StoreUnavailable>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Connection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let result = async {
@@ -384,7 +548,10 @@ impl RedisStore {
                 .await
                 .unwrap_or_else(|_| Err(timed_out("redis command timed out")));
             if let Err(err) = &result {
-                if !(err.is_io_error() && err.is_unrecoverable_error()) {
+                let recovers = matches!(*manager, Connection::Node(_))
+                    && err.is_io_error()
+                    && err.is_unrecoverable_error();
+                if !recovers {
                     self.forget(&manager);
                 }
             }
@@ -406,26 +573,34 @@ impl RedisStore {
     }
 
     /// The connection manager, created on first use.
-    async fn connection(&self) -> RedisResult<Arc<ConnectionManager>> {
+    async fn connection(&self) -> RedisResult<Arc<Connection>> {
         let mut slot = self.manager.lock().await;
         if let Some(manager) = slot.as_ref() {
             return Ok(Arc::clone(manager));
         }
-        let Some(client) = self.client.clone() else {
-            return Err(RedisError::from((
-                redis::ErrorKind::InvalidClientConfig,
-                "invalid redis URL",
-            )));
+        let client = match &self.client {
+            Some(Backend::Node(client)) => (**client).clone(),
+            Some(Backend::Cluster(client)) => {
+                let conn = client.get_async_connection().await?;
+                tracing::debug!(store = %self.url, "connected to the redis cluster");
+                return Ok(Arc::clone(slot.insert(Arc::new(Connection::Cluster(conn)))));
+            }
+            None => {
+                return Err(RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "invalid redis URL",
+                )))
+            }
         };
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(REDIS_CONNECT_TIMEOUT)
-            .set_response_timeout(REDIS_COMMAND_TIMEOUT)
+            .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+            .set_response_timeout(Some(REDIS_COMMAND_TIMEOUT))
             // One attempt per reconnection: requests trigger the next one, so
             // no backoff sleep delays the recovery once Redis is back.
             .set_number_of_retries(0);
         let manager = ConnectionManager::new_with_config(client, config).await?;
         tracing::debug!(store = %self.url, "connected to redis");
-        Ok(Arc::clone(slot.insert(Arc::new(manager))))
+        Ok(Arc::clone(slot.insert(Arc::new(Connection::Node(manager)))))
     }
 
     /// Drops `manager` so that the next request builds a new one.
@@ -435,7 +610,7 @@ impl RedisStore {
     /// timeout on a silent connection, a failed handshake: `LOADING`, `NOAUTH`,
     /// a bad password…) it would keep the broken connection, or its failed
     /// attempt, forever.
-    fn forget(&self, manager: &Arc<ConnectionManager>) {
+    fn forget(&self, manager: &Arc<Connection>) {
         // Skip if busy: whoever holds the lock is connecting anew or will
         // fail on the same manager and forget it then.
         if let Ok(mut slot) = self.manager.try_lock() {
@@ -604,6 +779,51 @@ mod tests {
         ] {
             let err = bad.parse::<Sessions>().unwrap_err().to_string();
             assert!(err.starts_with("invalid redis URL"), "{bad:?}: {err}");
+            assert!(!err.contains("hunter2"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn parses_redis_cluster_seeds() {
+        let parsed = "redis-cluster://127.0.0.1:7000,127.0.0.1:7001"
+            .parse::<Sessions>()
+            .unwrap();
+        assert_eq!(
+            parsed,
+            Sessions::RedisCluster(vec![
+                "redis://127.0.0.1:7000".into(),
+                "redis://127.0.0.1:7001".into()
+            ])
+        );
+        assert_eq!(
+            parsed.to_string(),
+            "redis-cluster://127.0.0.1:7000,127.0.0.1:7001"
+        );
+        // The user info applies to every node and is never shown.
+        let parsed = "redis-cluster://app:hunter2@10.0.0.1:7000,10.0.0.2:7000"
+            .parse::<Sessions>()
+            .unwrap();
+        assert_eq!(
+            parsed,
+            Sessions::RedisCluster(vec![
+                "redis://app:hunter2@10.0.0.1:7000".into(),
+                "redis://app:hunter2@10.0.0.2:7000".into()
+            ])
+        );
+        assert_eq!(
+            parsed.to_string(),
+            "redis-cluster://app:***@10.0.0.1:7000,10.0.0.2:7000"
+        );
+        assert!(!format!("{parsed:?}").contains("hunter2"));
+        for bad in [
+            "redis-cluster://",
+            "redis-cluster://127.0.0.1",
+            "redis-cluster://127.0.0.1:7000,:7001",
+            "redis-cluster://127.0.0.1:0",
+            "redis-cluster://:hunter2@127.0.0.1:70000",
+        ] {
+            let err = bad.parse::<Sessions>().unwrap_err().to_string();
+            assert!(err.starts_with("invalid redis cluster"), "{bad:?}: {err}");
             assert!(!err.contains("hunter2"), "{bad:?}: {err}");
         }
     }

@@ -55,8 +55,8 @@ enum Command {
         /// The admin API and dashboard's address.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
-        /// Where the demo servers keep login sessions: `memory` (each its own) or `redis://HOST:PORT`
-        /// (shared).
+        /// Where the demo servers keep login sessions: `memory` (each its own), `redis://HOST:PORT`
+        /// or `redis-cluster://HOST:PORT[,HOST:PORT…]` (shared).
         #[arg(long, default_value = "memory")]
         sessions: fulcrum_app::Sessions,
         /// Keep each client on one server: `cookie`, `app_cookie` or `source_ip`.

@@ -79,6 +79,7 @@ pub(crate) struct RawStore {
     pub kind: Option<RawStoreKind>,
     pub url: Option<String>,
     pub sentinel: Option<RawSentinel>,
+    pub nodes: Option<Vec<String>>,
     pub key_prefix: Option<String>,
 }
 
@@ -88,6 +89,7 @@ pub(crate) struct RawStore {
 pub(crate) enum RawStoreKind {
     Memory,
     Redis,
+    RedisCluster,
 }
 
 /// `store.sentinel`.

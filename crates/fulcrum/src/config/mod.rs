@@ -124,9 +124,11 @@ pub struct AdminConfig {
 pub enum StoreConfig {
     /// `kind = "memory"` (the default): state lives in this process only.
     Memory,
-    /// `kind = "redis"`: state lives in Redis and is shared by every fulcrum using the same server and prefix.
+    /// `kind = "redis"` or `kind = "redis_cluster"`: state lives in Redis (one node, through Sentinel, or
+    /// a Redis Cluster) and is shared by every fulcrum using the same Redis and prefix.
     Redis {
-        /// `store.url` or `store.sentinel`: how to reach Redis (exactly one of the two).
+        /// `store.url` or `store.sentinel` (`kind = "redis"`, exactly one of the two), or `store.nodes`
+        /// (`kind = "redis_cluster"`): how to reach Redis.
         target: RedisTarget,
         /// `store.key_prefix` (default `"fulcrum"`): prefix of every Redis key fulcrum writes.
         key_prefix: String,
@@ -143,6 +145,13 @@ pub enum RedisTarget {
         /// `store.sentinel.master`: the name of the monitored master.
         master: String,
         /// `store.sentinel.nodes` (non-empty): the Sentinels, as `host:port`.
+        nodes: Vec<String>,
+    },
+    /// `kind = "redis_cluster"` with `store.nodes = ["127.0.0.1:7000", …]`: some nodes of a Redis Cluster
+    /// (`host:port` or `redis://…` / `rediss://…` URLs); the rest of the cluster, its slots, their moves
+    /// and failovers are learned from them.
+    Cluster {
+        /// `store.nodes` (non-empty): the seed nodes.
         nodes: Vec<String>,
     },
 }

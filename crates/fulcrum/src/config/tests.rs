@@ -1464,6 +1464,48 @@ fn store_rules() {
     assert!(
         matches!(ok_all(&text).store, StoreConfig::Redis { key_prefix, .. } if key_prefix == "lb1")
     );
+
+    // A Redis Cluster: seed nodes as HOST:PORT or URLs, nothing of the one-node keys.
+    let text = store(
+        "kind = \"redis_cluster\"\nnodes = [\"127.0.0.1:7000\", \"redis://:pw@10.0.0.2:7001\"]",
+    );
+    assert!(matches!(
+        ok_all(&text).store,
+        StoreConfig::Redis { target: RedisTarget::Cluster { nodes }, key_prefix }
+            if nodes.len() == 2 && key_prefix == "fulcrum"
+    ));
+    let text = store("kind = \"redis_cluster\"");
+    assert_error(
+        &err_all(&text),
+        "store.kind",
+        5,
+        "needs `nodes`: at least one node of the cluster",
+    );
+    let text = store("kind = \"redis_cluster\"\nnodes = [\"127.0.0.1:7000\", \"b\"]");
+    assert_error(
+        &err_all(&text),
+        "store.nodes[1]",
+        6,
+        "invalid cluster node \"b\"",
+    );
+    let text = store("kind = \"redis_cluster\"\nnodes = [\"a:1\"]\nurl = \"redis://a\"");
+    assert_error(
+        &err_all(&text),
+        "store.url",
+        7,
+        "not valid with kind = \"redis_cluster\"",
+    );
+    let text = store("kind = \"redis\"\nurl = \"redis://a\"\nnodes = [\"a:1\"]");
+    assert_error(
+        &err_all(&text),
+        "store.nodes",
+        7,
+        "only valid with kind = \"redis_cluster\"",
+    );
+    let text = store("kind = \"redis_cluster\"\nnodes = []");
+    assert_error(&err_all(&text), "store.nodes", 6, "at least one node");
+    let text = store("nodes = [\"a:1\"]");
+    assert_error(&err(&text), "store.nodes", 5, "only valid with kind");
 }
 
 #[test]

@@ -15,8 +15,8 @@ use super::error::KeyPath;
 use super::file::{
     RawAccessLog, RawAdmin, RawAutoBan, RawBlockRule, RawConfig, RawDuration, RawHealthCheck,
     RawInitialState, RawListener, RawLogFormat, RawLogStatus, RawPassive, RawPool, RawRateLimit,
-    RawRedirect, RawRoute, RawServer, RawSize, RawSticky, RawStore, RawStoreKind, RawTls,
-    RawUpstreamTls,
+    RawRedirect, RawRoute, RawSentinel, RawServer, RawSize, RawSticky, RawStore, RawStoreKind,
+    RawTls, RawUpstreamTls,
 };
 use super::{
     AdminConfig, Algorithm, CertFiles, ClientAuth, Config, DnsServerConfig, FilterConfig, HashKey,
@@ -136,7 +136,7 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
             if let Some((_, path)) = places.into_iter().find(|(s, _)| *s) {
                 return invalid(
                     path,
-                    "a shared rate limit needs [store] kind = \"redis\" (where the counts are kept)",
+                    "a shared rate limit needs [store] kind = \"redis\" or \"redis_cluster\" (where the counts are kept)",
                 );
             }
         }
@@ -240,19 +240,91 @@ fn store(raw: Option<RawStore>) -> Result<StoreConfig> {
         return Ok(StoreConfig::Memory);
     };
     let path = KeyPath::root("store");
-    if raw.kind.unwrap_or(RawStoreKind::Memory) == RawStoreKind::Memory {
+    let kind = raw.kind.unwrap_or(RawStoreKind::Memory);
+    if kind == RawStoreKind::Memory {
         let redis_only = [
             ("url", raw.url.is_some()),
             ("sentinel", raw.sentinel.is_some()),
+            ("nodes", raw.nodes.is_some()),
             ("key_prefix", raw.key_prefix.is_some()),
         ];
         if let Some((key, _)) = redis_only.iter().find(|(_, set)| *set) {
-            return invalid(path.key(key), "only valid with kind = \"redis\"");
+            return invalid(
+                path.key(key),
+                "only valid with kind = \"redis\" or \"redis_cluster\"",
+            );
         }
         return Ok(StoreConfig::Memory);
     }
 
-    let target = match (raw.url, raw.sentinel) {
+    let target = if kind == RawStoreKind::RedisCluster {
+        for (key, set) in [
+            ("url", raw.url.is_some()),
+            ("sentinel", raw.sentinel.is_some()),
+        ] {
+            if set {
+                return invalid(
+                    path.key(key),
+                    "not valid with kind = \"redis_cluster\": list the cluster's nodes in `nodes`",
+                );
+            }
+        }
+        let Some(nodes) = raw.nodes else {
+            return invalid(
+                path.key("kind"),
+                "kind = \"redis_cluster\" needs `nodes`: at least one node of the cluster as HOST:PORT",
+            );
+        };
+        if nodes.is_empty() {
+            return invalid(
+                path.key("nodes"),
+                "needs at least one node of the cluster as HOST:PORT",
+            );
+        }
+        for (i, node) in nodes.iter().enumerate() {
+            let address = node
+                .strip_prefix("redis://")
+                .or_else(|| node.strip_prefix("rediss://"))
+                .map(|rest| {
+                    rest.rsplit('@')
+                        .next()
+                        .unwrap_or(rest)
+                        .trim_end_matches('/')
+                })
+                .unwrap_or(node);
+            if !matches!(split_host_port(address), Some((_, port)) if port != 0) {
+                return invalid(
+                    path.key("nodes").index(i),
+                    format!(
+                        "invalid cluster node {node:?}: expected HOST:PORT or redis://[user:password@]HOST:PORT"
+                    ),
+                );
+            }
+        }
+        RedisTarget::Cluster { nodes }
+    } else {
+        if raw.nodes.is_some() {
+            return invalid(
+                path.key("nodes"),
+                "only valid with kind = \"redis_cluster\" (Sentinels go in `sentinel.nodes`)",
+            );
+        }
+        redis_target(&path, raw.url, raw.sentinel)?
+    };
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "fulcrum".to_owned());
+    if key_prefix.is_empty() {
+        return invalid(path.key("key_prefix"), "must not be empty");
+    }
+    Ok(StoreConfig::Redis { target, key_prefix })
+}
+
+/// `store.url` or `store.sentinel` of `kind = "redis"`.
+fn redis_target(
+    path: &KeyPath,
+    url: Option<String>,
+    sentinel: Option<RawSentinel>,
+) -> Result<RedisTarget> {
+    Ok(match (url, sentinel) {
         (Some(_), Some(_)) => {
             return invalid(
                 path.key("sentinel"),
@@ -301,12 +373,7 @@ fn store(raw: Option<RawStore>) -> Result<StoreConfig> {
                 nodes: sentinel.nodes,
             }
         }
-    };
-    let key_prefix = raw.key_prefix.unwrap_or_else(|| "fulcrum".to_owned());
-    if key_prefix.is_empty() {
-        return invalid(path.key("key_prefix"), "must not be empty");
-    }
-    Ok(StoreConfig::Redis { target, key_prefix })
+    })
 }
 
 fn pools(raw: Vec<RawPool>) -> Result<Vec<PoolConfig>> {

@@ -1,4 +1,4 @@
-//! The shared stick table in Redis (single node or through Sentinel).
+//! The shared stick table in Redis (single node, through Sentinel, or a Redis Cluster).
 //!
 //! Redis is the source of truth when it answers: a lookup is one `GETEX key EX ttl` (get and slide the
 //! TTL in one round trip), a new entry one `SET key server EX ttl`. Every instance pointed at the same
@@ -7,13 +7,19 @@
 //! Redis slow or down never becomes a client error: each command is bounded (100 ms); a failure drops
 //! the connection, counts the error, and opens a one-second breaker during which the local table alone
 //! answers; the next attempt reconnects — through Sentinel that means asking the sentinels for the
-//! current master, which is how a failover is followed.
+//! current master, which is how a failover is followed. On a Redis Cluster the client keeps the slot map,
+//! follows `MOVED`/`ASK` redirections and learns a failover's new master from the cluster itself; every
+//! command touches one key (the rate limit's `INCR` and `PEXPIRE` the same key), so no hash tags are needed
+//! and entries spread over every master.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelServerType};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::config::RedisTarget;
 use crate::health::now_ms;
@@ -26,12 +32,48 @@ const BREAKER_MS: u64 = 1000;
 enum Source {
     Node(redis::Client),
     Sentinel(tokio::sync::Mutex<SentinelClient>),
+    Cluster(ClusterClient),
+}
+
+/// A connection to one node (directly or found through Sentinel) or to a whole cluster.
+#[derive(Clone)]
+enum Conn {
+    Node(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Node(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Node(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// A Redis-backed stick table.
 pub struct RedisTable {
     source: Source,
-    conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    conn: tokio::sync::Mutex<Option<Conn>>,
     prefix: String,
     ttl_secs: u64,
     down_until_ms: AtomicU64,
@@ -69,6 +111,26 @@ impl RedisTable {
                         .map_err(|e| format!("redis sentinel: {e}"))?;
                 Source::Sentinel(tokio::sync::Mutex::new(client))
             }
+            RedisTarget::Cluster { nodes } => {
+                let urls = nodes.iter().map(|n| {
+                    if n.contains("://") {
+                        n.clone()
+                    } else {
+                        format!("redis://{n}")
+                    }
+                });
+                // Slot moves and failovers are retried inside the client, but never for longer than
+                // one command's bound: past it the breaker answers from the local table.
+                let client = ClusterClient::builder(urls)
+                    .connection_timeout(COMMAND_TIMEOUT)
+                    .response_timeout(COMMAND_TIMEOUT)
+                    .retries(2)
+                    .min_retry_wait(10)
+                    .max_retry_wait(50)
+                    .build()
+                    .map_err(|e| format!("redis cluster: {e}"))?;
+                Source::Cluster(client)
+            }
         };
         Ok(RedisTable {
             source,
@@ -89,22 +151,32 @@ impl RedisTable {
         format!("{}:{key}", self.prefix)
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, String> {
+    async fn connection(&self) -> Result<Conn, String> {
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
         let conn = match &self.source {
-            Source::Node(client) => client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(|e| e.to_string())?,
-            Source::Sentinel(client) => client
-                .lock()
-                .await
-                .get_async_connection()
-                .await
-                .map_err(|e| e.to_string())?,
+            Source::Node(client) => Conn::Node(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            Source::Sentinel(client) => Conn::Node(
+                client
+                    .lock()
+                    .await
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            Source::Cluster(client) => Conn::Cluster(
+                client
+                    .get_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
         };
         *slot = Some(conn.clone());
         Ok(conn)
@@ -122,7 +194,7 @@ impl RedisTable {
     /// Runs `query` on a connection within the command bound, behind the breaker.
     async fn bounded<T, F, Fut>(&self, query: F) -> Option<T>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = Result<T, String>>,
     {
         if now_ms() < self.down_until_ms.load(Ordering::Relaxed) {

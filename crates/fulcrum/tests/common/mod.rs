@@ -1,6 +1,7 @@
 //! Test harness: real fulcrum-app servers and a real balancer on 127.0.0.1, plain HTTP clients.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod process;
 pub mod tls;
 

@@ -1,0 +1,73 @@
+//! A browser-like client for the sessions tests: keeps cookies, logs in, asks who it is.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use super::{client, send, HttpClient, Reply};
+
+/// A browser-like client: keeps the cookies it is given and sends them back.
+pub struct Browser {
+    http: HttpClient,
+    jar: HashMap<String, String>,
+}
+
+impl Browser {
+    pub fn new() -> Self {
+        Browser {
+            http: client(),
+            jar: HashMap::new(),
+        }
+    }
+
+    pub fn from(ip: Ipv4Addr) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_local_address(Some(IpAddr::V4(ip)));
+        Browser {
+            http: Client::builder(TokioExecutor::new()).build(connector),
+            jar: HashMap::new(),
+        }
+    }
+
+    pub async fn call(&mut self, method: &str, url: &str, body: &'static str) -> Reply {
+        let mut req = Request::builder().method(method).uri(url);
+        if !self.jar.is_empty() {
+            let cookies: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            req = req.header("cookie", cookies.join("; "));
+        }
+        let req = req
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap();
+        let reply = send(&self.http, req).await;
+        for set in reply.headers.get_all("set-cookie") {
+            let text = set.to_str().unwrap();
+            let (name, rest) = text.split_once('=').unwrap();
+            let value = rest.split(';').next().unwrap().to_string();
+            if value.is_empty() {
+                self.jar.remove(name);
+            } else {
+                self.jar.insert(name.to_string(), value);
+            }
+        }
+        reply
+    }
+
+    pub async fn login(&mut self, base: &str) -> String {
+        let r = self
+            .call("POST", &format!("{base}/login"), r#"{"user":"martin"}"#)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+        r.server()
+    }
+
+    pub async fn me(&mut self, base: &str) -> Reply {
+        self.call("GET", &format!("{base}/me"), "").await
+    }
+}
