@@ -657,3 +657,67 @@ async fn a_draining_server_keeps_its_sticky_clients_but_gets_no_new_ones() {
     }
     stop(lb).await;
 }
+
+/// Places new sessions while clients stuck to A hold 8 slow requests on it; returns where the new
+/// sessions went.
+async fn new_sessions_beside_a_busy_server(sticky: &str) -> Vec<String> {
+    let apps = apps(&["A", "B"]).await;
+    let lb = fulcrum(&sticky_config(&apps, sticky));
+    let base = format!("http://{}", web(&lb));
+    let mut on_a = Vec::new();
+    for _ in 0..100 {
+        if on_a.len() == 8 {
+            break;
+        }
+        let mut b = Browser::new();
+        if b.call("GET", &format!("{base}/"), "").await.server() == "A" {
+            on_a.push(b);
+        }
+    }
+    assert_eq!(on_a.len(), 8, "round robin placed clients on A");
+    let held: Vec<_> = on_a
+        .into_iter()
+        .map(|mut b| {
+            let url = format!("{base}/delay/8000");
+            tokio::spawn(async move { b.call("GET", &url, "").await.server() })
+        })
+        .collect();
+    let pool = format!("http://{}/api/v1/pools/p", lb.admin_addr().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let view: serde_json::Value =
+            serde_json::from_str(&get(&client(), &pool).await.body).unwrap();
+        if view["in_flight"].as_i64() == Some(8) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "8 requests in flight on A: {view}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut placed = Vec::new();
+    for _ in 0..10 {
+        placed.push(
+            Browser::new()
+                .call("GET", &format!("{base}/"), "")
+                .await
+                .server(),
+        );
+    }
+    for h in held {
+        assert_eq!(h.await.unwrap(), "A", "a stuck client kept its server");
+    }
+    stop(lb).await;
+    placed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_bound_sends_new_sessions_away_from_a_busy_sticky_server() {
+    // Without a bound, round robin gives the busy server its turn.
+    let placed = new_sessions_beside_a_busy_server("kind = \"cookie\"").await;
+    assert!(placed.iter().any(|s| s == "A"), "{placed:?}");
+    // With one, A (8 in flight against a mean of 4.5) is passed over for every new session.
+    let placed = new_sessions_beside_a_busy_server("kind = \"cookie\"\nload_bound = 1.25").await;
+    assert!(placed.iter().all(|s| s == "B"), "{placed:?}");
+}

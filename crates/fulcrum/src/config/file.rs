@@ -291,6 +291,7 @@ pub(crate) struct RawSticky {
     pub ttl: Option<RawDuration>,
     pub max_age: Option<RawDuration>,
     pub secret: Option<String>,
+    pub load_bound: Option<f64>,
 }
 
 /// `rate_limit = { rate, per, burst, key }`.

@@ -707,6 +707,10 @@ pub struct StickyConfig {
     /// fulcrum instance that shares stickiness must have the same. Absent: a random key per process (a
     /// restart or another instance does not recognise the cookies, and clients are re-balanced).
     pub secret: Option<String>,
+    /// `load_bound` (optional, 1.0–100.0), kept in hundredths: a new client (one without a valid entry)
+    /// is not placed on a server whose requests in flight would pass `load_bound` × the pool's mean
+    /// (bounded-load placement); the next candidate takes it. Clients already stuck keep their server.
+    pub load_bound_pct: Option<u32>,
 }
 
 /// `sticky.kind`.

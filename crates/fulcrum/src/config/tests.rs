@@ -1164,6 +1164,25 @@ fn sticky_rules() {
         27,
         "invalid cookie name",
     );
+    let text = variant(
+        "# POOL",
+        "[pools.sticky]\nkind = \"cookie\"\nload_bound = 0.5",
+    );
+    assert_error(
+        &err_all(&text),
+        "pools[0].sticky.load_bound",
+        27,
+        "must be between 1.0 and 100.0",
+    );
+    let text = variant(
+        "# POOL",
+        "[pools.sticky]\nkind = \"cookie\"\nload_bound = 1.25",
+    );
+    let cfg = ok_all(&text);
+    assert_eq!(
+        cfg.pools[0].sticky.as_ref().unwrap().load_bound_pct,
+        Some(125)
+    );
 }
 
 #[test]

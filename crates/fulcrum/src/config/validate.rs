@@ -900,12 +900,25 @@ fn sticky(raw: RawSticky, path: &KeyPath) -> Result<StickyConfig> {
             )
         }
     };
+    let load_bound_pct = match raw.load_bound {
+        None => None,
+        Some(bound) if (1.0..=100.0).contains(&bound) => Some((bound * 100.0).round() as u32),
+        Some(bound) => {
+            return invalid(
+                path.key("load_bound"),
+                format!(
+                "must be between 1.0 and 100.0 (a multiple of the pool's mean load), got {bound}"
+            ),
+            )
+        }
+    };
     Ok(StickyConfig {
         kind: raw.kind,
         cookie,
         ttl,
         max_age,
         secret,
+        load_bound_pct,
     })
 }
 

@@ -445,6 +445,11 @@ async fn forward(
         .and_then(|(_, c)| c.server)
         .map(|i| &snapshot.servers[i]);
     let mut sticky_first = sticky_server;
+    // A new sticky client under `load_bound` is not placed on a server already far above the mean.
+    let load_bound = match &sticky {
+        Some((s, _)) if sticky_server.is_none() => s.load_bound_pct(),
+        _ => None,
+    };
     let mut candidates = snapshot.pick(key);
     if let Some(trace) = trace.as_deref_mut() {
         trace.picked(&snapshot, key, &candidates);
@@ -456,7 +461,11 @@ async fn forward(
         let server = match sticky_first.take() {
             Some(s) => Some(s),
             None => loop {
-                match snapshot.next_available(&mut candidates) {
+                let next = match load_bound {
+                    Some(pct) => snapshot.next_available_bounded(&mut candidates, pct),
+                    None => snapshot.next_available(&mut candidates),
+                };
+                match next {
                     // The sticky server was tried first already.
                     Some(s) if sticky_server.is_some_and(|t| Arc::ptr_eq(t, s)) => continue,
                     other => break other,

@@ -432,6 +432,39 @@ impl PoolSnapshot {
         ramping
     }
 
+    /// [`PoolSnapshot::next_available`] for a new sticky client under a load bound of `bound_pct`
+    /// hundredths of the mean: a candidate whose requests in flight, this one included, would pass
+    /// `ceil(bound × (all in flight + 1) / available servers)` is passed over (bounded-load placement);
+    /// when every candidate is over, the least loaded of them is taken rather than none.
+    pub fn next_available_bounded(
+        &self,
+        candidates: &mut Candidates,
+        bound_pct: u32,
+    ) -> Option<&Arc<Server>> {
+        let (total, count) = self
+            .servers
+            .iter()
+            .filter(|s| s.is_available())
+            .fold((0u64, 0u64), |(t, n), s| {
+                (t + s.stats.in_flight() as u64, n + 1)
+            });
+        if count == 0 {
+            return self.next_available(candidates);
+        }
+        let cap = ((total + 1) * u64::from(bound_pct)).div_ceil(100 * count);
+        let mut least: Option<&Arc<Server>> = None;
+        while let Some(server) = self.next_available(candidates) {
+            let load = server.stats.in_flight() as u64;
+            if load < cap {
+                return Some(server);
+            }
+            if least.is_none_or(|l| (l.stats.in_flight() as u64) > load) {
+                least = Some(server);
+            }
+        }
+        least
+    }
+
     /// True when `server` has `max_connections_per_server` requests in flight.
     #[inline]
     pub fn at_limit(&self, server: &Server) -> bool {

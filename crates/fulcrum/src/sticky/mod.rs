@@ -76,6 +76,8 @@ pub struct Sticky {
     shared: Option<Arc<RedisTable>>,
     /// `; Max-Age=N` for our cookie, if configured.
     max_age: String,
+    /// `load_bound` in hundredths of the mean, if configured.
+    load_bound_pct: Option<u32>,
 }
 
 /// Lowercase hex of `bytes`.
@@ -130,7 +132,13 @@ impl Sticky {
                 .max_age
                 .map(|d| format!("; Max-Age={}", d.as_secs().max(1)))
                 .unwrap_or_default(),
+            load_bound_pct: cfg.load_bound_pct,
         })
+    }
+
+    /// `load_bound` in hundredths of the pool's mean load, if configured.
+    pub fn load_bound_pct(&self) -> Option<u32> {
+        self.load_bound_pct
     }
 
     /// How clients are recognised.
