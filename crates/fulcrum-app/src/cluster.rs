@@ -13,18 +13,19 @@
 //!   older write cannot bring a logged-out session back.
 //! - **Push.** Every write is queued for each peer (at most [`QUEUE_CAPACITY`]
 //!   writes; when full the oldest is dropped, counted, and the peer later gets
-//!   a full resync instead). One task per peer sends batches with
+//!   a full resync instead, as a newly added peer does). One task per peer sends batches with
 //!   `POST /_cluster/replicate` and an empty batch each
 //!   [`HEARTBEAT_INTERVAL`] when idle, which tells whether the peer is up.
 //! - **Pull on miss.** A read of a session this instance does not know asks
 //!   every peer that is not known to be down (`GET /_cluster/session/{id}`),
 //!   waiting at most [`PULL_TIMEOUT`] in all, and keeps the newest answer. It
 //!   covers a read that arrives before the write's push.
-//! - **Join.** A starting instance asks each peer for a snapshot
-//!   (`GET /_cluster/snapshot`), which also lists the peer's peers (those
-//!   are asked too). A snapshot counts once the peer lists the new instance
-//!   among its peers, so that every later write there is pushed to it; until
-//!   then it is taken again each refresh interval.
+//! - **Join.** A starting instance asks its peers, one after the other, for a
+//!   snapshot (`GET /_cluster/snapshot`) and takes the first, so it answers
+//!   from memory at once. The snapshot also lists the peer's peers. And an
+//!   instance that adds a peer (a new one, or one just listed in the file or
+//!   the pool) first sends it everything it holds, then its new writes: a
+//!   write made anywhere before the newcomer was known still reaches it.
 //! - **Membership.** Peers come from `--peers`, a file re-read every
 //!   `--peers-refresh`, and fulcrum's admin API (a pool's servers), all read
 //!   again at every refresh. With `--peers` alone, an instance that hears
@@ -86,9 +87,6 @@ pub const NODE_HEADER: &str = "x-fulcrum-cluster-node";
 /// Request header with the address the sender is reached at.
 pub const ADDR_HEADER: &str = "x-fulcrum-cluster-addr";
 
-/// Snapshots a joining instance takes from one peer, a refresh interval
-/// apart, waiting for the peer to list it.
-const JOIN_ATTEMPTS: u32 = 5;
 /// Writes per `POST /_cluster/replicate`.
 const BATCH_MAX: usize = 500;
 /// Longest wait for one push, a pool listing or a session lookup's connection.
@@ -838,16 +836,18 @@ impl ClusterNode {
         Ok(())
     }
 
-    /// Sends everything held to `peer`, in batches.
-    async fn resync(&self, peer: &Peer) -> Result<(), String> {
-        let records = self.data().records();
-        tracing::info!(peer = %peer.addr, sessions = records.len(), "resyncing cluster peer");
+    /// Sends `records` (everything held when the resync started) to `peer`,
+    /// in batches.
+    async fn resync(&self, peer: &Peer, records: Vec<WriteRecord>) -> Result<(), String> {
+        tracing::debug!(peer = %peer.addr, records = records.len(), "resyncing cluster peer");
         let mut records = records.into_iter().peekable();
-        while records.peek().is_some() {
+        // An empty resync still makes one exchange: the peer's first contact.
+        let mut first = true;
+        while first || records.peek().is_some() {
+            first = false;
             let batch: Vec<_> = records.by_ref().take(BATCH_MAX).collect();
             self.send(peer, batch, true).await?;
         }
-        peer.lock().resync = false;
         Ok(())
     }
 
@@ -876,7 +876,9 @@ impl ClusterNode {
                 configured,
                 node,
                 dropped: 0,
-                resync: false,
+                // A new peer first gets everything held here: what it missed
+                // before this instance knew of it.
+                resync: true,
                 removed: false,
                 last_error: None,
                 down_since: None,
@@ -946,63 +948,44 @@ impl ClusterNode {
         self.cfg.peers_file.is_none() && self.cfg.peers_from.is_none()
     }
 
-    /// Takes `peer`'s snapshot, again after each refresh interval (at most
-    /// [`JOIN_ATTEMPTS`] times) until the peer lists this instance among its
-    /// own: from then on its writes are pushed here, and every earlier one is
-    /// in the snapshot. Tells whether the peer answered at all.
+    /// Takes `peer`'s snapshot; tells whether it got one.
     async fn snapshot_from(self: &Arc<Self>, peer: &Peer) -> bool {
-        for attempt in 0..JOIN_ATTEMPTS {
-            if attempt > 0 {
-                tokio::time::sleep(self.cfg.refresh).await;
+        let answer = self
+            .call(Method::GET, &peer.addr, "/_cluster/snapshot", None)
+            .await;
+        let snapshot = match answer {
+            Ok((_, Some(node), _)) if node == self.id => {
+                peer.mark_itself();
+                return false;
             }
-            let answer = self
-                .call(Method::GET, &peer.addr, "/_cluster/snapshot", None)
-                .await;
-            let snapshot = match answer {
-                Ok((_, Some(node), _)) if node == self.id => {
-                    peer.mark_itself();
-                    return false;
-                }
-                Ok((StatusCode::OK, _, body)) => match serde_json::from_slice::<Snapshot>(&body) {
-                    Ok(snapshot) => snapshot,
-                    Err(err) => {
-                        tracing::warn!(peer = %peer.addr, "bad cluster snapshot: {err}");
-                        return false;
-                    }
-                },
-                Ok((status, _, _)) => {
-                    tracing::warn!(peer = %peer.addr, "cluster snapshot refused: HTTP {status}");
-                    return false;
-                }
+            Ok((StatusCode::OK, _, body)) => match serde_json::from_slice::<Snapshot>(&body) {
+                Ok(snapshot) => snapshot,
                 Err(err) => {
-                    tracing::debug!(peer = %peer.addr, "no cluster snapshot: {err}");
+                    tracing::warn!(peer = %peer.addr, "bad cluster snapshot: {err}");
                     return false;
                 }
-            };
-            for w in &snapshot.writes {
-                self.apply_remote(w);
+            },
+            Ok((status, _, _)) => {
+                tracing::warn!(peer = %peer.addr, "cluster snapshot refused: HTTP {status}");
+                return false;
             }
-            if self.learns() {
-                for addr in &snapshot.peers {
-                    self.add_peer(addr, false, None);
-                }
+            Err(err) => {
+                tracing::debug!(peer = %peer.addr, "no cluster snapshot: {err}");
+                return false;
             }
-            let listed = self
-                .advertise
-                .as_ref()
-                .is_none_or(|me| snapshot.peers.contains(me));
-            if listed {
-                tracing::info!(
-                    peer = %peer.addr,
-                    sessions = self.len(),
-                    "took a cluster snapshot"
-                );
-                return true;
+        };
+        for w in &snapshot.writes {
+            self.apply_remote(w);
+        }
+        if self.learns() {
+            for addr in &snapshot.peers {
+                self.add_peer(addr, false, None);
             }
         }
-        tracing::warn!(
+        tracing::info!(
             peer = %peer.addr,
-            "the peer does not list this instance: its writes arrive here only through pulls"
+            sessions = self.len(),
+            "joined the cluster with a snapshot"
         );
         true
     }
@@ -1285,28 +1268,18 @@ fn gauge_f(out: &mut String, name: &str, help: &str, value: f64) {
     );
 }
 
-/// Joins the cluster: a snapshot from every peer that answers, peers learned
-/// on the way included. Every peer's, not just one: a write made on a peer
-/// just before it heard of this instance is pushed to the others only.
+/// Joins the cluster: a snapshot from the first peer that gives one.
 async fn join(node: Weak<ClusterNode>) {
-    let mut done: HashSet<String> = HashSet::new();
-    loop {
-        let Some(node) = node.upgrade() else {
-            return;
-        };
-        let Some(peer) = node
-            .peer_list()
-            .into_iter()
-            .find(|p| !done.contains(&p.addr))
-        else {
-            return;
-        };
-        done.insert(peer.addr.clone());
+    let Some(node) = node.upgrade() else {
+        return;
+    };
+    for peer in node.peer_list() {
         if node.snapshot_from(&peer).await {
-            node.joined_from
+            *node
+                .joined_from
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_or_insert_with(|| peer.addr.clone());
+                .unwrap_or_else(PoisonError::into_inner) = Some(peer.addr.clone());
+            return;
         }
     }
 }
@@ -1373,33 +1346,37 @@ async fn push_loop(node: Weak<ClusterNode>, peer: Arc<Peer>) {
     let mut backoff = RETRY_MIN;
     let mut heartbeat_due = true;
     loop {
-        let (batch, resync) = {
+        let Some(strong) = node.upgrade() else {
+            return;
+        };
+        // Taken under the peer's lock: a write either is in the resync's
+        // records or is queued after it.
+        let (mut batch, resync) = {
             let mut st = peer.lock();
             if st.removed || st.status == PeerStatus::Itself {
                 return;
             }
             if st.resync {
+                st.resync = false;
                 st.queue.clear();
-                (Vec::new(), true)
+                (strong.data().records(), true)
             } else {
                 let n = st.queue.len().min(BATCH_MAX);
                 (st.queue.drain(..n).collect::<Vec<_>>(), false)
             }
         };
         if batch.is_empty() && !resync && !heartbeat_due {
+            drop(strong);
             let idle = tokio::time::timeout(HEARTBEAT_INTERVAL, peer.notify.notified()).await;
             heartbeat_due = idle.is_err();
             continue;
         }
-        let Some(node) = node.upgrade() else {
-            return;
-        };
         let result = if resync {
-            node.resync(&peer).await
+            strong.resync(&peer, std::mem::take(&mut batch)).await
         } else {
-            node.send(&peer, batch.clone(), false).await
+            strong.send(&peer, batch.clone(), false).await
         };
-        drop(node);
+        drop(strong);
         match result {
             Ok(()) => {
                 backoff = RETRY_MIN;
@@ -1408,8 +1385,12 @@ async fn push_loop(node: Weak<ClusterNode>, peer: Arc<Peer>) {
             Err(err) => {
                 {
                     let mut st = peer.lock();
-                    for w in batch.into_iter().rev() {
-                        st.queue.push_front(w);
+                    if resync {
+                        st.resync = true;
+                    } else {
+                        for w in batch.into_iter().rev() {
+                            st.queue.push_front(w);
+                        }
                     }
                     while st.queue.len() > QUEUE_CAPACITY {
                         st.queue.pop_front();
