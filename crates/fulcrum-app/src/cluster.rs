@@ -1028,10 +1028,11 @@ impl ClusterNode {
             .unwrap_or_else(|_| Err("no answer".to_owned()))
     }
 
-    /// Checks the bearer token of a `/_cluster/*` request, if a secret is set.
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), Response> {
+    /// Checks the bearer token of a `/_cluster/*` request, if a secret is set:
+    /// the answer to give instead when it is missing (401) or wrong (403).
+    fn denied(&self, headers: &HeaderMap) -> Option<Response> {
         let Some(expected) = &self.secret_digest else {
-            return Ok(());
+            return None;
         };
         let given = headers
             .get(AUTHORIZATION)
@@ -1046,7 +1047,7 @@ impl ClusterNode {
                 WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"fulcrum-app cluster\""),
             );
-            return Err(response);
+            return Some(response);
         };
         let digest: [u8; 32] = Sha256::digest(given.trim()).into();
         // Compares digests without an early exit.
@@ -1054,14 +1055,12 @@ impl ClusterNode {
             .iter()
             .zip(expected)
             .fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff == 0 {
-            Ok(())
-        } else {
-            Err(self.reply(
+        (diff != 0).then(|| {
+            self.reply(
                 StatusCode::FORBIDDEN,
                 json!({"error": "wrong cluster secret"}),
-            ))
-        }
+            )
+        })
     }
 
     /// A JSON answer carrying this node's id.
@@ -1420,7 +1419,7 @@ type Node = State<Arc<ClusterNode>>;
 
 /// `POST /_cluster/replicate`: applies a peer's writes.
 async fn replicate(State(node): Node, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(denied) = node.authorize(&headers) {
+    if let Some(denied) = node.denied(&headers) {
         return denied;
     }
     node.learn(&headers);
@@ -1451,7 +1450,7 @@ async fn replicate(State(node): Node, headers: HeaderMap, body: Bytes) -> Respon
 
 /// `GET /_cluster/session/{id}`: the newest write held for that session.
 async fn session(State(node): Node, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    if let Err(denied) = node.authorize(&headers) {
+    if let Some(denied) = node.denied(&headers) {
         return denied;
     }
     let held = node.data().entries.get(&id).map(|e| WriteRecord {
@@ -1467,7 +1466,7 @@ async fn session(State(node): Node, headers: HeaderMap, Path(id): Path<String>) 
 
 /// `GET /_cluster/snapshot`: every session and tombstone, and the peers.
 async fn snapshot(State(node): Node, headers: HeaderMap) -> Response {
-    if let Err(denied) = node.authorize(&headers) {
+    if let Some(denied) = node.denied(&headers) {
         return denied;
     }
     node.learn(&headers);
@@ -1495,7 +1494,7 @@ async fn snapshot(State(node): Node, headers: HeaderMap) -> Response {
 
 /// `GET /_cluster/status`: this node, its peers and their queues.
 async fn status(State(node): Node, headers: HeaderMap) -> Response {
-    if let Err(denied) = node.authorize(&headers) {
+    if let Some(denied) = node.denied(&headers) {
         return denied;
     }
     node.reply(StatusCode::OK, node.status_json())

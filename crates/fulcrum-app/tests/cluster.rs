@@ -370,7 +370,11 @@ async fn a_dead_server_loses_nothing_and_a_new_one_joins_under_load() {
             let mut made = Vec::new();
             let mut round = 0usize;
             while !*done.borrow_and_update() {
-                let base = if round % 2 == 0 { &b_url } else { &c_url };
+                let base = if round.is_multiple_of(2) {
+                    &b_url
+                } else {
+                    &c_url
+                };
                 let answer = http
                     .call(
                         Method::POST,
