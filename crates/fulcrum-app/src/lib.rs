@@ -15,6 +15,7 @@
 //! | `GET /health`         | `200 ok`, or the status set by `POST /health {"status": 503}` |
 //! | `POST /login`         | `{"user": "martin"}` → session + `SESSIONID` cookie |
 //! | `GET /me`             | the logged-in user, or `401` |
+//! | `PUT /me`             | `{"user": "ada"}` → changes the session's user, or `401` |
 //! | `POST /logout`        | ends the session, clears the cookie |
 //! | `GET /delay/{ms}`     | answers after `ms` milliseconds (≤ 60 000) |
 //! | `GET /status/{code}`  | answers with that status (200..=599) |
@@ -22,6 +23,10 @@
 //! | `POST /echo`          | streams the request body back |
 //! | `POST /sha256`        | `{"bytes": N, "sha256": "…"}` of the streamed request body |
 //! | `GET /ws`             | WebSocket echo (HTTP/1.1 upgrade) |
+//! | `GET /metrics`        | session figures in the Prometheus text format |
+//!
+//! With `--sessions cluster`, `/_cluster/replicate`, `/_cluster/session/{id}`,
+//! `/_cluster/snapshot` and `/_cluster/status` serve the peers (see below).
 //!
 //! # Protocols
 //!
@@ -40,6 +45,14 @@
 //! `rediss://` for TLS) sessions live in Redis under
 //! `fulcrum-app:session:{id}` as JSON `{"user": "…"}` with a 30 minute TTL that
 //! `GET /me` refreshes, so every instance using that Redis honours every login.
+//!
+//! With [`Sessions::Cluster`] (`--sessions cluster --peers host:port,…`) each
+//! instance keeps every session in memory and replicates each login, update
+//! and logout to its peers over HTTP: any instance answers for any session,
+//! and the death of one loses nothing. Peers come from the command line, a
+//! file or a fulcrum admin API pool ([`ClusterConfig`]), and may join and
+//! leave while the cluster runs; see `docs/sessions.md`, "Session
+//! clustering", for versions, pulls on miss, snapshots, metrics and costs.
 //!
 //! Redis is connected to lazily, so an instance starts (and serves everything
 //! else) while Redis is down. Each Redis step is bounded (500 ms to connect,
@@ -63,11 +76,16 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+mod cluster;
 mod routes;
 mod server;
 mod sessions;
 mod tls;
 
+pub use cluster::{
+    parse_peer_list, ClusterConfig, DEFAULT_PEERS_REFRESH, PULL_TIMEOUT, QUEUE_CAPACITY,
+    TOMBSTONE_TTL,
+};
 pub use server::TLS_HANDSHAKE_TIMEOUT;
 pub use sessions::{ParseSessionsError, Sessions, REDIS_KEY_PREFIX, REDIS_SESSION_TTL};
 pub use tls::{ParseTlsFilesError, TlsFiles};
@@ -84,6 +102,8 @@ pub struct AppConfig {
     /// Serve TLS with these files instead of plain TCP; see
     /// [`AppConfig::with_tls`].
     pub tls: Option<TlsFiles>,
+    /// Peers and secret of a [`Sessions::Cluster`] store (unused otherwise).
+    pub cluster: ClusterConfig,
 }
 
 impl AppConfig {
@@ -95,7 +115,15 @@ impl AppConfig {
             sessions: Sessions::Memory,
             delay: Duration::ZERO,
             tls: None,
+            cluster: ClusterConfig::default(),
         }
+    }
+
+    /// Sets the peers and secret used with [`Sessions::Cluster`].
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: ClusterConfig) -> Self {
+        self.cluster = cluster;
+        self
     }
 
     /// Sets the latency added before every response.
@@ -128,10 +156,12 @@ impl AppConfig {
 /// built from `cfg`.
 ///
 /// A Redis session store connects on first use, so this needs no Redis (nor a
-/// runtime). An invalid hand-built [`Sessions::Redis`] URL is logged and makes
+/// runtime). A cluster store starts replicating at once, so it must be built
+/// inside a tokio runtime, and it advertises no address of its own unless
+/// [`ClusterConfig::advertise`] is set. An invalid hand-built [`Sessions::Redis`] URL is logged and makes
 /// the session endpoints answer `503`; [`serve`] and [`spawn`] reject it.
 pub fn router(cfg: AppConfig) -> axum::Router {
-    routes::router(cfg)
+    routes::router(cfg, None)
 }
 
 /// Serves the app on an already-bound `listener` until `shutdown` resolves,
@@ -152,7 +182,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let tls = prepare(&cfg)?;
-    server::run(listener, router(cfg), tls, shutdown).await;
+    let local = listener.local_addr().ok();
+    server::run(listener, routes::router(cfg, local), tls, shutdown).await;
     Ok(())
 }
 
@@ -173,7 +204,7 @@ pub async fn spawn(addr: SocketAddr, cfg: AppConfig) -> io::Result<AppHandle> {
         let signal = async {
             let _ = stopped.await;
         };
-        server::run(listener, router(cfg), tls, signal).await;
+        server::run(listener, routes::router(cfg, Some(addr)), tls, signal).await;
     });
     Ok(AppHandle {
         addr,
@@ -187,6 +218,11 @@ fn prepare(cfg: &AppConfig) -> io::Result<Option<Arc<rustls::ServerConfig>>> {
     cfg.sessions
         .validate()
         .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+    if cfg.sessions == Sessions::Cluster {
+        cfg.cluster
+            .validate()
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+    }
     cfg.tls.as_ref().map(TlsFiles::server_config).transpose()
 }
 

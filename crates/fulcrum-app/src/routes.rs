@@ -22,6 +22,7 @@ use http_body::{Frame, SizeHint};
 use serde::Deserialize;
 use serde_json::json;
 use sha2::{Digest as _, Sha256};
+use std::net::SocketAddr;
 
 use crate::sessions::{session_cookie, SessionStore, StoreUnavailable, COOKIE_NAME};
 use crate::AppConfig;
@@ -46,19 +47,24 @@ struct AppState {
 
 type Shared = Arc<AppState>;
 
-pub(crate) fn router(cfg: AppConfig) -> Router {
+/// The app's routes; `local` is the listening address (a cluster node
+/// advertises it to its peers).
+pub(crate) fn router(cfg: AppConfig, local: Option<SocketAddr>) -> Router {
+    let sessions = SessionStore::new(&cfg.sessions, &cfg.cluster, local);
+    let cluster = sessions.cluster().cloned();
     let state = Arc::new(AppState {
         server_header: header_value_lossy(&cfg.name),
-        sessions: SessionStore::new(&cfg.sessions),
+        sessions,
         health: AtomicU16::new(StatusCode::OK.as_u16()),
         delay: cfg.delay,
         name: cfg.name,
     });
-    Router::new()
+    let app = Router::new()
         .route("/", any(whoami))
         .route("/health", get(health).post(set_health))
         .route("/login", post(login))
-        .route("/me", get(me))
+        .route("/me", get(me).put(update_me))
+        .route("/metrics", get(metrics))
         .route("/logout", post(logout))
         .route("/delay/{ms}", get(delay))
         .route("/status/{code}", get(status))
@@ -68,7 +74,12 @@ pub(crate) fn router(cfg: AppConfig) -> Router {
         .route("/ws", get(websocket))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), common))
-        .with_state(state)
+        .with_state(state);
+    match cluster {
+        // Without the configured delay: replication is not a user request.
+        Some(node) => app.merge(crate::cluster::router(node)),
+        None => app,
+    }
 }
 
 /// The server name as a header value, dropping characters a header cannot carry.
@@ -196,6 +207,41 @@ async fn me(State(state): State<Shared>, headers: http::HeaderMap) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `PUT /me` with `{"user": "ada"}`: changes the user of the current session.
+async fn update_me(State(state): State<Shared>, headers: http::HeaderMap, body: Bytes) -> Response {
+    let user = match serde_json::from_slice::<Login>(&body) {
+        Ok(Login { user }) if !user.trim().is_empty() => user,
+        _ => return bad_request(r#"expected JSON {"user": "<non-empty name>"}"#),
+    };
+    let updated = match session_cookie(&headers) {
+        Some(id) => match state.sessions.update(id, &user).await {
+            Ok(updated) => updated,
+            Err(StoreUnavailable) => return store_unavailable(&state),
+        },
+        None => false,
+    };
+    if updated {
+        Json(json!({ "user": user, "server": state.name })).into_response()
+    } else {
+        (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({ "error": "not logged in", "server": state.name })),
+        )
+            .into_response()
+    }
+}
+
+/// `GET /metrics`: the session store's figures in the Prometheus text format.
+async fn metrics(State(state): State<Shared>) -> Response {
+    let mut out = String::new();
+    state.sessions.write_metrics(&mut out);
+    (
+        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        out,
+    )
+        .into_response()
 }
 
 /// `POST /logout`: ends the session and clears its cookie.

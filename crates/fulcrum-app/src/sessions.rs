@@ -1,14 +1,16 @@
 //! Login session storage and the `SESSIONID` cookie.
 //!
-//! Two stores exist: [`MemoryStore`], private to one process, and
+//! Three stores exist: [`MemoryStore`], private to one process,
 //! [`RedisStore`], which every app instance pointed at the same Redis (one node
-//! or a Redis Cluster) shares.
+//! or a Redis Cluster) shares, and [`ClusterNode`], memory replicated to peer
+//! instances.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +23,8 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use serde::{Deserialize, Serialize};
+
+use crate::cluster::{ClusterConfig, ClusterNode};
 
 /// Name of the cookie that carries the session id.
 pub(crate) const COOKIE_NAME: &str = "SESSIONID";
@@ -47,7 +51,7 @@ const REDIS_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// Where the app keeps its login sessions.
 ///
 /// Parsed from the `--sessions` flag with [`FromStr`]: `memory` selects
-/// [`Sessions::Memory`]; a `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` URL
+/// [`Sessions::Memory`], `cluster` [`Sessions::Cluster`]; a `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` URL
 /// (`rediss://` for TLS, with a `#insecure` fragment to skip certificate
 /// checks) selects [`Sessions::Redis`];
 /// `redis-cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]` selects
@@ -79,13 +83,18 @@ pub enum Sessions {
     /// master of a session's slot is down and not yet replaced, that session's
     /// requests answer `503`.
     RedisCluster(Vec<String>),
+    /// Sessions live in this process and are replicated to the peers named
+    /// by [`AppConfig::cluster`](crate::AppConfig::cluster), so every
+    /// instance of the cluster answers for every session and the death of one
+    /// loses none. See the `cluster` module documentation for how.
+    Cluster,
 }
 
 impl Sessions {
     /// Checks that the store can be built: a Redis URL must parse.
     pub(crate) fn validate(&self) -> Result<(), ParseSessionsError> {
         match self {
-            Sessions::Memory => Ok(()),
+            Sessions::Memory | Sessions::Cluster => Ok(()),
             Sessions::Redis(url) => redis_client(url).map(drop),
             Sessions::RedisCluster(nodes) => cluster_client(nodes).map(drop),
         }
@@ -96,6 +105,7 @@ impl fmt::Display for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Sessions::Memory => f.write_str("memory"),
+            Sessions::Cluster => f.write_str("cluster"),
             Sessions::Redis(url) => f.write_str(&redact_password(url)),
             Sessions::RedisCluster(nodes) => f.write_str(&cluster_url(nodes)),
         }
@@ -106,6 +116,7 @@ impl fmt::Debug for Sessions {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Sessions::Memory => f.write_str("Memory"),
+            Sessions::Cluster => f.write_str("Cluster"),
             Sessions::Redis(url) => f.debug_tuple("Redis").field(&redact_password(url)).finish(),
             Sessions::RedisCluster(nodes) => f
                 .debug_tuple("RedisCluster")
@@ -122,6 +133,8 @@ impl FromStr for Sessions {
         let s = s.trim();
         if s.eq_ignore_ascii_case("memory") {
             Ok(Sessions::Memory)
+        } else if s.eq_ignore_ascii_case("cluster") {
+            Ok(Sessions::Cluster)
         } else if is_redis_url(s) {
             redis_client(s)?;
             Ok(Sessions::Redis(s.to_owned()))
@@ -132,8 +145,9 @@ impl FromStr for Sessions {
         } else {
             // Not echoed: it might be a mistyped URL with a password in it.
             Err(ParseSessionsError(
-                "invalid session store: expected `memory`, a `redis://host:port[/db]` \
-                 (or `rediss://`) URL or `redis-cluster://host:port[,host:port…]`"
+                "invalid session store: expected `memory`, `cluster`, a \
+                 `redis://host:port[/db]` (or `rediss://`) URL or \
+                 `redis-cluster://host:port[,host:port…]`"
                     .to_owned(),
             ))
         }
@@ -291,14 +305,49 @@ pub(crate) struct StoreUnavailable;
 pub(crate) enum SessionStore {
     Memory(MemoryStore),
     Redis(RedisStore),
+    Cluster(Arc<ClusterNode>),
 }
 
 impl SessionStore {
-    pub(crate) fn new(kind: &Sessions) -> Self {
+    /// The store for `kind`; a cluster node starts its replication tasks at
+    /// once and advertises `local` to its peers (see [`ClusterConfig`]).
+    pub(crate) fn new(kind: &Sessions, cluster: &ClusterConfig, local: Option<SocketAddr>) -> Self {
         match kind {
             Sessions::Memory => SessionStore::Memory(MemoryStore::new(MEMORY_CAPACITY)),
             Sessions::Redis(url) => SessionStore::Redis(RedisStore::new(url)),
             Sessions::RedisCluster(nodes) => SessionStore::Redis(RedisStore::cluster(nodes)),
+            Sessions::Cluster => {
+                let node = Arc::new(ClusterNode::new(cluster.clone(), local, MEMORY_CAPACITY));
+                node.start();
+                SessionStore::Cluster(node)
+            }
+        }
+    }
+
+    /// The cluster node behind a [`Sessions::Cluster`] store.
+    pub(crate) fn cluster(&self) -> Option<&Arc<ClusterNode>> {
+        match self {
+            SessionStore::Cluster(node) => Some(node),
+            _ => None,
+        }
+    }
+
+    /// Appends the store's metrics in the Prometheus text format (none for
+    /// Redis, whose sessions this instance does not hold).
+    pub(crate) fn write_metrics(&self, out: &mut String) {
+        match self {
+            SessionStore::Memory(store) => {
+                use std::fmt::Write as _;
+                let _ = writeln!(
+                    out,
+                    "# HELP fulcrum_app_sessions_held Sessions this instance holds.\n\
+                     # TYPE fulcrum_app_sessions_held gauge\n\
+                     fulcrum_app_sessions_held {}",
+                    store.len()
+                );
+            }
+            SessionStore::Redis(_) => {}
+            SessionStore::Cluster(node) => node.write_metrics(out),
         }
     }
 
@@ -308,8 +357,27 @@ impl SessionStore {
         match self {
             SessionStore::Memory(store) => store.insert(id.clone(), user.to_owned()),
             SessionStore::Redis(store) => store.insert(&id, user).await?,
+            SessionStore::Cluster(node) => node.write(&id, Some(user.to_owned())),
         }
         Ok(id)
+    }
+
+    /// Sets the user of an existing session `id`; tells whether it existed.
+    pub(crate) async fn update(&self, id: &str, user: &str) -> Result<bool, StoreUnavailable> {
+        if !is_session_id(id) {
+            return Ok(false);
+        }
+        match self {
+            SessionStore::Memory(store) => Ok(store.update(id, user)),
+            SessionStore::Redis(store) => store.update(id, user).await,
+            SessionStore::Cluster(node) => {
+                if node.get(id).await.is_none() {
+                    return Ok(false);
+                }
+                node.write(id, Some(user.to_owned()));
+                Ok(true)
+            }
+        }
     }
 
     /// The user logged in under session `id`, if any. Redis sessions get their
@@ -321,6 +389,7 @@ impl SessionStore {
         match self {
             SessionStore::Memory(store) => Ok(store.get(id)),
             SessionStore::Redis(store) => store.get(id).await,
+            SessionStore::Cluster(node) => Ok(node.get(id).await),
         }
     }
 
@@ -332,6 +401,13 @@ impl SessionStore {
         match self {
             SessionStore::Memory(store) => Ok(store.remove(id).is_some()),
             SessionStore::Redis(store) => store.remove(id).await,
+            SessionStore::Cluster(node) => {
+                if node.get(id).await.is_none() {
+                    return Ok(false);
+                }
+                node.write(id, None);
+                Ok(true)
+            }
         }
     }
 }
@@ -523,6 +599,25 @@ impl RedisStore {
         )
     }
 
+    async fn update(&self, id: &str, user: &str) -> Result<bool, StoreUnavailable> {
+        let key = redis_key(id);
+        let value = serde_json::to_string(&RedisSession { user: user.into() })
+            .expect("a struct with one string field serializes");
+        let answer: redis::Value = self
+            .run("SET", |mut conn| async move {
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .arg("XX")
+                    .arg("EX")
+                    .arg(REDIS_SESSION_TTL.as_secs())
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(!matches!(answer, redis::Value::Nil))
+    }
+
     async fn remove(&self, id: &str) -> Result<bool, StoreUnavailable> {
         let key = redis_key(id);
         let removed: u64 = self
@@ -705,11 +800,20 @@ impl MemoryStore {
         self.lock().users.get(id).cloned()
     }
 
+    fn update(&self, id: &str, user: &str) -> bool {
+        match self.lock().users.get_mut(id) {
+            Some(held) => {
+                user.clone_into(held);
+                true
+            }
+            None => false,
+        }
+    }
+
     fn remove(&self, id: &str) -> Option<String> {
         self.lock().users.remove(id)
     }
 
-    #[cfg(test)]
     fn len(&self) -> usize {
         self.lock().users.len()
     }

@@ -61,20 +61,25 @@ pub fn config(
 }
 
 /// Starts the demo servers ("app-1", "app-2", …) on free loopback ports.
+///
+/// With [`fulcrum_app::Sessions::Cluster`] each server lists the ones started before it as its
+/// peers; the earlier ones learn the later ones when these first contact them, so every server ends
+/// up replicating to every other.
 pub async fn start_servers(
     n: usize,
     sessions: &fulcrum_app::Sessions,
 ) -> std::io::Result<Vec<AppHandle>> {
-    let mut apps = Vec::with_capacity(n);
+    let mut apps: Vec<AppHandle> = Vec::with_capacity(n);
     for i in 1..=n {
         let name = format!("app-{i}");
-        apps.push(
-            fulcrum_app::spawn(
-                SocketAddr::from(([127, 0, 0, 1], 0)),
-                AppConfig::new(name).with_sessions(sessions.clone()),
-            )
-            .await?,
-        );
+        let mut cfg = AppConfig::new(name).with_sessions(sessions.clone());
+        if *sessions == fulcrum_app::Sessions::Cluster {
+            cfg = cfg.with_cluster(fulcrum_app::ClusterConfig {
+                peers: apps.iter().map(|a| a.addr().to_string()).collect(),
+                ..fulcrum_app::ClusterConfig::default()
+            });
+        }
+        apps.push(fulcrum_app::spawn(SocketAddr::from(([127, 0, 0, 1], 0)), cfg).await?);
     }
     Ok(apps)
 }

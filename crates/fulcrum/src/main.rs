@@ -55,8 +55,9 @@ enum Command {
         /// The admin API and dashboard's address.
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
-        /// Where the demo servers keep login sessions: `memory` (each its own), `redis://HOST:PORT`
-        /// or `redis-cluster://HOST:PORT[,HOST:PORT…]` (shared).
+        /// Where the demo servers keep login sessions: `memory` (each its own), `cluster` (each
+        /// replicates to the others), `redis://HOST:PORT` or `redis-cluster://HOST:PORT[,HOST:PORT…]`
+        /// (shared).
         #[arg(long, default_value = "memory")]
         sessions: fulcrum_app::Sessions,
         /// Keep each client on one server: `cookie`, `app_cookie` or `source_ip`.
@@ -207,6 +208,13 @@ fn demo(opts: DemoOptions) -> anyhow::Result<()> {
     for (name, addr) in &servers {
         println!("  server     {name} at http://{addr}/");
     }
+    if opts.sessions == fulcrum_app::Sessions::Cluster {
+        if let Some((_, addr)) = servers.first() {
+            println!(
+                "  cluster    http://{addr}/_cluster/status and http://{addr}/metrics (any server)"
+            );
+        }
+    }
     println!(
         "  sessions   {} on the servers; stickiness: {}",
         opts.sessions,
@@ -214,7 +222,8 @@ fn demo(opts: DemoOptions) -> anyhow::Result<()> {
     );
     println!("Try:  for i in 1 2 3 4 5 6; do curl -s http://{bind}/ | head -1; done");
     println!(
-        "Log in, then ask who you are (the sessions problem, and its cures with --sticky or --sessions redis://…):\n  \
+        "Log in, then ask who you are (the sessions problem, and its cures with --sticky, \
+         --sessions redis://… or --sessions cluster):\n  \
          curl -s -c /tmp/jar -b /tmp/jar -X POST -d '{{\"user\":\"martin\"}}' http://{bind}/login; \
          for i in 1 2 3; do curl -s -b /tmp/jar -c /tmp/jar http://{bind}/me; echo; done"
     );
