@@ -10,6 +10,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod cache;
 pub mod balance;
 pub mod clock;
 pub mod config;
