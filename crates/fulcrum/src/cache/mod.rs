@@ -447,6 +447,45 @@ fn answer(object: &Object, now: SystemTime) -> Response<ProxyBody> {
     resp
 }
 
+/// A request as the cache policy sees it when it is presented for a stored response. The key already
+/// matched its method, host, path and query (as `key.query` says) and its `Vary` values, so the URI is
+/// the same by construction: a sorted or ignored query must not make the policy think otherwise.
+struct Presented<'a>(&'a Request<RequestIn>);
+
+impl http_cache_semantics::RequestLike for Presented<'_> {
+    fn uri(&self) -> http::Uri {
+        self.0.uri().clone()
+    }
+
+    fn is_same_uri(&self, _: &http::Uri) -> bool {
+        true
+    }
+
+    fn method(&self) -> &Method {
+        self.0.method()
+    }
+
+    fn headers(&self) -> &HeaderMap {
+        self.0.headers()
+    }
+}
+
+/// Whether `object` may answer `req` at `now` without asking a server. A request without its own
+/// `Cache-Control` or `Pragma` only needs the entry to be fresh (the common case, kept cheap); one
+/// with them (`no-cache`, `max-age`, `min-fresh`, `max-stale`) is judged by the policy.
+fn fresh(object: &Object, req: &Request<RequestIn>, now: SystemTime) -> Option<BeforeRequest> {
+    let h = req.headers();
+    if !h.contains_key(header::CACHE_CONTROL) && !h.contains_key(header::PRAGMA) {
+        if now < object.fresh_until {
+            return None;
+        }
+    }
+    match object.policy.before_request(&Presented(req), now) {
+        BeforeRequest::Fresh(_) => None,
+        stale => Some(stale),
+    }
+}
+
 /// A copy of a request's method, URI and headers, for its cache policy.
 fn parts_of(req: &Request<RequestIn>) -> http::request::Parts {
     let (mut parts, ()) = Request::new(()).into_parts();
@@ -507,12 +546,12 @@ async fn lookup_or_forward(
     let (mut key, found) = cache.lookup(&base, req.headers());
     let mut stale: Option<(Arc<Object>, HeaderMap)> = None;
     if let Some(object) = found {
-        match object.policy.before_request(&req, now) {
-            BeforeRequest::Fresh(_) => return (answer(&object, now), Outcome::Hit),
-            BeforeRequest::Stale {
+        match fresh(&object, &req, now) {
+            None => return (answer(&object, now), Outcome::Hit),
+            Some(BeforeRequest::Stale {
                 request,
                 matches: true,
-            } => {
+            }) => {
                 let window = directive(&object.headers, "stale-while-revalidate");
                 if window.is_some_and(|w| staleness(&object, now) <= w) {
                     if let Joined::Leader(flight) = cache.join(&key) {
@@ -532,7 +571,7 @@ async fn lookup_or_forward(
                 }
                 stale = Some((object, request.headers));
             }
-            BeforeRequest::Stale { .. } => {}
+            Some(_) => {}
         }
     }
 
@@ -552,7 +591,7 @@ async fn lookup_or_forward(
                 let (again, found) = cache.lookup(&base, req.headers());
                 key = again;
                 if let Some(object) = found {
-                    if let BeforeRequest::Fresh(_) = object.policy.before_request(&req, now) {
+                    if fresh(&object, &req, now).is_none() {
                         return (answer(&object, now), Outcome::Hit);
                     }
                 }
