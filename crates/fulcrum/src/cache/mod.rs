@@ -306,6 +306,16 @@ impl Cache {
         if !policy.is_storable() {
             return None;
         }
+        // A response that is stale at once and cannot be revalidated or served stale is of no use.
+        let useful = !policy.time_to_live(now).is_zero()
+            || headers.contains_key(header::ETAG)
+            || headers.contains_key(header::LAST_MODIFIED)
+            || !self.config.stale_if_error.is_zero()
+            || directive(headers, "stale-if-error").is_some()
+            || directive(headers, "stale-while-revalidate").is_some();
+        if !useful {
+            return None;
+        }
         let key = if vary.is_empty() {
             base.clone()
         } else {
