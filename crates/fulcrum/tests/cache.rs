@@ -27,14 +27,20 @@ struct Site {
 }
 
 async fn site(cache: &str, routes: &str) -> Site {
+    site_with(cache, routes, "").await
+}
+
+/// [`site`] with `top` (top-level tables) added to the configuration.
+async fn site_with(cache: &str, routes: &str, top: &str) -> Site {
     let apps = apps(&["A"]).await;
     let app = apps[0].addr();
-    let text = config(
+    let mut text = config(
         "round_robin",
         &servers(&apps),
         routes,
         &format!("[pools.cache]\nx_cache = true\n{cache}\n"),
     );
+    text.push_str(top);
     let lb = fulcrum(&text);
     let web = web(&lb);
     Site {
@@ -539,5 +545,34 @@ async fn metrics_and_the_pool_view_count_hits_misses_and_stores() {
     assert_eq!(pool["cache"]["hit_ratio"], 0.75);
     let app = get(&s.client, &format!("http://{}/calls/cache-60", s.app)).await;
     assert_eq!(app.body.trim(), "1");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_access_log_says_what_the_cache_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let top = format!(
+        "\n[access_log]\nformat = \"json\"\npath = \"{}\"\n",
+        log.display()
+    );
+    let s = site_with("", "", &top).await;
+    s.get("/cache/60").await;
+    s.get("/cache/60").await;
+    s.send(Method::POST, "/echo", &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().count() >= 3 {
+            break text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        }
+        assert!(Instant::now() < deadline, "3 lines in time: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let caches: Vec<&str> = records.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    assert_eq!(caches, ["MISS", "HIT", "BYPASS"]);
+    assert_eq!(records[1]["server"], serde_json::Value::Null);
+    assert_eq!(records[1]["termination"], "ok");
+    assert_eq!(records[0]["server"], "A");
     s.stop().await;
 }
