@@ -1,18 +1,18 @@
 //! The HTTP handlers and the middleware shared by all of them.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future as _;
 use std::fmt::Write as _;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -456,7 +456,10 @@ async fn headers(
     set(http::header::VARY, q.vary.clone());
     set(http::header::SET_COOKIE, q.set_cookie.clone());
     set(http::header::ETAG, q.etag.clone());
-    set(http::header::LAST_MODIFIED, q.last_modified.as_deref().map(date));
+    set(
+        http::header::LAST_MODIFIED,
+        q.last_modified.as_deref().map(date),
+    );
     set(http::header::EXPIRES, q.expires.as_deref().map(date));
     headers.insert(X_CALLS.clone(), HeaderValue::from(n));
 
@@ -473,8 +476,14 @@ async fn headers(
         .get(http::header::IF_MODIFIED_SINCE)
         .zip(headers.get(http::header::LAST_MODIFIED))
         .is_some_and(|(since, modified)| {
-            let since = since.to_str().ok().and_then(|s| httpdate::parse_http_date(s).ok());
-            let modified = modified.to_str().ok().and_then(|s| httpdate::parse_http_date(s).ok());
+            let since = since
+                .to_str()
+                .ok()
+                .and_then(|s| httpdate::parse_http_date(s).ok());
+            let modified = modified
+                .to_str()
+                .ok()
+                .and_then(|s| httpdate::parse_http_date(s).ok());
             matches!((since, modified), (Some(s), Some(m)) if m <= s)
         });
     let conditional = req_headers.contains_key(http::header::IF_NONE_MATCH);

@@ -10,8 +10,8 @@
 
 pub mod access_log;
 pub mod admin;
-pub mod cache;
 pub mod balance;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod control;

@@ -90,7 +90,9 @@ impl Site {
 
     async fn metrics(&self) -> String {
         let admin = self.lb.admin_addr().expect("admin");
-        get(&self.client, &format!("http://{admin}/metrics")).await.body
+        get(&self.client, &format!("http://{admin}/metrics"))
+            .await
+            .body
     }
 
     async fn stop(self) {
@@ -189,7 +191,8 @@ async fn an_authorized_request_is_stored_only_when_the_response_allows_it() {
 
 #[tokio::test]
 async fn set_cookie_responses_are_stored_only_when_configured() {
-    let routes = "\n  [[listeners.routes]]\n  path_prefix = \"/headers/cookie-kept\"\n  pool = \"p\"\n  \
+    let routes =
+        "\n  [[listeners.routes]]\n  path_prefix = \"/headers/cookie-kept\"\n  pool = \"p\"\n  \
                   [listeners.routes.cache]\n  x_cache = true\n  store_set_cookie = true\n";
     let s = site("", routes).await;
     let path = "/headers/cookie?cache-control=public,max-age=60&set-cookie=id%3D1";
@@ -256,7 +259,11 @@ async fn an_etag_is_revalidated_and_a_304_refreshes_the_entry() {
 
 #[tokio::test]
 async fn last_modified_is_revalidated_and_a_304_refreshes_the_entry() {
-    revalidated_with("lm", "last-modified=Sat,%2001%20Jan%202022%2000:00:00%20GMT").await;
+    revalidated_with(
+        "lm",
+        "last-modified=Sat,%2001%20Jan%202022%2000:00:00%20GMT",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -276,7 +283,10 @@ async fn stale_while_revalidate_serves_stale_and_refreshes_once() {
         if r.body.contains("call 2") {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(20), "never refreshed");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never refreshed"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(s.calls("swr").await, 2);
@@ -326,7 +336,11 @@ async fn stale_if_error_does_not_serve_past_its_limit() {
     let path = "/headers/sie3?cache-control=max-age=1,stale-if-error=1";
     s.get(path).await;
     let Site {
-        mut apps, lb, web, client, app,
+        mut apps,
+        lb,
+        web,
+        client,
+        app,
     } = s;
     apps.remove(0).stop().await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
@@ -371,7 +385,9 @@ async fn memory_stays_bounded_under_a_stream_of_unique_keys() {
     let s = site("max_size = \"64KiB\"\nmax_object_size = \"4KiB\"", "").await;
     for i in 0..300 {
         let r = s
-            .get(&format!("/headers/mem?cache-control=max-age=600&bytes=2000&n={i}"))
+            .get(&format!(
+                "/headers/mem?cache-control=max-age=600&bytes=2000&n={i}"
+            ))
             .await;
         assert_eq!(r.body.len(), 2000);
     }
@@ -491,7 +507,10 @@ async fn purge_by_url_prefix_or_everything() {
     let (status, body) = s
         .admin(Method::DELETE, "/api/v1/pools/p/cache?path=relative")
         .await;
-    assert_eq!((status, body["field"].as_str()), (StatusCode::BAD_REQUEST, Some("path")));
+    assert_eq!(
+        (status, body["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("path"))
+    );
     let (status, _) = s.admin(Method::DELETE, "/api/v1/pools/nope/cache").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     s.stop().await;
@@ -535,10 +554,23 @@ async fn metrics_and_the_pool_view_count_hits_misses_and_stores() {
     s.send(Method::POST, "/echo", &[]).await;
     let m = s.metrics().await;
     let labels = "{pool=\"p\",scope=\"p\"}";
-    assert_eq!(metric(&m, &format!("fulcrum_cache_hits_total{labels}")), Some(3.0), "{m}");
-    assert_eq!(metric(&m, &format!("fulcrum_cache_misses_total{labels}")), Some(1.0));
-    assert_eq!(metric(&m, &format!("fulcrum_cache_stores_total{labels}")), Some(1.0));
-    assert_eq!(metric(&m, &format!("fulcrum_cache_bypass_total{labels}")), Some(1.0));
+    assert_eq!(
+        metric(&m, &format!("fulcrum_cache_hits_total{labels}")),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, &format!("fulcrum_cache_misses_total{labels}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, &format!("fulcrum_cache_stores_total{labels}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, &format!("fulcrum_cache_bypass_total{labels}")),
+        Some(1.0)
+    );
     assert!(metric(&m, &format!("fulcrum_cache_bytes{labels}")).unwrap() > 0.0);
     let (_, pool) = s.admin(Method::GET, "/api/v1/pools/p").await;
     assert_eq!(pool["cache"]["hits"], 3);
@@ -564,12 +596,18 @@ async fn the_access_log_says_what_the_cache_did() {
     let records: Vec<serde_json::Value> = loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if text.lines().count() >= 3 {
-            break text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            break text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
         }
         assert!(Instant::now() < deadline, "3 lines in time: {text}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let caches: Vec<&str> = records.iter().map(|r| r["cache"].as_str().unwrap()).collect();
+    let caches: Vec<&str> = records
+        .iter()
+        .map(|r| r["cache"].as_str().unwrap())
+        .collect();
     assert_eq!(caches, ["MISS", "HIT", "BYPASS"]);
     assert_eq!(records[1]["server"], serde_json::Value::Null);
     assert_eq!(records[1]["termination"], "ok");

@@ -464,7 +464,10 @@ pub async fn purge_cache(
     let axum::extract::Query(query) = query.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("{}: expected `?path=/x`, `?prefix=/x` or nothing", e.body_text()),
+            format!(
+                "{}: expected `?path=/x`, `?prefix=/x` or nothing",
+                e.body_text()
+            ),
             Some("query"),
         )
     })?;

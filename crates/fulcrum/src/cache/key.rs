@@ -116,6 +116,9 @@ mod tests {
         let vary = [HeaderName::from_static("accept-language")];
         let mut h = HeaderMap::new();
         h.insert("accept-language", "fr".parse().unwrap());
-        assert_ne!(variant(&a, &h, &vary), variant(&a, &HeaderMap::new(), &vary));
+        assert_ne!(
+            variant(&a, &h, &vary),
+            variant(&a, &HeaderMap::new(), &vary)
+        );
     }
 }

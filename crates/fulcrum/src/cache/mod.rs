@@ -349,10 +349,9 @@ impl Cache {
         }
         if let Some(ttl) = self.config.default_ttl {
             let explicit = headers.contains_key(header::EXPIRES)
-                || headers
-                    .get_all(header::CACHE_CONTROL)
-                    .iter()
-                    .any(|v| directive_in(v, "max-age").is_some() || directive_in(v, "s-maxage").is_some());
+                || headers.get_all(header::CACHE_CONTROL).iter().any(|v| {
+                    directive_in(v, "max-age").is_some() || directive_in(v, "s-maxage").is_some()
+                });
             if !explicit {
                 headers.append(
                     header::CACHE_CONTROL,
@@ -427,7 +426,13 @@ fn directive_in(value: &HeaderValue, name: &str) -> Option<Duration> {
         let (k, v) = d.trim().split_once('=')?;
         k.trim()
             .eq_ignore_ascii_case(name)
-            .then(|| v.trim().trim_matches('"').parse().ok().map(Duration::from_secs))
+            .then(|| {
+                v.trim()
+                    .trim_matches('"')
+                    .parse()
+                    .ok()
+                    .map(Duration::from_secs)
+            })
             .flatten()
     })
 }
@@ -485,10 +490,11 @@ impl http_cache_semantics::RequestLike for Presented<'_> {
 /// with them (`no-cache`, `max-age`, `min-fresh`, `max-stale`) is judged by the policy.
 fn fresh(object: &Object, req: &Request<RequestIn>, now: SystemTime) -> Option<BeforeRequest> {
     let h = req.headers();
-    if !h.contains_key(header::CACHE_CONTROL) && !h.contains_key(header::PRAGMA) {
-        if now < object.fresh_until {
-            return None;
-        }
+    if !h.contains_key(header::CACHE_CONTROL)
+        && !h.contains_key(header::PRAGMA)
+        && now < object.fresh_until
+    {
+        return None;
     }
     match object.policy.before_request(&Presented(req), now) {
         BeforeRequest::Fresh(_) => None,
@@ -514,7 +520,8 @@ pub async fn serve(
     req: Request<RequestIn>,
     mut trace: Option<&mut Trace>,
 ) -> Response<ProxyBody> {
-    let (mut resp, outcome) = lookup_or_forward(cache, target, ctx, req, trace.as_deref_mut()).await;
+    let (mut resp, outcome) =
+        lookup_or_forward(cache, target, ctx, req, trace.as_deref_mut()).await;
     let counter = match outcome {
         Outcome::Hit => &cache.stats.hits,
         Outcome::Miss => &cache.stats.misses,
@@ -629,9 +636,8 @@ async fn lookup_or_forward(
     match cache.storable(&parts, base, status, resp.headers(), now) {
         Some(pending) => {
             let limit = cache.config.max_object_size;
-            let resp = resp.map(|body| {
-                ProxyBody::Cached(Box::new(Tee::new(body, limit, pending, flight)))
-            });
+            let resp = resp
+                .map(|body| ProxyBody::Cached(Box::new(Tee::new(body, limit, pending, flight))));
             (resp, Outcome::Miss)
         }
         None => (resp, Outcome::Miss),

@@ -13,16 +13,17 @@ use regex::Regex;
 
 use super::error::KeyPath;
 use super::file::{
-    RawAccessLog, RawAdmin, RawAutoBan, RawCache, RawRouteCache, RawBlockRule, RawConfig, RawDuration, RawHealthCheck,
-    RawInitialState, RawListener, RawLogFormat, RawLogStatus, RawPassive, RawPool, RawRateLimit,
-    RawRedirect, RawRoute, RawServer, RawSize, RawSticky, RawStore, RawStoreKind, RawTls,
-    RawUpstreamTls,
+    RawAccessLog, RawAdmin, RawAutoBan, RawBlockRule, RawCache, RawConfig, RawDuration,
+    RawHealthCheck, RawInitialState, RawListener, RawLogFormat, RawLogStatus, RawPassive, RawPool,
+    RawRateLimit, RawRedirect, RawRoute, RawRouteCache, RawServer, RawSize, RawSticky, RawStore,
+    RawStoreKind, RawTls, RawUpstreamTls,
 };
 use super::{
-    AdminConfig, Algorithm, CacheConfig, CertFiles, KeyQuery, RouteCache, ClientAuth, Config, DnsServerConfig, FilterConfig, HashKey,
-    HealthCheckConfig, HealthCheckKind, HostMatch, ListenerConfig, PassiveConfig, PoolConfig,
-    Protocol, RateKey, RateLimitConfig, RedisTarget, RouteConfig, RouteMatch, ServerConfig,
-    StickyConfig, StickyKind, StoreConfig, TlsConfig, TlsVersion, UpstreamTls,
+    AdminConfig, Algorithm, CacheConfig, CertFiles, ClientAuth, Config, DnsServerConfig,
+    FilterConfig, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch, KeyQuery, ListenerConfig,
+    PassiveConfig, PoolConfig, Protocol, RateKey, RateLimitConfig, RedisTarget, RouteCache,
+    RouteConfig, RouteMatch, ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
+    TlsVersion, UpstreamTls,
 };
 
 /// A validation error: what is wrong with the key at `path`.
@@ -1717,7 +1718,14 @@ fn cache(raw: RawCache, path: &KeyPath) -> Result<CacheConfig> {
     let default_ttl = raw
         .default_ttl
         .as_ref()
-        .map(|d| duration(Some(d), path.key("default_ttl"), Duration::ZERO, Zero::Rejected))
+        .map(|d| {
+            duration(
+                Some(d),
+                path.key("default_ttl"),
+                Duration::ZERO,
+                Zero::Rejected,
+            )
+        })
         .transpose()?;
     let coalesce_timeout = duration(
         raw.coalesce_timeout.as_ref(),
@@ -1735,17 +1743,18 @@ fn cache(raw: RawCache, path: &KeyPath) -> Result<CacheConfig> {
         None => (KeyQuery::Keep, Vec::new()),
         Some(key) => {
             let path = path.key("key");
-            let query = match key.query.as_deref() {
-                None | Some("keep") => KeyQuery::Keep,
-                Some("sort") => KeyQuery::Sort,
-                Some("ignore") => KeyQuery::Ignore,
-                Some(other) => {
-                    return invalid(
+            let query =
+                match key.query.as_deref() {
+                    None | Some("keep") => KeyQuery::Keep,
+                    Some("sort") => KeyQuery::Sort,
+                    Some("ignore") => KeyQuery::Ignore,
+                    Some(other) => return invalid(
                         path.key("query"),
-                        format!("unknown value {other:?}: expected \"keep\", \"sort\" or \"ignore\""),
-                    )
-                }
-            };
+                        format!(
+                            "unknown value {other:?}: expected \"keep\", \"sort\" or \"ignore\""
+                        ),
+                    ),
+                };
             let mut headers: Vec<HeaderName> = Vec::new();
             for name in key.headers.unwrap_or_default() {
                 let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
@@ -1754,7 +1763,9 @@ fn cache(raw: RawCache, path: &KeyPath) -> Result<CacheConfig> {
                 if headers.contains(&header) {
                     return invalid(
                         path.key("headers"),
-                        format!("header `{header}` is listed twice (header names are case-insensitive)"),
+                        format!(
+                            "header `{header}` is listed twice (header names are case-insensitive)"
+                        ),
                     );
                 }
                 headers.push(header);

@@ -40,11 +40,11 @@ use std::sync::{Mutex, OnceLock};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
+use super::body::RequestIn;
 use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body::Body;
-use super::body::RequestIn;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
