@@ -614,3 +614,22 @@ async fn the_access_log_says_what_the_cache_did() {
     assert_eq!(records[0]["server"], "A");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn default_ttl_gives_freshness_to_a_response_that_states_none() {
+    let routes = "\n  [[listeners.routes]]\n  path_prefix = \"/headers/dt-on\"\n  pool = \"p\"\n  \
+                  [listeners.routes.cache]\n  x_cache = true\n  default_ttl = \"1h\"\n";
+    let s = site("", routes).await;
+    // No Cache-Control, Expires or Last-Modified: never fresh without default_ttl (and not stored).
+    s.get("/headers/dt-off").await;
+    assert_eq!(x_cache(&s.get("/headers/dt-off").await), "MISS");
+    assert_eq!(s.calls("dt-off").await, 2);
+    s.get("/headers/dt-on").await;
+    assert_eq!(x_cache(&s.get("/headers/dt-on").await), "HIT");
+    assert_eq!(s.calls("dt-on").await, 1);
+    // An explicit lifetime is kept: max-age=0 stays stale.
+    s.get("/headers/dt-on-zero?cache-control=max-age=0").await;
+    s.get("/headers/dt-on-zero?cache-control=max-age=0").await;
+    assert_eq!(s.calls("dt-on-zero").await, 2);
+    s.stop().await;
+}
