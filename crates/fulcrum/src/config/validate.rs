@@ -1743,18 +1743,19 @@ fn cache(raw: RawCache, path: &KeyPath) -> Result<CacheConfig> {
         None => (KeyQuery::Keep, Vec::new()),
         Some(key) => {
             let path = path.key("key");
-            let query =
-                match key.query.as_deref() {
-                    None | Some("keep") => KeyQuery::Keep,
-                    Some("sort") => KeyQuery::Sort,
-                    Some("ignore") => KeyQuery::Ignore,
-                    Some(other) => return invalid(
+            let query = match key.query.as_deref() {
+                None | Some("keep") => KeyQuery::Keep,
+                Some("sort") => KeyQuery::Sort,
+                Some("ignore") => KeyQuery::Ignore,
+                Some(other) => {
+                    return invalid(
                         path.key("query"),
                         format!(
                             "unknown value {other:?}: expected \"keep\", \"sort\" or \"ignore\""
                         ),
-                    ),
-                };
+                    )
+                }
+            };
             let mut headers: Vec<HeaderName> = Vec::new();
             for name in key.headers.unwrap_or_default() {
                 let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
