@@ -23,10 +23,20 @@
 //! | `POST /echo`          | streams the request body back |
 //! | `POST /sha256`        | `{"bytes": N, "sha256": "…"}` of the streamed request body |
 //! | `GET /ws`             | WebSocket echo (HTTP/1.1 upgrade) |
+//! | `GET /cache/{seconds}`| `Cache-Control: public, max-age=SECONDS`, `x-calls: N` (calls so far) |
+//! | `ANY /headers/{tag}`  | response headers from the query (below), 304 on a matching `If-None-Match` / `If-Modified-Since`, `x-calls: N` per tag |
+//! | `GET /calls/{tag}`    | how many times `/headers/{tag}` (or `/cache/{s}` as `cache-{s}`) was called |
 //! | `GET /metrics`        | session figures in the Prometheus text format |
 //!
 //! With `--sessions cluster`, `/_cluster/replicate`, `/_cluster/session/{id}`,
 //! `/_cluster/snapshot` and `/_cluster/status` serve the peers (see below).
+//!
+//! `/headers/{tag}` (`/headers` is tag `default`) takes `cache-control`, `vary`, `set-cookie`,
+//! `etag`, `last-modified` and `expires` (an HTTP date, or `-N` / `+N` seconds from now),
+//! `status`, and `bytes` with `delay`: a body of that many pattern bytes whose first 26 come at once
+//! and the rest after `delay` milliseconds. Without `bytes` the body names the tag, the call, and
+//! the values of the request headers `vary` lists — what a cache test needs to see which response
+//! it was given and how often the server was asked.
 //!
 //! # Protocols
 //!

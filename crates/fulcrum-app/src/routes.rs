@@ -1,16 +1,19 @@
 //! The HTTP handlers and the middleware shared by all of them.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -43,6 +46,23 @@ struct AppState {
     delay: Duration,
     health: AtomicU16,
     sessions: SessionStore,
+    /// Calls per `/cache/{seconds}` and `/headers/{tag}` endpoint (for cache tests).
+    calls: Mutex<HashMap<String, u64>>,
+}
+
+impl AppState {
+    /// Counts a call to `endpoint`; returns the count including it.
+    fn count(&self, endpoint: &str) -> u64 {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let n = calls.entry(endpoint.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    fn calls(&self, endpoint: &str) -> u64 {
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        calls.get(endpoint).copied().unwrap_or(0)
+    }
 }
 
 type Shared = Arc<AppState>;
@@ -58,6 +78,7 @@ pub(crate) fn router(cfg: AppConfig, local: Option<SocketAddr>) -> Router {
         health: AtomicU16::new(StatusCode::OK.as_u16()),
         delay: cfg.delay,
         name: cfg.name,
+        calls: Mutex::new(HashMap::new()),
     });
     let app = Router::new()
         .route("/", any(whoami))
@@ -72,6 +93,10 @@ pub(crate) fn router(cfg: AppConfig, local: Option<SocketAddr>) -> Router {
         .route("/echo", post(echo))
         .route("/sha256", post(sha256))
         .route("/ws", get(websocket))
+        .route("/cache/{seconds}", get(cache))
+        .route("/headers", any(headers_default))
+        .route("/headers/{tag}", any(headers))
+        .route("/calls/{endpoint}", get(calls))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(state.clone(), common))
         .with_state(state);
@@ -384,5 +409,218 @@ async fn ws_echo(mut socket: WebSocket) {
             Message::Close(_) => break,
             Message::Ping(_) | Message::Pong(_) => {}
         }
+    }
+}
+
+/// Header carrying how many times the endpoint has been called, this call included.
+static X_CALLS: HeaderName = HeaderName::from_static("x-calls");
+
+/// `GET /cache/{seconds}`: `Cache-Control: public, max-age=SECONDS`; counts its calls
+/// (`x-calls`, and `GET /calls/cache-SECONDS`).
+async fn cache(State(state): State<Shared>, Path(seconds): Path<u32>) -> Response {
+    let n = state.count(&format!("cache-{seconds}"));
+    let mut response = text(
+        StatusCode::OK,
+        format!("cacheable for {seconds}s, call {n} on {}", state.name),
+    );
+    let headers = response.headers_mut();
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_str(&format!("public, max-age={seconds}"))
+            .unwrap_or(HeaderValue::from_static("no-store")),
+    );
+    headers.insert(X_CALLS.clone(), HeaderValue::from(n));
+    response
+}
+
+/// `GET /calls/{endpoint}`: how many times `/headers/{tag}` (endpoint `tag`) or
+/// `/cache/{seconds}` (endpoint `cache-SECONDS`) was called.
+async fn calls(State(state): State<Shared>, Path(endpoint): Path<String>) -> String {
+    format!("{}\n", state.calls(&endpoint))
+}
+
+/// What `/headers/{tag}` answers with, from its query string.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+struct HeadersQuery {
+    cache_control: Option<String>,
+    vary: Option<String>,
+    set_cookie: Option<String>,
+    /// An HTTP date, or `-N` / `+N`: N seconds before / after now.
+    last_modified: Option<String>,
+    etag: Option<String>,
+    /// An HTTP date, or `-N` / `+N`: N seconds before / after now.
+    expires: Option<String>,
+    status: Option<u16>,
+    bytes: Option<u64>,
+    /// Milliseconds between the first byte of the body and the rest.
+    delay: Option<u64>,
+}
+
+/// `/headers` is `/headers/default`.
+async fn headers_default(
+    state: State<Shared>,
+    query: Result<Query<HeadersQuery>, QueryRejection>,
+    request: Request,
+) -> Response {
+    headers(state, Path("default".to_owned()), query, request).await
+}
+
+/// `ANY /headers/{tag}?cache-control=&vary=&set-cookie=&last-modified=&etag=&expires=&status=&bytes=&delay=`:
+/// answers with those response headers, honouring `If-None-Match` / `If-Modified-Since` with a
+/// 304, and counts its calls per tag (`x-calls`, and `GET /calls/{tag}`). The body names the tag,
+/// the call and the values of the request headers `vary` lists; or it is `bytes` pattern bytes,
+/// the first 26 sent at once and the rest after `delay` ms.
+async fn headers(
+    State(state): State<Shared>,
+    Path(tag): Path<String>,
+    query: Result<Query<HeadersQuery>, QueryRejection>,
+    request: Request,
+) -> Response {
+    let q = match query {
+        Ok(Query(q)) => q,
+        Err(e) => return bad_request(e.body_text()),
+    };
+    let n = state.count(&tag);
+    let date = |text: &str| -> String {
+        let offset = |s: &str| s.parse::<u64>().ok().map(Duration::from_secs);
+        let now = std::time::SystemTime::now();
+        let at = match (text.strip_prefix('+'), text.strip_prefix('-')) {
+            (Some(s), _) => offset(s).map(|d| now + d),
+            (_, Some(s)) => offset(s).map(|d| now - d),
+            _ => None,
+        };
+        at.map_or_else(|| text.to_owned(), httpdate::fmt_http_date)
+    };
+    let mut headers = http::HeaderMap::new();
+    let mut set = |name: http::HeaderName, value: Option<String>| {
+        if let Some(v) = value.and_then(|v| HeaderValue::from_str(&v).ok()) {
+            headers.insert(name, v);
+        }
+    };
+    set(http::header::CACHE_CONTROL, q.cache_control.clone());
+    set(http::header::VARY, q.vary.clone());
+    set(http::header::SET_COOKIE, q.set_cookie.clone());
+    set(http::header::ETAG, q.etag.clone());
+    set(
+        http::header::LAST_MODIFIED,
+        q.last_modified.as_deref().map(date),
+    );
+    set(http::header::EXPIRES, q.expires.as_deref().map(date));
+    headers.insert(X_CALLS.clone(), HeaderValue::from(n));
+
+    let req_headers = request.headers();
+    let etag_matches = q.etag.as_deref().is_some_and(|etag| {
+        req_headers
+            .get_all(http::header::IF_NONE_MATCH)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim() == etag || t.trim() == "*")
+    });
+    let modified_matches = req_headers
+        .get(http::header::IF_MODIFIED_SINCE)
+        .zip(headers.get(http::header::LAST_MODIFIED))
+        .is_some_and(|(since, modified)| {
+            let since = since
+                .to_str()
+                .ok()
+                .and_then(|s| httpdate::parse_http_date(s).ok());
+            let modified = modified
+                .to_str()
+                .ok()
+                .and_then(|s| httpdate::parse_http_date(s).ok());
+            matches!((since, modified), (Some(s), Some(m)) if m <= s)
+        });
+    let conditional = req_headers.contains_key(http::header::IF_NONE_MATCH);
+    if etag_matches || (!conditional && modified_matches) {
+        let mut response = StatusCode::NOT_MODIFIED.into_response();
+        response.headers_mut().extend(headers);
+        return response;
+    }
+
+    let status = match q.status.map(StatusCode::from_u16) {
+        None => StatusCode::OK,
+        Some(Ok(s)) if (200..=599).contains(&s.as_u16()) => s,
+        Some(_) => return bad_request("status must be from 200 to 599"),
+    };
+    let mut response = match q.bytes {
+        Some(n) if n > MAX_BYTES => {
+            return bad_request(format!("{n} bytes exceeds the {MAX_BYTES} byte limit"))
+        }
+        Some(n) => {
+            let delay = Duration::from_millis(q.delay.unwrap_or(0).min(MAX_DELAY_MS));
+            let mut response = Response::new(Body::new(DelayedPattern::new(n, delay)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            response
+        }
+        None => {
+            let mut out = format!("tag {tag} call {n} on {}\n", state.name);
+            if let Some(vary) = &q.vary {
+                for name in vary.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let value = req_headers
+                        .get(name)
+                        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                        .unwrap_or_default();
+                    let _ = writeln!(out, "{name}: {value}");
+                }
+            }
+            Response::new(Body::from(out))
+        }
+    };
+    *response.status_mut() = status;
+    response.headers_mut().extend(headers);
+    response
+}
+
+/// `n` pattern bytes: the first 26 at once, the rest after `delay`.
+struct DelayedPattern {
+    first: u64,
+    rest: PatternBody,
+    delay: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl DelayedPattern {
+    fn new(n: u64, delay: Duration) -> Self {
+        let first = n.min(26);
+        DelayedPattern {
+            first,
+            rest: PatternBody {
+                remaining: n - first,
+            },
+            delay: (!delay.is_zero()).then(|| Box::pin(tokio::time::sleep(delay))),
+        }
+    }
+}
+
+impl http_body::Body for DelayedPattern {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.first > 0 {
+            let first = self.first as usize;
+            self.first = 0;
+            return Poll::Ready(Some(Ok(Frame::data(PATTERN.slice(..first)))));
+        }
+        if let Some(delay) = self.delay.as_mut() {
+            std::task::ready!(delay.as_mut().poll(cx));
+            self.delay = None;
+        }
+        Pin::new(&mut self.rest).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first == 0 && self.rest.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.first + self.rest.remaining)
     }
 }

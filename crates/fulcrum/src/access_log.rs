@@ -205,6 +205,8 @@ pub struct Record {
     pub retries: u32,
     /// What stickiness did.
     pub sticky: StickyOutcome,
+    /// What the route's cache did (`HIT`, `MISS`, `STALE`, `BYPASS`); `None` without a cache.
+    pub cache: Option<&'static str>,
     /// How it ended.
     pub termination: Termination,
 }
@@ -233,6 +235,7 @@ impl Record {
             server_time: None,
             retries: 0,
             sticky: StickyOutcome::None,
+            cache: None,
             termination: Termination::Ok,
         }
     }
@@ -270,6 +273,8 @@ impl Record {
             out.push_str(",\"user_agent\":");
             json_opt(out, self.user_agent.as_ref().and_then(|h| h.to_str().ok()));
             let _ = write!(out, ",\"status\":{}", self.status);
+            out.push_str(",\"cache\":");
+            json_opt(out, self.cache);
         }
         let _ = write!(
             out,

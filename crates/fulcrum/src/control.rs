@@ -26,7 +26,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, PoolConfig, Protocol, ServerConfig};
+use crate::config::{Config, PoolConfig, Protocol, RouteCache, ServerConfig};
 use crate::discovery::{DnsTarget, Resolver};
 use crate::http::filter::{Filter, ListenerFilter};
 use crate::http::proxy::{HttpListener, HttpRouter, Target};
@@ -726,7 +726,18 @@ impl Controller {
                     pool
                 }
             };
-            pools.push(PoolEntry { pool, sticky });
+            // The cache: kept (with its entries) when its settings did not change.
+            let caches = cfg
+                .cache
+                .as_ref()
+                .map(|c| kept_cache(&old, &cfg.name, &cfg.name, c))
+                .into_iter()
+                .collect();
+            pools.push(PoolEntry {
+                pool,
+                sticky,
+                caches,
+            });
         }
         for entry in &old.pools {
             if !config.pools.iter().any(|p| p.name == entry.pool.name) {
@@ -738,15 +749,26 @@ impl Controller {
 
         // Listeners: swap the routes of the ones that stay, start the new ones, drain the others.
         let store = config.store.clone();
+        let route_caches = std::cell::RefCell::new(Vec::new());
         let target = |i: usize,
                       max_body_size: Option<u64>,
                       filter: &crate::config::FilterConfig,
+                      cache: &RouteCache,
                       scope: String| Target {
             pool: pools[i].pool.clone(),
             sticky: pools[i].sticky.clone(),
             max_body_size,
             filter: (!filter.is_empty())
                 .then(|| Arc::new(Filter::new(filter, None, &store, &scope))),
+            cache: match cache {
+                RouteCache::Off => None,
+                RouteCache::Pool => pools[i].cache().cloned(),
+                RouteCache::Own(c) => {
+                    let cache = kept_cache(&old, &pools[i].pool.name, &scope, c);
+                    route_caches.borrow_mut().push((i, cache.clone()));
+                    Some(cache)
+                }
+            },
         };
         let mut listeners = Vec::with_capacity(config.listeners.len());
         let mut offered = HashMap::new();
@@ -766,7 +788,7 @@ impl Controller {
                                 let scope = format!("{}:route{j}", l.name);
                                 (
                                     r.matcher.clone(),
-                                    target(r.pool, r.max_body_size, &r.filter, scope),
+                                    target(r.pool, r.max_body_size, &r.filter, &r.cache, scope),
                                 )
                             })
                             .collect(),
@@ -774,6 +796,7 @@ impl Controller {
                             l.pool,
                             None,
                             &crate::config::FilterConfig::default(),
+                            &RouteCache::Pool,
                             l.name.clone(),
                         ),
                     };
@@ -969,6 +992,11 @@ impl Controller {
             });
         }
         self.sockets.store(Arc::new(offered));
+        for (i, cache) in route_caches.into_inner() {
+            if !pools[i].caches.iter().any(|c| Arc::ptr_eq(c, &cache)) {
+                pools[i].caches.push(cache);
+            }
+        }
         self.shared.publish(State {
             config,
             pools,
@@ -1207,4 +1235,21 @@ fn update_per_ip(per_ip: &arc_swap::ArcSwapOption<PerIp>, limit: Option<usize>) 
     if current != limit {
         per_ip.store(limit.map(|n| Arc::new(PerIp::new(n))));
     }
+}
+
+/// The running cache of `pool` at `scope` when its settings are `config`, else a new, empty one.
+fn kept_cache(
+    old: &State,
+    pool: &str,
+    scope: &str,
+    config: &crate::config::CacheConfig,
+) -> Arc<crate::cache::Cache> {
+    old.pool(pool)
+        .and_then(|e| {
+            e.caches
+                .iter()
+                .find(|c| c.scope == scope && c.config == *config)
+                .cloned()
+        })
+        .unwrap_or_else(|| Arc::new(crate::cache::Cache::new(pool, scope, config)))
 }

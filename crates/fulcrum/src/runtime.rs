@@ -117,6 +117,15 @@ pub struct PoolEntry {
     pub pool: Arc<Pool>,
     /// Its session persistence, if configured.
     pub sticky: Option<Arc<Sticky>>,
+    /// The HTTP caches in front of it: its own `[pools.cache]` first, then the routes' own.
+    pub caches: Vec<Arc<crate::cache::Cache>>,
+}
+
+impl PoolEntry {
+    /// The pool's own cache (`[pools.cache]`).
+    pub fn cache(&self) -> Option<&Arc<crate::cache::Cache>> {
+        self.caches.iter().find(|c| c.scope == self.pool.name)
+    }
 }
 
 /// What runs now: published whole by the control task, read by the admin side.

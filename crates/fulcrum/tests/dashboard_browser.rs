@@ -28,11 +28,12 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const INSTALL: &str = "install them with `apt-get install -y chromium chromium-driver` (Debian; \
                        scripts/test.sh does it when run as root)";
 
-/// Health checks every 200 ms (a long timeout, for a loaded machine) and an application-cookie stick
-/// table, so the page has check marks and a table size to show.
+/// Health checks every 200 ms (a long timeout, for a loaded machine), an application-cookie stick
+/// table and a cache, so the page has check marks, a table size and a hit ratio to show.
 const POOL_EXTRAS: &str = "[pools.health_check]\nkind = \"http\"\npath = \"/health\"\n\
                            interval = \"200ms\"\ntimeout = \"3s\"\nrise = 1\nfall = 2\n\n\
-                           [pools.sticky]\nkind = \"app_cookie\"\ncookie = \"SESSIONID\"\n";
+                           [pools.sticky]\nkind = \"app_cookie\"\ncookie = \"SESSIONID\"\n\n\
+                           [pools.cache]\n";
 
 /// `chromedriver` on `PATH`, or a failure saying how to install it (and chromium).
 fn browser_binaries() -> PathBuf {
@@ -353,6 +354,7 @@ async fn the_dashboard_shows_live_figures_and_its_drain_button_drains() {
                 && n("A", "share").is_some_and(|v| v > 10.0)
                 && pool["segments"] == json!(["A", "B"])
                 && number(&pool["meta"]["sticky-entries"]) == Some(3.0)
+                && number(&pool["meta"]["cache-hit-ratio"]).is_some()
         },
     )
     .await;

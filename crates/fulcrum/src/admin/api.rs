@@ -15,7 +15,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::ServerConfig;
@@ -264,7 +264,48 @@ pub struct PoolView {
     /// Session persistence, when the pool has it: how clients are recognised and the size of the
     /// stick table.
     sticky: Option<StickyView>,
+    /// The HTTP caches in front of the pool (its own and its routes'), summed; absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<CacheView>,
     servers: Vec<ServerView>,
+}
+
+#[derive(Serialize)]
+pub struct CacheView {
+    hits: u64,
+    misses: u64,
+    stale: u64,
+    bypass: u64,
+    stores: u64,
+    evictions: u64,
+    entries: usize,
+    bytes: u64,
+    /// (hits + stale) / (hits + stale + misses); null before the first cacheable request.
+    hit_ratio: Option<f64>,
+}
+
+fn cache_view(caches: &[Arc<crate::cache::Cache>]) -> Option<CacheView> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if caches.is_empty() {
+        return None;
+    }
+    let sum = |f: &dyn Fn(&crate::cache::Cache) -> u64| caches.iter().map(|c| f(c)).sum::<u64>();
+    let hits = sum(&|c| c.stats.hits.load(Relaxed));
+    let misses = sum(&|c| c.stats.misses.load(Relaxed));
+    let stale = sum(&|c| c.stats.stale.load(Relaxed));
+    let answered = hits + stale + misses;
+    Some(CacheView {
+        hits,
+        misses,
+        stale,
+        bypass: sum(&|c| c.stats.bypass.load(Relaxed)),
+        stores: sum(&|c| c.stats.stores.load(Relaxed)),
+        evictions: sum(&|c| c.evictions()),
+        entries: caches.iter().map(|c| c.entries()).sum(),
+        bytes: sum(&|c| c.bytes()),
+        hit_ratio: (answered > 0)
+            .then(|| ((hits + stale) as f64 / answered as f64 * 1000.0).round() / 1000.0),
+    })
 }
 
 #[derive(Serialize)]
@@ -363,6 +404,7 @@ fn pool_view(entry: &PoolEntry) -> PoolView {
             entries: st.table().len(),
             bytes: st.table().bytes(),
         }),
+        cache: cache_view(&entry.caches),
         servers: snapshot.servers.iter().map(|s| server_view(s)).collect(),
     }
 }
@@ -393,6 +435,63 @@ pub async fn pool(
     let state = shared.state();
     let entry = state.pool(&name).ok_or_else(|| no_pool(&name))?;
     Ok(Json(pool_view(entry)))
+}
+
+/// What `DELETE /api/v1/pools/{pool}/cache` may name: one path, a prefix, or (neither) everything.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeQuery {
+    path: Option<String>,
+    prefix: Option<String>,
+}
+
+/// The answer to a purge.
+#[derive(Debug, Serialize)]
+pub struct Purged {
+    /// Responses removed.
+    pub purged: usize,
+}
+
+/// `DELETE /api/v1/pools/{pool}/cache[?path=/x | ?prefix=/x]`: removes cached responses from the
+/// pool's caches (its own and its routes'); answers how many.
+pub async fn purge_cache(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    query: Result<axum::extract::Query<PurgeQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Json<Purged>, ApiError> {
+    authorize(&shared, &headers)?;
+    let axum::extract::Query(query) = query.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{}: expected `?path=/x`, `?prefix=/x` or nothing",
+                e.body_text()
+            ),
+            Some("query"),
+        )
+    })?;
+    let what = match (&query.path, &query.prefix) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad("give `path` or `prefix`, not both", "prefix"))
+        }
+        (Some(p), None) if p.starts_with('/') => crate::cache::Purge::Path(p),
+        (None, Some(p)) if p.starts_with('/') => crate::cache::Purge::Prefix(p),
+        (Some(_), None) => return Err(ApiError::bad("must start with `/`", "path")),
+        (None, Some(_)) => return Err(ApiError::bad("must start with `/`", "prefix")),
+        (None, None) => crate::cache::Purge::All,
+    };
+    let state = shared.state();
+    let entry = state.pool(&name).ok_or_else(|| no_pool(&name))?;
+    if entry.caches.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("pool `{name}` has no cache"),
+            Some("pool"),
+        ));
+    }
+    let purged = entry.caches.iter().map(|c| c.purge(what)).sum();
+    Ok(Json(Purged { purged }))
 }
 
 /// `GET /api/v1/pools/{pool}/servers/{name}`.

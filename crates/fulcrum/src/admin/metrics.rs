@@ -298,6 +298,61 @@ impl Collector for FulcrumCollector {
             }
         }
 
+        // HTTP caches (a pool's own, and routes' own), labelled by pool and scope.
+        let caches: Vec<&Arc<crate::cache::Cache>> =
+            state.pools.iter().flat_map(|e| e.caches.iter()).collect();
+        if !caches.is_empty() {
+            for (name, help, read) in [
+                (
+                    "cache_hits",
+                    "Requests answered from the cache (fresh, or revalidated with a 304)",
+                    (|c: &crate::cache::Cache| c.stats.hits.load(Ordering::Relaxed))
+                        as fn(&crate::cache::Cache) -> u64,
+                ),
+                (
+                    "cache_misses",
+                    "Cacheable requests sent to a server",
+                    |c: &crate::cache::Cache| c.stats.misses.load(Ordering::Relaxed),
+                ),
+                (
+                    "cache_stale",
+                    "Requests answered with a stale entry (stale-while-revalidate, stale-if-error)",
+                    |c: &crate::cache::Cache| c.stats.stale.load(Ordering::Relaxed),
+                ),
+                (
+                    "cache_bypass",
+                    "Requests that bypassed the cache (methods other than GET and HEAD, upgrades)",
+                    |c: &crate::cache::Cache| c.stats.bypass.load(Ordering::Relaxed),
+                ),
+                (
+                    "cache_stores",
+                    "Responses stored",
+                    |c: &crate::cache::Cache| c.stats.stores.load(Ordering::Relaxed),
+                ),
+                (
+                    "cache_evictions",
+                    "Entries evicted to stay within max_size",
+                    |c: &crate::cache::Cache| c.evictions(),
+                ),
+            ] {
+                let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for c in &caches {
+                    let labels = [("pool", c.pool.as_str()), ("scope", c.scope.as_str())];
+                    ConstCounter::new(read(c)).encode(m.encode_family(&labels)?)?;
+                }
+            }
+            let mut m = enc.encode_descriptor(
+                "cache_bytes",
+                "Bytes held by the cache (bodies, headers, keys)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for c in &caches {
+                let labels = [("pool", c.pool.as_str()), ("scope", c.scope.as_str())];
+                ConstGauge::new(c.bytes() as i64).encode(m.encode_family(&labels)?)?;
+            }
+        }
+
         let snapshots: Vec<_> = state
             .pools
             .iter()

@@ -32,6 +32,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/pools"),
     ("get", "/api/v1/pools/{pool}"),
     ("get", "/api/v1/pools/{pool}/explain"),
+    ("delete", "/api/v1/pools/{pool}/cache"),
     ("post", "/api/v1/pools/{pool}/servers"),
     ("get", "/api/v1/pools/{pool}/servers/{name}"),
     ("delete", "/api/v1/pools/{pool}/servers/{name}"),
@@ -65,6 +66,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/pools", get(api::pools))
         .route("/api/v1/pools/{pool}", get(api::pool))
         .route("/api/v1/pools/{pool}/explain", get(explain::explain))
+        .route(
+            "/api/v1/pools/{pool}/cache",
+            axum::routing::delete(api::purge_cache),
+        )
         .route("/api/v1/pools/{pool}/servers", post(api::add_server))
         .route(
             "/api/v1/pools/{pool}/servers/{name}",

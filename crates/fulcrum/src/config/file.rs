@@ -182,6 +182,7 @@ pub(crate) struct RawRoute {
     pub sni: Option<String>,
     pub pool: String,
     pub max_body_size: Option<RawSize>,
+    pub cache: Option<RawRouteCache>,
     pub allow: Option<Vec<String>>,
     pub deny: Option<Vec<String>>,
     pub rate_limit: Option<RawRateLimit>,
@@ -225,6 +226,37 @@ pub(crate) struct RawPool {
     pub queue_timeout: Option<RawDuration>,
     pub http2: Option<bool>,
     pub tls: Option<RawUpstreamTls>,
+    pub cache: Option<RawCache>,
+}
+
+/// `[pools.cache]` and `[listeners.routes.cache]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCache {
+    pub max_size: Option<RawSize>,
+    pub max_object_size: Option<RawSize>,
+    pub x_cache: Option<bool>,
+    pub store_set_cookie: Option<bool>,
+    pub default_ttl: Option<RawDuration>,
+    pub coalesce_timeout: Option<RawDuration>,
+    pub stale_if_error: Option<RawDuration>,
+    pub key: Option<RawCacheKey>,
+}
+
+/// `cache.key`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCacheKey {
+    pub query: Option<String>,
+    pub headers: Option<Vec<String>>,
+}
+
+/// A route's `cache`: `false` (no cache on this route) or a table of its own.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum RawRouteCache {
+    Enabled(bool),
+    Table(RawCache),
 }
 
 /// `pools.tls`.

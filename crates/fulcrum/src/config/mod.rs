@@ -337,6 +337,58 @@ pub struct RouteConfig {
     pub max_body_size: Option<u64>,
     /// Traffic filtering of this route's requests, after the listener's.
     pub filter: FilterConfig,
+    /// `cache` (optional): `false` turns the pool's cache off on this route; a `[listeners.routes.cache]`
+    /// table gives the route a cache of its own. Absent: the pool's `[pools.cache]`, if any.
+    pub cache: RouteCache,
+}
+
+/// A route's choice of HTTP cache.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum RouteCache {
+    /// The pool's cache, if it has one.
+    #[default]
+    Pool,
+    /// No cache on this route.
+    Off,
+    /// A cache of the route's own.
+    Own(CacheConfig),
+}
+
+/// `[pools.cache]` / `[listeners.routes.cache]`: an in-memory HTTP cache (RFC 9111, shared cache).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheConfig {
+    /// `max_size` (default "256MiB"): the bound of the store in bytes (bodies, headers, keys).
+    pub max_size: u64,
+    /// `max_object_size` (default "8MiB"): a larger response is streamed through and not stored.
+    pub max_object_size: u64,
+    /// `x_cache` (default false): add `X-Cache: HIT|MISS|STALE|BYPASS` to responses.
+    pub x_cache: bool,
+    /// `store_set_cookie` (default false): store responses that carry `Set-Cookie`.
+    pub store_set_cookie: bool,
+    /// `default_ttl` (optional): freshness for a storable response that states none (no `max-age`,
+    /// `s-maxage` or `Expires`); absent: only the RFC's heuristic (10% of the `Last-Modified` age).
+    pub default_ttl: Option<Duration>,
+    /// `coalesce_timeout` (default "5s"): how long a miss waits for the same key's request in flight
+    /// before going to a server itself.
+    pub coalesce_timeout: Duration,
+    /// `stale_if_error` (default "0s"): how stale an entry may be served when every server fails or
+    /// answers 5xx (a response's own `stale-if-error` directive is honoured too).
+    pub stale_if_error: Duration,
+    /// `key.query` (default "keep"): the query string in the key as sent, sorted, or ignored.
+    pub key_query: KeyQuery,
+    /// `key.headers` (default none): request headers whose values are part of the key.
+    pub key_headers: Vec<http::HeaderName>,
+}
+
+/// `cache.key.query`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyQuery {
+    /// As sent.
+    Keep,
+    /// Parameters sorted, so their order does not matter.
+    Sort,
+    /// Not in the key.
+    Ignore,
 }
 
 /// Traffic filtering of a listener or route.
@@ -492,6 +544,8 @@ pub struct PoolConfig {
     pub passive: Option<PassiveConfig>,
     /// `[pools.sticky]` (optional): session persistence.
     pub sticky: Option<StickyConfig>,
+    /// `[pools.cache]` (optional): an HTTP cache in front of the pool (HTTP listeners).
+    pub cache: Option<CacheConfig>,
     /// `http2` (default false): speak HTTP/2 to the servers: h2c (prior knowledge) in plain text, h2
     /// (ALPN) over `tls`. Requests are multiplexed over a few connections per server.
     pub http2: bool,

@@ -1728,3 +1728,69 @@ fn tls_files_are_read_at_load_and_a_bad_one_is_named() {
     .unwrap_err();
     assert_error(&error, "listeners[0].tls.client_ca", 6, "no certificate");
 }
+
+#[test]
+fn a_pool_cache_takes_its_defaults_and_a_route_may_override_it() {
+    let text = variant("# POOL", "[pools.cache]\nx_cache = true");
+    let config = ok(&text);
+    let cache = config.pools[0].cache.as_ref().expect("cache");
+    assert_eq!(cache.max_size, 256 << 20);
+    assert_eq!(cache.max_object_size, 8 << 20);
+    assert!(cache.x_cache && !cache.store_set_cookie);
+    assert_eq!(cache.default_ttl, None);
+    assert_eq!(cache.coalesce_timeout, Duration::from_secs(5));
+    assert_eq!(cache.key_query, KeyQuery::Keep);
+    assert_eq!(config.listeners[0].routes[0].cache, RouteCache::Pool);
+
+    let text = variant(
+        "# ROUTE",
+        "[listeners.routes.cache]\nmax_size = \"1MiB\"\nstale_if_error = \"1h\"\n\
+         key = { query = \"sort\", headers = [\"X-Tenant\"] }",
+    );
+    let RouteCache::Own(own) = &ok(&text).listeners[0].routes[0].cache else {
+        panic!("expected the route's own cache");
+    };
+    assert_eq!(own.max_size, 1 << 20);
+    assert_eq!(own.max_object_size, 1 << 20);
+    assert_eq!(own.stale_if_error, Duration::from_secs(3600));
+    assert_eq!(own.key_query, KeyQuery::Sort);
+    assert_eq!(own.key_headers[0].as_str(), "x-tenant");
+
+    let text = variant("# ROUTE", "cache = false");
+    assert_eq!(ok(&text).listeners[0].routes[0].cache, RouteCache::Off);
+}
+
+#[test]
+fn bad_cache_keys_are_named_with_their_line() {
+    let text = variant("# POOL", "[pools.cache]\nkey = { query = \"shuffle\" }");
+    assert_error(
+        &err(&text),
+        "pools[0].cache.key.query",
+        line_of(&text, "shuffle"),
+        "\"keep\", \"sort\" or \"ignore\"",
+    );
+    let text = variant(
+        "# POOL",
+        "[pools.cache]\nmax_size = \"1MiB\"\nmax_object_size = \"2MiB\"",
+    );
+    assert_error(
+        &err(&text),
+        "pools[0].cache.max_object_size",
+        line_of(&text, "max_object_size"),
+        "must not be above max_size",
+    );
+    let text = variant("# POOL", "[pools.cache]\nmax_size = \"lots\"");
+    assert_error(
+        &err(&text),
+        "pools[0].cache.max_size",
+        line_of(&text, "lots"),
+        "invalid size",
+    );
+    let text = variant("# ROUTE", "cache = true");
+    assert_error(
+        &err(&text),
+        "listeners[0].routes[0].cache",
+        line_of(&text, "cache = true"),
+        "has no [pools.cache]",
+    );
+}

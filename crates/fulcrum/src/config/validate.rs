@@ -13,16 +13,17 @@ use regex::Regex;
 
 use super::error::KeyPath;
 use super::file::{
-    RawAccessLog, RawAdmin, RawAutoBan, RawBlockRule, RawConfig, RawDuration, RawHealthCheck,
-    RawInitialState, RawListener, RawLogFormat, RawLogStatus, RawPassive, RawPool, RawRateLimit,
-    RawRedirect, RawRoute, RawSentinel, RawServer, RawSize, RawSticky, RawStore, RawStoreKind,
-    RawTls, RawUpstreamTls,
+    RawAccessLog, RawAdmin, RawAutoBan, RawBlockRule, RawCache, RawConfig, RawDuration,
+    RawHealthCheck, RawInitialState, RawListener, RawLogFormat, RawLogStatus, RawPassive, RawPool,
+    RawRateLimit, RawRedirect, RawRoute, RawRouteCache, RawSentinel, RawServer, RawSize, RawSticky,
+    RawStore, RawStoreKind, RawTls, RawUpstreamTls,
 };
 use super::{
-    AdminConfig, Algorithm, CertFiles, ClientAuth, Config, DnsServerConfig, FilterConfig, HashKey,
-    HealthCheckConfig, HealthCheckKind, HostMatch, ListenerConfig, PassiveConfig, PoolConfig,
-    Protocol, RateKey, RateLimitConfig, RedisTarget, RouteConfig, RouteMatch, ServerConfig,
-    StickyConfig, StickyKind, StoreConfig, TlsConfig, TlsVersion, UpstreamTls,
+    AdminConfig, Algorithm, CacheConfig, CertFiles, ClientAuth, Config, DnsServerConfig,
+    FilterConfig, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch, KeyQuery, ListenerConfig,
+    PassiveConfig, PoolConfig, Protocol, RateKey, RateLimitConfig, RedisTarget, RouteCache,
+    RouteConfig, RouteMatch, ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
+    TlsVersion, UpstreamTls,
 };
 
 /// A validation error: what is wrong with the key at `path`.
@@ -616,7 +617,12 @@ fn pool(raw: RawPool, path: &KeyPath) -> Result<PoolConfig> {
         .tls
         .map(|t| upstream_tls(t, &path.key("tls")))
         .transpose()?;
+    let cache = raw
+        .cache
+        .map(|c| cache(c, &path.key("cache")))
+        .transpose()?;
     Ok(PoolConfig {
+        cache,
         http2: raw.http2.unwrap_or(false),
         tls,
         name,
@@ -1732,6 +1738,24 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
         );
     }
     let max_body_size = body_size(raw.max_body_size.as_ref(), path)?;
+    let cache = match raw.cache {
+        None => RouteCache::Pool,
+        Some(RawRouteCache::Enabled(false)) => RouteCache::Off,
+        Some(RawRouteCache::Enabled(true)) => {
+            if pools[pool].cache.is_none() {
+                return invalid(
+                    path.key("cache"),
+                    format!(
+                        "`cache = true` uses the pool's cache, but pool {:?} has no [pools.cache]; \
+                         give the route a [listeners.routes.cache] table instead",
+                        pools[pool].name
+                    ),
+                );
+            }
+            RouteCache::Pool
+        }
+        Some(RawRouteCache::Table(c)) => RouteCache::Own(cache(c, &path.key("cache"))?),
+    };
     let filter = filter(
         raw.allow,
         raw.deny,
@@ -1745,6 +1769,101 @@ fn route(raw: RawRoute, path: &KeyPath, pools: &[PoolConfig]) -> Result<RouteCon
         pool,
         max_body_size,
         filter,
+        cache,
+    })
+}
+
+/// `[pools.cache]` or `[listeners.routes.cache]`.
+fn cache(raw: RawCache, path: &KeyPath) -> Result<CacheConfig> {
+    let max_size = size(
+        raw.max_size.as_ref(),
+        path.key("max_size"),
+        256 << 20,
+        64 << 10,
+        u64::MAX / 2,
+    )?;
+    let max_object_size = size(
+        raw.max_object_size.as_ref(),
+        path.key("max_object_size"),
+        (8 << 20).min(max_size),
+        1,
+        u64::MAX / 2,
+    )?;
+    if max_object_size > max_size {
+        return invalid(
+            path.key("max_object_size"),
+            format!("must not be above max_size ({max_size} bytes)"),
+        );
+    }
+    let default_ttl = raw
+        .default_ttl
+        .as_ref()
+        .map(|d| {
+            duration(
+                Some(d),
+                path.key("default_ttl"),
+                Duration::ZERO,
+                Zero::Rejected,
+            )
+        })
+        .transpose()?;
+    let coalesce_timeout = duration(
+        raw.coalesce_timeout.as_ref(),
+        path.key("coalesce_timeout"),
+        Duration::from_secs(5),
+        Zero::Allowed,
+    )?;
+    let stale_if_error = duration(
+        raw.stale_if_error.as_ref(),
+        path.key("stale_if_error"),
+        Duration::ZERO,
+        Zero::Allowed,
+    )?;
+    let (key_query, key_headers) = match raw.key {
+        None => (KeyQuery::Keep, Vec::new()),
+        Some(key) => {
+            let path = path.key("key");
+            let query = match key.query.as_deref() {
+                None | Some("keep") => KeyQuery::Keep,
+                Some("sort") => KeyQuery::Sort,
+                Some("ignore") => KeyQuery::Ignore,
+                Some(other) => {
+                    return invalid(
+                        path.key("query"),
+                        format!(
+                            "unknown value {other:?}: expected \"keep\", \"sort\" or \"ignore\""
+                        ),
+                    )
+                }
+            };
+            let mut headers: Vec<HeaderName> = Vec::new();
+            for name in key.headers.unwrap_or_default() {
+                let header = HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+                    Invalid::new(path.key("headers"), format!("invalid header name {name:?}"))
+                })?;
+                if headers.contains(&header) {
+                    return invalid(
+                        path.key("headers"),
+                        format!(
+                            "header `{header}` is listed twice (header names are case-insensitive)"
+                        ),
+                    );
+                }
+                headers.push(header);
+            }
+            (query, headers)
+        }
+    };
+    Ok(CacheConfig {
+        max_size,
+        max_object_size,
+        x_cache: raw.x_cache.unwrap_or(false),
+        store_set_cookie: raw.store_set_cookie.unwrap_or(false),
+        default_ttl,
+        coalesce_timeout,
+        stale_if_error,
+        key_query,
+        key_headers,
     })
 }
 

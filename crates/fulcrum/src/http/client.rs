@@ -347,7 +347,7 @@ impl UploadState {
 /// The client's request body on its way to a server: at most `max` bytes, and progress at least
 /// every `timeout`; either fault is recorded in [`UploadState`] and fails the upload.
 pub struct Upload {
-    inner: Incoming,
+    inner: super::body::RequestIn,
     max: Option<u64>,
     seen: u64,
     timeout: Duration,
@@ -358,7 +358,7 @@ pub struct Upload {
 impl Upload {
     /// Wraps `inner`.
     pub fn new(
-        inner: Incoming,
+        inner: super::body::RequestIn,
         max: Option<u64>,
         timeout: Duration,
         state: Arc<UploadState>,

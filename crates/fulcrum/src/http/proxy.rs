@@ -36,7 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use arc_swap::ArcSwap;
 
-use super::body::{ProxyBody, UpstreamBody};
+use super::body::{ProxyBody, RequestIn, UpstreamBody};
 use super::client;
 use super::filter::{Filter, ListenerFilter};
 use super::headers::{check_host, is_websocket_upgrade, rewrite_request, rewrite_response};
@@ -63,6 +63,8 @@ pub struct Target {
     pub max_body_size: Option<u64>,
     /// The route's own filtering (access list, rules, rate limit), when it has any.
     pub filter: Option<Arc<Filter>>,
+    /// The HTTP cache in front of the pool on this route, when there is one.
+    pub cache: Option<Arc<crate::cache::Cache>>,
 }
 
 /// What an HTTP listener routes with.
@@ -229,7 +231,16 @@ pub async fn handle(
                         StatusCode::PAYLOAD_TOO_LARGE,
                         "413 Content Too Large: the request body is over this route's limit\n",
                     ),
-                    _ => forward(target, &ctx, req, trace.as_deref_mut()).await,
+                    _ => {
+                        let req = req.map(RequestIn::Client);
+                        match &target.cache {
+                            Some(cache) => {
+                                crate::cache::serve(cache, target, &ctx, req, trace.as_deref_mut())
+                                    .await
+                            }
+                            None => forward(target, &ctx, req, trace.as_deref_mut()).await,
+                        }
+                    }
                 }
                 }
             }
@@ -258,7 +269,12 @@ pub async fn handle(
         record.retries = trace.retries();
         record.sticky = trace.sticky;
         record.server_time = trace.server_time;
-        record.termination = match (trace.server.is_some() && !trace.gave_up, status) {
+        record.cache = trace.cache;
+        let from_cache = matches!(trace.cache, Some("HIT" | "STALE")) && trace.server.is_none();
+        record.termination = match (
+            (trace.server.is_some() && !trace.gave_up) || from_cache,
+            status,
+        ) {
             (true, _) => crate::access_log::Termination::Ok,
             (false, 503) => crate::access_log::Termination::NoServer,
             (false, 504) => crate::access_log::Termination::Timeout,
@@ -381,10 +397,10 @@ fn declared_length<B>(req: &Request<B>) -> Option<u64> {
         .ok()
 }
 
-async fn forward(
+pub(crate) async fn forward(
     target: &Target,
     ctx: &Arc<ConnContext>,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestIn>,
     mut trace: Option<&mut Trace>,
 ) -> Response<ProxyBody> {
     let client = &ctx.client;
@@ -658,7 +674,7 @@ fn remember(
 /// A request body on its way: read by fulcrum's own client, or handed to hyper (with what its
 /// wrapper records about the client's upload).
 enum Upload {
-    Own(Incoming),
+    Own(RequestIn),
     Hyper(Option<client::ReqBody>, Arc<client::UploadState>),
 }
 
@@ -729,7 +745,7 @@ async fn exchange(
     server: &Arc<Server>,
     settings: &PoolSettings,
     parts: &http::request::Parts,
-    body: &mut Incoming,
+    body: &mut RequestIn,
     framing: RequestBody,
     client_limits: (Duration, Option<u64>),
 ) -> Result<(ResponseHead, UpstreamConn, Duration), Failure> {

@@ -51,6 +51,8 @@ pub struct Trace {
     pub server_time: Option<Duration>,
     /// The request failed at `server` after it was sent (502, 504): no other server was tried.
     pub gave_up: bool,
+    /// What the cache did (`HIT`, `MISS`, `STALE`, `BYPASS`), when the route has one.
+    pub cache: Option<&'static str>,
 }
 
 impl Trace {

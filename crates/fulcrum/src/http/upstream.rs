@@ -40,11 +40,11 @@ use std::sync::{Mutex, OnceLock};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
+use super::body::RequestIn;
 use bytes::{Buf, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
 use http_body::Body;
-use hyper::body::Incoming;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -106,7 +106,7 @@ pub enum RequestBody {
 
 impl RequestBody {
     /// How to send the body of a request with these headers.
-    pub fn of(headers: &HeaderMap, body: &Incoming) -> Self {
+    pub fn of(headers: &HeaderMap, body: &RequestIn) -> Self {
         use http_body::Body;
         if body.is_end_stream() {
             RequestBody::Empty
@@ -229,7 +229,7 @@ impl UpstreamConn {
     pub async fn send(
         &mut self,
         parts: &http::request::Parts,
-        body: &mut Incoming,
+        body: &mut RequestIn,
         framing: RequestBody,
         limits: BodyLimits,
     ) -> Result<(), SendError> {
@@ -253,7 +253,7 @@ impl UpstreamConn {
     /// Streams the request body; false when it stopped before its end (see [`send`](Self::send)).
     async fn send_body(
         &mut self,
-        body: &mut Incoming,
+        body: &mut RequestIn,
         framing: RequestBody,
         limits: BodyLimits,
     ) -> Result<bool, SendError> {
