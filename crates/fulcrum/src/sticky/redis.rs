@@ -15,11 +15,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelServerType};
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Pipeline};
 
 use crate::config::RedisTarget;
 use crate::health::now_ms;
@@ -42,30 +42,21 @@ enum Conn {
     Cluster(ClusterConnection),
 }
 
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+impl Conn {
+    async fn query<T: redis::FromRedisValue>(self, cmd: &Cmd) -> redis::RedisResult<T> {
         match self {
-            Conn::Node(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Node(mut c) => cmd.query_async(&mut c).await,
+            Conn::Cluster(mut c) => cmd.query_async(&mut c).await,
         }
     }
 
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
+    async fn query_pipeline<T: redis::FromRedisValue>(
+        self,
+        pipe: &Pipeline,
+    ) -> redis::RedisResult<T> {
         match self {
-            Conn::Node(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Node(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
+            Conn::Node(mut c) => pipe.query_async(&mut c).await,
+            Conn::Cluster(mut c) => pipe.query_async(&mut c).await,
         }
     }
 }
@@ -183,12 +174,8 @@ impl RedisTable {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Option<T> {
-        self.bounded(|mut conn| async move {
-            cmd.query_async::<T>(&mut conn)
-                .await
-                .map_err(|e| e.to_string())
-        })
-        .await
+        self.bounded(|conn| async move { conn.query::<T>(&cmd).await.map_err(|e| e.to_string()) })
+            .await
     }
 
     /// Runs `query` on a connection within the command bound, behind the breaker.
@@ -245,7 +232,7 @@ impl RedisTable {
         let left = Duration::from_millis(window_ms - now % window_ms);
         let key = self.key(&format!("{key}:{index}"));
         let counted = self
-            .bounded(|mut conn| async move {
+            .bounded(|conn| async move {
                 let mut pipe = redis::pipe();
                 pipe.cmd("INCR")
                     .arg(&key)
@@ -254,7 +241,7 @@ impl RedisTable {
                     .arg(window_ms * 2)
                     .arg("NX")
                     .ignore();
-                pipe.query_async::<(u64,)>(&mut conn)
+                conn.query_pipeline::<(u64,)>(&pipe)
                     .await
                     .map_err(|e| e.to_string())
             })
