@@ -1606,6 +1606,41 @@ mod tests {
     }
 
     #[test]
+    fn a_full_queue_drops_the_oldest_and_owes_a_resync() {
+        let peer = Peer {
+            addr: "127.0.0.1:1".into(),
+            notify: Notify::new(),
+            state: Mutex::new(PeerState {
+                queue: VecDeque::new(),
+                status: PeerStatus::Down,
+                configured: true,
+                node: None,
+                dropped: 0,
+                resync: false,
+                removed: false,
+                last_error: None,
+                down_since: None,
+                messages_sent: 0,
+                bytes_sent: 0,
+            }),
+            task: Mutex::new(None),
+        };
+        let metrics = Metrics::default();
+        for i in 0..=QUEUE_CAPACITY as u64 {
+            peer.enqueue(&w(&format!("{i}"), Some("u"), Version(i, 0, 1)), &metrics);
+        }
+        let st = peer.lock();
+        assert_eq!(st.queue.len(), QUEUE_CAPACITY);
+        assert_eq!(st.queue.front().unwrap().id, "1", "the oldest went");
+        assert_eq!((st.dropped, st.resync), (1, true));
+        assert_eq!(metrics.queue_dropped.load(Ordering::Relaxed), 1);
+        drop(st);
+        // While a resync is owed, writes are not queued: the resync carries them.
+        peer.enqueue(&w("late", Some("u"), Version(1 << 40, 0, 1)), &metrics);
+        assert_eq!(peer.lock().queue.len(), QUEUE_CAPACITY);
+    }
+
+    #[test]
     fn parses_peer_lists() {
         assert_eq!(
             parse_peer_list(
