@@ -48,7 +48,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -89,6 +89,11 @@ pub const ADDR_HEADER: &str = "x-fulcrum-cluster-addr";
 
 /// Writes per `POST /_cluster/replicate`.
 const BATCH_MAX: usize = 500;
+/// About the most bytes of writes per `POST /_cluster/replicate`.
+const BATCH_BYTES: usize = 1 << 20;
+/// Largest `POST /_cluster/replicate` body accepted: a batch holds at least
+/// one write, and a user name comes from a login body (at most 2 MiB).
+const REPLICATE_LIMIT: usize = 16 << 20;
 /// Longest wait for one push, a pool listing or a session lookup's connection.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for a whole snapshot.
@@ -840,15 +845,16 @@ impl ClusterNode {
     /// in batches.
     async fn resync(&self, peer: &Peer, records: Vec<WriteRecord>) -> Result<(), String> {
         tracing::debug!(peer = %peer.addr, records = records.len(), "resyncing cluster peer");
-        let mut records = records.into_iter().peekable();
         // An empty resync still makes one exchange: the peer's first contact.
-        let mut first = true;
-        while first || records.peek().is_some() {
-            first = false;
-            let batch: Vec<_> = records.by_ref().take(BATCH_MAX).collect();
-            self.send(peer, batch, true).await?;
+        let mut rest: &[WriteRecord] = &records;
+        loop {
+            let (batch, tail) = rest.split_at(batch_len(rest.iter()));
+            self.send(peer, batch.to_vec(), true).await?;
+            rest = tail;
+            if rest.is_empty() {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 
     /// Adds `addr` as a peer unless it is this instance or already known.
@@ -1283,6 +1289,21 @@ async fn join(node: Weak<ClusterNode>) {
     }
 }
 
+/// How many of `writes` go in the next batch: at most [`BATCH_MAX`], and
+/// about [`BATCH_BYTES`] (at least one write).
+fn batch_len<'a>(writes: impl Iterator<Item = &'a WriteRecord>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for w in writes.take(BATCH_MAX) {
+        bytes += w.id.len() + w.user.as_ref().map_or(0, String::len) + 64;
+        if n > 0 && bytes > BATCH_BYTES {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
 /// Reads the peers file and the admin API every refresh, reconciles, and
 /// starts joining the cluster after the first reading.
 async fn membership_loop(node: Weak<ClusterNode>) {
@@ -1360,7 +1381,7 @@ async fn push_loop(node: Weak<ClusterNode>, peer: Arc<Peer>) {
                 st.queue.clear();
                 (strong.data().records(), true)
             } else {
-                let n = st.queue.len().min(BATCH_MAX);
+                let n = batch_len(st.queue.iter());
                 (st.queue.drain(..n).collect::<Vec<_>>(), false)
             }
         };
@@ -1412,6 +1433,7 @@ pub(crate) fn router(node: Arc<ClusterNode>) -> Router {
         .route("/_cluster/session/{id}", get(session))
         .route("/_cluster/snapshot", get(snapshot))
         .route("/_cluster/status", get(status))
+        .layer(DefaultBodyLimit::max(REPLICATE_LIMIT))
         .with_state(node)
 }
 
@@ -1564,6 +1586,58 @@ mod tests {
         }
         assert!(data.tombstones.len() <= 2);
         assert_eq!(data.entries.len(), data.live + data.tombstones.len());
+    }
+
+    #[test]
+    fn batches_are_bounded_in_count_and_bytes() {
+        let small: Vec<_> = (0..1200)
+            .map(|i| w(&format!("{i:032}"), Some("martin"), Version(i, 0, 1)))
+            .collect();
+        assert_eq!(batch_len(small.iter()), BATCH_MAX);
+        assert_eq!(batch_len(small[..3].iter()), 3);
+        assert_eq!(batch_len([].iter()), 0);
+        let big = "x".repeat(BATCH_BYTES / 3);
+        let large: Vec<_> = (0..10)
+            .map(|i| w(&format!("{i:032}"), Some(&big), Version(i, 0, 1)))
+            .collect();
+        assert_eq!(batch_len(large.iter()), 2);
+        let huge = w("h", Some(&"x".repeat(2 * BATCH_BYTES)), Version(1, 0, 1));
+        assert_eq!(batch_len(std::iter::once(&huge)), 1, "at least one");
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_oldest_and_owes_a_resync() {
+        let peer = Peer {
+            addr: "127.0.0.1:1".into(),
+            notify: Notify::new(),
+            state: Mutex::new(PeerState {
+                queue: VecDeque::new(),
+                status: PeerStatus::Down,
+                configured: true,
+                node: None,
+                dropped: 0,
+                resync: false,
+                removed: false,
+                last_error: None,
+                down_since: None,
+                messages_sent: 0,
+                bytes_sent: 0,
+            }),
+            task: Mutex::new(None),
+        };
+        let metrics = Metrics::default();
+        for i in 0..=QUEUE_CAPACITY as u64 {
+            peer.enqueue(&w(&format!("{i}"), Some("u"), Version(i, 0, 1)), &metrics);
+        }
+        let st = peer.lock();
+        assert_eq!(st.queue.len(), QUEUE_CAPACITY);
+        assert_eq!(st.queue.front().unwrap().id, "1", "the oldest went");
+        assert_eq!((st.dropped, st.resync), (1, true));
+        assert_eq!(metrics.queue_dropped.load(Ordering::Relaxed), 1);
+        drop(st);
+        // While a resync is owed, writes are not queued: the resync carries them.
+        peer.enqueue(&w("late", Some("u"), Version(1 << 40, 0, 1)), &metrics);
+        assert_eq!(peer.lock().queue.len(), QUEUE_CAPACITY);
     }
 
     #[test]

@@ -434,6 +434,11 @@ async fn a_dead_server_loses_nothing_and_a_new_one_joins_under_load() {
     let status = http.status(&d, None).await;
     assert_eq!(status["joined_from"], json!(b.addr.to_string()));
     let status = http.status(&c, None).await;
+    eprintln!(
+        "{} logins under load; C's replication lag: {}",
+        made.len(),
+        status["replication_lag_ms"]
+    );
     let listed: Vec<&str> = status["peers"]
         .as_array()
         .unwrap()
