@@ -633,3 +633,40 @@ async fn default_ttl_gives_freshness_to_a_response_that_states_none() {
     assert_eq!(s.calls("dt-on-zero").await, 2);
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_cache_and_empties_a_changed_one() {
+    let apps = apps(&["A"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = |cache: &str, retries: u32| {
+        config(
+            "round_robin",
+            &servers(&apps),
+            "",
+            &format!("retries = {retries}\n[pools.cache]\nx_cache = true\n{cache}\n"),
+        )
+    };
+    let path = common::process::write_config(&dir, &text("", 2));
+    let lb = fulcrum_file(&path);
+    let (web, admin) = (web(&lb), lb.admin_addr().unwrap());
+    let c = client();
+    let url = format!("http://{web}/cache/60");
+    get(&c, &url).await;
+    let reload = || async {
+        let req = Request::post(format!("http://{admin}/api/v1/reload"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let r = send(&c, req).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    };
+    // Another pool key changed, the cache did not: its entries stay.
+    std::fs::write(&path, text("", 1)).unwrap();
+    reload().await;
+    assert_eq!(x_cache(&get(&c, &url).await), "HIT");
+    // The cache's settings changed: a new, empty cache.
+    std::fs::write(&path, text("max_size = \"1MiB\"", 1)).unwrap();
+    reload().await;
+    assert_eq!(x_cache(&get(&c, &url).await), "MISS");
+    stop(lb).await;
+}
