@@ -238,14 +238,14 @@ async fn vary_keeps_a_variant_per_request_header_value() {
 /// A stale entry with a validator is revalidated; the server's 304 refreshes it.
 async fn revalidated_with(tag: &str, validator: &str) {
     let s = site("", "").await;
-    let path = format!("/headers/{tag}?cache-control=max-age=2&{validator}");
+    let path = format!("/headers/{tag}?cache-control=max-age=3&{validator}");
     let first = s.get(&path).await;
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let second = s.get(&path).await;
     assert_eq!(s.calls(tag).await, 2, "the stale entry was revalidated");
     assert_eq!((second.status, x_cache(&second)), (StatusCode::OK, "HIT"));
     assert_eq!(second.body, first.body, "the 304 kept the stored body");
-    // Fresh again for 2 s after the 304.
+    // Fresh again for 3 s after the 304.
     let third = s.get(&path).await;
     assert_eq!(x_cache(&third), "HIT");
     assert_eq!(s.calls(tag).await, 2);
@@ -359,9 +359,10 @@ async fn stale_if_error_does_not_serve_past_its_limit() {
 async fn concurrent_misses_for_an_expired_key_reach_the_server_once() {
     let s = site("coalesce_timeout = \"60s\"", "").await;
     // The body takes 500 ms after its first byte: the request stays in flight while the others come.
-    let path = "/headers/co?cache-control=max-age=1&bytes=4000&delay=500";
+    // Fresh for 3 s once refreshed: every one of the 100 is answered within that.
+    let path = "/headers/co?cache-control=max-age=3&bytes=4000&delay=500";
     s.get(path).await;
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(4200)).await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let client = s.client.clone();
