@@ -23,7 +23,7 @@
 //! | `POST /echo`          | streams the request body back |
 //! | `POST /sha256`        | `{"bytes": N, "sha256": "…"}` of the streamed request body |
 //! | `GET /ws`             | WebSocket echo (HTTP/1.1 upgrade) |
-//! | `GET /cache/{seconds}`| `Cache-Control: public, max-age=SECONDS`, `x-calls: N` (calls so far) |
+//! | `GET /cache/{seconds}`| `Cache-Control: public, max-age=SECONDS`, an `ETag` (304 to a matching `If-None-Match`), `x-calls: N` (calls so far) |
 //! | `ANY /headers/{tag}`  | response headers from the query (below), 304 on a matching `If-None-Match` / `If-Modified-Since`, `x-calls: N` per tag |
 //! | `GET /calls/{tag}`    | how many times `/headers/{tag}` (or `/cache/{s}` as `cache-{s}`) was called |
 //! | `GET /metrics`        | session figures in the Prometheus text format |

@@ -415,21 +415,39 @@ async fn ws_echo(mut socket: WebSocket) {
 /// Header carrying how many times the endpoint has been called, this call included.
 static X_CALLS: HeaderName = HeaderName::from_static("x-calls");
 
-/// `GET /cache/{seconds}`: `Cache-Control: public, max-age=SECONDS`; counts its calls
-/// (`x-calls`, and `GET /calls/cache-SECONDS`).
-async fn cache(State(state): State<Shared>, Path(seconds): Path<u32>) -> Response {
+/// `GET /cache/{seconds}`: `Cache-Control: public, max-age=SECONDS` and an `ETag`, answering 304 to a
+/// matching `If-None-Match`; counts its calls (`x-calls`, and `GET /calls/cache-SECONDS`).
+async fn cache(
+    State(state): State<Shared>,
+    Path(seconds): Path<u32>,
+    headers: http::HeaderMap,
+) -> Response {
     let n = state.count(&format!("cache-{seconds}"));
-    let mut response = text(
-        StatusCode::OK,
-        format!("cacheable for {seconds}s, call {n} on {}", state.name),
-    );
-    let headers = response.headers_mut();
-    headers.insert(
+    let etag = format!("\"{}-cache-{seconds}\"", state.name);
+    let matches = headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim() == etag || t.trim() == "*");
+    let mut response = if matches {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        text(
+            StatusCode::OK,
+            format!("cacheable for {seconds}s, on {}", state.name),
+        )
+    };
+    let out = response.headers_mut();
+    out.insert(
         http::header::CACHE_CONTROL,
         HeaderValue::from_str(&format!("public, max-age={seconds}"))
             .unwrap_or(HeaderValue::from_static("no-store")),
     );
-    headers.insert(X_CALLS.clone(), HeaderValue::from(n));
+    if let Ok(etag) = HeaderValue::from_str(&etag) {
+        out.insert(http::header::ETAG, etag);
+    }
+    out.insert(X_CALLS.clone(), HeaderValue::from(n));
     response
 }
 

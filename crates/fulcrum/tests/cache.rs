@@ -238,14 +238,14 @@ async fn vary_keeps_a_variant_per_request_header_value() {
 /// A stale entry with a validator is revalidated; the server's 304 refreshes it.
 async fn revalidated_with(tag: &str, validator: &str) {
     let s = site("", "").await;
-    let path = format!("/headers/{tag}?cache-control=max-age=2&{validator}");
+    let path = format!("/headers/{tag}?cache-control=max-age=3&{validator}");
     let first = s.get(&path).await;
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
     let second = s.get(&path).await;
     assert_eq!(s.calls(tag).await, 2, "the stale entry was revalidated");
     assert_eq!((second.status, x_cache(&second)), (StatusCode::OK, "HIT"));
     assert_eq!(second.body, first.body, "the 304 kept the stored body");
-    // Fresh again for 2 s after the 304.
+    // Fresh again for 3 s after the 304.
     let third = s.get(&path).await;
     assert_eq!(x_cache(&third), "HIT");
     assert_eq!(s.calls(tag).await, 2);
@@ -359,9 +359,10 @@ async fn stale_if_error_does_not_serve_past_its_limit() {
 async fn concurrent_misses_for_an_expired_key_reach_the_server_once() {
     let s = site("coalesce_timeout = \"60s\"", "").await;
     // The body takes 500 ms after its first byte: the request stays in flight while the others come.
-    let path = "/headers/co?cache-control=max-age=1&bytes=4000&delay=500";
+    // Fresh for 3 s once refreshed: every one of the 100 is answered within that.
+    let path = "/headers/co?cache-control=max-age=3&bytes=4000&delay=500";
     s.get(path).await;
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(4200)).await;
     let mut tasks = Vec::new();
     for _ in 0..100 {
         let client = s.client.clone();
@@ -632,4 +633,41 @@ async fn default_ttl_gives_freshness_to_a_response_that_states_none() {
     s.get("/headers/dt-on-zero?cache-control=max-age=0").await;
     assert_eq!(s.calls("dt-on-zero").await, 2);
     s.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_unchanged_cache_and_empties_a_changed_one() {
+    let apps = apps(&["A"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = |cache: &str, retries: u32| {
+        config(
+            "round_robin",
+            &servers(&apps),
+            "",
+            &format!("retries = {retries}\n[pools.cache]\nx_cache = true\n{cache}\n"),
+        )
+    };
+    let path = common::process::write_config(&dir, &text("", 2));
+    let lb = fulcrum_file(&path);
+    let (web, admin) = (web(&lb), lb.admin_addr().unwrap());
+    let c = client();
+    let url = format!("http://{web}/cache/60");
+    get(&c, &url).await;
+    let reload = || async {
+        let req = Request::post(format!("http://{admin}/api/v1/reload"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let r = send(&c, req).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    };
+    // Another pool key changed, the cache did not: its entries stay.
+    std::fs::write(&path, text("", 1)).unwrap();
+    reload().await;
+    assert_eq!(x_cache(&get(&c, &url).await), "HIT");
+    // The cache's settings changed: a new, empty cache.
+    std::fs::write(&path, text("max_size = \"1MiB\"", 1)).unwrap();
+    reload().await;
+    assert_eq!(x_cache(&get(&c, &url).await), "MISS");
+    stop(lb).await;
 }

@@ -361,7 +361,7 @@ pub struct CacheConfig {
     pub max_size: u64,
     /// `max_object_size` (default "8MiB"): a larger response is streamed through and not stored.
     pub max_object_size: u64,
-    /// `x_cache` (default false): add `X-Cache: HIT|MISS|STALE|BYPASS` to responses.
+    /// `x_cache` (default true): add `X-Cache: HIT|MISS|STALE|BYPASS` to responses.
     pub x_cache: bool,
     /// `store_set_cookie` (default false): store responses that carry `Set-Cookie`.
     pub store_set_cookie: bool,

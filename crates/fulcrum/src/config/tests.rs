@@ -203,6 +203,9 @@ retries = 2
   cookie = "FULCRUM_SRV"
   ttl = "30m"
 
+  [pools.cache]
+  max_size = "256MiB"
+
 [[pools]]
 name = "api"
 algorithm = "maglev"
@@ -1731,7 +1734,7 @@ fn tls_files_are_read_at_load_and_a_bad_one_is_named() {
 
 #[test]
 fn a_pool_cache_takes_its_defaults_and_a_route_may_override_it() {
-    let text = variant("# POOL", "[pools.cache]\nx_cache = true");
+    let text = variant("# POOL", "[pools.cache]\nstore_set_cookie = false");
     let config = ok(&text);
     let cache = config.pools[0].cache.as_ref().expect("cache");
     assert_eq!(cache.max_size, 256 << 20);
@@ -1792,5 +1795,31 @@ fn bad_cache_keys_are_named_with_their_line() {
         "listeners[0].routes[0].cache",
         line_of(&text, "cache = true"),
         "has no [pools.cache]",
+    );
+}
+
+#[test]
+fn a_tcp_route_has_no_cache() {
+    let text = r#"
+[[listeners]]
+name = "l4"
+bind = "127.0.0.1:8443"
+protocol = "tcp"
+pool = "p"
+
+  [[listeners.routes]]
+  sni = "a.example.com"
+  pool = "p"
+  cache = false
+
+[[pools]]
+name = "p"
+servers = [{ address = "127.0.0.1:9001" }]
+"#;
+    assert_error(
+        &err(text),
+        "listeners[0].routes[0].cache",
+        line_of(text, "cache = false"),
+        "needs an http or https listener",
     );
 }

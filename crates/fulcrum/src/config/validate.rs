@@ -1019,6 +1019,7 @@ fn listener(raw: RawListener, path: &KeyPath, pools: &[PoolConfig]) -> Result<Li
                 ),
                 ("rate_limit", r.filter.rate_limit.is_some()),
                 ("block", !r.filter.rules.is_empty()),
+                ("cache", r.cache != RouteCache::Pool),
             ];
             if let Some((key, _)) = http_only.iter().find(|(_, used)| *used) {
                 return invalid(
@@ -1857,7 +1858,7 @@ fn cache(raw: RawCache, path: &KeyPath) -> Result<CacheConfig> {
     Ok(CacheConfig {
         max_size,
         max_object_size,
-        x_cache: raw.x_cache.unwrap_or(false),
+        x_cache: raw.x_cache.unwrap_or(true),
         store_set_cookie: raw.store_set_cookie.unwrap_or(false),
         default_ttl,
         coalesce_timeout,
