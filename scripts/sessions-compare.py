@@ -544,6 +544,16 @@ def measure(cure: Cure, procs: Procs, args) -> dict:
         if a.server in share:
             share[a.server] += 1
     result["share"] = share
+    # Some users busier than others: SKEWED /me from users drawn with Zipf weights (user n: 1/(n+1)),
+    # the same seeded draw for every cure.
+    draw = random.Random(1).choices(users, weights=[1 / (u.n + 1) for u in users], k=args.skewed)
+    skew = {n: 0 for n in ports}
+    for user in draw:
+        a = client.me(user)
+        if a.status == 200 and a.server in skew:
+            skew[a.server] += 1
+    close_all(client, users)
+    result["skew"] = skew
 
     # 3. a new app server joins
     port_d = free_port()
@@ -599,6 +609,10 @@ def measure(cure: Cure, procs: Procs, args) -> dict:
         result["store_last_bad"] = last_bad if any(s != 200 for _, s in seen) else None
         result["store_n"] = len(seen)
         result["store_seconds"] = seen[-1][0] if seen else 0.0
+        if store.kind == "sentinel":
+            sentinels = [p for p in store.nodes if p not in store.data_ports]
+            answer = redis_cli(sentinels[0], "sentinel", "get-master-addr-by-name", "mymaster").split()
+            result["sentinel_promoted"] = len(answer) == 2 and int(answer[1]) == store.data_ports[1]
         if store.kind == "redis":
             store.nodes[victim] = start_redis(procs, victim)
             probe = User(20_000, "127.0.0.1")
@@ -647,36 +661,47 @@ def store_text(r: dict, users: int) -> str:
         text += f"; the last error {r['store_last_bad']:.1f} s after the kill"
     elif r["store_last_bad"] is not None:
         text += "; still failing at the end"
+    if "sentinel_promoted" in r:
+        text += ("; the sentinels had promoted the replica" if r["sentinel_promoted"]
+                 else "; the sentinels had not promoted the replica")
     if "store_back" in r:
         back = r["store_back"]
         text += f"; then Redis restarted (empty): {back.get(401, 0)} of {users} users logged out"
     return text
 
 
+def percentages(share: dict[str, int]) -> str:
+    total = sum(share.values()) or 1
+    return " / ".join(f"{100 * v / total:.0f}%" for v in share.values())
+
+
 def table(direct: dict, results: list[dict], args) -> str:
     lines = [
         f"Steady load: {args.users} users × (1 login + {args.me} `GET /me`), the users taking turns, "
-        "one request at a time, through fulcrum over three servers. Latency of `/me` answered 200, in ms; added = median "
-        f"minus the median of the same load sent straight to one server with memory sessions "
+        "one request at a time, through fulcrum over three servers. Latency of `/me` answered 200, "
+        "in ms; added = median minus the median of the same load sent straight to one server with memory sessions "
         f"({direct['p50']:.3f} ms, p99 {direct['p99']:.3f} ms). Memory: growth per 100,000 sessions "
         f"({args.bulk:,} logins by wrk through fulcrum), resident memory of the apps (summed) and of "
-        "fulcrum, Redis `used_memory` summed over masters and replicas.",
+        "fulcrum, Redis `used_memory` summed over masters and replicas. Spread: the share of the "
+        f"`/me` answered by A, B and C; busy users: then {args.skewed:,} more `/me` from users drawn "
+        "with weights 1/(n+1), user 0 the busiest (the same draw for every cure).",
         "",
         "| cure | `/me` median (added) | p99 | apps | store | balancer | spread A / B / C | "
-        "not 200 under steady load |",
-        "|---|---|---|---|---|---|---|---|",
+        "spread, busy users | not 200 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        total = sum(r["share"].values()) or 1
-        spread = " / ".join(f"{100 * v / total:.0f}%" for v in r["share"].values())
+        spread, skew = percentages(r["share"]), percentages(r["skew"])
         added = r["p50"] - direct["p50"]
         lines.append(
             f"| {r['cure']} | {r['p50']:.3f} ({added:+.3f}) | {r['p99']:.3f} | {mib(r['apps_mib'])} | "
-            f"{mib(r['store_mib'])} | {mib(r['lb_mib'])} | {spread} | {r['steady_bad']} |")
+            f"{mib(r['store_mib'])} | {mib(r['lb_mib'])} | {spread} | {skew} | {r['steady_bad']} |")
     held = [f"{r['cure']}: {' / '.join(f'{h:,}' for h in r['held'])}" for r in results if r["held"]]
     if held:
         lines += ["", "Sessions held by A / B / C after the bulk logins (wrk's connections all come "
-                  "from 127.0.0.1; a clustered server holds every session): " + "; ".join(held) + "."]
+                  "from 127.0.0.1, so `source_ip` put them all on one server and its stick table "
+                  "held one address; a clustered server holds every session): "
+                  + "; ".join(held) + "."]
     lines += [
         "",
         f"What the users saw, in order: D joins (started, added through the admin API), then every "
@@ -710,6 +735,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=300)
     parser.add_argument("--me", type=int, default=20)
     parser.add_argument("--after", type=int, default=5)
+    parser.add_argument("--skewed", type=int, default=3000)
     parser.add_argument("--bulk", type=int, default=100_000)
     parser.add_argument("--store-window", type=float, default=8.0)
     parser.add_argument("--only", help="comma-separated cure sessions kinds to run (memory, cluster, "
