@@ -11,14 +11,17 @@ cure's `[pools.sticky]` for the stickiness cures). Then, in this order:
 
 1. memory: BULK logins sent through fulcrum by wrk; resident memory of the apps and of fulcrum, and
    Redis's `used_memory` summed over every node, before and after, scaled to 100,000 sessions;
-2. steady load: USERS users each log in, then send ME `GET /me` over one keep-alive connection, one
-   request at a time; latency of every `/me`, the server that answered, every answer not 200;
+2. steady load: USERS users each log in, then send ME `GET /me` each, the users taking turns, one
+   request at a time, each user over its own keep-alive connection: latency of every `/me`, the
+   server that answered, every answer not 200; then SKEWED more `/me` from users drawn with weights
+   1/(n+1) (busy users and idle ones), to see how the servers share an uneven load;
 3. a new app server joins: D is started (a cluster member for the cluster cure) and added through the
    admin API; every user sends AFTER more `/me`; a user answered 401 logs in again;
 4. an app server dies: B is killed (SIGKILL); every user sends AFTER more `/me` (401: logs in again);
 5. the store's primary dies (store cures): the Redis master (for the cluster: the master holding the
-   most sessions) is killed; the users cycle `/me` for STORE_WINDOW seconds; then, for a single Redis,
-   it is started again, empty (no persistence), and every user sends one `/me`.
+   most sessions) is killed; the users take turns sending `/me` until every answer has been 200 for
+   2 s, or for STORE_WINDOW seconds; then, for a single Redis, it is started again, empty (no
+   persistence), and every user sends one `/me`.
 
 The baseline is a direct request to one fulcrum-app with memory sessions, no balancer: "added" is the
 cure's `/me` median minus the baseline's.
@@ -679,8 +682,8 @@ def table(direct: dict, results: list[dict], args) -> str:
     lines = [
         f"Steady load: {args.users} users × (1 login + {args.me} `GET /me`), the users taking turns, "
         "one request at a time, through fulcrum over three servers. Latency of `/me` answered 200, "
-        "in ms; added = median minus the median of the same load sent straight to one server with memory sessions "
-        f"({direct['p50']:.3f} ms, p99 {direct['p99']:.3f} ms). Memory: growth per 100,000 sessions "
+        "in ms; added = median minus the median of the same load sent straight to one server with "
+        f"memory sessions ({direct['p50']:.3f} ms, p99 {direct['p99']:.3f} ms). Memory: growth per 100,000 sessions "
         f"({args.bulk:,} logins by wrk through fulcrum), resident memory of the apps (summed) and of "
         "fulcrum, Redis `used_memory` summed over masters and replicas. Spread: the share of the "
         f"`/me` answered by A, B and C; busy users: then {args.skewed:,} more `/me` from users drawn "
@@ -732,12 +735,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--pidfile", type=Path, required=True)
-    parser.add_argument("--users", type=int, default=300)
-    parser.add_argument("--me", type=int, default=20)
-    parser.add_argument("--after", type=int, default=5)
-    parser.add_argument("--skewed", type=int, default=3000)
-    parser.add_argument("--bulk", type=int, default=100_000)
-    parser.add_argument("--store-window", type=float, default=8.0)
+    parser.add_argument("--users", type=int, default=300, help="users of the steady load")
+    parser.add_argument("--me", type=int, default=20, help="GET /me per user in the steady load")
+    parser.add_argument("--after", type=int, default=5,
+                        help="GET /me per user after a server joins, and after one dies")
+    parser.add_argument("--skewed", type=int, default=3000, help="GET /me from busy and idle users")
+    parser.add_argument("--bulk", type=int, default=100_000, help="logins for the memory figures")
+    parser.add_argument("--store-window", type=float, default=8.0,
+                        help="seconds at most of GET /me after the store's primary dies")
     parser.add_argument("--only", help="comma-separated cure sessions kinds to run (memory, cluster, "
                         "redis, sentinel, redis-cluster)")
     args = parser.parse_args()

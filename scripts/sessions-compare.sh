@@ -8,11 +8,12 @@
 # evenly the servers share it, then adds a fourth server, kills one, and kills the store's primary,
 # counting what the users see. scripts/sessions-compare.py does the work and prints Markdown tables.
 #
-# Usage: scripts/sessions-compare.sh [--users 300] [--me 20] [--after 5] [--bulk 100000]
-#                                    [--store-window 5] [--only memory,cluster,redis,sentinel,redis-cluster]
+# Usage: scripts/sessions-compare.sh [--users 300] [--me 20] [--after 5] [--skewed 3000]
+#          [--bulk 100000] [--store-window 8] [--only memory,cluster,redis,sentinel,redis-cluster]
+#        scripts/sessions-compare.sh --help
 # Build first: cargo build --release (it uses target/release/fulcrum and target/release/fulcrum-app).
 # Needs python3 (3.11), wrk, redis-server and redis-cli (Debian: apt-get install wrk redis-server).
-# Everything listens on 127.0.0.1; about 4 minutes; every process it starts is stopped on exit.
+# Everything listens on 127.0.0.1; about 2 minutes; every process it starts is stopped on exit.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
