@@ -37,6 +37,9 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
 
-timeout 600 python3 scripts/sessions-compare.py --workdir "$work" --pidfile "$pidfile" "$@"
+# In the background, so that a signal to this script is handled at once rather than after the helper.
+timeout 600 python3 scripts/sessions-compare.py --workdir "$work" --pidfile "$pidfile" "$@" &
+helper=$!
+trap 'kill -TERM "$helper" 2>/dev/null; wait "$helper"; exit 130' INT TERM
+wait "$helper"
