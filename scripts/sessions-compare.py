@@ -23,8 +23,9 @@ cure's `[pools.sticky]` for the stickiness cures). Then, in this order:
    2 s, or for STORE_WINDOW seconds; then, for a single Redis, it is started again, empty (no
    persistence), and every user sends one `/me`.
 
-The baseline is a direct request to one fulcrum-app with memory sessions, no balancer: "added" is the
-cure's `/me` median minus the baseline's.
+Every round of `/me` through fulcrum is followed by the same round sent straight to the server that
+answered each user's login: "added" is a cure's median through fulcrum minus the median straight to
+a server with memory sessions (the stickiness rows').
 
 Every process listens on 127.0.0.1. For `source_ip`, each user's connections leave from its own
 loopback address (127.0.0.2 …), as distinct clients would; wrk's bulk logins all come from 127.0.0.1.
@@ -43,6 +44,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,7 +341,7 @@ class User:
     n: int
     source: str
     cookies: dict[str, str] = field(default_factory=dict)
-    conn: http.client.HTTPConnection | None = None
+    server: str = ""  # the server that answered the login
 
 
 @dataclass
@@ -350,19 +352,22 @@ class Answer:
 
 
 class Client:
+    """Users' requests to one port, each user over its own keep-alive connection."""
+
     def __init__(self, port: int):
         self.port = port
+        self.conns: dict[int, http.client.HTTPConnection] = {}
 
     def connect(self, user: User) -> http.client.HTTPConnection:
-        if user.conn is None:
-            user.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5,
-                                                   source_address=(user.source, 0))
-        return user.conn
+        if user.n not in self.conns:
+            self.conns[user.n] = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5,
+                                                            source_address=(user.source, 0))
+        return self.conns[user.n]
 
     def close(self, user: User) -> None:
-        if user.conn is not None:
-            user.conn.close()
-            user.conn = None
+        conn = self.conns.pop(user.n, None)
+        if conn is not None:
+            conn.close()
 
     def call(self, user: User, method: str, path: str, body: bytes | None = None) -> Answer:
         headers = {}
@@ -398,7 +403,9 @@ class Client:
         raise AssertionError("unreachable")
 
     def login(self, user: User) -> Answer:
-        return self.call(user, "POST", "/login", json.dumps({"user": f"u{user.n}"}).encode())
+        a = self.call(user, "POST", "/login", json.dumps({"user": f"u{user.n}"}).encode())
+        user.server = a.server
+        return a
 
     def me(self, user: User) -> Answer:
         return self.call(user, "GET", "/me")
@@ -508,7 +515,7 @@ def measure(cure: Cure, procs: Procs, args) -> dict:
     config.write_text(fulcrum_config(web, admin, ports, cure.sticky))
     lb = procs.start("fulcrum", [str(FULCRUM), "run", "--config", str(config)])
     wait_until("fulcrum", 10, lambda: get(web, "/")[0] == 200)
-    result: dict = {"cure": cure.name}
+    result: dict = {"cure": cure.name, "sessions": cure.sessions}
 
     # 1. memory per 100k sessions
     before_apps = sum(rss_kib(p) for p in apps.values())
@@ -532,11 +539,20 @@ def measure(cure: Cure, procs: Procs, args) -> dict:
     client = Client(web)
     users = users_for(args.users, cure.sticky == 'kind = "source_ip"')
     # Users take turns, as concurrent users would: every user logs in, then each sends one /me per
-    # round, over its own keep-alive connection.
+    # round, over its own keep-alive connection; every round through fulcrum is followed by one sent
+    # straight to the server that answered the user's login, so both see the machine in the same state.
+    straight = {name: Client(port) for name, port in ports.items()}
     logins = [client.login(user) for user in users]
-    me = [client.me(user) for _ in range(args.me) for user in users]
+    me, direct = [], []
+    for _ in range(args.me):
+        me += [client.me(user) for user in users]
+        direct += [straight[user.server].me(user) for user in users]
     close_all(client, users)
+    for c in straight.values():
+        close_all(c, users)
     result["login_bad"] = codes_text(codes(logins))
+    result["direct_p50"] = percentile([a.seconds for a in direct if a.status == 200], 0.5) * 1e3
+    result["direct_bad"] = codes_text(codes(direct))
     ok = [a.seconds for a in me if a.status == 200]
     result["p50"] = percentile(ok, 0.50) * 1e3 if ok else None
     result["p99"] = percentile(ok, 0.99) * 1e3 if ok else None
@@ -630,21 +646,6 @@ def measure(cure: Cure, procs: Procs, args) -> dict:
     return result
 
 
-def measure_direct(procs: Procs, args) -> dict:
-    log("== direct (baseline)")
-    port = free_port()
-    start_app(procs, "A", port, "memory", [])
-    client = Client(port)
-    users = users_for(args.users, False)
-    for user in users:
-        client.login(user)
-    ok = [a.seconds for _ in range(args.me) for user in users if (a := client.me(user)).status == 200]
-    close_all(client, users)
-    procs.stop_all()
-    return {"p50": percentile(ok, 0.5) * 1e3, "p99": percentile(ok, 0.99) * 1e3,
-            "mean": statistics.fmean(ok) * 1e3}
-
-
 # --- the table -----------------------------------------------------------------------------------------
 
 
@@ -678,27 +679,39 @@ def percentages(share: dict[str, int]) -> str:
     return " / ".join(f"{100 * v / total:.0f}%" for v in share.values())
 
 
-def table(direct: dict, results: list[dict], args) -> str:
+def table(results: list[dict], args) -> str:
+    memory = [r["direct_p50"] for r in results if r["sessions"] == "memory"]
+    reference = statistics.fmean(memory) if memory else None
     lines = [
         f"Steady load: {args.users} users × (1 login + {args.me} `GET /me`), the users taking turns, "
-        "one request at a time, through fulcrum over three servers. Latency of `/me` answered 200, "
-        "in ms; added = median minus the median of the same load sent straight to one server with "
-        f"memory sessions ({direct['p50']:.3f} ms, p99 {direct['p99']:.3f} ms). Memory: growth per 100,000 sessions "
-        f"({args.bulk:,} logins by wrk through fulcrum), resident memory of the apps (summed) and of "
-        "fulcrum, Redis `used_memory` summed over masters and replicas. Spread: the share of the "
-        f"`/me` answered by A, B and C; busy users: then {args.skewed:,} more `/me` from users drawn "
-        "with weights 1/(n+1), user 0 the busiest (the same draw for every cure).",
+        "one request at a time, through fulcrum over three servers; after each round through "
+        "fulcrum, the same round straight to the server that answered each user's login. Latency "
+        "of the `/me` answered 200, in ms. Added: the median through fulcrum minus the median "
+        "straight to a server with memory sessions"
+        + (f" ({reference:.3f} ms, the mean of the stickiness rows)" if reference else
+           " (not measured in this run: no stickiness row)")
+        + f". Memory: growth per 100,000 sessions ({args.bulk:,} logins by wrk through fulcrum), "
+        "resident memory of the apps (summed) and of fulcrum, Redis `used_memory` summed over "
+        "masters and replicas. Spread: the share of the `/me` answered by A, B and C; busy users: "
+        f"then {args.skewed:,} more `/me` from users drawn with weights 1/(n+1), user 0 the busiest "
+        "(the same draw for every cure).",
         "",
-        "| cure | `/me` median (added) | p99 | apps | store | balancer | spread A / B / C | "
-        "spread, busy users | not 200 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cure | `/me` median through fulcrum (added) | straight to the server | p99 through "
+        "fulcrum | memory per 100k: apps | store | balancer | spread A / B / C | spread, busy "
+        "users | not 200 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         spread, skew = percentages(r["share"]), percentages(r["skew"])
-        added = r["p50"] - direct["p50"]
+        added = f" ({r['p50'] - reference:+.3f})" if reference else ""
+        bad = [r["steady_bad"]] if r["steady_bad"] != "none" else []
+        if r["direct_bad"] != "none":
+            bad.append(f"straight: {r['direct_bad']}")
         lines.append(
-            f"| {r['cure']} | {r['p50']:.3f} ({added:+.3f}) | {r['p99']:.3f} | {mib(r['apps_mib'])} | "
-            f"{mib(r['store_mib'])} | {mib(r['lb_mib'])} | {spread} | {skew} | {r['steady_bad']} |")
+            f"| {r['cure']} | {r['p50']:.3f}{added} | {r['direct_p50']:.3f} | {r['p99']:.3f} | "
+            f"{mib(r['apps_mib'])} | "
+            f"{mib(r['store_mib'])} | {mib(r['lb_mib'])} | {spread} | {skew} | "
+            f"{'; '.join(bad) if bad else 'none'} |")
     held = [f"{r['cure']}: {' / '.join(f'{h:,}' for h in r['held'])}" for r in results if r["held"]]
     if held:
         lines += ["", "Sessions held by A / B / C after the bulk logins (wrk's connections all come "
@@ -728,7 +741,9 @@ def table(direct: dict, results: list[dict], args) -> str:
                   "their data path is single Redis's; the store's figure counts the master and its "
                   "replica. When the master dies, the apps keep calling its address: they do not "
                   "follow the sentinels' failover."]
-    return "\n".join(lines)
+    # Prose lines wrapped as the docs are; table rows kept whole.
+    wrap = textwrap.TextWrapper(100, break_on_hyphens=False)
+    return "\n".join(line if line.startswith("|") else wrap.fill(line) for line in lines)
 
 
 def main() -> None:
@@ -751,7 +766,6 @@ def main() -> None:
     procs = Procs(args.workdir, args.pidfile)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        direct = measure_direct(procs, args)
         results = []
         for cure in CURES:
             if args.only and cure.sessions not in args.only.split(","):
@@ -760,7 +774,7 @@ def main() -> None:
             results.append(r)
     finally:
         procs.stop_all()
-    print(table(direct, results, args))
+    print(table(results, args))
 
 
 if __name__ == "__main__":
