@@ -220,7 +220,7 @@ def start_single(procs: Procs) -> Store:
 
 def start_sentinel(procs: Procs) -> Store:
     master, replica = free_port(), free_port()
-    store = Store(f"redis://127.0.0.1:{master}", kind="sentinel")
+    store = Store("", kind="sentinel")
     store.nodes[master] = start_redis(procs, master)
     store.nodes[replica] = start_redis(procs, replica, "--replicaof", "127.0.0.1", str(master))
     store.data_ports = [master, replica]
@@ -232,6 +232,10 @@ def start_sentinel(procs: Procs) -> Store:
                         "sentinel down-after-milliseconds mymaster 1000\n"
                         "sentinel failover-timeout mymaster 5000\n")
         store.nodes[port] = procs.start(f"sentinel-{port}", ["redis-server", str(conf), "--sentinel"])
+    sentinels = [p for p in store.nodes if p not in store.data_ports]
+    # The apps ask the sentinels for the master (fulcrum-app's redis-sentinel:// store).
+    store.url = ("redis-sentinel://" + ",".join(f"127.0.0.1:{p}" for p in sentinels)
+                 + "/mymaster")
     wait_until("the replica in sync", 10,
                lambda: "master_link_status:up" in redis_cli(replica, "info", "replication"))
     return store
@@ -281,7 +285,7 @@ CURES = [
     Cure("sticky `source_ip`", "memory", 'kind = "source_ip"'),
     Cure("session clustering", "cluster"),
     Cure("Redis", "redis"),
-    Cure("Redis Sentinel ¹", "sentinel"),
+    Cure("Redis Sentinel", "sentinel"),
     Cure("Redis Cluster", "redis-cluster"),
 ]
 
@@ -736,11 +740,6 @@ def table(results: list[dict], args) -> str:
             f"| {r['cure']} | {r['join_out']} of {args.users} | {100 * r['join_d']:.0f}% / "
             f"{100 * r['join_new_d']:.0f}% | {r['die_out']} of {args.users} | "
             f"{'; '.join(other) if other else 'none'} | {store_text(r, args.users)} |")
-    if any(r["cure"].endswith("¹") for r in results):
-        lines += ["", "¹ fulcrum-app has no Sentinel client: its servers use the master's address, so "
-                  "their data path is single Redis's; the store's figure counts the master and its "
-                  "replica. When the master dies, the apps keep calling its address: they do not "
-                  "follow the sentinels' failover."]
     # Prose lines wrapped as the docs are; table rows kept whole.
     wrap = textwrap.TextWrapper(100, break_on_hyphens=False)
     return "\n".join(line if line.startswith("|") else wrap.fill(line) for line in lines)

@@ -55,6 +55,11 @@
 //! `rediss://` for TLS) sessions live in Redis under
 //! `fulcrum-app:session:{id}` as JSON `{"user": "…"}` with a 30 minute TTL that
 //! `GET /me` refreshes, so every instance using that Redis honours every login.
+//! [`Sessions::RedisCluster`] (`--sessions redis-cluster://host:port,…`) keeps
+//! the same keys on a Redis Cluster, and [`Sessions::RedisSentinel`]
+//! (`--sessions redis-sentinel://host:port,…/master`) in the master Redis
+//! Sentinel names, asking the Sentinels again after any error to follow a
+//! failover.
 //!
 //! With [`Sessions::Cluster`] (`--sessions cluster --peers host:port,…`) each
 //! instance keeps every session in memory and replicates each login, update

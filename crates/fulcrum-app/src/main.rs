@@ -34,9 +34,12 @@ struct Args {
     /// `#insecure` to skip certificate checks), keeps them in Redis, so every
     /// instance using that Redis shares them;
     /// `redis-cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]` keeps them in
-    /// a Redis Cluster reached through those seed nodes. Redis may be down at
-    /// start or go away later: the session endpoints answer 503 until it is
-    /// reachable again (on a cluster: until the failed master's replica takes over).
+    /// a Redis Cluster reached through those seed nodes;
+    /// `redis-sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`
+    /// keeps them in the master those Sentinels name, and follows a failover.
+    /// Redis may be down at start or go away later: the session endpoints
+    /// answer 503 until it is reachable again (on a cluster or through
+    /// Sentinel: until the failed master's replica takes over).
     #[arg(long, default_value = "memory", value_name = "memory|cluster|URL")]
     sessions: Sessions,
 

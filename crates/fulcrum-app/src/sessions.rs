@@ -18,9 +18,13 @@ use std::time::{Duration, Instant};
 
 use http::header::COOKIE;
 use http::HeaderMap;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use redis::{AsyncConnectionConfig, ConnectionAddr};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 use serde::{Deserialize, Serialize};
 
@@ -55,7 +59,9 @@ const REDIS_WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// (`rediss://` for TLS, with a `#insecure` fragment to skip certificate
 /// checks) selects [`Sessions::Redis`];
 /// `redis-cluster://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]` selects
-/// [`Sessions::RedisCluster`].
+/// [`Sessions::RedisCluster`];
+/// `redis-sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`
+/// selects [`Sessions::RedisSentinel`].
 ///
 /// [`Display`](fmt::Display) and [`Debug`] never show a password from the URL.
 #[derive(Clone, Default, PartialEq, Eq)]
@@ -83,6 +89,14 @@ pub enum Sessions {
     /// master of a session's slot is down and not yet replaced, that session's
     /// requests answer `503`.
     RedisCluster(Vec<String>),
+    /// Sessions live in the master that Redis Sentinel names, given as
+    /// `redis-sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`:
+    /// the Sentinels' addresses, the monitored master's name, and the user,
+    /// password and database of the master (the Sentinels are asked without
+    /// them). The same keys, values and TTL as [`Sessions::Redis`]. After any
+    /// error the next request asks the Sentinels again, which is how a failover
+    /// is followed; until a replica is promoted, the session endpoints answer `503`.
+    RedisSentinel(String),
     /// Sessions live in this process and are replicated to the peers named
     /// by [`AppConfig::cluster`](crate::AppConfig::cluster), so every
     /// instance of the cluster answers for every session and the death of one
@@ -97,6 +111,7 @@ impl Sessions {
             Sessions::Memory | Sessions::Cluster => Ok(()),
             Sessions::Redis(url) => redis_client(url).map(drop),
             Sessions::RedisCluster(nodes) => cluster_client(nodes).map(drop),
+            Sessions::RedisSentinel(value) => sentinel_client(value).map(drop),
         }
     }
 }
@@ -108,6 +123,7 @@ impl fmt::Display for Sessions {
             Sessions::Cluster => f.write_str("cluster"),
             Sessions::Redis(url) => f.write_str(&redact_password(url)),
             Sessions::RedisCluster(nodes) => f.write_str(&cluster_url(nodes)),
+            Sessions::RedisSentinel(value) => f.write_str(&redact_password(value)),
         }
     }
 }
@@ -121,6 +137,10 @@ impl fmt::Debug for Sessions {
             Sessions::RedisCluster(nodes) => f
                 .debug_tuple("RedisCluster")
                 .field(&cluster_url(nodes))
+                .finish(),
+            Sessions::RedisSentinel(value) => f
+                .debug_tuple("RedisSentinel")
+                .field(&redact_password(value))
                 .finish(),
         }
     }
@@ -142,12 +162,16 @@ impl FromStr for Sessions {
             let nodes = cluster_nodes(rest)?;
             cluster_client(&nodes)?;
             Ok(Sessions::RedisCluster(nodes))
+        } else if strip_prefix_ignore_case(s, SENTINEL_SCHEME).is_some() {
+            sentinel_client(s)?;
+            Ok(Sessions::RedisSentinel(s.to_owned()))
         } else {
             // Not echoed: it might be a mistyped URL with a password in it.
             Err(ParseSessionsError(
                 "invalid session store: expected `memory`, `cluster`, a \
-                 `redis://host:port[/db]` (or `rediss://`) URL or \
-                 `redis-cluster://host:port[,host:port…]`"
+                 `redis://host:port[/db]` (or `rediss://`) URL, \
+                 `redis-cluster://host:port[,host:port…]` or \
+                 `redis-sentinel://host:port[,host:port…]/master[/db]`"
                     .to_owned(),
             ))
         }
@@ -156,6 +180,62 @@ impl FromStr for Sessions {
 
 /// Scheme of a `--sessions` value naming a Redis Cluster.
 const CLUSTER_SCHEME: &str = "redis-cluster://";
+
+/// Scheme of a `--sessions` value naming Redis Sentinels and their master.
+const SENTINEL_SCHEME: &str = "redis-sentinel://";
+
+/// A Sentinel client for `redis-sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]`
+/// (which does not connect yet), or why the value is bad.
+fn sentinel_client(value: &str) -> Result<SentinelClient, ParseSessionsError> {
+    let bad = |why: &str| {
+        ParseSessionsError(format!(
+            "invalid redis sentinel {}: {why}; expected \
+             redis-sentinel://[[USER]:PASSWORD@]HOST:PORT[,HOST:PORT…]/MASTER[/DB]",
+            redact_password(value)
+        ))
+    };
+    let rest = strip_prefix_ignore_case(value, SENTINEL_SCHEME).ok_or_else(|| bad("no scheme"))?;
+    let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no master name"))?;
+    let (auth, hosts) = match authority.rsplit_once('@') {
+        Some((auth, hosts)) => (Some(auth), hosts),
+        None => (None, authority),
+    };
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',').map(str::trim) {
+        let parsed = host
+            .rsplit_once(':')
+            .filter(|(h, _)| !h.is_empty())
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|p| *p > 0)?)));
+        let Some((h, port)) = parsed else {
+            return Err(bad(&format!("{host:?} is not HOST:PORT")));
+        };
+        sentinels.push(ConnectionAddr::Tcp(h.to_owned(), port));
+    }
+    let (master, db) = match path.split_once('/') {
+        Some((master, db)) => (
+            master,
+            db.parse::<i64>()
+                .map_err(|_| bad(&format!("database {db:?} is not a number")))?,
+        ),
+        None => (path, 0),
+    };
+    if master.is_empty() {
+        return Err(bad("no master name"));
+    }
+    let mut builder = SentinelClientBuilder::new(sentinels, master, SentinelServerType::Master)
+        .map_err(|e| bad(&e.to_string()))?
+        .set_client_to_redis_db(db);
+    if let Some(auth) = auth {
+        let (user, password) = auth.split_once(':').unwrap_or((auth, ""));
+        if !user.is_empty() {
+            builder = builder.set_client_to_redis_username(user);
+        }
+        if !password.is_empty() {
+            builder = builder.set_client_to_redis_password(password);
+        }
+    }
+    builder.build().map_err(|e| bad(&e.to_string()))
+}
 
 fn strip_prefix_ignore_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
     s.get(..prefix.len())
@@ -316,6 +396,7 @@ impl SessionStore {
             Sessions::Memory => SessionStore::Memory(MemoryStore::new(MEMORY_CAPACITY)),
             Sessions::Redis(url) => SessionStore::Redis(RedisStore::new(url)),
             Sessions::RedisCluster(nodes) => SessionStore::Redis(RedisStore::cluster(nodes)),
+            Sessions::RedisSentinel(value) => SessionStore::Redis(RedisStore::sentinel(value)),
             Sessions::Cluster => {
                 let node = Arc::new(ClusterNode::new(cluster.clone(), local, MEMORY_CAPACITY));
                 node.start();
@@ -434,6 +515,7 @@ struct RedisSession<'a> {
 enum Backend {
     Node(Box<redis::Client>),
     Cluster(Box<ClusterClient>),
+    Sentinel(Box<tokio::sync::Mutex<SentinelClient>>),
 }
 
 /// A connection to one node (through a [`ConnectionManager`]) or to a cluster.
@@ -441,6 +523,8 @@ enum Backend {
 enum Connection {
     Node(ConnectionManager),
     Cluster(ClusterConnection),
+    /// To the master the Sentinels named when it was made.
+    Sentinel(MultiplexedConnection),
 }
 
 impl ConnectionLike for Connection {
@@ -448,6 +532,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Node(c) => c.req_packed_command(cmd),
             Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -460,6 +545,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Node(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -467,6 +553,7 @@ impl ConnectionLike for Connection {
         match self {
             Connection::Node(c) => c.get_db(),
             Connection::Cluster(c) => c.get_db(),
+            Connection::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -546,6 +633,23 @@ impl RedisStore {
         Self {
             client,
             url: cluster_url(nodes),
+            manager: tokio::sync::Mutex::new(None),
+            available: AtomicBool::new(true),
+            last_warning: Mutex::new(None),
+        }
+    }
+
+    fn sentinel(value: &str) -> Self {
+        let client = match sentinel_client(value) {
+            Ok(client) => Some(Backend::Sentinel(Box::new(tokio::sync::Mutex::new(client)))),
+            Err(err) => {
+                tracing::error!("session store disabled: {err}");
+                None
+            }
+        };
+        Self {
+            client,
+            url: redact_password(value).into_owned(),
             manager: tokio::sync::Mutex::new(None),
             available: AtomicBool::new(true),
             last_warning: Mutex::new(None),
@@ -675,6 +779,20 @@ impl RedisStore {
         }
         let client = match &self.client {
             Some(Backend::Node(client)) => (**client).clone(),
+            Some(Backend::Sentinel(client)) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(REDIS_COMMAND_TIMEOUT));
+                let conn = client
+                    .lock()
+                    .await
+                    .get_async_connection_with_config(&config)
+                    .await?;
+                tracing::debug!(store = %self.url, "connected to the master named by the sentinels");
+                return Ok(Arc::clone(
+                    slot.insert(Arc::new(Connection::Sentinel(conn))),
+                ));
+            }
             Some(Backend::Cluster(client)) => {
                 let conn = client.get_async_connection().await?;
                 tracing::debug!(store = %self.url, "connected to the redis cluster");
@@ -883,6 +1001,41 @@ mod tests {
         ] {
             let err = bad.parse::<Sessions>().unwrap_err().to_string();
             assert!(err.starts_with("invalid redis URL"), "{bad:?}: {err}");
+            assert!(!err.contains("hunter2"), "{bad:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn parses_redis_sentinel_values() {
+        for value in [
+            "redis-sentinel://127.0.0.1:26379/mymaster",
+            "redis-sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster/2",
+            "redis-sentinel://app:hunter2@10.0.0.1:26379,10.0.0.2:26379/main",
+        ] {
+            let parsed = value.parse::<Sessions>();
+            assert_eq!(
+                parsed,
+                Ok(Sessions::RedisSentinel(value.to_owned())),
+                "{value}"
+            );
+            let shown = parsed.unwrap().to_string();
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        assert_eq!(
+            "redis-sentinel://app:hunter2@10.0.0.1:26379/main"
+                .parse::<Sessions>()
+                .unwrap()
+                .to_string(),
+            "redis-sentinel://app:***@10.0.0.1:26379/main"
+        );
+        for bad in [
+            "redis-sentinel://127.0.0.1:26379",
+            "redis-sentinel://127.0.0.1:26379/",
+            "redis-sentinel://127.0.0.1/mymaster",
+            "redis-sentinel://:hunter2@127.0.0.1:26379/mymaster/x",
+        ] {
+            let err = bad.parse::<Sessions>().unwrap_err().to_string();
+            assert!(err.starts_with("invalid redis sentinel"), "{bad:?}: {err}");
             assert!(!err.contains("hunter2"), "{bad:?}: {err}");
         }
     }

@@ -56,8 +56,8 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9090")]
         admin: SocketAddr,
         /// Where the demo servers keep login sessions: `memory` (each its own), `cluster` (each
-        /// replicates to the others), `redis://HOST:PORT` or `redis-cluster://HOST:PORT[,HOST:PORT…]`
-        /// (shared).
+        /// replicates to the others), `redis://HOST:PORT`, `redis-cluster://HOST:PORT[,HOST:PORT…]` or
+        /// `redis-sentinel://HOST:PORT[,HOST:PORT…]/MASTER` (shared).
         #[arg(long, default_value = "memory")]
         sessions: fulcrum_app::Sessions,
         /// Keep each client on one server: `cookie`, `app_cookie` or `source_ip`.

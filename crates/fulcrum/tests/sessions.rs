@@ -461,74 +461,107 @@ async fn sentinel_master(sentinel: u16) -> Option<u16> {
         .ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fulcrum_follows_a_sentinel_failover_without_client_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut master = RedisServer::start(None).await;
-    let replica_port = free_port();
-    let replica = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &replica_port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _replica = RedisServer {
-        child: replica,
-        port: replica_port,
-    };
-    // The sentinels learn the replica from the master's INFO: let it be in sync before they start.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !redis_info(replica_port)
-        .await
-        .contains("master_link_status:up")
-    {
-        assert!(std::time::Instant::now() < deadline, "replica did not sync");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    let mut sentinels = Vec::new();
-    for i in 0..3 {
-        let port = free_port();
-        let conf = dir.path().join(format!("sentinel-{i}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {} 2\n\
-                 sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
-                master.port
-            ),
-        )
-        .unwrap();
-        let child = std::process::Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
+/// A master, its replica in sync, and three sentinels watching the master as `mymaster`
+/// (`down-after-milliseconds 1000`).
+struct SentinelSetup {
+    _dir: tempfile::TempDir,
+    master: RedisServer,
+    _replica: RedisServer,
+    replica_port: u16,
+    sentinels: Vec<RedisServer>,
+}
+
+impl SentinelSetup {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let master = RedisServer::start(None).await;
+        let replica_port = free_port();
+        let replica = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &replica_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--replicaof", "127.0.0.1", &master.port.to_string()])
+            .arg("--dir")
+            .arg(dir.path())
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        sentinels.push(RedisServer { child, port });
-    }
-    for s in &sentinels {
+        let _replica = RedisServer {
+            child: replica,
+            port: replica_port,
+        };
+        // The sentinels learn the replica from the master's INFO: let it be in sync before they start.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while sentinel_master(s.port).await != Some(master.port) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "sentinel {} did not come up",
-                s.port
-            );
+        while !redis_info(replica_port)
+            .await
+            .contains("master_link_status:up")
+        {
+            assert!(std::time::Instant::now() < deadline, "replica did not sync");
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let mut sentinels = Vec::new();
+        for i in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\nsentinel monitor mymaster 127.0.0.1 {} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\nsentinel failover-timeout mymaster 5000\n",
+                    master.port
+                ),
+            )
+            .unwrap();
+            let child = std::process::Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            sentinels.push(RedisServer { child, port });
+        }
+        for s in &sentinels {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while sentinel_master(s.port).await != Some(master.port) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "sentinel {} did not come up",
+                    s.port
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+        SentinelSetup {
+            _dir: dir,
+            master,
+            _replica,
+            replica_port,
+            sentinels,
         }
     }
 
+    /// Kills the master and waits (at most 20 s) until the sentinels name the replica.
+    async fn fail_over(&mut self) {
+        self.master.kill();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while sentinel_master(self.sentinels[0].port).await != Some(self.replica_port) {
+            assert!(std::time::Instant::now() < deadline, "no failover");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fulcrum_follows_a_sentinel_failover_without_client_errors() {
+    let mut setup = SentinelSetup::start().await;
+    let (replica_port, sentinels) = (setup.replica_port, &setup.sentinels);
     let apps = apps(&["A", "B", "C"]).await;
     let nodes: Vec<String> = sentinels
         .iter()
@@ -544,12 +577,7 @@ async fn fulcrum_follows_a_sentinel_failover_without_client_errors() {
     let addr = web(&lb1);
     let (stop_load, load) = steady_load(addr, Ipv4Addr::new(127, 0, 0, 31), 20_000);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    master.kill();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while sentinel_master(sentinels[0].port).await != Some(replica_port) {
-        assert!(std::time::Instant::now() < deadline, "no failover");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    setup.fail_over().await;
     eprintln!("failover done");
     // After the failover (and the breaker), entries written through one balancer reach the other.
     // The entry lands in the new master, and the second balancer honours it.
@@ -720,4 +748,101 @@ async fn a_load_bound_sends_new_sessions_away_from_a_busy_sticky_server() {
     // With one, A (8 in flight against a mean of 4.5) is passed over for every new session.
     let placed = new_sessions_beside_a_busy_server("kind = \"cookie\"\nload_bound = 1.25").await;
     assert!(placed.iter().all(|s| s == "B"), "{placed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_sessions_behind_sentinel_a_failover_loses_no_login() {
+    let mut setup = SentinelSetup::start().await;
+    let seeds: Vec<String> = setup
+        .sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    let sessions: fulcrum_app::Sessions = format!("redis-sentinel://{}/mymaster", seeds.join(","))
+        .parse()
+        .expect("a redis-sentinel:// value");
+    let configs = ["A", "B", "C"]
+        .iter()
+        .map(|n| fulcrum_app::AppConfig::new(*n).with_sessions(sessions.clone()))
+        .collect();
+    let apps = apps_with(configs).await;
+    let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
+    let base = format!("http://{}", web(&lb));
+    let mut users = Vec::new();
+    for _ in 0..20 {
+        let mut b = Browser::new();
+        b.login(&base).await;
+        users.push(b);
+    }
+    // Asynchronous replication: let the replica have every login before its master dies.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let info = redis_info(setup.master.port).await;
+        let offset = info
+            .lines()
+            .find_map(|l| l.strip_prefix("master_repl_offset:"))
+            .map(|v| format!("offset={},", v.trim()));
+        if offset.is_some_and(|o| {
+            info.lines()
+                .any(|l| l.starts_with("slave0:") && l.contains(&o))
+        }) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "replica in sync: {info}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let started = std::time::Instant::now();
+    let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop_flag.clone();
+    let load_base = base.clone();
+    let load = tokio::spawn(async move {
+        let mut samples = Vec::new();
+        for i in 0..20_000usize {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let n = users.len();
+            let r = users[i % n].me(&load_base).await;
+            samples.push((started.elapsed(), r.status.as_u16()));
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        (samples, users)
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let killed_at = started.elapsed();
+    setup.fail_over().await;
+    let promoted_at = started.elapsed();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (samples, mut users) = load.await.unwrap();
+    assert!(samples.len() > 50, "the load ran: {}", samples.len());
+    let lost: Vec<_> = samples.iter().filter(|(_, s)| *s == 401).collect();
+    assert!(lost.is_empty(), "sessions lost: {lost:?}");
+    // 503 (the store did not answer) only between the kill and 1.5 s after the promotion.
+    let outside: Vec<_> = samples
+        .iter()
+        .filter(|(at, s)| {
+            *s != 200
+                && (*at < killed_at || *at > promoted_at + std::time::Duration::from_millis(1500))
+        })
+        .collect();
+    assert!(
+        outside.is_empty(),
+        "errors outside the failover ({killed_at:?}..{promoted_at:?}): {outside:?}"
+    );
+    let errors = samples.iter().filter(|(_, s)| *s != 200).count();
+    eprintln!(
+        "master killed: replica promoted after {:?}; {errors} of {} requests answered 503",
+        promoted_at - killed_at,
+        samples.len()
+    );
+    for b in &mut users {
+        let r = b.me(&base).await;
+        assert_eq!(r.status, StatusCode::OK, "after the failover: {}", r.body);
+    }
+    stop(lb).await;
 }
