@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::browser::Browser;
+use common::browser::{me_in_turn, Browser, Sample};
 use common::process::free_port;
 use common::*;
 use http::StatusCode;
@@ -217,13 +217,6 @@ impl RedisCluster {
     }
 }
 
-/// When each request of a load loop was sent (since the loop started) and what it got.
-struct Sample {
-    at: Duration,
-    status: u16,
-    server: String,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stick_table_lives_in_the_cluster_and_survives_a_masters_death() {
     let mut cluster = RedisCluster::start().await;
@@ -376,24 +369,7 @@ async fn app_sessions_in_the_cluster_survive_a_masters_death() {
     let started = Instant::now();
     let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop_flag.clone();
-    let load_base = base.clone();
-    let load = tokio::spawn(async move {
-        let mut samples = Vec::new();
-        for i in 0..20_000usize {
-            if flag.load(std::sync::atomic::Ordering::Relaxed) {
-                break;
-            }
-            let n = users.len();
-            let r = users[i % n].me(&load_base).await;
-            samples.push(Sample {
-                at: started.elapsed(),
-                status: r.status.as_u16(),
-                server: r.server(),
-            });
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        (samples, users)
-    });
+    let load = me_in_turn(users, base.clone(), started, flag);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let killed_at = started.elapsed();
     let (victim, window) = cluster.kill_busiest_master().await;

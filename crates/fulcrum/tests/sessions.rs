@@ -5,7 +5,7 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::browser::Browser;
+use common::browser::{me_in_turn, Browser};
 use common::*;
 use http::StatusCode;
 
@@ -798,20 +798,7 @@ async fn with_sessions_behind_sentinel_a_failover_loses_no_login() {
     let started = std::time::Instant::now();
     let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop_flag.clone();
-    let load_base = base.clone();
-    let load = tokio::spawn(async move {
-        let mut samples = Vec::new();
-        for i in 0..20_000usize {
-            if flag.load(std::sync::atomic::Ordering::Relaxed) {
-                break;
-            }
-            let n = users.len();
-            let r = users[i % n].me(&load_base).await;
-            samples.push((started.elapsed(), r.status.as_u16()));
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        (samples, users)
-    });
+    let load = me_in_turn(users, base.clone(), started, flag);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let killed_at = started.elapsed();
     setup.fail_over().await;
@@ -820,21 +807,21 @@ async fn with_sessions_behind_sentinel_a_failover_loses_no_login() {
     stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     let (samples, mut users) = load.await.unwrap();
     assert!(samples.len() > 50, "the load ran: {}", samples.len());
-    let lost: Vec<_> = samples.iter().filter(|(_, s)| *s == 401).collect();
+    let lost: Vec<_> = samples.iter().filter(|s| s.status == 401).collect();
     assert!(lost.is_empty(), "sessions lost: {lost:?}");
     // 503 (the store did not answer) only between the kill and 1.5 s after the promotion.
     let outside: Vec<_> = samples
         .iter()
-        .filter(|(at, s)| {
-            *s != 200
-                && (*at < killed_at || *at > promoted_at + std::time::Duration::from_millis(1500))
+        .filter(|s| {
+            s.status != 200
+                && (s.at < killed_at || s.at > promoted_at + std::time::Duration::from_millis(1500))
         })
         .collect();
     assert!(
         outside.is_empty(),
         "errors outside the failover ({killed_at:?}..{promoted_at:?}): {outside:?}"
     );
-    let errors = samples.iter().filter(|(_, s)| *s != 200).count();
+    let errors = samples.iter().filter(|s| s.status != 200).count();
     eprintln!(
         "master killed: replica promoted after {:?}; {errors} of {} requests answered 503",
         promoted_at - killed_at,

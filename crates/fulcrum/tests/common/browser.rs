@@ -71,3 +71,38 @@ impl Browser {
         self.call("GET", &format!("{base}/me"), "").await
     }
 }
+
+/// One answer of a load loop: when it came (since the loop started), its status and its server.
+#[derive(Debug)]
+pub struct Sample {
+    pub at: std::time::Duration,
+    pub status: u16,
+    pub server: String,
+}
+
+/// A load loop: the users take turns asking `GET {base}/me` (2 ms apart, at most 20,000 requests)
+/// until `stop` is set, from `started` on. Gives the answers back with the users.
+pub fn me_in_turn(
+    mut users: Vec<Browser>,
+    base: String,
+    started: std::time::Instant,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<(Vec<Sample>, Vec<Browser>)> {
+    tokio::spawn(async move {
+        let mut samples = Vec::new();
+        for i in 0..20_000usize {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let n = users.len();
+            let r = users[i % n].me(&base).await;
+            samples.push(Sample {
+                at: started.elapsed(),
+                status: r.status.as_u16(),
+                server: r.server(),
+            });
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        (samples, users)
+    })
+}
