@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::browser::{me_in_turn, Browser, Sample};
+use common::browser::{logged_in_behind_round_robin, me_in_turn, Browser, Sample};
 use common::process::free_port;
 use common::*;
 use http::StatusCode;
@@ -337,20 +337,7 @@ async fn app_sessions_in_the_cluster_survive_a_masters_death() {
     let mut cluster = RedisCluster::start().await;
     let url = format!("redis-cluster://{}", cluster.seeds()[..3].join(","));
     let sessions: fulcrum_app::Sessions = url.parse().expect("a redis-cluster:// value");
-    let configs = ["A", "B", "C"]
-        .iter()
-        .map(|n| fulcrum_app::AppConfig::new(*n).with_sessions(sessions.clone()))
-        .collect();
-    let apps = apps_with(configs).await;
-    // Plain round robin: no stickiness, every server must know every session.
-    let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
-    let base = format!("http://{}", web(&lb));
-    let mut users = Vec::new();
-    for _ in 0..30 {
-        let mut b = Browser::new();
-        b.login(&base).await;
-        users.push(b);
-    }
+    let (_apps, lb, base, mut users) = logged_in_behind_round_robin(sessions, 30).await;
     let mut seen = std::collections::HashSet::new();
     for b in &mut users {
         for _ in 0..3 {

@@ -5,7 +5,7 @@ mod common;
 
 use std::net::Ipv4Addr;
 
-use common::browser::{me_in_turn, Browser};
+use common::browser::{logged_in_behind_round_robin, me_in_turn, Browser};
 use common::*;
 use http::StatusCode;
 
@@ -761,19 +761,7 @@ async fn with_sessions_behind_sentinel_a_failover_loses_no_login() {
     let sessions: fulcrum_app::Sessions = format!("redis-sentinel://{}/mymaster", seeds.join(","))
         .parse()
         .expect("a redis-sentinel:// value");
-    let configs = ["A", "B", "C"]
-        .iter()
-        .map(|n| fulcrum_app::AppConfig::new(*n).with_sessions(sessions.clone()))
-        .collect();
-    let apps = apps_with(configs).await;
-    let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
-    let base = format!("http://{}", web(&lb));
-    let mut users = Vec::new();
-    for _ in 0..20 {
-        let mut b = Browser::new();
-        b.login(&base).await;
-        users.push(b);
-    }
+    let (_apps, lb, base, users) = logged_in_behind_round_robin(sessions, 20).await;
     // Asynchronous replication: let the replica have every login before its master dies.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {

@@ -106,3 +106,36 @@ pub fn me_in_turn(
         (samples, users)
     })
 }
+
+/// Three apps A, B, C keeping sessions in `sessions`, a balancer in front of them with plain round
+/// robin (no stickiness: every server must know every session), and `users` users logged in through
+/// it. The apps must live as long as the test.
+pub async fn logged_in_behind_round_robin(
+    sessions: fulcrum_app::Sessions,
+    users: usize,
+) -> (
+    Vec<fulcrum_app::AppHandle>,
+    fulcrum::runtime::Running,
+    String,
+    Vec<Browser>,
+) {
+    let configs = ["A", "B", "C"]
+        .iter()
+        .map(|n| fulcrum_app::AppConfig::new(*n).with_sessions(sessions.clone()))
+        .collect();
+    let apps = super::apps_with(configs).await;
+    let lb = super::fulcrum(&super::config(
+        "round_robin",
+        &super::servers(&apps),
+        "",
+        "",
+    ));
+    let base = format!("http://{}", super::web(&lb));
+    let mut logged_in = Vec::new();
+    for _ in 0..users {
+        let mut b = Browser::new();
+        b.login(&base).await;
+        logged_in.push(b);
+    }
+    (apps, lb, base, logged_in)
+}
