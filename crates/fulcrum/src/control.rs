@@ -1129,6 +1129,9 @@ impl Controller {
         let admin_stop = self.stop.clone();
         let on_ready = move || {
             tracing::info!("a new fulcrum took over the listening sockets: draining");
+            if let Some(ha) = &shared.ha {
+                ha.keep_address_on_exit();
+            }
             shared.request_shutdown();
             // The successor answers the admin API from now on: a change sent here would be lost.
             admin_stop.cancel();

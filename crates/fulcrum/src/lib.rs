@@ -18,6 +18,7 @@ pub mod control;
 pub mod demo;
 pub mod discovery;
 pub mod filter;
+pub mod ha;
 pub mod health;
 pub mod http;
 pub mod l4;

@@ -171,6 +171,8 @@ pub struct Shared {
     pub(crate) admin_token: ArcSwap<Option<String>>,
     /// The access log (`[access_log]`), shared by every listener; swapped when a reload changes it.
     pub access_log: crate::access_log::Slot,
+    /// The VRRP group (`[ha]`), when configured at start.
+    pub ha: Option<Arc<crate::ha::Status>>,
 }
 
 impl Shared {
@@ -268,6 +270,9 @@ pub enum StartError {
     /// ICMP health checks are configured but this process may not send ICMP.
     #[error("pool `{pool}`: {message}")]
     Icmp { pool: String, message: String },
+    /// `[ha]` cannot run here (no such interface, a missing capability).
+    #[error("{0}")]
+    Ha(String),
     /// A thread or runtime could not be created.
     #[error("cannot start: {0}")]
     Io(#[from] std::io::Error),
@@ -282,6 +287,7 @@ impl StartError {
             StartError::Store { pool, .. } => Some(format!("pools.{pool}.sticky")),
             StartError::Icmp { pool, .. } => Some(format!("pools.{pool}.health_check.kind")),
             StartError::AccessLog { .. } => Some("access_log.path".into()),
+            StartError::Ha(_) => Some("ha".into()),
             StartError::Io(_) => None,
         }
     }
@@ -372,6 +378,13 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
     raise_fd_limit();
     check_capabilities(&config)?;
     let workers = opts.workers.unwrap_or_else(default_workers).max(1);
+    let ha = config
+        .ha
+        .as_ref()
+        .map(crate::ha::Prepared::new)
+        .transpose()
+        .map_err(|e| StartError::Ha(e.0))?;
+    let took_over = opts.inherited.is_some();
 
     let mut inherited = opts.inherited;
     let admin_socket = match &config.admin {
@@ -412,6 +425,7 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
         reloads: ReloadStats::default(),
         admin_token: ArcSwap::from_pointee(config.admin.as_ref().and_then(|a| a.token.clone())),
         access_log: Default::default(),
+        ha: ha.as_ref().map(|h| h.status()),
     });
     let drain_deadline = CancellationToken::new();
     let admin_stop = CancellationToken::new();
@@ -486,6 +500,8 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
                             controller.offer_handoff(path, admin);
                         }
                         let control = tokio::spawn(controller.run(control_rx));
+                        let ha =
+                            ha.map(|h| tokio::spawn(crate::ha::run(shared.clone(), h, took_over)));
                         match admin_socket.map(tokio::net::TcpListener::from_std) {
                             Some(Ok(listener)) => {
                                 crate::admin::serve(listener, shared, stop.clone()).await
@@ -497,6 +513,10 @@ pub fn start_with(config: Config, opts: StartOptions) -> Result<Running, StartEr
                         }
                         stop.cancelled().await;
                         control.abort();
+                        if let Some(ha) = ha {
+                            // Hand the address over (a priority 0 advert) before the runtime goes.
+                            let _ = tokio::time::timeout(Duration::from_secs(2), ha).await;
+                        }
                     });
                 })?,
         );

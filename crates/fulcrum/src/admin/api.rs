@@ -179,6 +179,28 @@ pub async fn readyz(State(shared): State<Arc<Shared>>) -> (StatusCode, &'static 
     }
 }
 
+/// The VRRP group as this instance sees it (`[ha]`); `{"enabled": false}` without one.
+pub async fn ha(State(shared): State<Arc<Shared>>) -> Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(ha) = &shared.ha else {
+        return Json(serde_json::json!({ "enabled": false, "state": "standalone" }));
+    };
+    let mut view = serde_json::to_value(ha.snapshot()).unwrap_or_default();
+    if let Some(map) = view.as_object_mut() {
+        map.insert("enabled".into(), true.into());
+        map.insert("adverts_sent".into(), ha.adverts_sent.load(Relaxed).into());
+        map.insert(
+            "adverts_received".into(),
+            ha.adverts_received.load(Relaxed).into(),
+        );
+        map.insert(
+            "adverts_rejected".into(),
+            ha.adverts_rejected.load(Relaxed).into(),
+        );
+    }
+    Json(view)
+}
+
 #[derive(Serialize)]
 pub struct StatusView {
     version: &'static str,

@@ -508,6 +508,47 @@ impl Collector for FulcrumCollector {
             ConstCounter::new(n.load(Ordering::Relaxed))
                 .encode(m.encode_family(&[("result", result)])?)?;
         }
+        if let Some(ha) = &shared.ha {
+            let now = ha.state();
+            let mut m = enc.encode_descriptor(
+                "ha_state",
+                "The VRRP role of this instance ([ha]): 1 for the current one",
+                None,
+                MetricType::Gauge,
+            )?;
+            for role in ["initialize", "backup", "master", "fault"] {
+                ConstGauge::new(i64::from(role == now))
+                    .encode(m.encode_family(&[("state", role)])?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "ha_transitions",
+                "Entries into a VRRP role",
+                None,
+                MetricType::Counter,
+            )?;
+            for (role, n) in [
+                ("backup", &ha.became_backup),
+                ("master", &ha.became_master),
+                ("fault", &ha.became_fault),
+            ] {
+                ConstCounter::new(n.load(Ordering::Relaxed))
+                    .encode(m.encode_family(&[("to", role)])?)?;
+            }
+            let mut m = enc.encode_descriptor(
+                "ha_adverts",
+                "VRRP adverts: sent, received from the group, rejected (malformed, bad TTL or checksum)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (kind, n) in [
+                ("sent", &ha.adverts_sent),
+                ("received", &ha.adverts_received),
+                ("rejected", &ha.adverts_rejected),
+            ] {
+                ConstCounter::new(n.load(Ordering::Relaxed))
+                    .encode(m.encode_family(&[("kind", kind)])?)?;
+            }
+        }
         let mut m = enc.encode_descriptor(
             "pool_servers",
             "Servers in the pool, by effective state",

@@ -29,6 +29,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/api/openapi.json"),
     ("get", "/api/v1/status"),
+    ("get", "/api/v1/ha"),
     ("get", "/api/v1/pools"),
     ("get", "/api/v1/pools/{pool}"),
     ("get", "/api/v1/pools/{pool}/explain"),
@@ -63,6 +64,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
             }),
         )
         .route("/api/v1/status", get(api::status))
+        .route("/api/v1/ha", get(api::ha))
         .route("/api/v1/pools", get(api::pools))
         .route("/api/v1/pools/{pool}", get(api::pool))
         .route("/api/v1/pools/{pool}/explain", get(explain::explain))

@@ -22,11 +22,34 @@ pub(crate) struct RawConfig {
     pub store: Option<RawStore>,
     pub dns: Option<RawDns>,
     pub access_log: Option<RawAccessLog>,
+    pub ha: Option<RawHa>,
     /// Defaulted so that "no listeners" gets the same message as `listeners = []`.
     #[serde(default)]
     pub listeners: Vec<RawListener>,
     #[serde(default)]
     pub pools: Vec<RawPool>,
+}
+
+/// `[ha]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHa {
+    pub interface: String,
+    pub virtual_ip: String,
+    pub router_id: i64,
+    pub priority: Option<i64>,
+    pub advert_interval: Option<RawDuration>,
+    pub preempt: Option<bool>,
+    pub fault_when: Option<RawFaultWhen>,
+}
+
+/// `ha.fault_when`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RawFaultWhen {
+    EveryPoolDown,
+    AnyPoolDown,
+    Never,
 }
 
 /// `[access_log]`.

@@ -95,6 +95,8 @@ pub struct Config {
     pub dns_nameservers: Vec<SocketAddr>,
     /// `[access_log]` (optional): one line per HTTP request and per L4 session. Absent: no access log.
     pub access_log: Option<crate::access_log::Settings>,
+    /// `[ha]` (optional): share a virtual IP with other instances (VRRP v3). Absent: standalone.
+    pub ha: Option<HaConfig>,
     /// `[[listeners]]` (at least one): the addresses fulcrum accepts traffic on.
     pub listeners: Vec<ListenerConfig>,
     /// `[[pools]]` (at least one): groups of servers traffic is balanced over. Listeners and routes refer to
@@ -107,6 +109,38 @@ impl Config {
     pub fn pool_index(&self, name: &str) -> Option<usize> {
         self.pools.iter().position(|p| p.name == name)
     }
+}
+
+/// `[ha]`: a virtual IP shared with other balancers of the same VRRP v3 group (RFC 5798, IPv4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HaConfig {
+    /// `ha.interface` (required): the network interface that carries the virtual IP and the adverts.
+    pub interface: String,
+    /// `ha.virtual_ip` (required): the IPv4 address the master holds, with its prefix (`"192.0.2.100/24"`).
+    pub virtual_ip: ipnet::Ipv4Net,
+    /// `ha.router_id` (required, 1-255): the VRRP group, the same on every instance of it.
+    pub router_id: u8,
+    /// `ha.priority` (default 100, 1-254): the highest live priority holds the address.
+    pub priority: u8,
+    /// `ha.advert_interval` (default `"1s"`, 10ms-40.95s in steps of 10 ms): how often the master
+    /// announces itself; backups take over after 3 intervals plus a skew without one.
+    pub advert_interval: Duration,
+    /// `ha.preempt` (default true): a higher priority instance takes the address back from a lower one.
+    pub preempt: bool,
+    /// `ha.fault_when` (default `"every_pool_down"`): when this instance stops holding or claiming the
+    /// address because its listeners cannot serve.
+    pub fault_when: FaultWhen,
+}
+
+/// `ha.fault_when`: when an instance gives up the virtual IP because it cannot serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultWhen {
+    /// Every pool the listeners send traffic to has no available server.
+    EveryPoolDown,
+    /// Any pool the listeners send traffic to has no available server.
+    AnyPoolDown,
+    /// Never: only a dead process or a higher priority moves the address.
+    Never,
 }
 
 /// `[admin]`: the admin API, Prometheus metrics and the dashboard.

@@ -14,16 +14,16 @@ use regex::Regex;
 use super::error::KeyPath;
 use super::file::{
     RawAccessLog, RawAdmin, RawAutoBan, RawBlockRule, RawCache, RawConfig, RawDuration,
-    RawHealthCheck, RawInitialState, RawListener, RawLogFormat, RawLogStatus, RawPassive, RawPool,
-    RawRateLimit, RawRedirect, RawRoute, RawRouteCache, RawSentinel, RawServer, RawSize, RawSticky,
-    RawStore, RawStoreKind, RawTls, RawUpstreamTls,
+    RawFaultWhen, RawHa, RawHealthCheck, RawInitialState, RawListener, RawLogFormat, RawLogStatus,
+    RawPassive, RawPool, RawRateLimit, RawRedirect, RawRoute, RawRouteCache, RawSentinel,
+    RawServer, RawSize, RawSticky, RawStore, RawStoreKind, RawTls, RawUpstreamTls,
 };
 use super::{
-    AdminConfig, Algorithm, CacheConfig, CertFiles, ClientAuth, Config, DnsServerConfig,
-    FilterConfig, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch, KeyQuery, ListenerConfig,
-    PassiveConfig, PoolConfig, Protocol, RateKey, RateLimitConfig, RedisTarget, RouteCache,
-    RouteConfig, RouteMatch, ServerConfig, StickyConfig, StickyKind, StoreConfig, TlsConfig,
-    TlsVersion, UpstreamTls,
+    AdminConfig, Algorithm, CacheConfig, CertFiles, ClientAuth, Config, DnsServerConfig, FaultWhen,
+    FilterConfig, HaConfig, HashKey, HealthCheckConfig, HealthCheckKind, HostMatch, KeyQuery,
+    ListenerConfig, PassiveConfig, PoolConfig, Protocol, RateKey, RateLimitConfig, RedisTarget,
+    RouteCache, RouteConfig, RouteMatch, ServerConfig, StickyConfig, StickyKind, StoreConfig,
+    TlsConfig, TlsVersion, UpstreamTls,
 };
 
 /// A validation error: what is wrong with the key at `path`.
@@ -121,6 +121,7 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
             .collect::<Result<Vec<_>>>()?,
     };
     let access_log = raw.access_log.map(access_log).transpose()?;
+    let ha = raw.ha.map(ha).transpose()?;
     let pools = pools(raw.pools)?;
     let listeners = listeners(raw.listeners, &pools, admin.as_ref())?;
     if store == StoreConfig::Memory {
@@ -148,8 +149,67 @@ pub(crate) fn build(raw: RawConfig) -> Result<Config> {
         store,
         dns_nameservers,
         access_log,
+        ha,
         listeners,
         pools,
+    })
+}
+
+fn ha(raw: RawHa) -> Result<HaConfig> {
+    let path = KeyPath::root("ha");
+    let interface = raw.interface.trim();
+    if interface.is_empty() || interface.len() > 15 || interface.contains(['/', ' ']) {
+        return invalid(
+            path.key("interface"),
+            format!(
+                "{:?}: expected a network interface name such as \"eth0\"",
+                raw.interface
+            ),
+        );
+    }
+    let virtual_ip: ipnet::Ipv4Net = raw.virtual_ip.trim().parse().map_err(|_| {
+        Invalid::new(
+            path.key("virtual_ip"),
+            format!(
+                "{:?}: expected an IPv4 address with its prefix, e.g. \"192.0.2.100/24\"",
+                raw.virtual_ip
+            ),
+        )
+    })?;
+    let ip = virtual_ip.addr();
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_broadcast() || ip.is_loopback() {
+        return invalid(
+            path.key("virtual_ip"),
+            format!("{ip} cannot be a virtual IP (unspecified, multicast, broadcast or loopback)"),
+        );
+    }
+    let router_id = integer(Some(raw.router_id), path.key("router_id"), 0, 1, 255)? as u8;
+    let priority = integer(raw.priority, path.key("priority"), 100, 1, 254)? as u8;
+    let advert_interval = duration(
+        raw.advert_interval.as_ref(),
+        path.key("advert_interval"),
+        Duration::from_secs(1),
+        Zero::Rejected,
+    )?;
+    let centis = advert_interval.as_millis() / 10;
+    if advert_interval.as_millis() % 10 != 0 || !(1..=4095).contains(&centis) {
+        return invalid(
+            path.key("advert_interval"),
+            "must be 10ms to 40.95s in steps of 10 ms (VRRP v3 counts centiseconds)",
+        );
+    }
+    Ok(HaConfig {
+        interface: interface.to_owned(),
+        virtual_ip,
+        router_id,
+        priority,
+        advert_interval,
+        preempt: raw.preempt.unwrap_or(true),
+        fault_when: match raw.fault_when.unwrap_or(RawFaultWhen::EveryPoolDown) {
+            RawFaultWhen::EveryPoolDown => FaultWhen::EveryPoolDown,
+            RawFaultWhen::AnyPoolDown => FaultWhen::AnyPoolDown,
+            RawFaultWhen::Never => FaultWhen::Never,
+        },
     })
 }
 
