@@ -10,7 +10,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use super::{client, send, HttpClient, Reply};
+use super::{client, HttpClient, Reply};
 
 /// A browser-like client: keeps the cookies it is given and sends them back.
 pub struct Browser {
@@ -36,6 +36,19 @@ impl Browser {
     }
 
     pub async fn call(&mut self, method: &str, url: &str, body: &'static str) -> Reply {
+        self.try_call(method, url, body, std::time::Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+    }
+
+    /// As [`Browser::call`], but a failed or late answer is an error rather than a panic.
+    pub async fn try_call(
+        &mut self,
+        method: &str,
+        url: &str,
+        body: &'static str,
+        within: std::time::Duration,
+    ) -> Result<Reply, String> {
         let mut req = Request::builder().method(method).uri(url);
         if !self.jar.is_empty() {
             let cookies: Vec<String> = self.jar.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -45,7 +58,7 @@ impl Browser {
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from_static(body.as_bytes())))
             .unwrap();
-        let reply = send(&self.http, req).await;
+        let reply = super::try_send(&self.http, req, within).await?;
         for set in reply.headers.get_all("set-cookie") {
             let text = set.to_str().unwrap();
             let (name, rest) = text.split_once('=').unwrap();
@@ -56,7 +69,7 @@ impl Browser {
                 self.jar.insert(name.to_string(), value);
             }
         }
-        reply
+        Ok(reply)
     }
 
     pub async fn login(&mut self, base: &str) -> String {

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod netns;
 pub mod process;
 pub mod tls;
 
@@ -143,6 +144,33 @@ pub async fn send(client: &HttpClient, req: Request<Full<Bytes>>) -> Reply {
         headers,
         body: String::from_utf8_lossy(&body).into_owned(),
     }
+}
+
+/// As [`send`], but a failed or late answer is an error rather than a panic.
+pub async fn try_send(
+    client: &HttpClient,
+    req: Request<Full<Bytes>>,
+    within: Duration,
+) -> Result<Reply, String> {
+    let exchange = async {
+        let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    };
+    tokio::time::timeout(within, exchange)
+        .await
+        .map_err(|_| format!("no answer within {within:?}"))?
 }
 
 pub async fn get(client: &HttpClient, url: &str) -> Reply {

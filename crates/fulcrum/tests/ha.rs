@@ -1,0 +1,544 @@
+//! Balancer redundancy (`[ha]`, VRRP v3) on a network of namespaces the tests build: a client, two
+//! balancers and three fulcrum-app servers, each in its own namespace on one bridge. Needs root.
+//!
+//! Timings are real (VRRP runs on the wall clock between processes), so the assertions are on order
+//! and wide bounds: the keepalived anchor on this machine is 0.69 s for a SIGKILLed master with a
+//! 200 ms advert; the tests allow 3 s.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use common::browser::Browser;
+use common::netns::Lab;
+use common::process::BIN;
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+const APPS: [(&str, &str, &str); 3] = [
+    ("a", "A", "10.77.0.21"),
+    ("b", "B", "10.77.0.22"),
+    ("c", "C", "10.77.0.23"),
+];
+/// What the failover of a killed master may take here: 3 × 200 ms + skew is 0.72 s; the rest is
+/// margin for a loaded machine.
+const FAILOVER_BOUND: Duration = Duration::from_secs(3);
+
+/// The network: client 10.77.0.2, balancers lb1 10.77.0.11 and lb2 10.77.0.12, apps A, B, C on
+/// 10.77.0.21-23 (port 8080), each app running.
+fn network(client_extra: &[&str]) -> Lab {
+    let mut lab = Lab::new();
+    let mut client = vec!["10.77.0.2/24"];
+    client.extend_from_slice(client_extra);
+    lab.host("client", &client);
+    lab.host("lb1", &["10.77.0.11/24"]);
+    lab.host("lb2", &["10.77.0.12/24"]);
+    for (host, name, ip) in APPS {
+        lab.host(host, &[&format!("{ip}/24")]);
+        lab.spawn(
+            host,
+            host,
+            BIN,
+            &["app", "--listen", "0.0.0.0:8080", "--name", name],
+        );
+    }
+    lab
+}
+
+fn servers() -> String {
+    let list: Vec<String> = APPS
+        .iter()
+        .map(|(_, name, ip)| format!("{{ name = \"{name}\", address = \"{ip}:8080\" }}"))
+        .collect();
+    format!("servers = [{}]", list.join(", "))
+}
+
+/// A balancer of the group: round robin over A, B, C with cookie stickiness under a shared secret,
+/// HTTP health checks, the admin API on 127.0.0.1:9090 of its own namespace.
+fn balancer_config(priority: u8, interval: &str) -> String {
+    format!(
+        r#"shutdown_timeout = "1s"
+[admin]
+bind = "127.0.0.1:9090"
+
+[ha]
+interface = "eth0"
+virtual_ip = "{VIP}/24"
+router_id = 51
+priority = {priority}
+advert_interval = "{interval}"
+
+[[listeners]]
+name = "web"
+bind = "0.0.0.0:80"
+protocol = "http"
+pool = "apps"
+
+[[pools]]
+name = "apps"
+algorithm = "round_robin"
+{servers}
+[pools.sticky]
+kind = "cookie"
+secret = "a-secret-both-balancers-share"
+[pools.health_check]
+kind = "http"
+interval = "200ms"
+timeout = "150ms"
+rise = 1
+fall = 2
+"#,
+        servers = servers()
+    )
+}
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start_balancer(lab: &mut Lab, host: &str, config: &Path) {
+    let config = config.to_str().unwrap().to_owned();
+    lab.spawn(host, host, BIN, &["run", "--config", &config]);
+}
+
+/// `GET /api/v1/ha` of the balancer in `host` (None while it does not answer).
+fn ha(lab: &Lab, host: &str) -> Option<serde_json::Value> {
+    admin(lab, host, "GET", "/api/v1/ha", None)
+}
+
+/// An admin call inside `host`; None when it does not answer.
+fn admin(
+    lab: &Lab,
+    host: &str,
+    method: &'static str,
+    path: &str,
+    body: Option<String>,
+) -> Option<serde_json::Value> {
+    let path = path.to_owned();
+    lab.block_in(host, move || async move {
+        let client = common::client();
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://127.0.0.1:9090{path}"))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.unwrap_or_default(),
+            )))
+            .unwrap();
+        let reply = common::try_send(&client, req, Duration::from_secs(2))
+            .await
+            .ok()?;
+        serde_json::from_str(&reply.body).ok()
+    })
+}
+
+/// Waits until the balancer in `host` reports `state`; returns the last transition's wall-clock
+/// time (ms since the epoch).
+fn wait_state(lab: &Lab, host: &str, state: &str, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = ha(lab, host) {
+            if v["state"] == state {
+                return v["transitions"]
+                    .as_array()
+                    .and_then(|t| t.last())
+                    .and_then(|t| t["at_ms"].as_u64())
+                    .unwrap_or(0);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{host} is {} after {within:?}, not {state}: {v}",
+                v["state"]
+            );
+        } else {
+            assert!(Instant::now() < deadline, "{host}'s admin API is not up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) -> Instant {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Instant::now()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// One answer of the load loop.
+#[derive(Debug, Clone)]
+struct Sample {
+    at: Instant,
+    user: usize,
+    /// 0: no answer (refused, reset, timed out).
+    status: u16,
+    server: String,
+}
+
+/// Logged-in users asking `GET /me` in turn from the client's namespace (5 ms apart, at most 20,000
+/// requests or 120 s) until `stop`. Each user logs in first, from its own source address when
+/// `sources` names some. Returns where each user logged in, and every answer.
+fn load(
+    lab: &Lab,
+    base: &'static str,
+    users: usize,
+    sources: Vec<Ipv4Addr>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(Vec<String>, Vec<Sample>)> {
+    lab.run_in("client", move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut browsers: Vec<Browser> = (0..users)
+                .map(|i| match sources.get(i) {
+                    Some(ip) => Browser::from(*ip),
+                    None => Browser::new(),
+                })
+                .collect();
+            let mut homes = Vec::new();
+            for b in &mut browsers {
+                homes.push(b.login(base).await);
+            }
+            let started = Instant::now();
+            let mut samples = Vec::new();
+            for i in 0..20_000usize {
+                if stop.load(Ordering::Relaxed) || started.elapsed() > Duration::from_secs(120) {
+                    break;
+                }
+                let user = i % users;
+                let r = browsers[user]
+                    .try_call("GET", &format!("{base}/me"), "", Duration::from_secs(2))
+                    .await;
+                let (status, server) = match r {
+                    Ok(r) => (r.status.as_u16(), r.server()),
+                    Err(_) => (0, String::new()),
+                };
+                samples.push(Sample {
+                    at: Instant::now(),
+                    user,
+                    status,
+                    server,
+                });
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            (homes, samples)
+        })
+    })
+}
+
+/// The failed answers between `from` and `to`: (count, time of the last one after `from`).
+fn failures(samples: &[Sample], from: Instant, to: Instant) -> (usize, Option<Duration>) {
+    let failed: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.at >= from && s.at < to && s.status != 200)
+        .collect();
+    (failed.len(), failed.last().map(|s| s.at - from))
+}
+
+/// Every user was answered by the server it logged in on, never with 401, and every failure falls in
+/// one of `windows` (start, length).
+fn check_sessions(homes: &[String], samples: &[Sample], windows: &[(Instant, Duration)]) {
+    for s in samples {
+        assert_ne!(
+            s.status, 401,
+            "user {} was logged out (server {})",
+            s.user, s.server
+        );
+        if s.status == 200 {
+            assert_eq!(s.server, homes[s.user], "user {} moved", s.user);
+        } else {
+            assert!(
+                windows
+                    .iter()
+                    .any(|(at, len)| s.at >= *at && s.at <= *at + *len),
+                "a failure outside the switch windows: {s:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_killed_master_is_replaced_within_the_bound_and_logged_in_users_stay_logged_in() {
+    let mut lab = network(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let lb1 = write(&dir, "lb1.toml", &balancer_config(150, "200ms"));
+    let lb2 = write(&dir, "lb2.toml", &balancer_config(100, "200ms"));
+    start_balancer(&mut lab, "lb1", &lb1);
+    wait_state(&lab, "lb1", "master", Duration::from_secs(15));
+    start_balancer(&mut lab, "lb2", &lb2);
+    wait_state(&lab, "lb2", "backup", Duration::from_secs(15));
+    assert!(lab.has_address("lb1", VIP));
+    assert!(!lab.has_address("lb2", VIP));
+    wait_until("lb2 hears lb1", Duration::from_secs(5), || {
+        ha(&lab, "lb2").is_some_and(|v| v["master"] == "10.77.0.11" && v["master_priority"] == 150)
+    });
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loop_ = load(&lab, "http://10.77.0.100", 9, Vec::new(), stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+
+    // kill -9: the master vanishes without a word (its namespace keeps the address, as a dead
+    // keepalived's does); lb2 takes over when the adverts stop and announces the address.
+    let killed = Instant::now();
+    let killed_ms = now_ms();
+    lab.kill("lb1", "-KILL");
+    let took_ms = wait_state(&lab, "lb2", "master", Duration::from_secs(10));
+    let detect = Duration::from_millis(took_ms.saturating_sub(killed_ms));
+    assert!(lab.has_address("lb2", VIP));
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The old master comes back with the higher priority and takes the address back (preempt).
+    let back = Instant::now();
+    start_balancer(&mut lab, "lb1", &lb1);
+    wait_state(&lab, "lb1", "master", Duration::from_secs(15));
+    wait_state(&lab, "lb2", "backup", Duration::from_secs(5));
+    wait_until("lb2 gives up the address", Duration::from_secs(5), || {
+        !lab.has_address("lb2", VIP)
+    });
+    let back_done = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (homes, samples) = loop_.join().unwrap();
+
+    let (lost_kill, last_kill) = failures(&samples, killed, back);
+    let (lost_back, last_back) = failures(&samples, back, back_done + Duration::from_secs(2));
+    eprintln!(
+        "kill -9: lb2 master after {detect:?}; {lost_kill} requests failed, the last {last_kill:?} \
+         after the kill. Preempt: {lost_back} failed, the last {last_back:?} after lb1 restarted \
+         ({:?} to master); {} requests in all",
+        back_done - back,
+        samples.len()
+    );
+    assert!(samples
+        .iter()
+        .filter(|s| s.at < killed)
+        .all(|s| s.status == 200));
+    assert!(
+        detect < FAILOVER_BOUND,
+        "lb2 became master {detect:?} after the kill"
+    );
+    check_sessions(
+        &homes,
+        &samples,
+        &[
+            (killed, FAILOVER_BOUND),
+            (back, back_done - back + FAILOVER_BOUND),
+        ],
+    );
+    // Service came back: the last second of each phase answered.
+    let ok_after = |t: Instant| samples.iter().any(|s| s.at > t && s.status == 200);
+    assert!(ok_after(killed + FAILOVER_BOUND) && ok_after(back_done + Duration::from_secs(1)));
+    // Cookie stickiness spread the users over more than one server, and kept each on its own.
+    let mut distinct = homes.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(distinct.len() > 1, "{homes:?}");
+}
+
+#[test]
+fn a_stopping_master_hands_over_at_once_and_a_master_that_cannot_serve_steps_down() {
+    let mut lab = network(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    // 1 s adverts: a backup that had to wait for silence would need 3.6 s; a handover takes the
+    // skew (0.4 s) only.
+    let lb1 = write(&dir, "lb1.toml", &balancer_config(150, "1s"));
+    let lb2 = write(&dir, "lb2.toml", &balancer_config(100, "1s"));
+    start_balancer(&mut lab, "lb1", &lb1);
+    wait_state(&lab, "lb1", "master", Duration::from_secs(15));
+    start_balancer(&mut lab, "lb2", &lb2);
+    wait_state(&lab, "lb2", "backup", Duration::from_secs(15));
+
+    // SIGTERM: a priority 0 advert, the address removed, lb2 master after the skew.
+    let stopped_ms = now_ms();
+    lab.kill("lb1", "-TERM");
+    let took_ms = wait_state(&lab, "lb2", "master", Duration::from_secs(10));
+    let handover = Duration::from_millis(took_ms.saturating_sub(stopped_ms));
+    eprintln!("SIGTERM: lb2 master after {handover:?}");
+    assert!(
+        handover < Duration::from_millis(2_500),
+        "a clean stop took {handover:?}: lb2 waited for silence (3.6 s) instead of the skew"
+    );
+    assert!(
+        !lab.has_address("lb1", VIP),
+        "a stopped master left the address"
+    );
+    assert!(lab.has_address("lb2", VIP));
+
+    // Back with priority 150: it preempts.
+    start_balancer(&mut lab, "lb1", &lb1);
+    wait_state(&lab, "lb1", "master", Duration::from_secs(15));
+    wait_state(&lab, "lb2", "backup", Duration::from_secs(10));
+
+    // Every server of lb1's only pool in maintenance: its listeners cannot serve, it steps down.
+    for name in ["A", "B", "C"] {
+        let path = format!("/api/v1/pools/apps/servers/{name}/state");
+        admin(
+            &lab,
+            "lb1",
+            "PUT",
+            &path,
+            Some(r#"{"state":"maint"}"#.into()),
+        )
+        .expect("state change");
+    }
+    wait_state(&lab, "lb1", "fault", Duration::from_secs(5));
+    wait_state(&lab, "lb2", "master", Duration::from_secs(5));
+    assert!(!lab.has_address("lb1", VIP));
+    let v = ha(&lab, "lb1").unwrap();
+    assert_eq!(v["can_serve"], false, "{v}");
+    let reasons: Vec<&str> = v["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons.last(), Some(&"listeners cannot serve"), "{v}");
+
+    // Servers back: it rejoins and, with the higher priority, takes the address again.
+    for name in ["A", "B", "C"] {
+        let path = format!("/api/v1/pools/apps/servers/{name}/state");
+        admin(
+            &lab,
+            "lb1",
+            "PUT",
+            &path,
+            Some(r#"{"state":"ready"}"#.into()),
+        )
+        .expect("state change");
+    }
+    wait_state(&lab, "lb1", "master", Duration::from_secs(10));
+    wait_state(&lab, "lb2", "backup", Duration::from_secs(5));
+    // The metrics tell the same story.
+    let metrics = lab.block_in("lb1", || async {
+        common::get(&common::client(), "http://127.0.0.1:9090/metrics")
+            .await
+            .body
+    });
+    assert!(
+        metrics.contains("fulcrum_ha_state{state=\"master\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fulcrum_ha_transitions_total{to=\"fault\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// keepalived's configuration for the group, as docs/ha.md gives it.
+fn keepalived_config(priority: u8) -> String {
+    format!(
+        r#"global_defs {{
+    vrrp_version 3
+}}
+vrrp_instance fulcrum {{
+    state BACKUP
+    interface eth0
+    virtual_router_id 51
+    priority {priority}
+    advert_int 0.2
+    virtual_ipaddress {{
+        {VIP}/24
+    }}
+}}
+"#
+    )
+}
+
+fn start_keepalived(lab: &mut Lab, dir: &tempfile::TempDir, priority: u8) {
+    let conf = write(dir, "keepalived.conf", &keepalived_config(priority));
+    let pid = dir.path().join("keepalived.pid");
+    let vrrp_pid = dir.path().join("vrrp.pid");
+    lab.spawn(
+        "lb2",
+        "keepalived",
+        "keepalived",
+        &[
+            "-n", // no fork
+            "-G", // no syslog
+            "-P", // VRRP only
+            "-f",
+            conf.to_str().unwrap(),
+            "-p",
+            pid.to_str().unwrap(),
+            "-r",
+            vrrp_pid.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn fulcrum_and_keepalived_elect_and_fail_over_in_one_group() {
+    let mut lab = network(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let lb1 = write(&dir, "lb1.toml", &balancer_config(150, "200ms"));
+    start_balancer(&mut lab, "lb1", &lb1);
+    wait_state(&lab, "lb1", "master", Duration::from_secs(15));
+    start_keepalived(&mut lab, &dir, 100);
+    // keepalived hears fulcrum's adverts and stays backup: it never takes the address.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !lab.has_address("lb2", VIP),
+        "keepalived took the address from a live master"
+    );
+    assert!(lab.has_address("lb1", VIP));
+
+    // fulcrum killed: keepalived takes over.
+    let killed = Instant::now();
+    lab.kill("lb1", "-KILL");
+    let took = wait_until(
+        "keepalived holds the address",
+        Duration::from_secs(10),
+        || lab.has_address("lb2", VIP),
+    ) - killed;
+    eprintln!("keepalived took over {took:?} after fulcrum was killed");
+    assert!(took < FAILOVER_BOUND, "{took:?}");
+
+    // fulcrum back: it hears keepalived (priority 100), then preempts with 150.
+    start_balancer(&mut lab, "lb1", &lb1);
+    wait_state(&lab, "lb1", "master", Duration::from_secs(15));
+    wait_until(
+        "keepalived gives the address back",
+        Duration::from_secs(5),
+        || !lab.has_address("lb2", VIP),
+    );
+    let v = ha(&lab, "lb1").unwrap();
+    assert!(v["adverts_received"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["adverts_rejected"], 0, "{v}");
+    let heard_backup = v["transitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["to"] == "backup");
+    assert!(heard_backup, "{v}");
+
+    // A reload lowers fulcrum's priority below keepalived's: keepalived preempts, fulcrum follows.
+    std::fs::write(&lb1, balancer_config(50, "200ms")).unwrap();
+    admin(&lab, "lb1", "POST", "/api/v1/reload", Some("{}".into())).expect("reload");
+    wait_state(&lab, "lb1", "backup", Duration::from_secs(10));
+    wait_until(
+        "keepalived holds the address",
+        Duration::from_secs(5),
+        || lab.has_address("lb2", VIP),
+    );
+    assert!(!lab.has_address("lb1", VIP));
+    let v = ha(&lab, "lb1").unwrap();
+    assert_eq!(v["master"], "10.77.0.12", "{v}");
+    assert_eq!(v["master_priority"], 100, "{v}");
+    assert_eq!(v["priority"], 50, "{v}");
+    lab.kill("keepalived", "-TERM");
+}
