@@ -5,12 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use, installed only when missing (needs root, as on CI):
-# redis-server for the session tests, iproute2 (`ip netns`) for the ICMP health-check test, curl and
+# redis-server for the session tests, iproute2 (`ip netns`) for the ICMP health-check test and the
+# redundancy tests' networks of namespaces, keepalived as a peer in the VRRP interop test, curl and
 # openssl (`s_client`) as real TLS clients of the TLS tests, chromium and chromium-driver
 # (`chromedriver`) for the dashboard's browser test.
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v ip >/dev/null 2>&1 || packages+=(iproute2)
+command -v keepalived >/dev/null 2>&1 || packages+=(keepalived)
 command -v curl >/dev/null 2>&1 || packages+=(curl)
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 [ -x /usr/bin/chromium ] || packages+=(chromium)

@@ -683,6 +683,16 @@ impl Controller {
         let old = self.shared.state();
         let workers = self.workers.len();
         let mut report = ReloadReport::default();
+        let ha_identity = |c: &Config| {
+            c.ha.as_ref()
+                .map(|h| (h.interface.clone(), h.virtual_ip, h.router_id))
+        };
+        if !old.listeners.is_empty() && ha_identity(&old.config) != ha_identity(&config) {
+            tracing::warn!(
+                "[ha]: interface, virtual_ip and router_id (or adding/removing [ha]) apply at the next \
+                 restart; priority, advert_interval, preempt and fault_when apply now"
+            );
+        }
         let admin_bind = |c: &Config| c.admin.as_ref().map(|a| a.bind);
         if !old.listeners.is_empty() && admin_bind(&old.config) != admin_bind(&config) {
             tracing::warn!(

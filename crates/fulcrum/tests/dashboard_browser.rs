@@ -169,7 +169,8 @@ fn artifacts_dir() -> PathBuf {
 /// figures, share chart and per server the text of every `data-field` cell, the check marks and the
 /// action buttons.
 const SNAPSHOT: &str = r#"
-var out = { conn: document.getElementById('conn').textContent, pools: {} };
+var out = { conn: document.getElementById('conn').textContent,
+            ha: document.getElementById('ha').textContent, pools: {} };
 document.querySelectorAll('section.card[data-pool]').forEach(function (sec) {
   var p = { meta: {}, servers: {}, chart_total: null, segments: [] };
   sec.querySelectorAll('h2 [data-field]').forEach(function (e) { p.meta[e.dataset.field] = e.textContent.trim(); });
@@ -320,6 +321,8 @@ async fn the_dashboard_shows_live_figures_and_its_drain_button_drains() {
         },
     )
     .await;
+    // No [ha]: the header says this instance stands alone.
+    assert_eq!(page["ha"], "standalone");
     let before = |n: &str| number(&page["pools"]["p"]["servers"][n]["requests"]).unwrap();
     let (a0, b0) = (before("A"), before("B"));
     assert_eq!(

@@ -284,6 +284,12 @@ fn a_killed_master_is_replaced_within_the_bound_and_logged_in_users_stay_logged_
     wait_state(&lab, "lb2", "backup", Duration::from_secs(15));
     assert!(lab.has_address("lb1", VIP));
     assert!(!lab.has_address("lb2", VIP));
+    // What the dashboard's header shows.
+    let status = admin(&lab, "lb1", "GET", "/api/v1/status", None).unwrap();
+    assert_eq!(
+        status["ha"],
+        serde_json::json!({"state": "master", "virtual_ip": "10.77.0.100/24", "holding": true})
+    );
     wait_until("lb2 hears lb1", Duration::from_secs(5), || {
         ha(&lab, "lb2").is_some_and(|v| v["master"] == "10.77.0.11" && v["master_priority"] == 150)
     });
@@ -726,4 +732,47 @@ fn active_active_behind_ecmp_losing_an_instance_moves_no_client() {
     spread.sort();
     spread.dedup();
     assert!(spread.len() > 1, "{hashed_before:?}");
+}
+
+#[test]
+fn a_missing_interface_or_capability_stops_the_start_with_a_clear_error() {
+    let mut lab = Lab::new();
+    lab.host("lb1", &["10.77.0.11/24"]);
+    let dir = tempfile::tempdir().unwrap();
+    // Readable by the unprivileged user below.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = |interface: &str| {
+        format!(
+            "[ha]\ninterface = \"{interface}\"\nvirtual_ip = \"{VIP}/24\"\nrouter_id = 51\n\
+             [[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n\
+             [[pools]]\nname = \"p\"\nservers = [{{ address = \"127.0.0.1:9\" }}]\n"
+        )
+    };
+    let run = |path: &Path, prefix: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.ns("lb1"), "sh", "-c"])
+            .arg(format!("{prefix} {BIN} run --config {}", path.display()))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let missing = write(&dir, "missing.toml", &config("eth9"));
+    let (ok, err) = run(&missing, "");
+    assert!(!ok);
+    assert!(
+        err.contains("ha.interface: no interface \"eth9\" here (there are: lo, eth0)"),
+        "{err}"
+    );
+    let good = write(&dir, "good.toml", &config("eth0"));
+    std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, err) = run(&good, "setpriv --reuid=65534 --regid=65534 --clear-groups");
+    assert!(!ok);
+    assert!(
+        err.contains("ha: cannot open a raw socket for VRRP") && err.contains("CAP_NET_RAW"),
+        "{err}"
+    );
 }

@@ -208,7 +208,16 @@ pub struct StatusView {
     draining: bool,
     reloads_ok: u64,
     reloads_failed: u64,
+    /// The VRRP role (`standalone` without `[ha]`), the virtual IP and whether this instance holds it.
+    ha: HaSummary,
     listeners: Vec<ListenerView>,
+}
+
+#[derive(Serialize)]
+pub struct HaSummary {
+    state: &'static str,
+    virtual_ip: Option<String>,
+    holding: bool,
 }
 
 #[derive(Serialize)]
@@ -253,8 +262,24 @@ pub async fn status(State(shared): State<Arc<Shared>>) -> Json<StatusView> {
             }
         })
         .collect();
+    let ha = match &shared.ha {
+        Some(ha) => {
+            let snap = ha.snapshot();
+            HaSummary {
+                state: snap.state,
+                virtual_ip: Some(snap.virtual_ip),
+                holding: snap.holding,
+            }
+        }
+        None => HaSummary {
+            state: "standalone",
+            virtual_ip: None,
+            holding: false,
+        },
+    };
     Json(StatusView {
         version: env!("CARGO_PKG_VERSION"),
+        ha,
         uptime_seconds: shared.started.elapsed().as_secs_f64(),
         draining: shared.is_draining(),
         reloads_ok: shared.reloads.ok.load(std::sync::atomic::Ordering::Relaxed),
