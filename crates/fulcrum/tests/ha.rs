@@ -385,8 +385,12 @@ fn a_stopping_master_hands_over_at_once_and_a_master_that_cannot_serve_steps_dow
     );
     assert!(lab.has_address("lb2", VIP));
 
-    // Back with priority 150: it preempts.
-    start_balancer(&mut lab, "lb1", &lb1);
+    // Back with priority 150 (offering its sockets to a successor): it preempts.
+    let socket = dir.path().join("takeover.sock");
+    let socket = socket.to_str().unwrap().to_owned();
+    let config = lb1.to_str().unwrap().to_owned();
+    let upgrade = ["run", "--config", &config, "--takeover-socket", &socket];
+    lab.spawn("lb1", "lb1", BIN, &upgrade);
     wait_state(&lab, "lb1", "master", Duration::from_secs(15));
     wait_state(&lab, "lb2", "backup", Duration::from_secs(10));
 
@@ -430,11 +434,14 @@ fn a_stopping_master_hands_over_at_once_and_a_master_that_cannot_serve_steps_dow
     wait_state(&lab, "lb1", "master", Duration::from_secs(10));
     wait_state(&lab, "lb2", "backup", Duration::from_secs(5));
     // The metrics tell the same story.
-    let metrics = lab.block_in("lb1", || async {
-        common::get(&common::client(), "http://127.0.0.1:9090/metrics")
-            .await
-            .body
-    });
+    let metrics_of = |lab: &Lab| {
+        lab.block_in("lb1", || async {
+            common::get(&common::client(), "http://127.0.0.1:9090/metrics")
+                .await
+                .body
+        })
+    };
+    let metrics = metrics_of(&lab);
     assert!(
         metrics.contains("fulcrum_ha_state{state=\"master\"} 1"),
         "{metrics}"
@@ -442,6 +449,32 @@ fn a_stopping_master_hands_over_at_once_and_a_master_that_cannot_serve_steps_dow
     assert!(
         metrics.contains("fulcrum_ha_transitions_total{to=\"fault\"} 1"),
         "{metrics}"
+    );
+
+    // A binary upgrade (takeover) keeps the address where it is: lb2 never becomes master.
+    let lb2_masters = |lab: &Lab| {
+        ha(lab, "lb2").unwrap()["transitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["to"] == "master")
+            .count()
+    };
+    let before = lb2_masters(&lab);
+    lab.spawn("lb1", "lb1-new", BIN, &upgrade);
+    lab.wait_exit("lb1", Duration::from_secs(20));
+    let v = ha(&lab, "lb1").unwrap();
+    assert_eq!(v["state"], "master", "{v}");
+    assert_eq!(
+        v["transitions"][0]["reason"], "took over from the previous process",
+        "{v}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(lab.has_address("lb1", VIP));
+    assert_eq!(
+        lb2_masters(&lab),
+        before,
+        "lb2 took the address during the upgrade"
     );
 }
 

@@ -141,6 +141,24 @@ impl Lab {
         }
     }
 
+    /// Waits for the process `name` to exit by itself.
+    pub fn wait_exit(&mut self, name: &str, within: Duration) {
+        let i = self
+            .children
+            .iter()
+            .position(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no process {name}"));
+        let deadline = Instant::now() + within;
+        while self.children[i].1.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{name} still runs after {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.children.remove(i);
+    }
+
     /// Runs `f` on a thread inside `host`'s network namespace: the sockets it opens live there.
     pub fn run_in<R: Send + 'static>(
         &self,
