@@ -395,17 +395,7 @@ fn a_stopping_master_hands_over_at_once_and_a_master_that_cannot_serve_steps_dow
     wait_state(&lab, "lb2", "backup", Duration::from_secs(10));
 
     // Every server of lb1's only pool in maintenance: its listeners cannot serve, it steps down.
-    for name in ["A", "B", "C"] {
-        let path = format!("/api/v1/pools/apps/servers/{name}/state");
-        admin(
-            &lab,
-            "lb1",
-            "PUT",
-            &path,
-            Some(r#"{"state":"maint"}"#.into()),
-        )
-        .expect("state change");
-    }
+    set_every_server(&lab, "lb1", "maint");
     wait_state(&lab, "lb1", "fault", Duration::from_secs(5));
     wait_state(&lab, "lb2", "master", Duration::from_secs(5));
     assert!(!lab.has_address("lb1", VIP));
@@ -420,28 +410,15 @@ fn a_stopping_master_hands_over_at_once_and_a_master_that_cannot_serve_steps_dow
     assert_eq!(reasons.last(), Some(&"listeners cannot serve"), "{v}");
 
     // Servers back: it rejoins and, with the higher priority, takes the address again.
-    for name in ["A", "B", "C"] {
-        let path = format!("/api/v1/pools/apps/servers/{name}/state");
-        admin(
-            &lab,
-            "lb1",
-            "PUT",
-            &path,
-            Some(r#"{"state":"ready"}"#.into()),
-        )
-        .expect("state change");
-    }
+    set_every_server(&lab, "lb1", "ready");
     wait_state(&lab, "lb1", "master", Duration::from_secs(10));
     wait_state(&lab, "lb2", "backup", Duration::from_secs(5));
     // The metrics tell the same story.
-    let metrics_of = |lab: &Lab| {
-        lab.block_in("lb1", || async {
-            common::get(&common::client(), "http://127.0.0.1:9090/metrics")
-                .await
-                .body
-        })
-    };
-    let metrics = metrics_of(&lab);
+    let metrics = lab.block_in("lb1", || async {
+        common::get(&common::client(), "http://127.0.0.1:9090/metrics")
+            .await
+            .body
+    });
     assert!(
         metrics.contains("fulcrum_ha_state{state=\"master\"} 1"),
         "{metrics}"
@@ -463,8 +440,9 @@ fn a_stopping_master_hands_over_at_once_and_a_master_that_cannot_serve_steps_dow
     let before = lb2_masters(&lab);
     lab.spawn("lb1", "lb1-new", BIN, &upgrade);
     lab.wait_exit("lb1", Duration::from_secs(20));
+    // The successor answers the admin API; its group starts right away, as master.
+    wait_state(&lab, "lb1", "master", Duration::from_secs(10));
     let v = ha(&lab, "lb1").unwrap();
-    assert_eq!(v["state"], "master", "{v}");
     assert_eq!(
         v["transitions"][0]["reason"], "took over from the previous process",
         "{v}"
@@ -476,6 +454,15 @@ fn a_stopping_master_hands_over_at_once_and_a_master_that_cannot_serve_steps_dow
         before,
         "lb2 took the address during the upgrade"
     );
+}
+
+/// Puts every server of the balancer's pool in `state` (`maint`, `ready`) through its admin API.
+fn set_every_server(lab: &Lab, host: &str, state: &str) {
+    for (_, name, _) in APPS {
+        let path = format!("/api/v1/pools/apps/servers/{name}/state");
+        let body = serde_json::json!({ "state": state }).to_string();
+        admin(lab, host, "PUT", &path, Some(body)).expect("state change");
+    }
 }
 
 /// keepalived's configuration for the group, as docs/ha.md gives it.
@@ -606,12 +593,26 @@ bind = "0.0.0.0:81"
 protocol = "http"
 pool = "hashed"
 
+[[listeners]]
+name = "app-cookie"
+bind = "0.0.0.0:82"
+protocol = "http"
+pool = "by-session"
+
 [[pools]]
 name = "apps"
 algorithm = "round_robin"
 {servers}
 [pools.sticky]
 kind = "source_ip"
+
+[[pools]]
+name = "by-session"
+algorithm = "round_robin"
+{servers}
+[pools.sticky]
+kind = "app_cookie"
+cookie = "SESSIONID"
 
 [[pools]]
 name = "hashed"
@@ -696,6 +697,20 @@ fn active_active_behind_ecmp_losing_an_instance_moves_no_client() {
         })
     };
     let hashed_before = hashed_homes(&lab, ips.clone());
+    // Users who log in on the app-cookie listener: their session cookie's server is learned into the
+    // Redis stick table by whichever instance saw the login.
+    let app_users = {
+        let ips = ips.clone();
+        lab.block_in("client", move || async move {
+            let mut users = Vec::new();
+            for ip in ips {
+                let mut b = Browser::from(ip);
+                let home = b.login(&format!("http://{SERVICE}:82")).await;
+                users.push((b, home));
+            }
+            users
+        })
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     let loop_ = load(
@@ -759,6 +774,19 @@ fn active_active_behind_ecmp_losing_an_instance_moves_no_client() {
         &[(killed, withdrawn - killed + Duration::from_secs(1))],
     );
     assert!(users_hit < ips.len(), "every user failed, not only lb1's");
+    // The app-cookie users, some of whom logged in through lb1: lb2 finds each session's server in
+    // Redis, so all are still logged in on the server they logged in on.
+    let after: Vec<(u16, String, String)> = lab.block_in("client", move || async move {
+        let mut out = Vec::new();
+        for (mut b, home) in app_users {
+            let r = b.me(&format!("http://{SERVICE}:82")).await;
+            out.push((r.status.as_u16(), r.server(), home));
+        }
+        out
+    });
+    for (status, server, home) in &after {
+        assert_eq!((*status, server), (200, home), "{after:?}");
+    }
     // Maglev on the source address: the surviving instance sends each client where both did.
     assert_eq!(hashed_homes(&lab, ips), hashed_before);
     let mut spread = hashed_before.clone();

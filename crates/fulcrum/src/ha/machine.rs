@@ -217,19 +217,25 @@ impl Machine {
         match (self.role, healthy) {
             (Role::Fault, true) => self.become_backup(now, "listeners can serve again"),
             (Role::Backup | Role::Master, false) => {
-                let mut out = Vec::new();
-                if self.role == Role::Master {
-                    out.push(Action::Advertise(0));
-                    out.push(Action::ReleaseAddress);
-                }
-                self.role = Role::Fault;
-                self.deadline = None;
-                self.master = None;
-                out.push(Action::Became(Role::Fault, "listeners cannot serve"));
-                out
+                self.leave(Role::Fault, "listeners cannot serve", true)
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Leaves the election for `role`: a master that `hands_over` sends a priority 0 advert (so a
+    /// backup takes over after its skew only, §6.4.3) and releases the address.
+    fn leave(&mut self, role: Role, why: &'static str, hands_over: bool) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.role == Role::Master && hands_over {
+            out.push(Action::Advertise(0));
+            out.push(Action::ReleaseAddress);
+        }
+        self.role = role;
+        self.deadline = None;
+        self.master = None;
+        out.push(Action::Became(role, why));
+        out
     }
 
     /// New settings (a reload). A master advertises the new priority at its next advert; a backup
@@ -244,16 +250,7 @@ impl Machine {
     /// Leaves the group: a master hands over at once with a priority 0 advert (§6.4.3) unless
     /// `keep_address` (a successor process takes over the address as it is).
     pub fn shutdown(&mut self, keep_address: bool) -> Vec<Action> {
-        let mut out = Vec::new();
-        if self.role == Role::Master && !keep_address {
-            out.push(Action::Advertise(0));
-            out.push(Action::ReleaseAddress);
-        }
-        self.role = Role::Initialize;
-        self.deadline = None;
-        self.master = None;
-        out.push(Action::Became(Role::Initialize, "stopping"));
-        out
+        self.leave(Role::Initialize, "stopping", !keep_address)
     }
 }
 
