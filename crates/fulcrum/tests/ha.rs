@@ -59,6 +59,11 @@ fn servers() -> String {
 /// A balancer of the group: round robin over A, B, C with cookie stickiness under a shared secret,
 /// HTTP health checks, the admin API on 127.0.0.1:9090 of its own namespace.
 fn balancer_config(priority: u8, interval: &str) -> String {
+    balancer_config_with(priority, interval, "")
+}
+
+/// [`balancer_config`] with `extra` appended (top-level tables, more listeners and pools).
+fn balancer_config_with(priority: u8, interval: &str, extra: &str) -> String {
     format!(
         r#"shutdown_timeout = "1s"
 [admin]
@@ -90,9 +95,96 @@ interval = "200ms"
 timeout = "150ms"
 rise = 1
 fall = 2
-"#,
+{extra}"#,
         servers = servers()
     )
+}
+
+/// A second listener whose pool sticks by fulcrum-app's own session cookie, the stick table in Redis
+/// on 10.77.0.30 (shared by both balancers).
+const APP_COOKIE_THROUGH_REDIS: &str = r#"
+[store]
+kind = "redis"
+url = "redis://10.77.0.30:6379/0"
+
+[[listeners]]
+name = "app-cookie"
+bind = "0.0.0.0:82"
+protocol = "http"
+pool = "by-session"
+
+[[pools]]
+name = "by-session"
+algorithm = "round_robin"
+servers = [{ name = "A", address = "10.77.0.21:8080" }, { name = "B", address = "10.77.0.22:8080" }, { name = "C", address = "10.77.0.23:8080" }]
+[pools.sticky]
+kind = "app_cookie"
+cookie = "SESSIONID"
+"#;
+
+/// Starts redis-server on a host `redis` (10.77.0.30) and waits until the client reaches it.
+fn start_redis(lab: &mut Lab) {
+    lab.host("redis", &["10.77.0.30/24"]);
+    lab.spawn(
+        "redis",
+        "redis",
+        "redis-server",
+        &[
+            "--port",
+            "6379",
+            "--bind",
+            "0.0.0.0",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ],
+    );
+    wait_until("redis answers", Duration::from_secs(10), || {
+        lab.block_in("client", || async {
+            tokio::net::TcpStream::connect("10.77.0.30:6379")
+                .await
+                .is_ok()
+        })
+    });
+}
+
+/// Users logged in through `base` from the client host, with the server each logged in on.
+fn log_in(lab: &Lab, base: &'static str, users: usize) -> Vec<(Browser, String)> {
+    lab.block_in("client", move || async move {
+        let mut out = Vec::new();
+        for _ in 0..users {
+            let mut b = Browser::new();
+            let home = b.login(base).await;
+            out.push((b, home));
+        }
+        out
+    })
+}
+
+/// Each user asks `/me` once more through `base`: all must be answered 200 by the server they logged
+/// in on. Gives the users back.
+fn still_logged_in(
+    lab: &Lab,
+    base: &'static str,
+    users: Vec<(Browser, String)>,
+) -> Vec<(Browser, String)> {
+    let (users, answers) = lab.block_in("client", move || async move {
+        let mut answers = Vec::new();
+        let mut back = Vec::new();
+        for (mut b, home) in users {
+            let r = b.me(base).await;
+            answers.push((r.status.as_u16(), r.server(), home.clone()));
+            back.push((b, home));
+        }
+        (back, answers)
+    });
+    for (status, server, home) in &answers {
+        assert_eq!((*status, server), (200, home), "{answers:?}");
+    }
+    users
 }
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
@@ -275,9 +367,18 @@ fn check_sessions(homes: &[String], samples: &[Sample], windows: &[(Instant, Dur
 #[test]
 fn a_killed_master_is_replaced_within_the_bound_and_logged_in_users_stay_logged_in() {
     let mut lab = network(&[]);
+    start_redis(&mut lab);
     let dir = tempfile::tempdir().unwrap();
-    let lb1 = write(&dir, "lb1.toml", &balancer_config(150, "200ms"));
-    let lb2 = write(&dir, "lb2.toml", &balancer_config(100, "200ms"));
+    let lb1 = write(
+        &dir,
+        "lb1.toml",
+        &balancer_config_with(150, "200ms", APP_COOKIE_THROUGH_REDIS),
+    );
+    let lb2 = write(
+        &dir,
+        "lb2.toml",
+        &balancer_config_with(100, "200ms", APP_COOKIE_THROUGH_REDIS),
+    );
     start_balancer(&mut lab, "lb1", &lb1);
     wait_state(&lab, "lb1", "master", Duration::from_secs(15));
     start_balancer(&mut lab, "lb2", &lb2);
@@ -294,6 +395,8 @@ fn a_killed_master_is_replaced_within_the_bound_and_logged_in_users_stay_logged_
         ha(&lab, "lb2").is_some_and(|v| v["master"] == "10.77.0.11" && v["master_priority"] == 150)
     });
 
+    // Users of the app-cookie listener log in through lb1, which learns their sessions into Redis.
+    let app_users = log_in(&lab, "http://10.77.0.100:82", 6);
     let stop = Arc::new(AtomicBool::new(false));
     let loop_ = load(&lab, "http://10.77.0.100", 9, Vec::new(), stop.clone());
     std::thread::sleep(Duration::from_secs(1));
@@ -307,6 +410,8 @@ fn a_killed_master_is_replaced_within_the_bound_and_logged_in_users_stay_logged_
     let detect = Duration::from_millis(took_ms.saturating_sub(killed_ms));
     assert!(lab.has_address("lb2", VIP));
     std::thread::sleep(Duration::from_secs(3));
+    // lb2 never saw their logins: it finds their servers in Redis.
+    let app_users = still_logged_in(&lab, "http://10.77.0.100:82", app_users);
 
     // The old master comes back with the higher priority and takes the address back (preempt).
     let back = Instant::now();
@@ -318,6 +423,8 @@ fn a_killed_master_is_replaced_within_the_bound_and_logged_in_users_stay_logged_
     });
     let back_done = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
+    // The restarted lb1 starts with nothing in memory: Redis again.
+    still_logged_in(&lab, "http://10.77.0.100:82", app_users);
     stop.store(true, Ordering::Relaxed);
     let (homes, samples) = loop_.join().unwrap();
 
@@ -630,24 +737,7 @@ fn active_active_behind_ecmp_losing_an_instance_moves_no_client() {
     let sources: Vec<String> = (101..=116).map(|i| format!("10.77.0.{i}/24")).collect();
     let refs: Vec<&str> = sources.iter().map(String::as_str).collect();
     let mut lab = network(&refs);
-    lab.host("redis", &["10.77.0.30/24"]);
-    lab.spawn(
-        "redis",
-        "redis",
-        "redis-server",
-        &[
-            "--port",
-            "6379",
-            "--bind",
-            "0.0.0.0",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--protected-mode",
-            "no",
-        ],
-    );
+    start_redis(&mut lab);
     for lb in ["lb1", "lb2"] {
         lab.ip(lb, &["addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]);
     }
@@ -667,13 +757,6 @@ fn active_active_behind_ecmp_losing_an_instance_moves_no_client() {
             "10.77.0.12",
         ],
     );
-    wait_until("redis answers", Duration::from_secs(10), || {
-        lab.block_in("client", || async {
-            tokio::net::TcpStream::connect("10.77.0.30:6379")
-                .await
-                .is_ok()
-        })
-    });
     let dir = tempfile::tempdir().unwrap();
     let config = write(&dir, "lb.toml", &active_active_config());
     start_balancer(&mut lab, "lb1", &config);
