@@ -180,23 +180,33 @@ impl Body for UpstreamBody {
 /// itself, such as the cache's background revalidation).
 #[derive(Debug)]
 pub enum RequestIn {
-    /// The client's body as hyper reads it.
+    /// The client's body as hyper reads it (h2c, TLS).
     Client(hyper::body::Incoming),
+    /// The client's body as fulcrum's own HTTP/1 connection reads it.
+    Lean(super::h1::RequestBody),
     /// No body.
     Empty,
 }
 
+/// Why a client's request body could not be read.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl Body for RequestIn {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     #[inline]
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
-            RequestIn::Client(body) => Pin::new(body).poll_frame(cx),
+            RequestIn::Client(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
+            RequestIn::Lean(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(Into::into))),
             RequestIn::Empty => Poll::Ready(None),
         }
     }
@@ -205,6 +215,7 @@ impl Body for RequestIn {
     fn is_end_stream(&self) -> bool {
         match self {
             RequestIn::Client(body) => body.is_end_stream(),
+            RequestIn::Lean(body) => body.is_end_stream(),
             RequestIn::Empty => true,
         }
     }
@@ -213,6 +224,7 @@ impl Body for RequestIn {
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestIn::Client(body) => body.size_hint(),
+            RequestIn::Lean(body) => body.size_hint(),
             RequestIn::Empty => SizeHint::with_exact(0),
         }
     }

@@ -28,8 +28,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE};
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -182,7 +180,7 @@ impl Drop for Active<'_> {
 /// hyper service entry point: never fails; errors become 5xx responses.
 pub async fn handle(
     ctx: Arc<ConnContext>,
-    req: Request<Incoming>,
+    req: Request<RequestIn>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let _active = Active::start(&ctx.active);
     let listener = &ctx.listener;
@@ -232,7 +230,6 @@ pub async fn handle(
                         "413 Content Too Large: the request body is over this route's limit\n",
                     ),
                     _ => {
-                        let req = req.map(RequestIn::Client);
                         match &target.cache {
                             Some(cache) => {
                                 crate::cache::serve(cache, target, &ctx, req, trace.as_deref_mut())
@@ -429,7 +426,7 @@ pub(crate) async fn forward(
     // gRPC and other trailer users say so with `TE: trailers`, which an HTTP/2 server may need.
     let te_trailers = transport.is_some()
         && super::headers::has_token(req.headers(), http::header::TE, "trailers");
-    let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
+    let client_upgrade = websocket.then(|| super::h1::on_upgrade(&mut req));
     rewrite_request(&mut req, &client.ip, proto, websocket);
     if te_trailers {
         req.headers_mut()
@@ -832,7 +829,7 @@ fn respond(
     head: ResponseHead,
     conn: UpstreamConn,
     guard: InFlight,
-    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    client_upgrade: Option<super::h1::ClientUpgrade>,
     ctx: &Arc<ConnContext>,
 ) -> Response<ProxyBody> {
     let ResponseHead {
@@ -866,12 +863,12 @@ fn respond(
 /// the tunnel sees no traffic for `tunnel_timeout`, or the connection's deadline fires (a drain that
 /// ran out of time).
 async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
+    client: super::h1::ClientUpgrade,
     conn: UpstreamConn,
     guard: InFlight,
     ctx: Arc<ConnContext>,
 ) {
-    let upgraded = match client.await {
+    let upgraded = match client.wait().await {
         Ok(u) => u,
         Err(e) => {
             tracing::debug!(error = %e, "client upgrade failed");
@@ -879,7 +876,7 @@ async fn tunnel(
         }
     };
     let activity = Arc::new(AtomicU64::new(crate::clock::now_ms()));
-    let mut client = Watched::new(TokioIo::new(upgraded), activity.clone());
+    let mut client = Watched::new(upgraded, activity.clone());
     let (server, early) = conn.into_parts();
     let mut server = Watched::new(server, activity.clone());
     if !early.is_empty() && client.write_all(&early).await.is_err() {

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
+use super::body::RequestIn;
 use super::proxy::{self, Client, HttpListener};
 use crate::config::ListenerConfig;
 use crate::listener::{Accepted, ConnHandler, ListenerStats, PerIp};
@@ -250,16 +251,30 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Writes `bytes` now if the socket takes them, without waiting (plain TCP only: the 408 sent
     /// when a connection is dropped after a header timeout).
     fn try_write_now(&self, bytes: &[u8]);
+
+    /// The plain TCP stream, which fulcrum's own HTTP/1 connection serves ([`super::h1`]); TLS stays
+    /// with hyper.
+    fn into_tcp(self) -> Result<TcpStream, Self>
+    where
+        Self: Sized;
 }
 
 impl ClientStream for TcpStream {
     fn try_write_now(&self, bytes: &[u8]) {
         let _ = self.try_write(bytes);
     }
+
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Ok(self)
+    }
 }
 
 impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
     fn try_write_now(&self, _: &[u8]) {}
+
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Err(self)
+    }
 }
 
 async fn serve_connection<S: ClientStream>(
@@ -294,13 +309,21 @@ async fn serve_connection<S: ClientStream>(
         deadline: deadline.clone(),
         settings: settings.clone(),
     });
+    if !h2 {
+        match stream.into_tcp() {
+            Ok(tcp) => return super::h1::serve(tcp, &prefix[..len], ctx).await,
+            Err(s) => stream = s,
+        }
+    }
     let io = TokioIo::new(ClientIo::<S>::new(
         stream,
         (prefix, len),
         timed_out.clone(),
         ctx.clone(),
     ));
-    let svc = hyper::service::service_fn(move |req| proxy::handle(ctx.clone(), req));
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        proxy::handle(ctx.clone(), req.map(RequestIn::Client))
+    });
     let result = if h2 {
         drive(
             builders.h2.serve_connection(io, svc),

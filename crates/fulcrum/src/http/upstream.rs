@@ -152,7 +152,7 @@ pub enum SendError {
     Head(io::Error),
     /// The client's body failed (client went away, malformed).
     #[error("reading the client's request body: {0}")]
-    Client(hyper::Error),
+    Client(super::body::BodyError),
     /// The client's body made no progress for the listener's `body_timeout`.
     #[error("the client's request body stopped arriving")]
     ClientTimeout,
