@@ -200,7 +200,11 @@ impl AsyncRead for Upgraded {
 }
 
 impl AsyncWrite for Upgraded {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.io.poll_write(cx, data)
     }
 
@@ -273,7 +277,11 @@ impl AsyncRead for UpgradedIo {
 }
 
 impl AsyncWrite for UpgradedIo {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpgradedIo::Hyper(io) => Pin::new(io).poll_write(cx, data),
             UpgradedIo::Lean(io) => Pin::new(io).poll_write(cx, data),
@@ -422,11 +430,9 @@ pub async fn serve(stream: TcpStream, prefix: &[u8], ctx: Arc<ConnContext>) {
     let mut head_since = Instant::now();
     loop {
         let parsed = match buf.as_deref() {
-            Some(b) if !b.is_empty() => request_head::parse(
-                b,
-                ctx.settings.max_header_size,
-                ctx.settings.max_headers,
-            ),
+            Some(b) if !b.is_empty() => {
+                request_head::parse(b, ctx.settings.max_header_size, ctx.settings.max_headers)
+            }
             _ => Ok(None),
         };
         match parsed {
@@ -536,12 +542,9 @@ async fn exchange(
     let (body, shared, mut rest) = match framing {
         BodyFraming::Empty => (RequestIn::Empty, None, Some(rest)),
         BodyFraming::Length(n) => lean_body(io, rest, Reading::Length(n), expect_continue),
-        BodyFraming::Chunked => lean_body(
-            io,
-            rest,
-            Reading::Chunked(Box::default()),
-            expect_continue,
-        ),
+        BodyFraming::Chunked => {
+            lean_body(io, rest, Reading::Chunked(Box::default()), expect_continue)
+        }
     };
     let mut req = Request::new(body);
     *req.method_mut() = method;
