@@ -1,0 +1,130 @@
+//! What one proxied keep-alive request allocates: a counting global allocator watches 2,000 requests
+//! through a balancer in this process (one worker) to a demo server in another process, sent by a
+//! client that itself allocates nothing per request.
+//!
+//! A test binary of its own, because it replaces the global allocator.
+
+// A `GlobalAlloc` impl is unsafe by definition; it only forwards to the system allocator.
+#![allow(unsafe_code)]
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+struct Counting;
+
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is forwarded unchanged to `System`; the counter is a static atomic, so counting
+// never allocates or re-enters the allocator.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from `System.alloc` with this layout.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: same contract as our caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// The most allocations one proxied keep-alive `GET` may make (the whole process: the worker, the
+/// control thread, the client).
+const BUDGET: u64 = 16;
+
+/// Sends `GET /` on `conn` and reads the whole answer into `buf` (no allocation).
+fn round_trip(conn: &mut TcpStream, buf: &mut [u8; 4096]) {
+    conn.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nuser-agent: alloc-test\r\n\r\n")
+        .unwrap();
+    let mut have = 0;
+    loop {
+        let n = conn.read(&mut buf[have..]).unwrap();
+        assert!(n > 0, "the balancer closed the connection");
+        have += n;
+        let text = &buf[..have];
+        if let Some(end) = text.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = &text[..end];
+            let length = head
+                .split(|&b| b == b'\n')
+                .find_map(|line| {
+                    let line = std::str::from_utf8(line).ok()?.trim();
+                    let (name, value) = line.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().ok())?
+                })
+                .expect("a content-length");
+            assert!(
+                head.starts_with(b"HTTP/1.1 200"),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+            if have >= end + 4 + length {
+                return;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_proxied_keep_alive_request_makes_a_small_fixed_number_of_allocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let app_addr = common::process::free_port();
+    let mut app = std::process::Command::new(common::process::BIN)
+        .args(["app", "--listen", &app_addr.to_string(), "--name", "A"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n\
+         [[pools]]\nname = \"p\"\nservers = [{{ address = \"{app_addr}\" }}]\n"
+    );
+    let _ = dir;
+    let running =
+        fulcrum::runtime::start_with_workers(fulcrum::config::parse(&config, "test").unwrap(), 1)
+            .unwrap();
+    let web = running.listener_addr("web").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(app_addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut conn = TcpStream::connect(web).unwrap();
+    conn.set_nodelay(true).unwrap();
+    let mut buf = [0u8; 4096];
+    // Warm up: pooled connections, buffers and caches in place.
+    for _ in 0..200 {
+        round_trip(&mut conn, &mut buf);
+    }
+    const N: u64 = 2_000;
+    let before = ALLOCATIONS.load(Ordering::Relaxed);
+    for _ in 0..N {
+        round_trip(&mut conn, &mut buf);
+    }
+    let per_request = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64;
+    eprintln!("{per_request:.2} allocations per proxied keep-alive request");
+    running.stop();
+    let _ = app.kill();
+    let _ = app.wait();
+    assert!(
+        per_request <= BUDGET as f64,
+        "{per_request:.2} allocations per request, over the budget of {BUDGET}"
+    );
+}
