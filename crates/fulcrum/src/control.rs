@@ -826,7 +826,7 @@ impl Controller {
                             http.tls
                                 .store(l.tls.as_ref().and_then(TlsListener::new).map(Arc::new));
                             let settings = ConnSettings::of(l);
-                            if http.builders.load().settings != settings {
+                            if *http.builders.load().settings != settings {
                                 http.builders.store(Arc::new(Builders::new(settings)));
                             }
                             update_per_ip(&http.per_ip, l.max_connections_per_ip);

@@ -407,7 +407,7 @@ impl Body for Upload {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.state.fault.store(FAULT_CLIENT, Ordering::Relaxed);
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.state

@@ -55,7 +55,8 @@ const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 thread_local! {
     static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
-    static DATE_CACHE: RefCell<(u64, HeaderValue)> = RefCell::new((u64::MAX, HeaderValue::from_static("")));
+    static DATE_CACHE: RefCell<(u64, HeaderValue)> =
+        const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
 }
 
 fn take_buf() -> BytesMut {
@@ -416,95 +417,141 @@ impl Body for RequestBody {
     }
 }
 
-/// Serves one plain-TCP HTTP/1.x client connection until it closes, times out, or the listener
-/// stops. `prefix`: the bytes already read to tell HTTP/1 from HTTP/2.
-pub async fn serve(stream: TcpStream, prefix: &[u8], ctx: Arc<ConnContext>) {
-    let io = Arc::new(Io { stream });
-    let mut buf: Option<BytesMut> = None;
-    if !prefix.is_empty() {
-        let mut b = take_buf();
-        b.extend_from_slice(prefix);
-        buf = Some(b);
+/// A plain-TCP HTTP/1.x client connection, ready to be served.
+#[derive(Debug)]
+pub struct Lean {
+    io: Arc<Io>,
+    /// Bytes read and not yet used; `None` while there are none (the idle state).
+    buf: Option<BytesMut>,
+    ctx: Arc<ConnContext>,
+}
+
+impl Lean {
+    /// The connection on `stream`; `prefix`: the bytes already read to tell HTTP/1 from HTTP/2.
+    pub fn new(stream: TcpStream, prefix: &[u8], ctx: Arc<ConnContext>) -> Lean {
+        let buf = (!prefix.is_empty()).then(|| {
+            let mut b = take_buf();
+            b.extend_from_slice(prefix);
+            b
+        });
+        Lean {
+            io: Arc::new(Io { stream }),
+            buf,
+            ctx,
+        }
     }
-    // The current request head must be complete by then (the first one since the connection opened).
-    let mut head_since = Instant::now();
-    loop {
-        let parsed = match buf.as_deref() {
-            Some(b) if !b.is_empty() => {
-                request_head::parse(b, ctx.settings.max_header_size, ctx.settings.max_headers)
-            }
-            _ => Ok(None),
-        };
-        match parsed {
-            Err(e) => {
-                tracing::debug!(client = %ctx.client.addr, error = %e, "refused request head");
-                refuse(&io, e.status()).await;
-                return;
-            }
-            Ok(Some((head, len))) => {
-                let Some(mut rest) = buf.take() else { return };
-                rest.advance(len);
-                let exchange = Box::pin(exchange(&io, &ctx, head, rest));
-                let rest = tokio::select! {
-                    biased;
-                    _ = ctx.deadline.cancelled() => None,
-                    rest = exchange => rest,
-                };
-                match rest {
-                    Some(rest) if rest.is_empty() => give_buf(rest),
-                    Some(rest) => buf = Some(rest),
-                    None => return,
-                }
-                if ctx.stop.is_cancelled() {
-                    return;
-                }
-                head_since = Instant::now();
-                continue;
-            }
-            Ok(None) => {}
-        }
-        // Wait for bytes. With nothing received the connection holds no buffer.
-        let partial = buf.as_ref().is_some_and(|b| !b.is_empty());
-        let settings = &ctx.settings;
-        let limit = if partial {
-            settings.request_header_timeout
-        } else {
-            settings.request_header_timeout.min(settings.idle_timeout)
-        };
-        let ready = tokio::select! {
-            biased;
-            _ = ctx.deadline.cancelled() => return,
-            _ = ctx.stop.cancelled(), if !partial => return,
-            r = io.stream.readable() => r.is_ok(),
-            _ = tokio::time::sleep_until(head_since + limit) => {
-                if partial {
-                    let _ = io.stream.try_write(REQUEST_TIMEOUT_RESPONSE);
-                } else {
-                    ctx.listener.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
-                }
-                return;
-            }
-        };
-        if !ready {
-            return;
-        }
-        let b = buf.get_or_insert_with(take_buf);
-        if b.capacity() - b.len() < 1024 {
-            b.reserve(BUF_SIZE);
-        }
-        match io.stream.try_read_buf(b) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if b.is_empty() {
-                    if let Some(b) = buf.take() {
-                        give_buf(b);
+
+    /// Serves the connection until it closes, times out, or the listener stops. (Its fields are
+    /// used in place, not moved into locals: the future keeps its argument for its whole life.)
+    pub async fn serve(mut self) {
+        // The current request head must be complete by then (the first one since the connection
+        // opened).
+        let mut head_since = Instant::now();
+        loop {
+            // What the bytes so far allow (decided before any await, so that the parsed head is not kept
+            // in the connection's future while it waits).
+            let next = match self.buf.as_deref() {
+                Some(b) if !b.is_empty() => {
+                    match request_head::parse(
+                        b,
+                        self.ctx.settings.max_header_size,
+                        self.ctx.settings.max_headers,
+                    ) {
+                        Err(e) => {
+                            tracing::debug!(client = %self.ctx.client.addr, error = %e, "refused request head");
+                            Next::Refuse(e.status())
+                        }
+                        Ok(Some((head, len))) => match self.buf.take() {
+                            Some(mut rest) => {
+                                rest.advance(len);
+                                Next::Exchange(Box::pin(exchange(&self.io, &self.ctx, head, rest)))
+                            }
+                            None => return,
+                        },
+                        Ok(None) => Next::Wait,
                     }
                 }
+                _ => Next::Wait,
+            };
+            match next {
+                Next::Refuse(status) => {
+                    Box::pin(refuse(&self.io, status)).await;
+                    return;
+                }
+                Next::Exchange(exchange) => {
+                    let rest = tokio::select! {
+                        biased;
+                        _ = self.ctx.deadline.cancelled() => None,
+                        rest = exchange => rest,
+                    };
+                    match rest {
+                        Some(rest) if rest.is_empty() => give_buf(rest),
+                        Some(rest) => self.buf = Some(rest),
+                        None => return,
+                    }
+                    if self.ctx.stop.is_cancelled() {
+                        return;
+                    }
+                    head_since = Instant::now();
+                    continue;
+                }
+                Next::Wait => {}
             }
-            Err(_) => return,
+            // Wait for bytes. With nothing received the connection holds no buffer. (Two selects, not
+            // one with both tokens: each await point's futures share the connection's memory.)
+            let partial = self.buf.as_ref().is_some_and(|b| !b.is_empty());
+            let settings = &self.ctx.settings;
+            let ready = if partial {
+                let until = head_since + settings.request_header_timeout;
+                tokio::select! {
+                    biased;
+                    _ = self.ctx.deadline.cancelled() => return,
+                    r = self.io.stream.readable() => r.is_ok(),
+                    _ = tokio::time::sleep_until(until) => {
+                        let _ = self.io.stream.try_write(REQUEST_TIMEOUT_RESPONSE);
+                        return;
+                    }
+                }
+            } else {
+                let until = head_since + settings.request_header_timeout.min(settings.idle_timeout);
+                tokio::select! {
+                    biased;
+                    _ = self.ctx.stop.cancelled() => return,
+                    r = self.io.stream.readable() => r.is_ok(),
+                    _ = tokio::time::sleep_until(until) => {
+                        self.ctx.listener.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            };
+            if !ready {
+                return;
+            }
+            let b = self.buf.get_or_insert_with(take_buf);
+            if b.capacity() - b.len() < 1024 {
+                b.reserve(BUF_SIZE);
+            }
+            match self.io.stream.try_read_buf(b) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if b.is_empty() {
+                        if let Some(b) = self.buf.take() {
+                            give_buf(b);
+                        }
+                    }
+                }
+                Err(_) => return,
+            }
         }
     }
+}
+
+/// What to do next on a connection.
+enum Next<'a> {
+    Refuse(StatusCode),
+    Exchange(Pin<Box<dyn std::future::Future<Output = Option<BytesMut>> + Send + 'a>>),
+    Wait,
 }
 
 /// The answer to a head that cannot be served; the connection closes after it.

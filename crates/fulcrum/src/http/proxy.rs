@@ -158,7 +158,7 @@ pub struct ConnContext {
     /// The connection must close now.
     pub deadline: CancellationToken,
     /// The listener's connection settings when the connection was accepted.
-    pub settings: ConnSettings,
+    pub settings: Arc<ConnSettings>,
 }
 
 /// Counts a request in flight on its connection until dropped.
@@ -205,43 +205,41 @@ pub async fn handle(
                 "403 Forbidden: this address is banned for now\n",
             )
         }
-        Ok(()) => {
-            match filter.filter.check(&req, ip, false).await {
-                Some(refused) => refused,
-                None if ctx.settings.https_redirect.is_some() => {
-                    https_redirect(&req, ctx.settings.https_redirect.unwrap_or(443))
+        Ok(()) => match filter.filter.check(&req, ip, false).await {
+            Some(refused) => refused,
+            None if ctx.settings.https_redirect.is_some() => {
+                https_redirect(&req, ctx.settings.https_redirect.unwrap_or(443))
+            }
+            None => {
+                let router = listener.router.load();
+                let (route, target) = router.route_at(&req);
+                if let Some(trace) = trace.as_deref_mut() {
+                    trace.route = route;
+                    trace.pool = Some(Arc::from(target.pool.name.as_str()));
                 }
-                None => {
-                    let router = listener.router.load();
-                    let (route, target) = router.route_at(&req);
-                    if let Some(trace) = trace.as_deref_mut() {
-                        trace.route = route;
-                        trace.pool = Some(Arc::from(target.pool.name.as_str()));
-                    }
-                    let limit = target.max_body_size.or(ctx.settings.max_body_size);
-                    let refused = match target.filter.as_ref() {
-                        Some(f) => f.check(&req, ip, true).await,
-                        None => None,
-                    };
-                    match (limit, refused) {
+                let limit = target.max_body_size.or(ctx.settings.max_body_size);
+                let refused = match target.filter.as_ref() {
+                    Some(f) => f.check(&req, ip, true).await,
+                    None => None,
+                };
+                match (limit, refused) {
                     (_, Some(refused)) => refused,
-                    (Some(max), None) if declared_length(&req).is_some_and(|n| n > max) => local_with(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "413 Content Too Large: the request body is over this route's limit\n",
-                    ),
-                    _ => {
-                        match &target.cache {
-                            Some(cache) => {
-                                crate::cache::serve(cache, target, &ctx, req, trace.as_deref_mut())
-                                    .await
-                            }
-                            None => forward(target, &ctx, req, trace.as_deref_mut()).await,
-                        }
+                    (Some(max), None) if declared_length(&req).is_some_and(|n| n > max) => {
+                        local_with(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "413 Content Too Large: the request body is over this route's limit\n",
+                        )
                     }
-                }
+                    _ => match &target.cache {
+                        Some(cache) => {
+                            crate::cache::serve(cache, target, &ctx, req, trace.as_deref_mut())
+                                .await
+                        }
+                        None => forward(target, &ctx, req, trace.as_deref_mut()).await,
+                    },
                 }
             }
-        }
+        },
     };
     let mut resp = resp;
     if let Some(hsts) = &ctx.settings.hsts {

@@ -413,8 +413,12 @@ mod tests {
         // httparse takes any visible bytes; http::Uri wants a URI.
         assert_eq!(bad("GET http:// HTTP/1.1\r\n\r\n"), "uri");
         assert_eq!(bad("GET http://[::1/ HTTP/1.1\r\n\r\n"), "uri");
-        // Two spaces between the parts are refused (httparse's default).
-        assert!(err("GET  / HTTP/1.1\r\n\r\n").status() != StatusCode::OK);
+        // Extra spaces in the request line are refused (httparse's default, as in hyper).
+        assert_eq!(err("GET  / HTTP/1.1\r\n\r\n"), HeadError::Bad("uri"));
+        assert_eq!(
+            err("GET / HTTP/1.1 \r\n\r\n"),
+            HeadError::Bad("line ending")
+        );
     }
 
     #[test]

@@ -99,8 +99,8 @@ impl ConnSettings {
 pub struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
-    /// The settings the builders apply.
-    pub settings: ConnSettings,
+    /// The settings the builders apply (shared with every connection accepted under them).
+    pub settings: Arc<ConnSettings>,
 }
 
 impl Builders {
@@ -117,16 +117,31 @@ impl Builders {
             .max_concurrent_streams(settings.h2_max_concurrent_streams)
             .max_header_list_size(settings.max_header_size as u32)
             .max_pending_accept_reset_streams(H2_MAX_PENDING_RESETS);
-        Builders { h1, h2, settings }
+        Builders {
+            h1,
+            h2,
+            settings: Arc::new(settings),
+        }
     }
 }
 
 impl ConnHandler for HttpListener {
     async fn serve(self: Arc<Self>, conn: Accepted) {
-        let builders = self.builders.load_full();
-        match self.tls.load_full() {
-            None => serve_connection(conn, &self, &builders).await,
-            Some(tls) => serve_tls(conn, &self, &builders, &tls).await,
+        // The task holds its future for the connection's whole life, idle time included: what runs
+        // once (the first bytes, a TLS handshake) and hyper's connections are boxed, so that the
+        // future of a plain HTTP/1 connection is little more than fulcrum's own (`h1::Lean`).
+        let lean = {
+            let builders = self.builders.load_full();
+            match self.tls.load_full() {
+                None => Box::pin(serve_connection(conn, &self, &builders)).await,
+                Some(tls) => {
+                    Box::pin(serve_tls(conn, &self, &builders, &tls)).await;
+                    None
+                }
+            }
+        };
+        if let Some(lean) = lean {
+            lean.serve().await;
         }
     }
 
@@ -243,7 +258,8 @@ async fn serve_tls(
         tracker,
         guard,
     };
-    serve_connection(conn, http, builders).await;
+    // A TLS stream is never handed to fulcrum's own HTTP/1 connection.
+    let _ = serve_connection(conn, http, builders).await;
 }
 
 /// What a client connection is read from and written to: the TCP stream, or TLS over it.
@@ -277,11 +293,13 @@ impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
+/// Reads the first bytes, then serves h2c and TLS clients with hyper; a plain HTTP/1 connection is
+/// returned, ready for fulcrum's own connection ([`super::h1`]).
 async fn serve_connection<S: ClientStream>(
     conn: Accepted<S>,
     http: &Arc<HttpListener>,
     builders: &Builders,
-) {
+) -> Option<super::h1::Lean> {
     let Accepted {
         mut stream,
         peer,
@@ -295,26 +313,40 @@ async fn serve_connection<S: ClientStream>(
     let first = settings.request_header_timeout.min(settings.idle_timeout);
     let Some((prefix, len)) = read_prefix(&mut stream, first).await else {
         http.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     };
     let h2 = prefix[..len] == *H2_PREFACE_START;
-    let timed_out = Arc::new(AtomicBool::new(false));
     let ctx = Arc::new(proxy::ConnContext {
         listener: http.clone(),
         client: Client::new(peer),
         active: AtomicUsize::new(0),
         tracker,
         guard,
-        stop: stop.clone(),
-        deadline: deadline.clone(),
+        stop,
+        deadline,
         settings: settings.clone(),
     });
     if !h2 {
         match stream.into_tcp() {
-            Ok(tcp) => return super::h1::serve(tcp, &prefix[..len], ctx).await,
+            Ok(tcp) => return Some(super::h1::Lean::new(tcp, &prefix[..len], ctx)),
             Err(s) => stream = s,
         }
     }
+    Box::pin(serve_hyper(stream, (prefix, len), h2, ctx, builders)).await;
+    None
+}
+
+/// Serves h2c and TLS clients with hyper.
+async fn serve_hyper<S: ClientStream>(
+    stream: S,
+    prefix: ([u8; 4], usize),
+    h2: bool,
+    ctx: Arc<proxy::ConnContext>,
+    builders: &Builders,
+) {
+    let (stop, deadline, peer) = (ctx.stop.clone(), ctx.deadline.clone(), ctx.client.addr);
+    let (prefix, len) = prefix;
+    let timed_out = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(ClientIo::<S>::new(
         stream,
         (prefix, len),
