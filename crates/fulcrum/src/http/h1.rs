@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -443,10 +443,46 @@ impl Lean {
 
     /// Serves the connection until it closes, times out, or the listener stops. (Its fields are
     /// used in place, not moved into locals: the future keeps its argument for its whole life.)
-    pub async fn serve(mut self) {
+    pub async fn serve(self) {
+        // The listener's stop is awaited once for the connection's life (not once per wait): an
+        // idle connection closes at once, one with a request under way finishes it first.
+        // One slot watches the stop, then (while a request finishes) the deadline that cuts it.
+        let waiting = AtomicBool::new(true);
+        let (stop, deadline) = (self.ctx.stop.clone(), self.ctx.deadline.clone());
+        let run = self.run(&waiting);
+        tokio::pin!(run);
+        let watch = stop.cancelled();
+        tokio::pin!(watch);
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut run => return,
+                () = &mut watch => {
+                    if stopping || waiting.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    stopping = true;
+                    watch.set(deadline.cancelled());
+                }
+            }
+        }
+    }
+
+    /// The connection's requests, one after the other. `waiting`: nothing of a request has arrived.
+    async fn run(mut self, waiting: &AtomicBool) {
         // The current request head must be complete by then (the first one since the connection
         // opened).
         let mut head_since = Instant::now();
+        // One timer for the connection's life, moved only when a deadline comes earlier; a deadline
+        // that moved later is found when the timer fires early (no timer churn per request).
+        let first = self
+            .ctx
+            .settings
+            .request_header_timeout
+            .min(self.ctx.settings.idle_timeout);
+        let sleep = tokio::time::sleep_until(head_since + first);
+        tokio::pin!(sleep);
         loop {
             // What the bytes so far allow (decided before any await, so that the parsed head is not kept
             // in the connection's future while it waits).
@@ -479,11 +515,7 @@ impl Lean {
                     return;
                 }
                 Next::Exchange(exchange) => {
-                    let rest = tokio::select! {
-                        biased;
-                        _ = self.ctx.deadline.cancelled() => None,
-                        rest = exchange => rest,
-                    };
+                    let rest = exchange.await;
                     match rest {
                         Some(rest) if rest.is_empty() => give_buf(rest),
                         Some(rest) => self.buf = Some(rest),
@@ -497,28 +529,38 @@ impl Lean {
                 }
                 Next::Wait => {}
             }
-            // Wait for bytes. With nothing received the connection holds no buffer. (Two selects, not
-            // one with both tokens: each await point's futures share the connection's memory.)
+            // Wait for bytes. With nothing received the connection holds no buffer.
             let partial = self.buf.as_ref().is_some_and(|b| !b.is_empty());
             let settings = &self.ctx.settings;
+            let until = if partial {
+                head_since + settings.request_header_timeout
+            } else {
+                head_since + settings.request_header_timeout.min(settings.idle_timeout)
+            };
+            if sleep.is_elapsed() || until < sleep.deadline() {
+                sleep.as_mut().reset(until);
+            }
+            waiting.store(!partial, Ordering::Relaxed);
             let ready = if partial {
-                let until = head_since + settings.request_header_timeout;
                 tokio::select! {
                     biased;
-                    _ = self.ctx.deadline.cancelled() => return,
                     r = self.io.stream.readable() => r.is_ok(),
-                    _ = tokio::time::sleep_until(until) => {
+                    _ = &mut sleep => {
+                        if Instant::now() < until {
+                            continue;
+                        }
                         let _ = self.io.stream.try_write(REQUEST_TIMEOUT_RESPONSE);
                         return;
                     }
                 }
             } else {
-                let until = head_since + settings.request_header_timeout.min(settings.idle_timeout);
                 tokio::select! {
                     biased;
-                    _ = self.ctx.stop.cancelled() => return,
                     r = self.io.stream.readable() => r.is_ok(),
-                    _ = tokio::time::sleep_until(until) => {
+                    _ = &mut sleep => {
+                        if Instant::now() < until {
+                            continue;
+                        }
                         self.ctx.listener.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
@@ -533,7 +575,7 @@ impl Lean {
             }
             match self.io.stream.try_read_buf(b) {
                 Ok(0) => return,
-                Ok(_) => {}
+                Ok(_) => waiting.store(false, Ordering::Relaxed),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     if b.is_empty() {
                         if let Some(b) = self.buf.take() {
