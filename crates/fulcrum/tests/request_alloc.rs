@@ -23,6 +23,31 @@ static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
 /// Live allocations by size class (log2 of the size).
 static LIVE_BY_CLASS: [AtomicI64; 40] = [const { AtomicI64::new(0) }; 40];
 
+/// Bytes allocated and not freed by fulcrum's worker threads.
+static WORKER_LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
+
+thread_local! {
+    /// Whether this thread is a fulcrum worker: 0 not known yet, 1 finding out, 2 yes, 3 no.
+    static WORKER: std::cell::Cell<u8> = const { std::cell::Cell::new(0) };
+}
+
+/// Whether the calling thread is one of fulcrum's workers (its name says so). Finding out may
+/// allocate; what it allocates is not attributed.
+fn on_worker() -> bool {
+    WORKER.with(|w| match w.get() {
+        2 => true,
+        1 | 3 => false,
+        _ => {
+            w.set(1);
+            let yes = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with("fulcrum-worker"));
+            w.set(if yes { 2 } else { 3 });
+            yes
+        }
+    })
+}
+
 fn class(size: usize) -> usize {
     (usize::BITS - size.max(1).leading_zeros()) as usize % 40
 }
@@ -34,6 +59,9 @@ unsafe impl GlobalAlloc for Counting {
         ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
         LIVE_BY_CLASS[class(layout.size())].fetch_add(1, Ordering::Relaxed);
+        if on_worker() {
+            WORKER_LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(layout) }
     }
@@ -41,6 +69,9 @@ unsafe impl GlobalAlloc for Counting {
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
         LIVE_BY_CLASS[class(layout.size())].fetch_sub(1, Ordering::Relaxed);
+        if on_worker() {
+            WORKER_LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+        }
         // SAFETY: `ptr` came from `System.alloc` with this layout.
         unsafe { System.dealloc(ptr, layout) }
     }
@@ -50,6 +81,9 @@ unsafe impl GlobalAlloc for Counting {
         LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
         LIVE_BY_CLASS[class(layout.size())].fetch_sub(1, Ordering::Relaxed);
         LIVE_BY_CLASS[class(new_size)].fetch_add(1, Ordering::Relaxed);
+        if on_worker() {
+            WORKER_LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        }
         // SAFETY: same contract as our caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -218,4 +252,61 @@ fn an_idle_keep_alive_connection_holds_no_buffer() {
         per_conn <= IDLE_BUDGET,
         "{per_conn} bytes per idle connection, over {IDLE_BUDGET}: {held:?}"
     );
+}
+
+/// h2c clients stay with hyper: what one idle h2c connection holds in the worker (40-56 KB:
+/// hyper's and h2's buffers and state), measured so that docs/benchmarks.md can quote it, and bounded
+/// loosely so that a regression shows.
+#[test]
+fn an_idle_h2c_connection_is_measured() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let app_addr = common::process::free_port();
+    let mut app = std::process::Command::new(common::process::BIN)
+        .args(["app", "--listen", &app_addr.to_string(), "--name", "A"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let config = format!(
+        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n\
+         [[pools]]\nname = \"p\"\nservers = [{{ address = \"{app_addr}\" }}]\n"
+    );
+    let running =
+        fulcrum::runtime::start_with_workers(fulcrum::config::parse(&config, "test").unwrap(), 1)
+            .unwrap();
+    let web = running.listener_addr("web").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(app_addr).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    const N: i64 = 200;
+    let per_conn = rt.block_on(async {
+        let url = format!("http://{web}/");
+        let warm = common::h2c_client();
+        assert_eq!(common::get(&warm, &url).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = WORKER_LIVE_BYTES.load(Ordering::Relaxed);
+        let mut clients = Vec::new();
+        for _ in 0..N {
+            let c = common::h2c_client();
+            assert_eq!(common::get(&c, &url).await.status, 200);
+            clients.push(c);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let per_conn = (WORKER_LIVE_BYTES.load(Ordering::Relaxed) - before) / N;
+        drop(clients);
+        per_conn
+    });
+    eprintln!("an idle h2c connection holds {per_conn} bytes of heap in the worker (hyper)");
+    running.stop();
+    let _ = app.kill();
+    let _ = app.wait();
+    assert!(per_conn > 0 && per_conn < 256 * 1024, "{per_conn}");
 }
