@@ -12,69 +12,24 @@
 //! longer hunt: `FUZZ_CASES=200000 FUZZ_SEED=$RANDOM cargo test -p fulcrum --release --test
 //! fuzz_request_head`.
 
+mod common;
+
+use common::fuzz::{byte_of, config, edits_of, mutate, Edits};
 use fulcrum::http::request_head::{parse, BodyFraming, HeadError, RequestHead};
 use http::header::{HeaderName, HeaderValue};
 use http::{Method, Uri, Version};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
-
-fn config(default_cases: u32) -> Config {
-    let env = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
-    Config {
-        cases: env("FUZZ_CASES").unwrap_or(default_cases),
-        rng_seed: RngSeed::Fixed(
-            std::env::var("FUZZ_SEED")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0x5eed_f00d),
-        ),
-        failure_persistence: None,
-        max_shrink_iters: 2048,
-        ..Config::default()
-    }
-}
 
 /// Bytes that matter to HTTP parsers, mixed into random input.
 const ALPHABET: &[u8] =
     b"\r\n\r\n :;,=\"-+*/?#@[]0123456789aAfFxX\t\x00\x0b\x7f\x80\xffHTP/.chunkedgzipclose";
 
 fn byte() -> impl Strategy<Value = u8> {
-    prop_oneof![any::<u8>(), prop::sample::select(ALPHABET)]
-}
-
-/// Random edits of a byte string: bytes replaced, one run of bytes deleted (turning CRLF into a bare
-/// LF, joining lines), and a cut.
-#[derive(Debug, Clone)]
-struct Edits {
-    flips: Vec<(prop::sample::Index, u8)>,
-    delete: Option<(prop::sample::Index, usize)>,
-    cut: Option<prop::sample::Index>,
+    byte_of(ALPHABET)
 }
 
 fn edits() -> impl Strategy<Value = Edits> {
-    (
-        prop::collection::vec((any::<prop::sample::Index>(), byte()), 0..3),
-        prop::option::weighted(0.3, (any::<prop::sample::Index>(), 1usize..4)),
-        prop::option::weighted(0.15, any::<prop::sample::Index>()),
-    )
-        .prop_map(|(flips, delete, cut)| Edits { flips, delete, cut })
-}
-
-fn mutate(mut bytes: Vec<u8>, edits: &Edits) -> Vec<u8> {
-    if !bytes.is_empty() {
-        for (at, b) in &edits.flips {
-            let i = at.index(bytes.len());
-            bytes[i] = *b;
-        }
-        if let Some((at, n)) = &edits.delete {
-            let i = at.index(bytes.len());
-            bytes.drain(i..(i + n).min(bytes.len()));
-        }
-    }
-    if let Some(cut) = &edits.cut {
-        bytes.truncate(cut.index(bytes.len() + 1));
-    }
-    bytes
+    edits_of(ALPHABET)
 }
 
 // ---------------------------------------------------------------------------------------------------

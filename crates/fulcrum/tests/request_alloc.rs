@@ -99,6 +99,58 @@ static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// control thread, the client).
 const BUDGET: u64 = 16;
 
+/// A demo server in its own process and a one-worker balancer in this one in front of it; both stop
+/// on drop.
+struct Site {
+    app: std::process::Child,
+    running: Option<fulcrum::runtime::Running>,
+    web: std::net::SocketAddr,
+}
+
+impl Site {
+    fn start() -> Site {
+        let app_addr = common::process::free_port();
+        let app = std::process::Command::new(common::process::BIN)
+            .args(["app", "--listen", &app_addr.to_string(), "--name", "A"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let config = format!(
+            "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n\
+             [[pools]]\nname = \"p\"\nservers = [{{ address = \"{app_addr}\" }}]\n"
+        );
+        let running = fulcrum::runtime::start_with_workers(
+            fulcrum::config::parse(&config, "test").unwrap(),
+            1,
+        )
+        .unwrap();
+        let web = running.listener_addr("web").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(app_addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the demo server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Site {
+            app,
+            running: Some(running),
+            web,
+        }
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+        }
+        let _ = self.app.kill();
+        let _ = self.app.wait();
+    }
+}
+
 /// Sends `GET /` on `conn` and reads the whole answer into `buf` (no allocation).
 fn round_trip(conn: &mut TcpStream, buf: &mut [u8; 4096]) {
     conn.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nuser-agent: alloc-test\r\n\r\n")
@@ -135,30 +187,8 @@ fn round_trip(conn: &mut TcpStream, buf: &mut [u8; 4096]) {
 #[test]
 fn a_proxied_keep_alive_request_makes_a_small_fixed_number_of_allocations() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let app_addr = common::process::free_port();
-    let mut app = std::process::Command::new(common::process::BIN)
-        .args(["app", "--listen", &app_addr.to_string(), "--name", "A"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let config = format!(
-        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n\
-         [[pools]]\nname = \"p\"\nservers = [{{ address = \"{app_addr}\" }}]\n"
-    );
-    let _ = dir;
-    let running =
-        fulcrum::runtime::start_with_workers(fulcrum::config::parse(&config, "test").unwrap(), 1)
-            .unwrap();
-    let web = running.listener_addr("web").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(app_addr).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the demo server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let site = Site::start();
+    let web = site.web;
     let mut conn = TcpStream::connect(web).unwrap();
     conn.set_nodelay(true).unwrap();
     let mut buf = [0u8; 4096];
@@ -173,9 +203,7 @@ fn a_proxied_keep_alive_request_makes_a_small_fixed_number_of_allocations() {
     }
     let per_request = (ALLOCATIONS.load(Ordering::Relaxed) - before) as f64 / N as f64;
     eprintln!("{per_request:.2} allocations per proxied keep-alive request");
-    running.stop();
-    let _ = app.kill();
-    let _ = app.wait();
+    drop(site);
     assert!(
         per_request <= BUDGET as f64,
         "{per_request:.2} allocations per request, over the budget of {BUDGET}"
@@ -192,28 +220,8 @@ const IDLE_BUDGET: i64 = 2048;
 #[test]
 fn an_idle_keep_alive_connection_holds_no_buffer() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let app_addr = common::process::free_port();
-    let mut app = std::process::Command::new(common::process::BIN)
-        .args(["app", "--listen", &app_addr.to_string(), "--name", "A"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let config = format!(
-        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n\
-         [[pools]]\nname = \"p\"\nservers = [{{ address = \"{app_addr}\" }}]\n"
-    );
-    let running =
-        fulcrum::runtime::start_with_workers(fulcrum::config::parse(&config, "test").unwrap(), 1)
-            .unwrap();
-    let web = running.listener_addr("web").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(app_addr).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the demo server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let site = Site::start();
+    let web = site.web;
     let mut buf = [0u8; 4096];
     // Warm up: the worker's buffer pool, the server connections.
     let mut warm = TcpStream::connect(web).unwrap();
@@ -246,9 +254,7 @@ fn an_idle_keep_alive_connection_holds_no_buffer() {
         .collect();
     eprintln!("an idle keep-alive connection holds {per_conn} bytes of heap; allocations held by size: {held:?}");
     drop(conns);
-    running.stop();
-    let _ = app.kill();
-    let _ = app.wait();
+    drop(site);
     assert!(
         per_conn <= IDLE_BUDGET,
         "{per_conn} bytes per idle connection, over {IDLE_BUDGET}: {held:?}"
@@ -261,28 +267,8 @@ fn an_idle_keep_alive_connection_holds_no_buffer() {
 #[test]
 fn an_idle_h2c_connection_is_measured() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let app_addr = common::process::free_port();
-    let mut app = std::process::Command::new(common::process::BIN)
-        .args(["app", "--listen", &app_addr.to_string(), "--name", "A"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let config = format!(
-        "[[listeners]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nprotocol = \"http\"\npool = \"p\"\n\
-         [[pools]]\nname = \"p\"\nservers = [{{ address = \"{app_addr}\" }}]\n"
-    );
-    let running =
-        fulcrum::runtime::start_with_workers(fulcrum::config::parse(&config, "test").unwrap(), 1)
-            .unwrap();
-    let web = running.listener_addr("web").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(app_addr).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the demo server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let site = Site::start();
+    let web = site.web;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -306,8 +292,6 @@ fn an_idle_h2c_connection_is_measured() {
         per_conn
     });
     eprintln!("an idle h2c connection holds {per_conn} bytes of heap in the worker (hyper)");
-    running.stop();
-    let _ = app.kill();
-    let _ = app.wait();
+    drop(site);
     assert!(per_conn > 0 && per_conn < 256 * 1024, "{per_conn}");
 }
