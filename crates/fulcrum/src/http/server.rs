@@ -126,22 +126,20 @@ impl Builders {
 }
 
 impl ConnHandler for HttpListener {
-    async fn serve(self: Arc<Self>, conn: Accepted) {
-        // The task holds its future for the connection's whole life, idle time included: what runs
-        // once (the first bytes, a TLS handshake) and hyper's connections are boxed, so that the
-        // future of a plain HTTP/1 connection is little more than fulcrum's own (`h1::Lean`).
-        let lean = {
-            let builders = self.builders.load_full();
-            match self.tls.load_full() {
-                None => Box::pin(serve_connection(conn, &self, &builders)).await,
-                Some(tls) => {
-                    Box::pin(serve_tls(conn, &self, &builders, &tls)).await;
-                    None
-                }
+    fn serve(self: Arc<Self>, conn: Accepted) -> impl Future<Output = ()> + Send {
+        // The task holds its future for the connection's whole life, idle time included. What runs
+        // once (the first bytes, a TLS handshake, hyper's connections) is boxed and dropped when done,
+        // and the accepted connection is moved into that box, so that what stays for a plain HTTP/1
+        // connection is little more than fulcrum's own (`h1::Lean`).
+        let mut start = Some(Box::pin(start_connection(self, conn)));
+        async move {
+            let lean = match start.take() {
+                Some(start) => start.await,
+                None => None,
+            };
+            if let Some(lean) = lean {
+                lean.serve().await;
             }
-        };
-        if let Some(lean) = lean {
-            lean.serve().await;
         }
     }
 
@@ -160,6 +158,19 @@ impl ConnHandler for HttpListener {
     #[inline]
     fn admit(&self, ip: std::net::IpAddr) -> bool {
         self.filter.load().admit(ip)
+    }
+}
+
+/// Everything a connection does before it is either served by hyper to its end (h2c, TLS) or handed
+/// over as a plain HTTP/1 connection.
+async fn start_connection(http: Arc<HttpListener>, conn: Accepted) -> Option<super::h1::Lean> {
+    let builders = http.builders.load_full();
+    match http.tls.load_full() {
+        None => serve_connection(conn, &http, &builders).await,
+        Some(tls) => {
+            Box::pin(serve_tls(conn, &http, &builders, &tls)).await;
+            None
+        }
     }
 }
 
