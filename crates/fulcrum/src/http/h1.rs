@@ -242,11 +242,10 @@ pub fn on_upgrade(req: &mut Request<RequestIn>) -> ClientUpgrade {
     }
 }
 
-/// An upgraded client connection, whichever server produced it.
-pub enum UpgradedIo {
-    Hyper(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
-    Lean(Upgraded),
-}
+/// An upgraded client connection, whichever server produced it (`Either` reads and writes through
+/// to the side it holds).
+pub type UpgradedIo =
+    tokio_util::either::Either<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>, Upgraded>;
 
 impl ClientUpgrade {
     /// Waits for the `101` to have gone out.
@@ -254,52 +253,12 @@ impl ClientUpgrade {
         match self {
             ClientUpgrade::Hyper(on) => on
                 .await
-                .map(|u| UpgradedIo::Hyper(hyper_util::rt::TokioIo::new(u)))
+                .map(|u| tokio_util::either::Either::Left(hyper_util::rt::TokioIo::new(u)))
                 .map_err(|e| e.to_string()),
             ClientUpgrade::Lean(rx) => rx
                 .await
-                .map(UpgradedIo::Lean)
+                .map(tokio_util::either::Either::Right)
                 .map_err(|_| "the client connection ended before the upgrade".to_owned()),
-        }
-    }
-}
-
-impl AsyncRead for UpgradedIo {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpgradedIo::Hyper(io) => Pin::new(io).poll_read(cx, buf),
-            UpgradedIo::Lean(io) => Pin::new(io).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpgradedIo {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpgradedIo::Hyper(io) => Pin::new(io).poll_write(cx, data),
-            UpgradedIo::Lean(io) => Pin::new(io).poll_write(cx, data),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpgradedIo::Hyper(io) => Pin::new(io).poll_flush(cx),
-            UpgradedIo::Lean(io) => Pin::new(io).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpgradedIo::Hyper(io) => Pin::new(io).poll_shutdown(cx),
-            UpgradedIo::Lean(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
 }
@@ -598,14 +557,9 @@ enum Next<'a> {
 
 /// The answer to a head that cannot be served; the connection closes after it.
 async fn refuse(io: &Io, status: StatusCode) {
-    let mut out = Vec::with_capacity(128);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\ncontent-length: 0\r\nconnection: close\r\ndate: ");
-    out.extend_from_slice(date().as_bytes());
-    out.extend_from_slice(b"\r\n\r\n");
+    let mut out = BytesMut::with_capacity(160);
+    let extra: [&[u8]; 2] = [b"content-length: 0\r\n", b"connection: close\r\n"];
+    write_head(&mut out, status, &HeaderMap::new(), &extra);
     let _ = tokio::time::timeout(Duration::from_secs(1), io.write_two(&out, &[])).await;
 }
 
@@ -820,6 +774,8 @@ async fn write_response(
     }
     let mut trailers: Option<HeaderMap> = None;
     let mut ok = true;
+    // A chunk's size line, reused for every chunk of the response.
+    let mut line = Vec::new();
     loop {
         let frame = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         let data = match frame {
@@ -843,7 +799,7 @@ async fn write_response(
             continue;
         }
         if framing == Out::Chunked {
-            let mut line = Vec::with_capacity(12);
+            line.clear();
             encode_size_line(data.len(), &mut line);
             out.put_slice(&line);
         }
