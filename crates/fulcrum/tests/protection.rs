@@ -722,7 +722,7 @@ async fn requests_over_the_per_server_limit_wait_in_a_bounded_queue() {
         "round_robin",
         &servers(&apps),
         "",
-        "max_connections_per_server = 1\nmax_queue = 4\nqueue_timeout = \"10s\"",
+        "max_connections_per_server = 1\nmax_queue = 4\nqueue_timeout = \"30s\"",
     ));
     let web = web(&lb);
     let pool = lb.shared().pool("p").unwrap();
@@ -763,22 +763,44 @@ async fn requests_over_the_per_server_limit_wait_in_a_bounded_queue() {
     watching.store(false, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(peak.await.unwrap(), 1, "a server took more than its limit");
 
-    // Eight at once with room for two in flight and four waiting: two get 503 at once.
-    let burst: Vec<_> = (0..8)
+    // Room for two in flight and four waiting. Six slow requests fill it; once the pool shows them
+    // all (two in flight, four queued), two more are refused with 503 at once. Ordered by what the
+    // pool reports, not by timing, so a loaded machine cannot let a late request find a freed slot.
+    let queue = pool.snapshot().servers[0].queue.clone();
+    let filling: Vec<_> = (0..6)
         .map(|_| {
             tokio::spawn(async move {
-                get(&client(), &format!("http://{web}/delay/1500"))
+                get(&client(), &format!("http://{web}/delay/3000"))
                     .await
                     .status
             })
         })
         .collect();
-    let mut statuses = Vec::new();
-    for s in burst {
-        statuses.push(s.await.unwrap().as_u16());
+    let full_by = Instant::now() + Duration::from_secs(20);
+    loop {
+        let in_flight: u64 = pool
+            .snapshot()
+            .servers
+            .iter()
+            .map(|s| s.stats.in_flight() as u64)
+            .sum();
+        if in_flight == 2 && queue.waiting() == 4 {
+            break;
+        }
+        assert!(
+            Instant::now() < full_by,
+            "in flight {in_flight}, queued {}",
+            queue.waiting()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    statuses.sort();
-    assert_eq!(statuses, [200, 200, 200, 200, 200, 200, 503, 503]);
+    for _ in 0..2 {
+        let refused = get(&client(), &format!("http://{web}/delay/10")).await;
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    for s in filling {
+        assert_eq!(s.await.unwrap(), StatusCode::OK);
+    }
     let metrics = get(
         &client(),
         &format!("http://{}/metrics", lb.admin_addr().unwrap()),
