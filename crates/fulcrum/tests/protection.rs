@@ -1082,3 +1082,174 @@ async fn an_http2_rapid_reset_flood_ends_the_connection_and_others_are_served() 
     assert!(served_within(web, Duration::from_secs(5)).await);
     stop(lb).await;
 }
+
+/// The `fulcrum_listener_connections_parked` gauge of listener `web`.
+async fn parked(lb: &fulcrum::runtime::Running) -> i64 {
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fulcrum_listener_connections_parked{listener=\"web\"} "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no parked gauge: {metrics}"))
+}
+
+/// Sends a keep-alive `GET /` on `s` and reads its whole answer; the status.
+async fn keep_alive_get(s: &mut TcpStream) -> u16 {
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    read_answers(s, 1).await[0]
+}
+
+/// Reads `n` whole answers (each framed by its `Content-Length`) from `s`; their statuses.
+async fn read_answers(s: &mut TcpStream, n: usize) -> Vec<u16> {
+    let mut got: Vec<u8> = Vec::new();
+    let mut statuses = Vec::new();
+    let mut buf = [0u8; 4096];
+    while statuses.len() < n {
+        // Whole answers at the front of what was read are taken off it.
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .expect("content-length");
+            if got.len() >= end + 4 + length {
+                statuses.push(status_of(&head));
+                got.drain(..end + 4 + length);
+                continue;
+            }
+        }
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("no answer")
+            .unwrap();
+        assert!(r > 0, "closed before the answers ended");
+        got.extend_from_slice(&buf[..r]);
+    }
+    statuses
+}
+
+/// Polls `parked` until it is `want` (or 15 s pass).
+async fn wait_parked(lb: &fulcrum::runtime::Running, want: i64) {
+    let by = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = parked(lb).await;
+        if now == want {
+            return;
+        }
+        assert!(Instant::now() < by, "{now} connections parked, not {want}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_keep_alive_connection_parks_and_is_served_when_it_speaks_again() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "idle_timeout = \"60s\"\nrequest_header_timeout = \"60s\"",
+        "",
+    ));
+    let web = web(&lb);
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(web).await.unwrap();
+        assert_eq!(keep_alive_get(&mut s).await, 200);
+        conns.push(s);
+    }
+    // A second past its last answer each of them gives up its task.
+    wait_parked(&lb, 20).await;
+    // Each is served again on the same connection: a whole request, a request in two parts, and two
+    // pipelined requests.
+    for (i, s) in conns.iter_mut().enumerate() {
+        match i % 3 {
+            0 => assert_eq!(keep_alive_get(s).await, 200),
+            1 => {
+                s.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                s.write_all(b"host: x\r\n\r\n").await.unwrap();
+                assert_eq!(read_answers(s, 1).await, [200]);
+            }
+            _ => {
+                s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                assert_eq!(read_answers(s, 2).await, [200, 200]);
+            }
+        }
+    }
+    // Every one of them parks again, and all of them are still open.
+    wait_parked(&lb, 20).await;
+    for s in conns.iter_mut() {
+        assert_eq!(keep_alive_get(s).await, 200);
+    }
+    // A client that closes its parked connection frees it.
+    wait_parked(&lb, 20).await;
+    conns.truncate(5);
+    wait_parked(&lb, 5).await;
+    // The listener stops: the parked connections close at once.
+    let stopping = Instant::now();
+    stop(lb).await;
+    for mut s in conns {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "a parked connection stayed open after the stop");
+    }
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_closes_at_its_idle_timeout() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "idle_timeout = \"3s\"\nrequest_header_timeout = \"30s\"",
+        "",
+    ));
+    let web = web(&lb);
+    let mut conns = Vec::new();
+    let answered = Instant::now();
+    for _ in 0..10 {
+        let mut s = TcpStream::connect(web).await.unwrap();
+        assert_eq!(keep_alive_get(&mut s).await, 200);
+        conns.push(s);
+    }
+    wait_parked(&lb, 10).await;
+    // Closed by the listener's sweep once 3 s have passed since each answer: not before, and not
+    // much after (the sweep runs every 250 ms; 10 s allows for a loaded machine).
+    for mut s in conns {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut rest)).await;
+        assert!(r.is_ok(), "a parked connection outlived its idle timeout");
+        assert!(rest.is_empty(), "{}", String::from_utf8_lossy(&rest));
+    }
+    let waited = answered.elapsed();
+    assert!(
+        waited >= Duration::from_millis(2900) && waited < Duration::from_secs(15),
+        "{waited:?}"
+    );
+    assert_eq!(parked(&lb).await, 0);
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    assert!(
+        metrics.contains("fulcrum_listener_idle_timeouts_total{listener=\"web\"} 10"),
+        "{metrics}"
+    );
+    stop(lb).await;
+}

@@ -50,6 +50,17 @@ impl Collector for FulcrumCollector {
                 .encode(m.encode_family(&labels)?)?;
         }
         let mut m = enc.encode_descriptor(
+            "listener_connections_parked",
+            "Open client connections parked without a task while they wait for a request",
+            None,
+            MetricType::Gauge,
+        )?;
+        for l in &state.listeners {
+            let labels = [("listener", l.name.as_str())];
+            ConstGauge::new(l.stats().parked_connections.load(Ordering::Relaxed))
+                .encode(m.encode_family(&labels)?)?;
+        }
+        let mut m = enc.encode_descriptor(
             "listener_connections",
             "Client connections accepted",
             None,

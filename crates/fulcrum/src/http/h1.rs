@@ -17,6 +17,13 @@
 //! they do for hyper: the request head must arrive within `request_header_timeout` (a half-received
 //! head gets 408), a connection with nothing in flight closes after `idle_timeout`, and a client that
 //! takes nothing of its response for `write_timeout` is cut.
+//!
+//! A connection that has waited [`PARK_AFTER`] for its next request gives up its task too: it parks
+//! ([`crate::listener::Parking`]) holding only the socket and its context, with its own waker in the
+//! socket's registration. Bytes (or a close) from the client start a new task that carries on where
+//! the old one stopped; the listener's accept loop closes it when its idle deadline passes, or at once
+//! when the listener stops. Under load a connection never waits that long, so parking costs nothing
+//! per request.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -44,7 +51,7 @@ use super::request_head::{self, BodyFraming, RequestHead};
 /// The size of a pooled buffer.
 const BUF_SIZE: usize = 8 * 1024;
 /// Pooled buffers kept per worker thread.
-const POOL_MAX: usize = 128;
+const POOL_MAX: usize = 64;
 /// Bytes of a response body copied next to its head (one write for both); larger data goes out
 /// with a vectored write beside what is buffered.
 const COALESCE: usize = 16 * 1024;
@@ -52,6 +59,8 @@ const COALESCE: usize = 16 * 1024;
 const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n\
 content-length: 60\r\nconnection: close\r\n\r\n408 Request Timeout: the request head did not arrive in time\n";
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+/// How long a connection waits for its next request in its own task before it parks without one.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
 
 thread_local! {
     static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
@@ -383,6 +392,97 @@ pub struct Lean {
     /// Bytes read and not yet used; `None` while there are none (the idle state).
     buf: Option<BytesMut>,
     ctx: Arc<ConnContext>,
+    /// Since when the connection waits for its next request head (its clocks run from there).
+    since: Instant,
+}
+
+/// A connection parked without a task (see the module's documentation).
+struct ParkedConn {
+    /// Its place in the listener's [`crate::listener::Parking`].
+    key: usize,
+    /// Its idle deadline.
+    until: Instant,
+    /// Resumed or closed (whichever came first takes the connection).
+    claimed: AtomicBool,
+    conn: Mutex<Option<Lean>>,
+}
+
+impl ParkedConn {
+    /// The connection, for whichever of resume and close comes first.
+    fn claim(&self) -> Option<Lean> {
+        if self.claimed.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let lean = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+        let stats = &lean.ctx.listener.stats;
+        stats.parked_connections.fetch_sub(1, Ordering::Relaxed);
+        Some(lean)
+    }
+
+    /// Takes the connection back from the listener's parked ones.
+    fn resume(self: &Arc<Self>) -> Option<Lean> {
+        let lean = self.claim()?;
+        let me: Arc<dyn crate::listener::Parked> = self.clone();
+        lean.ctx.parking.unpark(self.key, &me);
+        Some(lean)
+    }
+}
+
+impl std::task::Wake for ParkedConn {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    /// The client sent bytes or closed: the connection gets a task again, on this worker.
+    fn wake_by_ref(self: &Arc<Self>) {
+        let Some(lean) = self.resume() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let tracker = lean.ctx.tracker.clone();
+            tracker.spawn(lean.serve());
+        }
+    }
+}
+
+impl crate::listener::Parked for ParkedConn {
+    fn until(&self) -> Instant {
+        self.until
+    }
+
+    fn close(&self, timeout: bool) -> bool {
+        let Some(lean) = self.claim() else {
+            return false;
+        };
+        if timeout {
+            lean.ctx
+                .listener
+                .stats
+                .idle_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+}
+
+/// Parks `lean` (idle until `until`): `None` when it parked (or closed, the listener stopping);
+/// the connection back when the client's bytes are already there.
+fn park(lean: Lean, until: Instant) -> Option<Lean> {
+    let io = lean.io.clone();
+    let parking = lean.ctx.parking.clone();
+    let parked = parking.park(|key| {
+        let stats = &lean.ctx.listener.stats;
+        stats.parked_connections.fetch_add(1, Ordering::Relaxed);
+        Arc::new(ParkedConn {
+            key,
+            until,
+            claimed: AtomicBool::new(false),
+            conn: Mutex::new(Some(lean)),
+        })
+    })?;
+    let waker = std::task::Waker::from(parked.clone());
+    match io.stream.poll_read_ready(&mut Context::from_waker(&waker)) {
+        Poll::Pending => None,
+        Poll::Ready(_) => parked.resume(),
+    }
 }
 
 impl Lean {
@@ -397,6 +497,7 @@ impl Lean {
             io: Arc::new(Io { stream }),
             buf,
             ctx,
+            since: Instant::now(),
         }
     }
 
@@ -431,8 +532,8 @@ impl Lean {
     /// The connection's requests, one after the other. `waiting`: nothing of a request has arrived.
     async fn run(mut self, waiting: &AtomicBool) {
         // The current request head must be complete by then (the first one since the connection
-        // opened).
-        let mut head_since = Instant::now();
+        // opened, or since it parked).
+        let mut head_since = self.since;
         // One timer for the connection's life, moved only when a deadline comes earlier; a deadline
         // that moved later is found when the timer fires early (no timer churn per request).
         let first = self
@@ -443,50 +544,55 @@ impl Lean {
         let sleep = tokio::time::sleep_until(head_since + first);
         tokio::pin!(sleep);
         loop {
-            // What the bytes so far allow (decided before any await, so that the parsed head is not kept
-            // in the connection's future while it waits).
-            let next = match self.buf.as_deref() {
-                Some(b) if !b.is_empty() => {
-                    match request_head::parse(
-                        b,
-                        self.ctx.settings.max_header_size,
-                        self.ctx.settings.max_headers,
-                    ) {
-                        Err(e) => {
-                            tracing::debug!(client = %self.ctx.client.addr, error = %e, "refused request head");
-                            Next::Refuse(e.status())
-                        }
-                        Ok(Some((head, len))) => match self.buf.take() {
-                            Some(mut rest) => {
-                                rest.advance(len);
-                                Next::Exchange(Box::pin(exchange(&self.io, &self.ctx, head, rest)))
+            // (In a block of its own, so that nothing of it borrows the connection after it.)
+            {
+                // What the bytes so far allow (decided before any await, so that the parsed head is not kept
+                // in the connection's future while it waits).
+                let next = match self.buf.as_deref() {
+                    Some(b) if !b.is_empty() => {
+                        match request_head::parse(
+                            b,
+                            self.ctx.settings.max_header_size,
+                            self.ctx.settings.max_headers,
+                        ) {
+                            Err(e) => {
+                                tracing::debug!(client = %self.ctx.client.addr, error = %e, "refused request head");
+                                Next::Refuse(e.status())
                             }
-                            None => return,
-                        },
-                        Ok(None) => Next::Wait,
+                            Ok(Some((head, len))) => match self.buf.take() {
+                                Some(mut rest) => {
+                                    rest.advance(len);
+                                    Next::Exchange(Box::pin(exchange(
+                                        &self.io, &self.ctx, head, rest,
+                                    )))
+                                }
+                                None => return,
+                            },
+                            Ok(None) => Next::Wait,
+                        }
                     }
-                }
-                _ => Next::Wait,
-            };
-            match next {
-                Next::Refuse(status) => {
-                    Box::pin(refuse(&self.io, status)).await;
-                    return;
-                }
-                Next::Exchange(exchange) => {
-                    let rest = exchange.await;
-                    match rest {
-                        Some(rest) if rest.is_empty() => give_buf(rest),
-                        Some(rest) => self.buf = Some(rest),
-                        None => return,
-                    }
-                    if self.ctx.stop.is_cancelled() {
+                    _ => Next::Wait,
+                };
+                match next {
+                    Next::Refuse(status) => {
+                        Box::pin(refuse(&self.io, status)).await;
                         return;
                     }
-                    head_since = Instant::now();
-                    continue;
+                    Next::Exchange(exchange) => {
+                        let rest = exchange.await;
+                        match rest {
+                            Some(rest) if rest.is_empty() => give_buf(rest),
+                            Some(rest) => self.buf = Some(rest),
+                            None => return,
+                        }
+                        if self.ctx.stop.is_cancelled() {
+                            return;
+                        }
+                        head_since = Instant::now();
+                        continue;
+                    }
+                    Next::Wait => {}
                 }
-                Next::Wait => {}
             }
             // Wait for bytes. With nothing received the connection holds no buffer.
             let partial = self.buf.as_ref().is_some_and(|b| !b.is_empty());
@@ -496,8 +602,13 @@ impl Lean {
             } else {
                 head_since + settings.request_header_timeout.min(settings.idle_timeout)
             };
-            if sleep.is_elapsed() || until < sleep.deadline() {
-                sleep.as_mut().reset(until);
+            // With nothing received, the connection parks when it has waited long enough.
+            let park_at = (!partial)
+                .then_some(head_since + PARK_AFTER)
+                .filter(|at| *at < until);
+            let wake_at = park_at.unwrap_or(until);
+            if sleep.is_elapsed() || wake_at < sleep.deadline() {
+                sleep.as_mut().reset(wake_at);
             }
             waiting.store(!partial, Ordering::Relaxed);
             let ready = if partial {
@@ -513,15 +624,31 @@ impl Lean {
                     }
                 }
             } else {
-                tokio::select! {
+                let woke = tokio::select! {
                     biased;
-                    r = self.io.stream.readable() => r.is_ok(),
-                    _ = &mut sleep => {
-                        if Instant::now() < until {
-                            continue;
+                    r = self.io.stream.readable() => Woke::Ready(r.is_ok()),
+                    _ = &mut sleep => Woke::Timer,
+                };
+                match woke {
+                    Woke::Ready(ok) => ok,
+                    Woke::Timer => {
+                        let now = Instant::now();
+                        if now >= until {
+                            self.ctx
+                                .listener
+                                .stats
+                                .idle_timeouts
+                                .fetch_add(1, Ordering::Relaxed);
+                            return;
                         }
-                        self.ctx.listener.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
-                        return;
+                        if park_at.is_some_and(|at| now >= at) && !self.ctx.stop.is_cancelled() {
+                            self.since = head_since;
+                            match park(self, until) {
+                                Some(back) => self = back,
+                                None => return,
+                            }
+                        }
+                        continue;
                     }
                 }
             };
@@ -546,6 +673,14 @@ impl Lean {
             }
         }
     }
+}
+
+/// What ended an idle connection's wait.
+enum Woke {
+    /// Its socket (false: with an error).
+    Ready(bool),
+    /// Its timer: the idle deadline, or the time to park.
+    Timer,
 }
 
 /// What to do next on a connection.

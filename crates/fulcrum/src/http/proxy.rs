@@ -159,6 +159,8 @@ pub struct ConnContext {
     pub deadline: CancellationToken,
     /// The listener's connection settings when the connection was accepted.
     pub settings: Arc<ConnSettings>,
+    /// Where the connection parks while it waits long for a request.
+    pub parking: Arc<crate::listener::Parking>,
 }
 
 /// Counts a request in flight on its connection until dropped.

@@ -241,6 +241,7 @@ async fn serve_tls(
         deadline,
         tracker,
         guard,
+        parking,
     } = conn;
     let handshake = tokio::select! {
         r = tokio::time::timeout(tls.handshake_timeout, tls.acceptor.accept(stream)) => r,
@@ -268,6 +269,7 @@ async fn serve_tls(
         deadline,
         tracker,
         guard,
+        parking,
     };
     // A TLS stream is never handed to fulcrum's own HTTP/1 connection.
     let _ = serve_connection(conn, http, builders).await;
@@ -318,6 +320,7 @@ async fn serve_connection<S: ClientStream>(
         deadline,
         tracker,
         guard,
+        parking,
     } = conn;
     let settings = &builders.settings;
     // A new connection owes its first request within the header timeout (or the idle one, if shorter).
@@ -336,6 +339,7 @@ async fn serve_connection<S: ClientStream>(
         stop,
         deadline,
         settings: settings.clone(),
+        parking,
     });
     if !h2 {
         match stream.into_tcp() {

@@ -61,8 +61,42 @@ const MAX_HEADERS: usize = 128;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
 
+/// Read buffers kept per worker for the server connections that are not reading (see [`lend_buf`]).
+const SPARE_BUFS: usize = 32;
+
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(0) };
+    /// Read buffers of idle server connections, lent to the next one that reads.
+    static SPARE: std::cell::RefCell<Vec<BytesMut>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Makes sure `buf` has room to read into. A connection without a buffer (idle ones hand theirs
+/// back) borrows a spare one first: a pooled idle connection holds no 16 KiB buffer, and in a steady
+/// stream of requests the same few buffers go round without an allocation.
+#[inline]
+fn room(buf: &mut BytesMut, want: usize) {
+    if buf.capacity() == 0 {
+        if let Some(spare) = SPARE.with(|s| s.borrow_mut().pop()) {
+            *buf = spare;
+        }
+    }
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(want);
+    }
+}
+
+/// Hands an empty read buffer back to the worker's spares.
+#[inline]
+fn spare(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() >= 1024 {
+        let b = std::mem::take(buf);
+        SPARE.with(|s| {
+            let mut s = s.borrow_mut();
+            if s.len() < SPARE_BUFS {
+                s.push(b);
+            }
+        });
+    }
 }
 
 /// Marks the current thread as worker `id` (selects its idle-connection stacks).
@@ -350,9 +384,7 @@ impl UpstreamConn {
                     return Err(ReadError::Malformed("response head too large"));
                 }
             }
-            if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
-            }
+            room(&mut self.buf, READ_CHUNK);
             match self.stream.read_buf(&mut self.buf).await {
                 Ok(0) if received => return Err(ReadError::Truncated),
                 Ok(0) => return Err(ReadError::Closed),
@@ -371,9 +403,7 @@ impl UpstreamConn {
         cx: &mut Context<'_>,
         want: usize,
     ) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(want.clamp(READ_CHUNK, 4 * READ_CHUNK));
-        }
+        room(&mut self.buf, want.clamp(READ_CHUNK, 4 * READ_CHUNK));
         tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut self.stream), cx, &mut self.buf)
     }
 
@@ -439,9 +469,7 @@ fn poll_early(
         if ready!(stream.poll_read_ready(cx)).is_err() {
             return Poll::Ready(());
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(READ_CHUNK);
-        }
+        room(buf, READ_CHUNK);
         match stream.try_read_buf(buf) {
             Ok(0) => return Poll::Ready(()),
             Ok(_) => match early_answer(buf) {
@@ -752,7 +780,8 @@ pub fn take_idle(server: &Server) -> Option<UpstreamConn> {
 
 /// Returns a connection to `server` whose last exchange is complete.
 #[inline]
-pub fn put_idle(server: &Server, conn: UpstreamConn) {
+pub fn put_idle(server: &Server, mut conn: UpstreamConn) {
+    spare(&mut conn.buf);
     let mut slot = connector().slot().lock().unwrap_or_else(|e| e.into_inner());
     // Checked under the lock: `forget` runs after the server is marked retired, so a connection is
     // either refused here or removed there.

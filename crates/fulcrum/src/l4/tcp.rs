@@ -217,6 +217,7 @@ impl TcpProxy {
             deadline,
             tracker,
             guard: _guard,
+            parking: _,
         } = conn;
         drop((stop, tracker));
         let settings = self.settings.load_full();

@@ -26,6 +26,8 @@ use tokio_util::task::TaskTracker;
 pub struct ListenerStats {
     /// Client connections open now.
     pub active_connections: AtomicI64,
+    /// Of those, the ones parked without a task while they wait for a request (HTTP/1 on plain TCP).
+    pub parked_connections: AtomicI64,
     /// Client connections accepted so far.
     pub connections_total: AtomicU64,
     /// Responses sent to clients by status class (1xx … 5xx), fulcrum's own included (HTTP only).
@@ -125,6 +127,109 @@ pub struct Accepted<S = TcpStream> {
     /// Keeps the connection counted (its slot, its client address's share, the open-connections gauge)
     /// for as long as it, or anything it handed over to (a tunnel), is alive.
     pub guard: Arc<ConnGuard>,
+    /// Where a connection that waits long for its client parks without a task (see [`Parking`]).
+    pub parking: Arc<Parking>,
+}
+
+/// A connection parked without a task: it is resumed by its socket's readiness (its own business),
+/// and closed from here when its idle deadline passes or the listener stops.
+pub trait Parked: Send + Sync {
+    /// When the connection's wait ends without a request.
+    fn until(&self) -> tokio::time::Instant;
+
+    /// Closes the connection unless it was resumed already; `timeout`: its deadline passed (else
+    /// the listener stops). False when it was resumed.
+    fn close(&self, timeout: bool) -> bool;
+}
+
+/// The parked connections of one listener on one worker. A connection with no request under way for
+/// a while gives up its task (most of what an idle connection costs) and waits here: its socket's
+/// readiness starts a new task for it, and the accept loop closes it when its idle deadline passes
+/// (checked every [`SWEEP_EVERY`]) or at once when the listener stops.
+#[derive(Default)]
+pub struct Parking {
+    set: std::sync::Mutex<ParkSet>,
+}
+
+#[derive(Default)]
+struct ParkSet {
+    conns: slab::Slab<Arc<dyn Parked>>,
+    /// The listener stopped: nothing parks any more.
+    closed: bool,
+}
+
+impl std::fmt::Debug for Parking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parking")
+            .field("parked", &self.len())
+            .finish()
+    }
+}
+
+/// How often the accept loop closes parked connections whose idle deadline passed.
+pub const SWEEP_EVERY: Duration = Duration::from_millis(250);
+
+impl Parking {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ParkSet> {
+        self.set.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks a connection made by `make` from its key here; `None` once the listener stopped.
+    pub fn park<P: Parked + 'static>(&self, make: impl FnOnce(usize) -> Arc<P>) -> Option<Arc<P>> {
+        let mut set = self.lock();
+        if set.closed {
+            return None;
+        }
+        let entry = set.conns.vacant_entry();
+        let parked = make(entry.key());
+        entry.insert(parked.clone());
+        Some(parked)
+    }
+
+    /// Forgets the connection parked at `key` (it was resumed).
+    pub fn unpark(&self, key: usize, which: &Arc<dyn Parked>) {
+        let mut set = self.lock();
+        if set.conns.get(key).is_some_and(|p| Arc::ptr_eq(p, which)) {
+            set.conns.remove(key);
+        }
+    }
+
+    /// Closes the parked connections whose deadline is `now` or earlier; how many.
+    pub fn sweep(&self, now: tokio::time::Instant) -> usize {
+        let mut closed = 0;
+        self.lock().conns.retain(|_, p| {
+            let done = p.until() <= now && p.close(true);
+            closed += usize::from(done);
+            !done
+        });
+        closed
+    }
+
+    /// The listener stops: closes every parked connection, and nothing parks any more.
+    pub fn close_all(&self) {
+        let mut set = self.lock();
+        set.closed = true;
+        for p in set.conns.drain() {
+            p.close(false);
+        }
+    }
+
+    /// Connections parked now.
+    pub fn len(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    /// Whether none is parked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Parking {
+    /// A parked connection and its socket's registration refer to each other; closing it breaks that.
+    fn drop(&mut self) {
+        self.close_all();
+    }
 }
 
 /// What keeps an accepted connection counted; dropping the last clone frees its slot.
@@ -226,11 +331,18 @@ pub async fn serve<H: ConnHandler>(
     deadline: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
+    let parking = Arc::new(Parking::default());
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(5);
     loop {
         let (stream, addr) = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            now = sweep.tick() => {
+                parking.sweep(now);
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok(pair) => { backoff = Duration::from_millis(5); pair }
                 Err(e) => {
@@ -279,10 +391,12 @@ pub async fn serve<H: ConnHandler>(
             deadline: deadline.clone(),
             tracker: tracker.clone(),
             guard,
+            parking: parking.clone(),
         };
         tracker.spawn(handler.clone().serve(conn));
     }
     drop(listener);
+    parking.close_all();
     tracker.close();
     tokio::select! {
         _ = tracker.wait() => {}
