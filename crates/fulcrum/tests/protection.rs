@@ -1168,7 +1168,7 @@ async fn a_waiting_keep_alive_connection_parks_and_is_served_when_it_speaks_agai
         assert_eq!(keep_alive_get(&mut s).await, 200);
         conns.push(s);
     }
-    // A second past its last answer each of them gives up its task.
+    // 100 ms past its last answer each of them gives up its task.
     wait_parked(&lb, 20).await;
     // Each is served again on the same connection: a whole request, a request in two parts, and two
     // pipelined requests.

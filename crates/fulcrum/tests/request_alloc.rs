@@ -220,7 +220,7 @@ fn a_proxied_keep_alive_request_makes_a_small_fixed_number_of_allocations() {
 }
 
 /// The most heap an idle keep-alive client connection may hold in the balancer, in bytes, once it has
-/// parked (a second after its last answer): no task and no buffer, only tokio's registration of its
+/// parked (100 ms after its last answer): no task and no buffer, only tokio's registration of its
 /// socket (256 B), its context (under 256 B), its parked entry (under 128 B) and a few small pieces
 /// (its socket's `Arc`, its connection slot, its address as a header value). About 700 B measured
 /// (release build); a connection still waiting in its task holds about 1.5 KB, an 8 KiB buffer
@@ -228,7 +228,7 @@ fn a_proxied_keep_alive_request_makes_a_small_fixed_number_of_allocations() {
 const IDLE_BUDGET: i64 = 1024;
 
 #[test]
-fn an_idle_keep_alive_connection_holds_no_buffer() {
+fn an_idle_keep_alive_connection_parks_holding_no_task_and_no_buffer() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let site = Site::start();
     let web = site.web;
@@ -255,7 +255,7 @@ fn an_idle_keep_alive_connection_holds_no_buffer() {
         round_trip(&mut c, &mut buf);
         conns.push(c);
     }
-    // Past the time a waiting connection parks (1 s), with a wide margin.
+    // Past the time a waiting connection parks (100 ms), with a wide margin.
     std::thread::sleep(Duration::from_millis(2500));
     let per_conn = (LIVE_BYTES.load(Ordering::Relaxed) - before) / N as i64;
     let held: Vec<String> = LIVE_BY_CLASS

@@ -60,7 +60,10 @@ const REQUEST_TIMEOUT_RESPONSE: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconten
 content-length: 60\r\nconnection: close\r\n\r\n408 Request Timeout: the request head did not arrive in time\n";
 const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 /// How long a connection waits for its next request in its own task before it parks without one.
-pub const PARK_AFTER: Duration = Duration::from_secs(1);
+/// Short, so that few connections hold a task at any time (the freed task memory of connections that
+/// waited longer is then reused rather than kept): a request after a longer pause costs one task
+/// spawn, next to a network round trip; a busy connection (its next request within 100 ms) never parks.
+pub const PARK_AFTER: Duration = Duration::from_millis(100);
 
 thread_local! {
     static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
@@ -643,6 +646,9 @@ impl Lean {
                         }
                         if park_at.is_some_and(|at| now >= at) && !self.ctx.stop.is_cancelled() {
                             self.since = head_since;
+                            if let Some(b) = self.buf.take() {
+                                give_buf(b);
+                            }
                             match park(self, until) {
                                 Some(back) => self = back,
                                 None => return,

@@ -225,10 +225,14 @@ impl Parking {
     }
 }
 
-impl Drop for Parking {
-    /// A parked connection and its socket's registration refer to each other; closing it breaks that.
+/// Closes the parked connections of an accept loop when it ends, however it ends: a parked
+/// connection, its socket's registration (which holds its waker) and this set refer to each other,
+/// and closing it is what breaks that.
+struct CloseParked(Arc<Parking>);
+
+impl Drop for CloseParked {
     fn drop(&mut self) {
-        self.close_all();
+        self.0.close_all();
     }
 }
 
@@ -332,6 +336,7 @@ pub async fn serve<H: ConnHandler>(
 ) {
     let tracker = TaskTracker::new();
     let parking = Arc::new(Parking::default());
+    let _close_parked = CloseParked(parking.clone());
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut backoff = Duration::from_millis(5);
