@@ -206,7 +206,7 @@ pub(crate) async fn run_worker(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
-            _ = heartbeat.tick() => {}
+            _ = heartbeat.tick() => crate::runtime::worker_housekeeping(),
             command = commands.recv() => match command {
                 Some(WorkerCommand::Listen { socket, handler, slots, stop, deadline }) => {
                     match (tokio::net::TcpListener::from_std(socket), handler) {

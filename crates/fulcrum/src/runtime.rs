@@ -293,6 +293,22 @@ impl StartError {
     }
 }
 
+/// What each worker thread runs at its heartbeat (every 500 ms), set once by the binary.
+static WORKER_HOUSEKEEPING: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what each worker thread runs at its heartbeat (the `fulcrum` binary hands the memory its
+/// allocator holds freed back to the system there). Only the first call counts.
+pub fn set_worker_housekeeping(f: fn()) {
+    let _ = WORKER_HOUSEKEEPING.set(f);
+}
+
+/// Runs the worker housekeeping, if any was set.
+pub(crate) fn worker_housekeeping() {
+    if let Some(f) = WORKER_HOUSEKEEPING.get() {
+        f();
+    }
+}
+
 /// How to start, beyond the configuration.
 #[derive(Debug, Default)]
 pub struct StartOptions {

@@ -71,12 +71,7 @@ async fn clients_that_only_start_a_preface_do_not_hold_the_slots() {
         let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
         assert!(r.is_ok(), "a hog was not closed");
     }
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = metrics(&lb).await;
     assert!(
         metrics.contains("fulcrum_listener_idle_timeouts_total{listener=\"web\"}"),
         "{metrics}"
@@ -524,12 +519,7 @@ async fn a_client_over_its_rate_gets_429_and_others_are_unaffected() {
     assert!((1..=10).contains(&retry), "{retry}");
     // Another client address has its own bucket.
     assert_eq!(get_from("127.0.0.2", web, "/").await.0, 200);
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = metrics(&lb).await;
     assert!(
         metrics.contains("fulcrum_rate_limited_requests_total{listener=\"web\"} 4"),
         "{metrics}"
@@ -696,12 +686,7 @@ async fn attack_patterns_get_403_and_are_counted_per_rule() {
         let status = get_from("127.0.0.1", web, path).await.0;
         assert!(status == 200 || status == 404, "{path}: {status}");
     }
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = metrics(&lb).await;
     assert!(
         metrics.contains("fulcrum_blocked_requests_total{listener=\"web\",rule=\"no-debug\"} 1"),
         "{metrics}"
@@ -801,12 +786,7 @@ async fn requests_over_the_per_server_limit_wait_in_a_bounded_queue() {
     for s in filling {
         assert_eq!(s.await.unwrap(), StatusCode::OK);
     }
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = metrics(&lb).await;
     assert!(
         metrics.contains("fulcrum_pool_queue_refused_total{pool=\"p\"} 2"),
         "{metrics}"
@@ -1083,14 +1063,19 @@ async fn an_http2_rapid_reset_flood_ends_the_connection_and_others_are_served() 
     stop(lb).await;
 }
 
-/// The `fulcrum_listener_connections_parked` gauge of listener `web`.
-async fn parked(lb: &fulcrum::runtime::Running) -> i64 {
-    let metrics = get(
+/// The balancer's metrics, as Prometheus scrapes them.
+async fn metrics(lb: &fulcrum::runtime::Running) -> String {
+    get(
         &client(),
         &format!("http://{}/metrics", lb.admin_addr().unwrap()),
     )
     .await
-    .body;
+    .body
+}
+
+/// The `fulcrum_listener_connections_parked` gauge of listener `web`.
+async fn parked(lb: &fulcrum::runtime::Running) -> i64 {
+    let metrics = metrics(lb).await;
     metrics
         .lines()
         .find_map(|l| l.strip_prefix("fulcrum_listener_connections_parked{listener=\"web\"} "))
@@ -1241,12 +1226,7 @@ async fn a_parked_connection_closes_at_its_idle_timeout() {
         "{waited:?}"
     );
     assert_eq!(parked(&lb).await, 0);
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = metrics(&lb).await;
     assert!(
         metrics.contains("fulcrum_listener_idle_timeouts_total{listener=\"web\"} 10"),
         "{metrics}"
