@@ -62,3 +62,22 @@ pub fn mutate(mut bytes: Vec<u8>, edits: &Edits) -> Vec<u8> {
     }
     bytes
 }
+
+/// `Content-Length` values: a plain number (weight `plain`, against 1 for each odd form), or a sign,
+/// a list, padding, leading zeros, hex, two numbers, an overflow or a non-ASCII digit.
+pub fn length_value(plain: u32) -> impl Strategy<Value = String> {
+    let n = prop_oneof![0u64..20, any::<u64>()];
+    prop_oneof![
+        plain => n.clone().prop_map(|n| n.to_string()),
+        1 => n.clone().prop_map(|n| format!("+{n}")),
+        1 => n.clone().prop_map(|n| format!("-{n}")),
+        1 => n.clone().prop_map(|n| format!("{n}, {n}")),
+        1 => (n.clone(), n.clone()).prop_map(|(a, b)| format!("{a},{b}")),
+        1 => n.clone().prop_map(|n| format!(" {n}\t")),
+        1 => n.clone().prop_map(|n| format!("00{n}")),
+        1 => n.clone().prop_map(|n| format!("0x{n}")),
+        1 => n.prop_map(|n| format!("{n} {n}")),
+        1 => prop::sample::select(vec!["", ",", "99999999999999999999999", "18446744073709551616", "1e3", "\u{663}"])
+            .prop_map(str::to_owned),
+    ]
+}
