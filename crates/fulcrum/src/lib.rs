@@ -24,6 +24,7 @@ pub mod http;
 pub mod l4;
 pub mod listener;
 pub mod logging;
+pub mod pipe;
 pub mod pool;
 pub mod runtime;
 pub mod simulate;

@@ -180,6 +180,13 @@ async fn a_client_that_never_reads_its_large_response_is_cut() {
             >= 1
     );
     drop(s);
+    // The body went kernel to kernel until the client stopped taking it.
+    assert!(
+        stats
+            .spliced_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
     stop(lb).await;
 }
 

@@ -575,3 +575,161 @@ async fn chunked_bodies_head_and_bodiless_statuses_pass_through() {
     }
     stop(lb).await;
 }
+
+/// Reads one HTTP/1.1 response with a `Content-Length` body from `s`: (head, body). The body is cut
+/// short when the connection closes first.
+async fn read_sized_response(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let end = loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "closed inside the head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = buf.split_off(end);
+    while body.len() < len {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
+    assert!(body.len() <= len, "more than the content-length arrived");
+    (head, body)
+}
+
+/// fulcrum-app's `/bytes` pattern: `a` to `z`, over and over.
+fn is_pattern(body: &[u8]) -> bool {
+    body.iter()
+        .enumerate()
+        .all(|(i, b)| *b == b'a' + (i % 26) as u8)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_are_spliced_intact_around_small_ones_on_one_connection() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config("round_robin", &servers(&apps), "", ""));
+    let mut s = TcpStream::connect(web(&lb)).await.unwrap();
+    // Below, at and above the splice threshold (16 KiB left after the first read), and large.
+    let sizes = [10, 16_383, 16_384, 40_000, 1_048_583, 10, 3_000_000, 65_536];
+    for n in sizes {
+        s.write_all(format!("GET /bytes/{n} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (head, body) = read_sized_response(&mut s).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body.len(), n, "{head}");
+        assert!(is_pattern(&body), "the {n}-byte body was altered");
+    }
+    // Pipelined: two large answers back to back on the same connection.
+    s.write_all(b"GET /bytes/200000 HTTP/1.1\r\nhost: x\r\n\r\nGET /bytes/300000 HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    for n in [200_000, 300_000] {
+        let (_, body) = read_sized_response(&mut s).await;
+        assert_eq!(body.len(), n);
+        assert!(is_pattern(&body));
+    }
+    // Most of the large bodies went kernel to kernel, and the counter is exported.
+    let state = lb.shared().state();
+    let spliced = state.listeners[0]
+        .stats()
+        .spliced_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        (3_000_000..=4_700_000).contains(&spliced),
+        "{spliced} bytes spliced"
+    );
+    let metrics = get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body;
+    assert!(
+        metrics.contains(&format!(
+            "fulcrum_listener_spliced_bytes_total{{listener=\"web\"}} {spliced}"
+        )),
+        "{metrics}"
+    );
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spliced_body_leaves_the_server_connection_reusable() {
+    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
+    answer.extend((0..100_000).map(|i| b'a' + (i % 26) as u8));
+    let server = raw_server(Box::leak(answer.into_boxed_slice()), false).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &[("A".into(), server.addr, 1)],
+        "",
+        "",
+    ));
+    let mut s = TcpStream::connect(web(&lb)).await.unwrap();
+    for _ in 0..5 {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (_, body) = read_sized_response(&mut s).await;
+        assert_eq!(body.len(), 100_000);
+        assert!(is_pattern(&body));
+    }
+    assert_eq!(server.requests.load(Ordering::SeqCst), 5);
+    assert_eq!(
+        server.connections.load(Ordering::SeqCst),
+        1,
+        "the server connection was not reused after its spliced bodies"
+    );
+    stop(lb).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_closes_inside_a_spliced_body_cuts_the_client_off() {
+    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n".to_vec();
+    answer.extend((0..100_000).map(|i| b'a' + (i % 26) as u8));
+    let server = raw_server(Box::leak(answer.into_boxed_slice()), true).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &[("A".into(), server.addr, 1)],
+        "",
+        "",
+    ));
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(web(&lb)).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        // The client gets what the server sent, then the close: never a hang, never a padded body.
+        let (head, body) =
+            tokio::time::timeout(Duration::from_secs(20), read_sized_response(&mut s))
+                .await
+                .expect("the client was left waiting");
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert_eq!(body.len(), 100_000);
+        assert!(is_pattern(&body));
+        let mut rest = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut rest))
+            .await
+            .expect("the client connection stayed open")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
+    // Each request got a new server connection: the cut one was not pooled.
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+    stop(lb).await;
+}

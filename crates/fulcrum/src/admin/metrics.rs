@@ -84,6 +84,11 @@ impl Collector for FulcrumCollector {
                 |s: &ListenerStats| s.write_timeouts.load(Ordering::Relaxed),
             ),
             (
+                "listener_spliced_bytes",
+                "Response body bytes moved to clients with splice(2), never through user space",
+                |s: &ListenerStats| s.spliced_bytes.load(Ordering::Relaxed),
+            ),
+            (
                 "listener_tls_handshakes",
                 "TLS handshakes completed (https listeners)",
                 |s: &ListenerStats| s.tls_handshakes.load(Ordering::Relaxed),

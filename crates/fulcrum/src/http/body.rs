@@ -25,6 +25,8 @@ use http_body::{Body, Frame, SizeHint};
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::net::TcpStream;
+
 use super::chunked::Step;
 use super::upstream::{Framing, UpstreamConn};
 use crate::access_log::{AccessLog, Record, Termination};
@@ -172,6 +174,64 @@ impl Body for UpstreamBody {
             (None, _) | (_, Framing::Empty) => SizeHint::with_exact(0),
             (_, Framing::Length(n)) => SizeHint::with_exact(*n),
             _ => SizeHint::default(),
+        }
+    }
+}
+
+impl UpstreamBody {
+    /// The server's socket and the bytes left, when the rest of the body can move kernel to kernel:
+    /// a `Content-Length` body of at least `min` bytes of which nothing is buffered.
+    fn splice_source(&self, min: u64) -> Option<(&TcpStream, u64)> {
+        match (&self.conn, &self.framing) {
+            (Some(conn), Framing::Length(left))
+                if self.failed.is_none() && conn.buf.is_empty() && *left >= min =>
+            {
+                Some((&conn.stream, *left))
+            }
+            _ => None,
+        }
+    }
+
+    /// `n` bytes of the body were moved past it; `failed`: the server's side failed.
+    fn spliced(&mut self, n: u64, failed: bool) {
+        if failed {
+            self.guard.server().stats.record_failure();
+            self.finish(false);
+            return;
+        }
+        if let Framing::Length(left) = &mut self.framing {
+            *left = left.saturating_sub(n);
+            if *left == 0 {
+                self.finish(true);
+            }
+        }
+    }
+}
+
+impl ProxyBody {
+    /// See [`UpstreamBody::splice_source`] (a server's body, logged or not).
+    pub fn splice_source(&self, min: u64) -> Option<(&TcpStream, u64)> {
+        match self {
+            ProxyBody::Upstream(body) => body.splice_source(min),
+            ProxyBody::Logged(body) => body.inner.splice_source(min),
+            _ => None,
+        }
+    }
+
+    /// `n` bytes of the body were moved kernel to kernel, after [`Self::splice_source`]; `failed`:
+    /// the server's side failed (the connection to it is closed).
+    pub fn spliced(&mut self, n: u64, failed: bool) {
+        match self {
+            ProxyBody::Upstream(body) => body.spliced(n, failed),
+            ProxyBody::Logged(body) => {
+                body.sent += n;
+                body.inner.spliced(n, failed);
+                body.failed |= failed;
+                if failed || body.inner.is_end_stream() {
+                    body.finish();
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -14,7 +14,7 @@
 //! from hyper); HTTP/2 clients get at most `h2_max_concurrent_streams` streams, a header list bounded by
 //! `max_header_size` (CONTINUATION floods end there), and h2's reset-flood limits (rapid reset).
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -22,9 +22,10 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
@@ -174,29 +175,32 @@ async fn start_connection(http: Arc<HttpListener>, conn: Accepted) -> Option<sup
     }
 }
 
-/// The first bytes of a connection: up to the length of `PRI `, fewer when they already differ.
-/// `None` when the client closed or sent nothing within `timeout`.
-async fn read_prefix<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    timeout: Duration,
-) -> Option<([u8; 4], usize)> {
+/// The first bytes of a connection, read into a connection buffer: at least the length of `PRI `, or
+/// fewer when they already differ. `None` when the client closed or sent nothing within `timeout`.
+async fn read_prefix<S: ClientStream>(stream: &mut S, timeout: Duration) -> Option<BytesMut> {
+    let mut buf = super::h1::take_buf();
     let read = async {
-        let mut buf = [0u8; H2_PREFACE_START.len()];
-        let mut n = 0;
-        while n < buf.len() {
-            // `read` waits for readiness: a client that sent one byte costs nothing while it waits.
-            let got = stream.read(&mut buf[n..]).await.ok()?;
+        loop {
+            // Waits for readiness: a client that sent one byte costs nothing while it waits.
+            let got = poll_fn(|cx| stream.poll_read_into(cx, &mut buf))
+                .await
+                .ok()?;
             if got == 0 {
                 return None;
             }
-            n += got;
-            if buf[..n] != H2_PREFACE_START[..n] {
-                break;
+            let n = buf.len().min(H2_PREFACE_START.len());
+            if n == H2_PREFACE_START.len() || buf[..n] != H2_PREFACE_START[..n] {
+                return Some(());
             }
         }
-        Some((buf, n))
     };
-    tokio::time::timeout(timeout, read).await.ok().flatten()
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Some(())) => Some(buf),
+        _ => {
+            super::h1::give_buf(buf);
+            None
+        }
+    }
 }
 
 /// The TLS side of an `https` listener: rebuilt (certificates re-read) at every reload.
@@ -286,6 +290,15 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn into_tcp(self) -> Result<TcpStream, Self>
     where
         Self: Sized;
+
+    /// Reads into `buf`'s spare room.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
 }
 
 impl ClientStream for TcpStream {
@@ -295,6 +308,15 @@ impl ClientStream for TcpStream {
 
     fn into_tcp(self) -> Result<TcpStream, Self> {
         Ok(self)
+    }
+
+    /// Plain TCP: a short read clears the socket's readiness ([`super::h1::read_draining`]).
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        super::h1::poll_read_draining(self, cx, buf)
     }
 }
 
@@ -325,11 +347,11 @@ async fn serve_connection<S: ClientStream>(
     let settings = &builders.settings;
     // A new connection owes its first request within the header timeout (or the idle one, if shorter).
     let first = settings.request_header_timeout.min(settings.idle_timeout);
-    let Some((prefix, len)) = read_prefix(&mut stream, first).await else {
+    let Some(prefix) = read_prefix(&mut stream, first).await else {
         http.stats.idle_timeouts.fetch_add(1, Ordering::Relaxed);
         return None;
     };
-    let h2 = prefix[..len] == *H2_PREFACE_START;
+    let h2 = prefix.starts_with(H2_PREFACE_START);
     let ctx = Arc::new(proxy::ConnContext {
         listener: http.clone(),
         client: Client::new(peer),
@@ -343,28 +365,27 @@ async fn serve_connection<S: ClientStream>(
     });
     if !h2 {
         match stream.into_tcp() {
-            Ok(tcp) => return Some(super::h1::Lean::new(tcp, &prefix[..len], ctx)),
+            Ok(tcp) => return Some(super::h1::Lean::new(tcp, prefix, ctx)),
             Err(s) => stream = s,
         }
     }
-    Box::pin(serve_hyper(stream, (prefix, len), h2, ctx, builders)).await;
+    Box::pin(serve_hyper(stream, prefix.freeze(), h2, ctx, builders)).await;
     None
 }
 
 /// Serves h2c and TLS clients with hyper.
 async fn serve_hyper<S: ClientStream>(
     stream: S,
-    prefix: ([u8; 4], usize),
+    prefix: Bytes,
     h2: bool,
     ctx: Arc<proxy::ConnContext>,
     builders: &Builders,
 ) {
     let (stop, deadline, peer) = (ctx.stop.clone(), ctx.deadline.clone(), ctx.client.addr);
-    let (prefix, len) = prefix;
     let timed_out = Arc::new(AtomicBool::new(false));
     let io = TokioIo::new(ClientIo::<S>::new(
         stream,
-        (prefix, len),
+        prefix,
         timed_out.clone(),
         ctx.clone(),
     ));
@@ -472,9 +493,7 @@ async fn drive<C: GracefulConn>(
 struct ClientIo<S: ClientStream> {
     stream: S,
     /// Bytes read before hyper took over, and how many of them hyper has had.
-    prefix: [u8; 4],
-    prefix_len: u8,
-    prefix_pos: u8,
+    prefix: Bytes,
     /// Bytes were read since the last write: a request is being received.
     partial: bool,
     timed_out: Arc<AtomicBool>,
@@ -490,16 +509,14 @@ struct ClientIo<S: ClientStream> {
 impl<S: ClientStream> ClientIo<S> {
     fn new(
         stream: S,
-        (prefix, len): ([u8; 4], usize),
+        prefix: Bytes,
         timed_out: Arc<AtomicBool>,
         ctx: Arc<proxy::ConnContext>,
     ) -> Self {
         ClientIo {
             stream,
+            partial: !prefix.is_empty(),
             prefix,
-            prefix_len: len as u8,
-            prefix_pos: 0,
-            partial: len > 0,
             timed_out,
             ctx,
             last_io: Instant::now(),
@@ -545,11 +562,13 @@ impl<S: ClientStream> AsyncRead for ClientIo<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.prefix_pos < this.prefix_len {
-            let rest = &this.prefix[usize::from(this.prefix_pos)..usize::from(this.prefix_len)];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.prefix_pos += n as u8;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            if this.prefix.is_empty() {
+                // Its buffer is freed, not kept behind an empty view.
+                this.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

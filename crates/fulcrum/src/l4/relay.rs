@@ -24,7 +24,6 @@
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::io;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -33,16 +32,13 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::tcp::{is_proxy_header, TcpStats};
+use crate::pipe::{Pipe, SPLICE_CHUNK};
 use crate::pool::{ServerStats, FROM_SERVER, TO_SERVER};
 
 /// The buffer a copying direction borrows while bytes flow.
 const RELAY_BUFFER: usize = 16 * 1024;
 /// Buffers kept per worker thread for reuse.
 const POOLED_BUFFERS: usize = 64;
-/// Bytes a spliced direction moves per `splice` call (the default pipe holds 64 KiB).
-const SPLICE_CHUNK: usize = 64 * 1024;
-/// Empty pipes kept per worker thread for reuse.
-const POOLED_PIPES: usize = 64;
 
 /// How a relay ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -332,7 +328,6 @@ impl Direction {
 
 thread_local! {
     static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
-    static PIPES: RefCell<Vec<(OwnedFd, OwnedFd)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A relay buffer, taken from this thread's spares (or allocated) and given back on drop.
@@ -370,44 +365,6 @@ impl Drop for Buffer {
                     spares.push(b);
                 }
             });
-        }
-    }
-}
-
-/// A pipe borrowed while bytes flow in one direction: taken from this thread's spares (or opened) when
-/// bytes arrive, given back empty when the direction waits again, so an idle session holds none.
-struct Pipe {
-    /// (read end, write end).
-    fds: Option<(OwnedFd, OwnedFd)>,
-    /// Bytes in it; a pipe that still holds some is closed, not reused.
-    held: usize,
-}
-
-impl Pipe {
-    fn take() -> io::Result<Self> {
-        use rustix::pipe::{pipe_with, PipeFlags};
-        let fds = match PIPES.with(|p| p.borrow_mut().pop()) {
-            Some(fds) => fds,
-            None => pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?,
-        };
-        Ok(Pipe {
-            fds: Some(fds),
-            held: 0,
-        })
-    }
-}
-
-impl Drop for Pipe {
-    fn drop(&mut self) {
-        if let Some(fds) = self.fds.take() {
-            if self.held == 0 {
-                let _ = PIPES.try_with(|spares| {
-                    let mut spares = spares.borrow_mut();
-                    if spares.len() < POOLED_PIPES {
-                        spares.push(fds);
-                    }
-                });
-            }
         }
     }
 }

@@ -38,6 +38,8 @@ pub struct ListenerStats {
     pub idle_timeouts: AtomicU64,
     /// Connections cut because the client read nothing of its response for `write_timeout`.
     pub write_timeouts: AtomicU64,
+    /// Response body bytes moved to clients with `splice(2)`, kernel to kernel (HTTP/1 on plain TCP).
+    pub spliced_bytes: AtomicU64,
     /// TLS handshakes completed (https).
     pub tls_handshakes: AtomicU64,
     /// TLS handshakes that failed or timed out (https).

@@ -1,0 +1,154 @@
+//! Moving bytes from one socket to another with `splice(2)`, kernel to kernel through a pipe, never
+//! copying them into user space: the L4 relay's bulk transfers ([`crate::l4`]) and the large
+//! `Content-Length` response bodies of fulcrum's own HTTP/1 connection ([`crate::http::h1`]).
+//!
+//! Pipes are borrowed per burst from a per-thread pool, so a connection that waits holds none.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::time::Duration;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Bytes moved per `splice` call (the default pipe holds 64 KiB).
+pub const SPLICE_CHUNK: usize = 64 * 1024;
+/// Empty pipes kept per worker thread for reuse.
+const POOLED_PIPES: usize = 64;
+
+thread_local! {
+    static PIPES: RefCell<Vec<(OwnedFd, OwnedFd)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A pipe borrowed while bytes flow: taken from this thread's spares (or opened) when bytes arrive,
+/// given back empty when they stop, so an idle connection holds none.
+pub struct Pipe {
+    /// (read end, write end).
+    pub fds: Option<(OwnedFd, OwnedFd)>,
+    /// Bytes in it; a pipe that still holds some is closed, not reused.
+    pub held: usize,
+}
+
+impl Pipe {
+    /// A pipe from this thread's spares, or a new one.
+    pub fn take() -> io::Result<Self> {
+        use rustix::pipe::{pipe_with, PipeFlags};
+        let fds = match PIPES.with(|p| p.borrow_mut().pop()) {
+            Some(fds) => fds,
+            None => pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?,
+        };
+        Ok(Pipe {
+            fds: Some(fds),
+            held: 0,
+        })
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        if let Some(fds) = self.fds.take() {
+            if self.held == 0 {
+                let _ = PIPES.try_with(|spares| {
+                    let mut spares = spares.borrow_mut();
+                    if spares.len() < POOLED_PIPES {
+                        spares.push(fds);
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Why [`splice_exact`] stopped short.
+#[derive(Debug)]
+pub enum SpliceError {
+    /// The source failed, or closed before the last byte.
+    Source(io::Error),
+    /// The destination failed.
+    Sink(io::Error),
+    /// The destination took nothing for the write timeout.
+    Timeout,
+}
+
+/// Moves exactly `len` bytes from `from` to `to` with `splice(2)`: never more (the source may hold
+/// what follows), stopping when either side fails, the source closes early, or `to` takes nothing for
+/// `write_timeout`. `moved` counts the bytes that reached `to`.
+pub async fn splice_exact(
+    from: &TcpStream,
+    to: &TcpStream,
+    len: u64,
+    write_timeout: Duration,
+    moved: &mut u64,
+) -> Result<(), SpliceError> {
+    use rustix::pipe::{splice, SpliceFlags};
+    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+    let mut pipe = Pipe::take().map_err(SpliceError::Source)?;
+    let Some((pipe_out, pipe_in)) = pipe.fds.take() else {
+        return Err(SpliceError::Source(io::ErrorKind::Other.into()));
+    };
+    let mut left = len;
+    // The source closed early; what the pipe holds still goes on first.
+    let mut cut = false;
+    let result = async {
+        while left > 0 || pipe.held > 0 {
+            if cut && pipe.held == 0 {
+                return Err(SpliceError::Source(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection inside the body",
+                )));
+            }
+            if left > 0 && pipe.held < SPLICE_CHUNK && !cut {
+                let want = (SPLICE_CHUNK - pipe.held).min(left.min(usize::MAX as u64) as usize);
+                match from.try_io(Interest::READABLE, || {
+                    Ok(splice(from, None, &pipe_in, None, want, flags)?)
+                }) {
+                    Ok(0) => {
+                        cut = true;
+                        continue;
+                    }
+                    Ok(n) => {
+                        pipe.held += n;
+                        left -= n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if pipe.held == 0 {
+                            poll_fn(|cx| from.poll_read_ready(cx))
+                                .await
+                                .map_err(SpliceError::Source)?;
+                            continue;
+                        }
+                    }
+                    Err(e) => return Err(SpliceError::Source(e)),
+                }
+            }
+            if pipe.held > 0 {
+                match to.try_io(Interest::WRITABLE, || {
+                    Ok(splice(&pipe_out, None, to, None, pipe.held, flags)?)
+                }) {
+                    Ok(n) => {
+                        pipe.held -= n;
+                        *moved += n as u64;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        match tokio::time::timeout(
+                            write_timeout,
+                            poll_fn(|cx| to.poll_write_ready(cx)),
+                        )
+                        .await
+                        {
+                            Ok(r) => r.map_err(SpliceError::Sink)?,
+                            Err(_) => return Err(SpliceError::Timeout),
+                        }
+                    }
+                    Err(e) => return Err(SpliceError::Sink(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    pipe.fds = Some((pipe_out, pipe_in));
+    result
+}
