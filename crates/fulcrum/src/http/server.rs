@@ -389,10 +389,12 @@ async fn serve_hyper<S: ClientStream>(
         timed_out.clone(),
         ctx.clone(),
     ));
-    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        proxy::handle(ctx.clone(), req.map(RequestIn::Client))
-    });
     let result = if h2 {
+        // Each stream is a task of its own: its (large) future is boxed once, so spawning it moves
+        // a pointer, not the whole future.
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            Box::pin(proxy::handle(ctx.clone(), req.map(RequestIn::Client)))
+        });
         drive(
             builders.h2.serve_connection(io, svc),
             &stop,
@@ -401,6 +403,9 @@ async fn serve_hyper<S: ClientStream>(
         )
         .await
     } else {
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            proxy::handle(ctx.clone(), req.map(RequestIn::Client))
+        });
         drive(
             builders.h1.serve_connection(io, svc).with_upgrades(),
             &stop,
