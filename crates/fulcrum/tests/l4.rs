@@ -161,12 +161,7 @@ async fn a_gibibyte_passes_intact_both_ways() {
         TOTAL as u64
     );
     // The same bytes on the server's counters, as the metrics show them.
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = common::metrics(&lb).await;
     for direction in ["to_server", "from_server"] {
         let line = format!(
             "fulcrum_server_l4_bytes_total{{pool=\"p\",server=\"S0\",direction=\"{direction}\"}} {TOTAL}"
@@ -511,12 +506,7 @@ async fn a_udp_listener_keeps_each_client_on_its_server() {
         flows, 6,
         "each client's flow counts as a session on its server"
     );
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = common::metrics(&lb).await;
     assert!(
         metrics.contains("fulcrum_udp_flows_total{listener=\"dns\"} 6"),
         "{metrics}"
@@ -550,12 +540,7 @@ async fn a_udp_listener_keeps_each_client_on_its_server() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let metrics = get(
-            &client(),
-            &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-        )
-        .await
-        .body;
+        let metrics = common::metrics(&lb).await;
         let counted = (
             per_server(&metrics, "to_server"),
             per_server(&metrics, "from_server"),

@@ -1070,16 +1070,6 @@ async fn an_http2_rapid_reset_flood_ends_the_connection_and_others_are_served() 
     stop(lb).await;
 }
 
-/// The balancer's metrics, as Prometheus scrapes them.
-async fn metrics(lb: &fulcrum::runtime::Running) -> String {
-    get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body
-}
-
 /// The `fulcrum_listener_connections_parked` gauge of listener `web`.
 async fn parked(lb: &fulcrum::runtime::Running) -> i64 {
     let metrics = metrics(lb).await;

@@ -654,12 +654,7 @@ async fn large_bodies_are_spliced_intact_around_small_ones_on_one_connection() {
         (3_000_000..=4_700_000).contains(&spliced),
         "{spliced} bytes spliced"
     );
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = common::metrics(&lb).await;
     assert!(
         metrics.contains(&format!(
             "fulcrum_listener_spliced_bytes_total{{listener=\"web\"}} {spliced}"

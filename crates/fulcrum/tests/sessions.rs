@@ -327,12 +327,7 @@ async fn a_redis_outage_never_becomes_a_client_error_and_sharing_resumes() {
         .unwrap()
         .errors();
     assert!(redis_errors > 0, "the outage was seen and counted");
-    let metrics = get(
-        &client(),
-        &format!("http://{}/metrics", lb1.admin_addr().unwrap()),
-    )
-    .await
-    .body;
+    let metrics = common::metrics(&lb1).await;
     assert!(
         metrics.contains(&format!(
             "fulcrum_store_errors_total{{pool=\"p\"}} {redis_errors}"

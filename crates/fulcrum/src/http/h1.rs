@@ -538,7 +538,8 @@ impl Lean {
         // The listener's stop is awaited once for the connection's life (not once per wait): an
         // idle connection closes at once, one with a request under way finishes it first.
         // One slot watches the stop, then (while a request finishes) the deadline that cuts it.
-        let waiting = AtomicBool::new(true);
+        // Bytes already read (a new connection's first ones) are a request under way.
+        let waiting = AtomicBool::new(self.buf.as_ref().is_none_or(|b| b.is_empty()));
         let (stop, deadline) = (self.ctx.stop.clone(), self.ctx.deadline.clone());
         let run = self.run(&waiting);
         tokio::pin!(run);

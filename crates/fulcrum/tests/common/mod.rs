@@ -178,6 +178,16 @@ pub async fn get(client: &HttpClient, url: &str) -> Reply {
     send(client, Request::get(url).body(Full::default()).unwrap()).await
 }
 
+/// The balancer's metrics, as Prometheus scrapes them from its admin listener.
+pub async fn metrics(lb: &Running) -> String {
+    get(
+        &client(),
+        &format!("http://{}/metrics", lb.admin_addr().unwrap()),
+    )
+    .await
+    .body
+}
+
 /// The first `n` responses' server names for `GET /` through `addr`.
 pub async fn pick_sequence(addr: SocketAddr, n: usize) -> Vec<String> {
     let c = client();
