@@ -522,7 +522,8 @@ fn park(lean: Lean, until: Instant) -> Option<Lean> {
 }
 
 impl Lean {
-    /// The connection on `stream`; `prefix`: the bytes already read to tell HTTP/1 from HTTP/2.
+    /// The connection on `stream`; `first`: the buffer (from the worker's pool) holding the bytes
+    /// already read, those that told HTTP/1 from HTTP/2.
     pub fn new(stream: TcpStream, first: BytesMut, ctx: Arc<ConnContext>) -> Lean {
         Lean {
             io: Arc::new(Io { stream }),
