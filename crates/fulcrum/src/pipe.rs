@@ -1,6 +1,8 @@
-//! Moving bytes from one socket to another with `splice(2)`, kernel to kernel through a pipe, never
-//! copying them into user space: the L4 relay's bulk transfers ([`crate::l4`]) and the large
-//! `Content-Length` response bodies of fulcrum's own HTTP/1 connection ([`crate::http::h1`]).
+//! Moving bytes from one socket to another: with `splice(2)`, kernel to kernel through a pipe, never
+//! copying them into user space (the L4 relay's bulk transfers, [`crate::l4`], and the large
+//! `Content-Length` response bodies of fulcrum's own HTTP/1 connection, [`crate::http::h1`]); and the
+//! rule both use for their copied transfers, that a short `recv` or `send` empties or fills its socket
+//! ([`try_io_short`]).
 //!
 //! Pipes are borrowed per burst from a per-thread pool, so a connection that waits holds none.
 
@@ -10,6 +12,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
+use rustix::pipe::{splice, SpliceFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -25,10 +28,10 @@ thread_local! {
 /// A pipe borrowed while bytes flow: taken from this thread's spares (or opened) when bytes arrive,
 /// given back empty when they stop, so an idle connection holds none.
 pub struct Pipe {
-    /// (read end, write end).
-    pub fds: Option<(OwnedFd, OwnedFd)>,
+    /// (read end, write end); taken only on drop.
+    fds: Option<(OwnedFd, OwnedFd)>,
     /// Bytes in it; a pipe that still holds some is closed, not reused.
-    pub held: usize,
+    held: usize,
 }
 
 impl Pipe {
@@ -44,6 +47,33 @@ impl Pipe {
             held: 0,
         })
     }
+
+    /// Bytes the pipe holds.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// One `splice` of up to `max` bytes from `from` into the pipe: the bytes moved (`Ok(0)`: `from`
+    /// has closed), or `WouldBlock` (its readiness cleared) when `from` has none now.
+    pub fn fill(&mut self, from: &TcpStream, max: usize) -> io::Result<usize> {
+        let (_, pipe_in) = self.fds.as_ref().ok_or(io::ErrorKind::BrokenPipe)?;
+        let n = from.try_io(Interest::READABLE, || {
+            Ok(splice(from, None, pipe_in, None, max, FLAGS)?)
+        })?;
+        self.held += n;
+        Ok(n)
+    }
+
+    /// One `splice` of what the pipe holds on to `to`: the bytes moved, or `WouldBlock` (its readiness
+    /// cleared) when `to` takes none now.
+    pub fn drain(&mut self, to: &TcpStream) -> io::Result<usize> {
+        let (pipe_out, _) = self.fds.as_ref().ok_or(io::ErrorKind::BrokenPipe)?;
+        let n = to.try_io(Interest::WRITABLE, || {
+            Ok(splice(pipe_out, None, to, None, self.held, FLAGS)?)
+        })?;
+        self.held -= n;
+        Ok(n)
+    }
 }
 
 impl Drop for Pipe {
@@ -58,6 +88,35 @@ impl Drop for Pipe {
                 });
             }
         }
+    }
+}
+
+/// `splice(2)` flags: move pages rather than copy them, never block.
+const FLAGS: SpliceFlags = SpliceFlags::MOVE.union(SpliceFlags::NONBLOCK);
+
+/// Runs `op`, one `recv` or `send` of at most `asked` bytes on `stream`, through tokio's readiness
+/// for `interest`. A transfer that moved fewer bytes than asked emptied the socket's receive queue (or
+/// filled its send buffer), so the readiness is cleared as an `EAGAIN` would clear it: the next wait
+/// goes to the reactor at once instead of through one more call that moves nothing. That is safe with
+/// edge-triggered readiness: bytes (or room) arriving after the call raise a new edge, and a close
+/// stays a ready state until it is read. The bytes moved; `WouldBlock` when none could move.
+pub fn try_io_short(
+    stream: &TcpStream,
+    interest: Interest,
+    asked: usize,
+    op: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut moved = 0;
+    match stream.try_io(interest, || {
+        let n = op()?;
+        if n > 0 && n < asked {
+            moved = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved > 0 => Ok(moved),
+        r => r,
     }
 }
 
@@ -82,73 +141,50 @@ pub async fn splice_exact(
     write_timeout: Duration,
     moved: &mut u64,
 ) -> Result<(), SpliceError> {
-    use rustix::pipe::{splice, SpliceFlags};
-    let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     let mut pipe = Pipe::take().map_err(SpliceError::Source)?;
-    let Some((pipe_out, pipe_in)) = pipe.fds.take() else {
-        return Err(SpliceError::Source(io::ErrorKind::Other.into()));
-    };
     let mut left = len;
     // The source closed early; what the pipe holds still goes on first.
     let mut cut = false;
-    let result = async {
-        while left > 0 || pipe.held > 0 {
-            if cut && pipe.held == 0 {
-                return Err(SpliceError::Source(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the server closed the connection inside the body",
-                )));
-            }
-            if left > 0 && pipe.held < SPLICE_CHUNK && !cut {
-                let want = (SPLICE_CHUNK - pipe.held).min(left.min(usize::MAX as u64) as usize);
-                match from.try_io(Interest::READABLE, || {
-                    Ok(splice(from, None, &pipe_in, None, want, flags)?)
-                }) {
-                    Ok(0) => {
-                        cut = true;
+    while left > 0 || pipe.held > 0 {
+        if cut && pipe.held == 0 {
+            return Err(SpliceError::Source(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection inside the body",
+            )));
+        }
+        if left > 0 && pipe.held < SPLICE_CHUNK && !cut {
+            let want = (SPLICE_CHUNK - pipe.held).min(left.min(usize::MAX as u64) as usize);
+            match pipe.fill(from, want) {
+                Ok(0) => {
+                    cut = true;
+                    continue;
+                }
+                Ok(n) => left -= n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if pipe.held == 0 {
+                        poll_fn(|cx| from.poll_read_ready(cx))
+                            .await
+                            .map_err(SpliceError::Source)?;
                         continue;
                     }
-                    Ok(n) => {
-                        pipe.held += n;
-                        left -= n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if pipe.held == 0 {
-                            poll_fn(|cx| from.poll_read_ready(cx))
-                                .await
-                                .map_err(SpliceError::Source)?;
-                            continue;
-                        }
-                    }
-                    Err(e) => return Err(SpliceError::Source(e)),
                 }
-            }
-            if pipe.held > 0 {
-                match to.try_io(Interest::WRITABLE, || {
-                    Ok(splice(&pipe_out, None, to, None, pipe.held, flags)?)
-                }) {
-                    Ok(n) => {
-                        pipe.held -= n;
-                        *moved += n as u64;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        match tokio::time::timeout(
-                            write_timeout,
-                            poll_fn(|cx| to.poll_write_ready(cx)),
-                        )
-                        .await
-                        {
-                            Ok(r) => r.map_err(SpliceError::Sink)?,
-                            Err(_) => return Err(SpliceError::Timeout),
-                        }
-                    }
-                    Err(e) => return Err(SpliceError::Sink(e)),
-                }
+                Err(e) => return Err(SpliceError::Source(e)),
             }
         }
-        Ok(())
+        if pipe.held > 0 {
+            match pipe.drain(to) {
+                Ok(n) => *moved += n as u64,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match tokio::time::timeout(write_timeout, poll_fn(|cx| to.poll_write_ready(cx)))
+                        .await
+                    {
+                        Ok(r) => r.map_err(SpliceError::Sink)?,
+                        Err(_) => return Err(SpliceError::Timeout),
+                    }
+                }
+                Err(e) => return Err(SpliceError::Sink(e)),
+            }
+        }
     }
-    .await;
-    pipe.fds = Some((pipe_out, pipe_in));
-    result
+    Ok(())
 }

@@ -107,25 +107,14 @@ pub(super) fn poll_read_draining(
     }
 }
 
-/// One `recv(2)` into `buf`'s spare room. A read that leaves room emptied the socket's receive
-/// queue, so its readiness is cleared as an `EAGAIN` would clear it: the next wait goes to the
-/// reactor at once instead of through one more `recv` that finds nothing (a system call saved per
-/// request). That is safe with edge-triggered readiness: bytes arriving after the `recv` raise a new
-/// edge, and a close stays a ready state until it is read.
+/// One `recv(2)` into `buf`'s spare room. A read that leaves room emptied the socket, so the next
+/// wait goes to the reactor at once instead of through one more `recv` that finds nothing (a system
+/// call saved per request; see [`crate::pipe::try_io_short`]).
 pub(super) fn read_draining(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
     let room = buf.capacity() - buf.len();
-    let mut got = 0;
-    match stream.try_io(Interest::READABLE, || {
-        let n = stream.try_read_buf(buf)?;
-        if n > 0 && n < room {
-            got = n;
-            return Err(io::ErrorKind::WouldBlock.into());
-        }
-        Ok(n)
-    }) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        r => r,
-    }
+    crate::pipe::try_io_short(stream, Interest::READABLE, room, || {
+        stream.try_read_buf(buf)
+    })
 }
 
 /// The `Date` header value, formatted once a second per worker.

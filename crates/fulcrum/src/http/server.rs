@@ -497,7 +497,7 @@ async fn drive<C: GracefulConn>(
 /// times out is closed silently, as HAProxy does.
 struct ClientIo<S: ClientStream> {
     stream: S,
-    /// Bytes read before hyper took over, and how many of them hyper has had.
+    /// Bytes read before hyper took over that hyper has not had yet.
     prefix: Bytes,
     /// Bytes were read since the last write: a request is being received.
     partial: bool,

@@ -32,7 +32,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::tcp::{is_proxy_header, TcpStats};
-use crate::pipe::{Pipe, SPLICE_CHUNK};
+use crate::pipe::{try_io_short, Pipe, SPLICE_CHUNK};
 use crate::pool::{ServerStats, FROM_SERVER, TO_SERVER};
 
 /// The buffer a copying direction borrows while bytes flow.
@@ -176,16 +176,6 @@ enum Stage {
     Done,
 }
 
-/// A `recv`/`send` that moved fewer bytes than asked (so the socket is now empty, or full): the
-/// readiness is cleared as for `EAGAIN`, and the count kept here.
-fn short(n: usize, asked: usize, out: &mut usize) -> io::Result<usize> {
-    if n > 0 && n < asked {
-        *out = n;
-        return Err(io::ErrorKind::WouldBlock.into());
-    }
-    Ok(n)
-}
-
 impl Direction {
     fn new(way: usize, may_splice: bool, check_first: bool) -> Self {
         Direction {
@@ -226,27 +216,19 @@ impl Direction {
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
         use rustix::net::{recv, send, RecvFlags, SendFlags};
-        use rustix::pipe::{splice, SpliceFlags};
-        let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         loop {
             match &mut self.stage {
                 Stage::Done | Stage::Closing => return Poll::Ready(Ok(())),
                 Stage::Read if self.spliced => {
                     ready!(from.poll_read_ready(cx))?;
                     let mut pipe = Pipe::take()?;
-                    let Some((_, pipe_in)) = pipe.fds.as_ref() else {
-                        return Poll::Ready(Ok(()));
-                    };
-                    match from.try_io(Interest::READABLE, || {
-                        Ok(splice(from, None, pipe_in, None, SPLICE_CHUNK, flags)?)
-                    }) {
+                    match pipe.fill(from, SPLICE_CHUNK) {
                         Ok(0) => {
                             drop(pipe);
                             self.stage = Stage::Closing;
                             return Poll::Ready(Ok(()));
                         }
                         Ok(n) => {
-                            pipe.held = n;
                             counters.add(self.way, n);
                             *moved = true;
                             self.stage = Stage::Drain(pipe);
@@ -259,13 +241,11 @@ impl Direction {
                 Stage::Read => {
                     ready!(from.poll_read_ready(cx))?;
                     let mut buf = Buffer::take();
-                    let mut got = 0;
-                    let n = match from.try_io(Interest::READABLE, || {
-                        let (n, _) = recv(from, &mut buf[..], RecvFlags::empty())?;
-                        short(n, buf.len(), &mut got)
+                    let asked = buf.len();
+                    let n = match try_io_short(from, Interest::READABLE, asked, || {
+                        Ok(recv(from, &mut buf[..], RecvFlags::empty())?.0)
                     }) {
                         Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => got,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                         Err(e) => return Poll::Ready(Err(e)),
                     };
@@ -291,13 +271,12 @@ impl Direction {
                 }
                 Stage::Write { buf, at, len } => {
                     ready!(to.poll_write_ready(cx))?;
-                    let mut sent = 0;
                     let rest = &buf[*at..*len];
-                    match to.try_io(Interest::WRITABLE, || {
-                        short(send(to, rest, SendFlags::NOSIGNAL)?, rest.len(), &mut sent)
+                    match try_io_short(to, Interest::WRITABLE, rest.len(), || {
+                        Ok(send(to, rest, SendFlags::NOSIGNAL)?)
                     }) {
                         Ok(n) => *at += n,
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => *at += sent,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Poll::Ready(Err(e)),
                     }
                     if at == len {
@@ -307,17 +286,12 @@ impl Direction {
                 }
                 Stage::Drain(pipe) => {
                     ready!(to.poll_write_ready(cx))?;
-                    let Some((pipe_out, _)) = pipe.fds.as_ref() else {
-                        return Poll::Ready(Ok(()));
-                    };
-                    match to.try_io(Interest::WRITABLE, || {
-                        Ok(splice(pipe_out, None, to, None, pipe.held, flags)?)
-                    }) {
-                        Ok(n) => pipe.held -= n,
+                    match pipe.drain(to) {
+                        Ok(_) => {}
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Poll::Ready(Err(e)),
                     }
-                    if pipe.held == 0 {
+                    if pipe.held() == 0 {
                         self.stage = Stage::Read;
                     }
                 }
