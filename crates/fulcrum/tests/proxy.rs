@@ -664,17 +664,27 @@ async fn large_bodies_are_spliced_intact_around_small_ones_on_one_connection() {
     stop(lb).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_spliced_body_leaves_the_server_connection_reusable() {
-    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n".to_vec();
+/// A raw server whose every answer declares `length` bytes and sends 100,000 of the `/bytes` pattern
+/// (closing after each with `close`), and a balancer in front of it.
+async fn pattern_server_behind_fulcrum(
+    length: usize,
+    close: bool,
+) -> (RawServer, fulcrum::runtime::Running) {
+    let mut answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {length}\r\n\r\n").into_bytes();
     answer.extend((0..100_000).map(|i| b'a' + (i % 26) as u8));
-    let server = raw_server(Box::leak(answer.into_boxed_slice()), false).await;
+    let server = raw_server(Box::leak(answer.into_boxed_slice()), close).await;
     let lb = fulcrum(&config(
         "round_robin",
         &[("A".into(), server.addr, 1)],
         "",
         "",
     ));
+    (server, lb)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spliced_body_leaves_the_server_connection_reusable() {
+    let (server, lb) = pattern_server_behind_fulcrum(100000, false).await;
     let mut s = TcpStream::connect(web(&lb)).await.unwrap();
     for _ in 0..5 {
         s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
@@ -695,15 +705,7 @@ async fn a_spliced_body_leaves_the_server_connection_reusable() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_closes_inside_a_spliced_body_cuts_the_client_off() {
-    let mut answer = b"HTTP/1.1 200 OK\r\ncontent-length: 1000000\r\n\r\n".to_vec();
-    answer.extend((0..100_000).map(|i| b'a' + (i % 26) as u8));
-    let server = raw_server(Box::leak(answer.into_boxed_slice()), true).await;
-    let lb = fulcrum(&config(
-        "round_robin",
-        &[("A".into(), server.addr, 1)],
-        "",
-        "",
-    ));
+    let (server, lb) = pattern_server_behind_fulcrum(1000000, true).await;
     for _ in 0..2 {
         let mut s = TcpStream::connect(web(&lb)).await.unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
