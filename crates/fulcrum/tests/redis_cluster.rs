@@ -163,7 +163,8 @@ impl RedisCluster {
     /// has not received is lost with its master, as on any Redis Cluster).
     async fn wait_replicas_in_sync(&self) {
         for master in self.masters() {
-            wait_until("replicas in sync", Duration::from_secs(10), || {
+            // A replica first needs a full resync (an RDB transfer), slow on a loaded machine.
+            wait_until("replicas in sync", Duration::from_secs(30), || {
                 let info = cli(master, &["info", "replication"]);
                 let offset = info
                     .lines()
