@@ -613,6 +613,7 @@ impl Controller {
                 .unwrap_or_default();
             for s in &bound_sockets {
                 s.set_nonblocking(true).map_err(bind_err)?;
+                listener::tune_accepting(s).map_err(bind_err)?;
             }
             if bound_sockets.is_empty() {
                 if l.bind.port() != 0 {

@@ -102,6 +102,37 @@ async fn exchange(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A server's last bytes and its close reach the client in one segment, with the ACK of the client's
+/// bytes on it: the client receives the SYN-ACK and that one segment, where it used to receive an
+/// ACK, the bytes and a FIN. (One of twenty connections showing two is the proof: a server slower
+/// than the delayed-ACK timer makes the ACK go alone, and the reactor may see the bytes before the
+/// FIN; none may show more than four.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_servers_last_bytes_and_close_reach_the_client_in_one_segment() {
+    let server = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
+    let lb = fulcrum(&tcp_config(&[server.addr], "", ""));
+    let mut counts = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(edge(&lb)).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .expect("answer and close in time")
+            .unwrap();
+        assert_eq!(answer, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+        counts.push(segments_in(s.local_addr().unwrap()));
+    }
+    assert!(
+        counts.iter().all(|&n| n <= 4),
+        "segments received: {counts:?}"
+    );
+    assert!(counts.contains(&2), "segments received: {counts:?}");
+    stop(lb).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gibibyte_passes_intact_both_ways() {
     let echo = echo_server().await;

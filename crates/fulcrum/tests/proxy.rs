@@ -518,6 +518,42 @@ async fn server_connections_are_kept_alive_and_reused() {
     stop(lb).await;
 }
 
+/// An answer the connection closes after leaves with the FIN in one segment, and the request's ACK
+/// rides on it (the listener accepts with delayed ACKs): the client receives the SYN-ACK and that one
+/// segment, where it used to receive an ACK, the answer and a FIN. A request that waited longer than
+/// the delayed-ACK timer (40 ms) gets its ACK alone, so one connection of twenty showing two segments
+/// is the proof, and none may show more than three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closing_answer_and_its_fin_reach_the_client_in_one_segment() {
+    let ok = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
+    let lb = fulcrum(&config("round_robin", &[("s".into(), ok.addr, 1)], "", ""));
+    let mut counts = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(web(&lb)).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
+            .await
+            .expect("answer and close in time")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\nok"),
+            "{text}"
+        );
+        assert!(text.contains("connection: close\r\n"), "{text}");
+        counts.push(segments_in(s.local_addr().unwrap()));
+    }
+    assert!(
+        counts.iter().all(|&n| n <= 3),
+        "segments received: {counts:?}"
+    );
+    assert!(counts.contains(&2), "segments received: {counts:?}");
+    stop(lb).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keep_alive_connection_the_server_closed_is_not_reused() {
     let ok = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;

@@ -19,7 +19,10 @@
 //!
 //! A source that closes (FIN) is passed on as a half-close (`shutdown(SHUT_WR)` of the other socket)
 //! while the other direction keeps flowing; the last direction to end skips it, as the `close(2)` that
-//! follows sends the FIN anyway.
+//! follows sends the FIN anyway. When the reactor has already seen the source's FIN as its last bytes
+//! are read (a server that answers and closes), those bytes are sent with `MSG_MORE` and the
+//! `shutdown(2)` follows at once: bytes and FIN reach the client in one segment, with no separate ACK
+//! of the bytes and no `recv` that returns 0.
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -166,8 +169,14 @@ struct Direction {
 enum Stage {
     /// Waiting for bytes, holding nothing.
     Read,
-    /// Writing `buf[at..len]` on.
-    Write { buf: Buffer, at: usize, len: usize },
+    /// Writing `buf[at..len]` on; `fin`: the source closed after these bytes, and the close goes
+    /// with them.
+    Write {
+        buf: Buffer,
+        at: usize,
+        len: usize,
+        fin: bool,
+    },
     /// Moving the bytes `pipe` holds on.
     Drain(Pipe),
     /// The source has closed; the close is to be passed on.
@@ -267,19 +276,38 @@ impl Direction {
                     self.spliced = self.may_splice && n == buf.len();
                     counters.add(self.way, n);
                     *moved = true;
-                    self.stage = Stage::Write { buf, at: 0, len: n };
+                    // A short read that the source's FIN follows (the reactor saw it): these are the
+                    // last bytes, and they leave with the close in one segment.
+                    let fin = n < asked && read_closed(from);
+                    self.stage = Stage::Write {
+                        buf,
+                        at: 0,
+                        len: n,
+                        fin,
+                    };
                 }
-                Stage::Write { buf, at, len } => {
+                Stage::Write { buf, at, len, fin } => {
                     ready!(to.poll_write_ready(cx))?;
                     let rest = &buf[*at..*len];
+                    let flags = if *fin {
+                        SendFlags::NOSIGNAL | MORE
+                    } else {
+                        SendFlags::NOSIGNAL
+                    };
                     match try_io_short(to, Interest::WRITABLE, rest.len(), || {
-                        Ok(send(to, rest, SendFlags::NOSIGNAL)?)
+                        Ok(send(to, rest, flags)?)
                     }) {
                         Ok(n) => *at += n,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         Err(e) => return Poll::Ready(Err(e)),
                     }
                     if at == len {
+                        if *fin {
+                            // The held bytes go with the FIN; the source's end is passed on.
+                            socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+                            self.stage = Stage::Done;
+                            return Poll::Ready(Ok(()));
+                        }
                         // The buffer goes back; the direction waits for more.
                         self.stage = Stage::Read;
                     }
@@ -298,6 +326,21 @@ impl Direction {
             }
         }
     }
+}
+
+/// `MSG_MORE` where there is one: bytes the FIN follows at once are held for `shutdown(2)` to
+/// send with it.
+#[cfg(target_os = "linux")]
+const MORE: rustix::net::SendFlags = rustix::net::SendFlags::MORE;
+#[cfg(not(target_os = "linux"))]
+const MORE: rustix::net::SendFlags = rustix::net::SendFlags::empty();
+
+/// True when the reactor has seen `stream`'s source close (a FIN, or a reset) — known without a
+/// system call: the readiness tokio keeps holds it until the socket is dropped.
+fn read_closed(stream: &TcpStream) -> bool {
+    let ready = std::pin::pin!(stream.ready(Interest::READABLE));
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    matches!(ready.poll(&mut cx), Poll::Ready(Ok(r)) if r.is_read_closed())
 }
 
 thread_local! {

@@ -383,7 +383,6 @@ pub async fn serve<H: ConnHandler>(
                 Err(_) => break,
             },
         };
-        let _ = stream.set_nodelay(true);
         stats.active_connections.fetch_add(1, Ordering::Relaxed);
         stats.connections_total.fetch_add(1, Ordering::Relaxed);
         let guard = Arc::new(ConnGuard {
@@ -425,7 +424,22 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
-    Ok(socket.into())
+    let listener = socket.into();
+    tune_accepting(&listener)?;
+    Ok(listener)
+}
+
+/// Options every connection accepted on `listener` inherits, so they cost no system call per
+/// connection: `TCP_NODELAY`, and on Linux `TCP_QUICKACK` off, so that the ACK of a request rides
+/// on the answer instead of going out alone (one segment less per new connection; HAProxy's
+/// `tcp-smart-accept`). The kernel resets the ACK mode at `listen(2)`, so this comes after it; an
+/// inherited socket gets it again.
+pub fn tune_accepting(listener: &std::net::TcpListener) -> std::io::Result<()> {
+    let socket = socket2::SockRef::from(listener);
+    socket.set_tcp_nodelay(true)?;
+    #[cfg(target_os = "linux")]
+    socket.set_tcp_quickack(false)?;
+    Ok(())
 }
 
 /// Binds a UDP socket with `SO_REUSEPORT` (non-blocking), so that a successor process taking over can

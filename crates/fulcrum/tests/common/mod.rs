@@ -188,6 +188,20 @@ pub async fn metrics(lb: &Running) -> String {
     .body
 }
 
+/// How many TCP segments the kernel has received on the socket whose local address is `local`
+/// (`segs_in` of `ss -ti`, iproute2).
+pub fn segments_in(local: SocketAddr) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-Htin", "src", &local.to_string()])
+        .output()
+        .expect("run ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("segs_in:"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no segs_in for {local} in: {text}"))
+}
+
 /// The first `n` responses' server names for `GET /` through `addr`.
 pub async fn pick_sequence(addr: SocketAddr, n: usize) -> Vec<String> {
     let c = client();
