@@ -251,6 +251,42 @@ async fn a_drain_ends_open_tunnels_at_the_deadline() {
     );
 }
 
+/// A head within a raised `max_header_size` whose request target is longer than a URI holds gets
+/// 414 (URI Too Long), not 400; a target just within the limit is passed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_target_too_long_for_a_uri_gets_414() {
+    let apps = apps(&["A"]).await;
+    let lb = fulcrum(&config(
+        "round_robin",
+        &servers(&apps),
+        "max_header_size = \"1MiB\"",
+        "",
+    ));
+    let web = web(&lb);
+    let request = |len: usize| {
+        format!(
+            "GET /{} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+            "a".repeat(len - 1)
+        )
+    };
+    let over = raw_exchange(web, request(70_000).as_bytes()).await;
+    assert_eq!(status_of(&over), 414, "{}", &over[..over.len().min(200)]);
+    let within = raw_exchange(web, request(60_000).as_bytes()).await;
+    assert_ne!(
+        status_of(&within),
+        414,
+        "{}",
+        &within[..within.len().min(200)]
+    );
+    assert_ne!(
+        status_of(&within),
+        400,
+        "{}",
+        &within[..within.len().min(200)]
+    );
+    stop(lb).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_must_name_their_host_once_and_keep_their_heads_small() {
     let apps = apps(&["A"]).await;

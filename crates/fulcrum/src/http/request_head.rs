@@ -64,6 +64,10 @@ pub enum BodyFraming {
     Chunked,
 }
 
+/// The longest request target `http::Uri` holds (its limit: one less than `u16::MAX`); a longer one
+/// is answered 414, as hyper does.
+pub const MAX_URI: usize = u16::MAX as usize - 1;
+
 /// Why a request head was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HeadError {
@@ -71,6 +75,8 @@ pub enum HeadError {
     TooLarge(usize),
     #[error("more than {0} header fields")]
     TooManyHeaders(usize),
+    #[error("request target longer than {MAX_URI} bytes")]
+    UriTooLong,
     #[error("unsupported HTTP version")]
     Version,
     #[error("malformed request: {0}")]
@@ -84,6 +90,7 @@ impl HeadError {
             HeadError::TooLarge(_) | HeadError::TooManyHeaders(_) => {
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
+            HeadError::UriTooLong => StatusCode::URI_TOO_LONG,
             HeadError::Version => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
             HeadError::Bad(_) => StatusCode::BAD_REQUEST,
         }
@@ -141,6 +148,9 @@ pub fn parse(
     };
 
     let method = Method::from_bytes(method.as_bytes()).map_err(|_| HeadError::Bad("method"))?;
+    if path.len() > MAX_URI {
+        return Err(HeadError::UriTooLong);
+    }
     let uri =
         Uri::from_maybe_shared(slice_of(path.as_bytes())?).map_err(|_| HeadError::Bad("uri"))?;
     check_target(&method, path, &uri)?;
@@ -734,6 +744,21 @@ mod tests {
         );
         assert_eq!(parse(b"", 0, 100), Ok(None));
         assert_eq!(parse(b"G", 0, 100), Err(HeadError::TooLarge(0)));
+    }
+
+    #[test]
+    fn a_target_longer_than_a_uri_holds_is_414() {
+        let request =
+            |len: usize| format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(len - 1));
+        // The longest target `http::Uri` takes parses; one byte more is 414, not 400.
+        let at = parse(request(MAX_URI).as_bytes(), 1 << 20, 100)
+            .unwrap()
+            .unwrap()
+            .0;
+        assert_eq!(at.uri.path().len(), MAX_URI);
+        let over = parse(request(MAX_URI + 1).as_bytes(), 1 << 20, 100).unwrap_err();
+        assert_eq!(over, HeadError::UriTooLong);
+        assert_eq!(over.status(), StatusCode::URI_TOO_LONG);
     }
 
     #[test]
