@@ -23,8 +23,9 @@ use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
@@ -99,7 +100,7 @@ impl ConnSettings {
 #[derive(Debug)]
 pub struct Builders {
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<StreamsHere>,
     /// The settings the builders apply (shared with every connection accepted under them).
     pub settings: Arc<ConnSettings>,
 }
@@ -113,7 +114,7 @@ impl Builders {
             .max_buf_size(settings.max_header_size.max(8192))
             .max_headers(settings.max_headers)
             .keep_alive(true);
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let mut h2 = http2::Builder::new(StreamsHere);
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(settings.h2_max_concurrent_streams)
             .max_header_list_size(settings.max_header_size as u32)
@@ -390,8 +391,8 @@ async fn serve_hyper<S: ClientStream>(
         ctx.clone(),
     ));
     let result = if h2 {
-        // Each stream is a task of its own: its (large) future is boxed once, so spawning it moves
-        // a pointer, not the whole future.
+        // Each stream runs inside this connection's task (`StreamsHere`); its (large) proxy future
+        // is boxed once, so handing the stream over moves a pointer, not the whole future.
         let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             Box::pin(proxy::handle(ctx.clone(), req.map(RequestIn::Client)))
         });
@@ -455,8 +456,56 @@ where
     }
 }
 
+/// hyper's executor for the HTTP/2 streams of a client connection: a stream runs inside the task of
+/// its connection, not as a task of its own. [`drive`] collects the streams a poll of the connection
+/// starts and polls them with it, so a request costs no task spawn, and a stream's wake-ups (the
+/// server's answer arriving, the connection taking its frames) stay within one task. A stream started
+/// outside such a poll (hyper does not do that) becomes a task, as before.
+#[derive(Clone, Copy, Debug)]
+pub struct StreamsHere;
+
+type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+thread_local! {
+    /// Whether a connection is being polled by [`drive`] on this thread.
+    static COLLECTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The streams that poll started, for [`drive`] to take.
+    static STARTED: std::cell::RefCell<Vec<StreamFuture>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Marks this thread's connection poll as collecting its started streams, until dropped (a panic
+/// inside the poll included).
+struct Collecting;
+
+impl Collecting {
+    fn start() -> Self {
+        COLLECTING.with(|c| c.set(true));
+        Collecting
+    }
+}
+
+impl Drop for Collecting {
+    fn drop(&mut self) {
+        COLLECTING.with(|c| c.set(false));
+    }
+}
+
+impl<F> hyper::rt::Executor<F> for StreamsHere
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, stream: F) {
+        if COLLECTING.with(|c| c.get()) {
+            STARTED.with(|s| s.borrow_mut().push(Box::pin(stream)));
+        } else {
+            tokio::spawn(stream);
+        }
+    }
+}
+
 /// Runs `conn` to its end; on `shutdown` asks it to close after the current exchange, on `deadline`
-/// drops it. A header timeout is flagged before the connection (and its socket) is dropped.
+/// drops it. A header timeout is flagged before the connection (and its socket) is dropped. The
+/// streams the connection starts ([`StreamsHere`]) run here too, to their end.
 async fn drive<C: GracefulConn>(
     conn: C,
     shutdown: &CancellationToken,
@@ -464,18 +513,22 @@ async fn drive<C: GracefulConn>(
     timed_out: &AtomicBool,
 ) -> hyper::Result<()> {
     tokio::pin!(conn);
+    let mut streams = FuturesUnordered::new();
+    let mut ended = None;
     let result = tokio::select! {
         biased;
-        r = conn.as_mut() => Some(r),
+        r = with_streams(conn.as_mut(), &mut streams, &mut ended) => Some(r),
         _ = shutdown.cancelled() => None,
     };
     let result = match result {
         Some(r) => r,
         None => {
-            conn.as_mut().graceful();
+            if ended.is_none() {
+                conn.as_mut().graceful();
+            }
             tokio::select! {
                 biased;
-                r = conn.as_mut() => r,
+                r = with_streams(conn.as_mut(), &mut streams, &mut ended) => r,
                 _ = deadline.cancelled() => Ok(()),
             }
         }
@@ -486,6 +539,32 @@ async fn drive<C: GracefulConn>(
         }
     }
     result
+}
+
+/// Polls `conn` (until it ends, its result kept in `ended`) and the streams its polls start, until
+/// the connection has ended and every stream has finished.
+fn with_streams<'a, C: Future<Output = hyper::Result<()>>>(
+    mut conn: Pin<&'a mut C>,
+    streams: &'a mut FuturesUnordered<StreamFuture>,
+    ended: &'a mut Option<hyper::Result<()>>,
+) -> impl Future<Output = hyper::Result<()>> + 'a {
+    poll_fn(move |cx| {
+        if ended.is_none() {
+            let polled = {
+                let _collecting = Collecting::start();
+                conn.as_mut().poll(cx)
+            };
+            STARTED.with(|s| streams.extend(s.borrow_mut().drain(..)));
+            if let Poll::Ready(r) = polled {
+                *ended = Some(r);
+            }
+        }
+        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+        match ended {
+            Some(_) if streams.is_empty() => Poll::Ready(ended.take().unwrap_or(Ok(()))),
+            _ => Poll::Pending,
+        }
+    })
 }
 
 /// A client connection as hyper sees it: the bytes read to tell the protocol are handed back first, a
