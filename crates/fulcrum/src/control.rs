@@ -607,13 +607,15 @@ impl Controller {
                 sockets.insert(i, (bound, Bound::Udp(socket)));
                 continue;
             }
+            // HTTP listeners accept with delayed ACKs (see `listener::tune_accepting`).
+            let delayed_acks = l.protocol != Protocol::Tcp;
             let mut bound_sockets = inherited
                 .as_deref_mut()
                 .and_then(|inh| inh.take_tcp(&l.name, l.bind))
                 .unwrap_or_default();
             for s in &bound_sockets {
                 s.set_nonblocking(true).map_err(bind_err)?;
-                listener::tune_accepting(s).map_err(bind_err)?;
+                listener::tune_accepting(s, delayed_acks).map_err(bind_err)?;
             }
             if bound_sockets.is_empty() {
                 if l.bind.port() != 0 {
@@ -621,11 +623,13 @@ impl Controller {
                     // (another fulcrum, started twice): find out with a plain bind first.
                     drop(std::net::TcpListener::bind(l.bind).map_err(bind_err)?);
                 }
-                bound_sockets.push(listener::bind_reuseport(l.bind).map_err(bind_err)?);
+                bound_sockets
+                    .push(listener::bind_reuseport(l.bind, delayed_acks).map_err(bind_err)?);
             }
             let bound = bound_sockets[0].local_addr().map_err(bind_err)?;
             while bound_sockets.len() < workers {
-                bound_sockets.push(listener::bind_reuseport(bound).map_err(bind_err)?);
+                bound_sockets
+                    .push(listener::bind_reuseport(bound, delayed_acks).map_err(bind_err)?);
             }
             sockets.insert(i, (bound, Bound::Tcp(bound_sockets)));
         }

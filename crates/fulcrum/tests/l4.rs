@@ -102,11 +102,11 @@ async fn exchange(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A server's last bytes and its close reach the client in one segment, with the ACK of the client's
-/// bytes on it: the client receives the SYN-ACK and that one segment, where it used to receive an
-/// ACK, the bytes and a FIN. (One of twenty connections showing two is the proof: a server slower
-/// than the delayed-ACK timer makes the ACK go alone, and the reactor may see the bytes before the
-/// FIN; none may show more than four.)
+/// A server's last bytes and its close reach the client in one segment: the client receives the
+/// SYN-ACK, the ACK of its request (a TCP listener keeps the kernel's quick ACKs) and that one
+/// segment, where it used to receive the bytes and a FIN apart. The relay merges them when the
+/// reactor has seen the FIN by the time it reads the bytes, so one connection of twenty showing
+/// three is the proof; none may show more than four.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_servers_last_bytes_and_close_reach_the_client_in_one_segment() {
     let server = raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", true).await;
@@ -129,7 +129,7 @@ async fn a_servers_last_bytes_and_close_reach_the_client_in_one_segment() {
         counts.iter().all(|&n| n <= 4),
         "segments received: {counts:?}"
     );
-    assert!(counts.contains(&2), "segments received: {counts:?}");
+    assert!(counts.contains(&3), "segments received: {counts:?}");
     stop(lb).await;
 }
 

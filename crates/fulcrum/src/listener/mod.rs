@@ -411,8 +411,12 @@ pub async fn serve<H: ConnHandler>(
 }
 
 /// Binds a TCP listening socket with `SO_REUSEPORT`, so that every worker (and, during a takeover,
-/// the next process) can have its own socket on the same address.
-pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// the next process) can have its own socket on the same address; `delayed_acks` as
+/// [`tune_accepting`].
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    delayed_acks: bool,
+) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Protocol as SockProto, Socket, Type};
     let socket = Socket::new(
         Domain::for_address(addr),
@@ -425,20 +429,25 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     let listener = socket.into();
-    tune_accepting(&listener)?;
+    tune_accepting(&listener, delayed_acks)?;
     Ok(listener)
 }
 
 /// Options every connection accepted on `listener` inherits, so they cost no system call per
-/// connection: `TCP_NODELAY`, and on Linux `TCP_QUICKACK` off, so that the ACK of a request rides
-/// on the answer instead of going out alone (one segment less per new connection; HAProxy's
-/// `tcp-smart-accept`). The kernel resets the ACK mode at `listen(2)`, so this comes after it; an
-/// inherited socket gets it again.
-pub fn tune_accepting(listener: &std::net::TcpListener) -> std::io::Result<()> {
+/// connection: `TCP_NODELAY`, and on Linux the ACK mode. With `delayed_acks` (HTTP listeners)
+/// `TCP_QUICKACK` is off, so that the ACK of a request rides on its answer instead of going out
+/// alone (one segment less per new connection), as HAProxy's `tcp-smart-accept` does on its HTTP
+/// frontends. TCP listeners keep the kernel's quick ACKs at a connection's start, as HAProxy's TCP
+/// frontends do: a client of an unknown protocol that writes twice with Nagle on before it reads
+/// would wait for a delayed ACK. The kernel resets the ACK mode at `listen(2)`, so this comes after
+/// it; an inherited socket gets it again.
+pub fn tune_accepting(listener: &std::net::TcpListener, delayed_acks: bool) -> std::io::Result<()> {
     let socket = socket2::SockRef::from(listener);
     socket.set_tcp_nodelay(true)?;
     #[cfg(target_os = "linux")]
-    socket.set_tcp_quickack(false)?;
+    socket.set_tcp_quickack(!delayed_acks)?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = delayed_acks;
     Ok(())
 }
 
