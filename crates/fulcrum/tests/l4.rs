@@ -113,17 +113,10 @@ async fn a_servers_last_bytes_and_close_reach_the_client_in_one_segment() {
     let lb = fulcrum(&tcp_config(&[server.addr], "", ""));
     let mut counts = Vec::new();
     for _ in 0..20 {
-        let mut s = TcpStream::connect(edge(&lb)).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-            .await
-            .expect("answer and close in time")
-            .unwrap();
+        let (answer, segments) =
+            exchange_counting_segments(edge(&lb), b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
         assert_eq!(answer, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
-        counts.push(segments_in(s.local_addr().unwrap()));
+        counts.push(segments);
     }
     assert!(
         counts.iter().all(|&n| n <= 4),

@@ -562,22 +562,18 @@ async fn a_closing_answer_and_its_fin_reach_the_client_in_one_segment() {
     let lb = fulcrum(&config("round_robin", &[("s".into(), ok.addr, 1)], "", ""));
     let mut counts = Vec::new();
     for _ in 0..20 {
-        let mut s = TcpStream::connect(web(&lb)).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut answer = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut answer))
-            .await
-            .expect("answer and close in time")
-            .unwrap();
+        let (answer, segments) = exchange_counting_segments(
+            web(&lb),
+            b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         let text = String::from_utf8_lossy(&answer);
         assert!(
             text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\nok"),
             "{text}"
         );
         assert!(text.contains("connection: close\r\n"), "{text}");
-        counts.push(segments_in(s.local_addr().unwrap()));
+        counts.push(segments);
     }
     assert!(
         counts.iter().all(|&n| n <= 3),

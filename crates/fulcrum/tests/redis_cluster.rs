@@ -10,7 +10,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::browser::{logged_in_behind_round_robin, me_in_turn, Browser, Sample};
-use common::process::free_port;
 use common::*;
 use http::StatusCode;
 
@@ -31,15 +30,24 @@ impl Drop for RedisCluster {
     }
 }
 
-/// A port that is free, with its cluster bus port (port + 10000) free too.
-fn cluster_port(taken: &[u16]) -> u16 {
+/// A free port for a cluster node, with its cluster bus port (port + 10000) free too. Both lie below
+/// the kernel's ephemeral range (32768 and up), so that no outgoing connection (the nodes' own bus
+/// links among them) can take one between this check and the node's `bind`; and no two nodes of
+/// this test binary's clusters (its tests run side by side) get the same one.
+fn cluster_port() -> u16 {
+    static TAKEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    const FIRST: u16 = 12_000;
+    const SPAN: u16 = 10_000;
+    let mut taken = TAKEN.lock().unwrap_or_else(|e| e.into_inner());
     let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-    loop {
-        let port = free_port().port();
-        if port < 55_000 && !taken.contains(&port) && free(port + 10_000) {
-            return port;
-        }
-    }
+    // Start somewhere else each run, so that a node a killed run left behind is not tried first.
+    let start = (std::process::id() % u32::from(SPAN)) as u16;
+    let port = (0..SPAN)
+        .map(|i| FIRST + (start + i) % SPAN)
+        .find(|&p| !taken.contains(&p) && free(p) && free(p + 10_000))
+        .expect("a free port pair below 32768");
+    taken.push(port);
+    port
 }
 
 /// `redis-cli -p port args…`, its output (empty when the node does not answer).
@@ -64,10 +72,7 @@ async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 impl RedisCluster {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut ports = Vec::new();
-        for _ in 0..6 {
-            ports.push(cluster_port(&ports));
-        }
+        let ports: Vec<u16> = (0..6).map(|_| cluster_port()).collect();
         let mut nodes = Vec::new();
         for &port in &ports {
             let child = Command::new("redis-server")
@@ -163,21 +168,31 @@ impl RedisCluster {
     /// has not received is lost with its master, as on any Redis Cluster).
     async fn wait_replicas_in_sync(&self) {
         for master in self.masters() {
-            // A replica first needs a full resync (an RDB transfer), slow on a loaded machine.
-            wait_until("replicas in sync", Duration::from_secs(30), || {
+            // A replica first needs a full resync (an RDB transfer after the master's 5 s diskless
+            // delay), slow on a loaded machine: a wide bound, and what the master last said if it
+            // passes.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
                 let info = cli(master, &["info", "replication"]);
                 let offset = info
                     .lines()
                     .find_map(|l| l.strip_prefix("master_repl_offset:"))
                     .map(|v| v.trim().to_owned());
-                let Some(offset) = offset else {
-                    return false;
-                };
-                info.lines()
-                    .filter(|l| l.starts_with("slave"))
-                    .any(|l| l.contains("state=online") && l.contains(&format!("offset={offset},")))
-            })
-            .await;
+                let in_sync = offset.is_some_and(|offset| {
+                    info.lines().filter(|l| l.starts_with("slave")).any(|l| {
+                        l.contains("state=online") && l.contains(&format!("offset={offset},"))
+                    })
+                });
+                if in_sync {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out waiting: replicas of {master} in sync; roles {:?}; INFO replication:\n{info}",
+                    self.roles()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 

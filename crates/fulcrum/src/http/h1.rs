@@ -897,17 +897,7 @@ fn write_head(out: &mut BytesMut, status: StatusCode, headers: &HeaderMap, extra
 
 /// Writes within the listener's `write_timeout`; false when the client is gone or too slow.
 async fn write(io: &Io, ctx: &ConnContext, head: &[u8], data: &[u8]) -> bool {
-    match tokio::time::timeout(ctx.settings.write_timeout, io.write_two(head, data)).await {
-        Ok(Ok(())) => true,
-        Ok(Err(_)) => false,
-        Err(_) => {
-            ctx.listener
-                .stats
-                .write_timeouts
-                .fetch_add(1, Ordering::Relaxed);
-            false
-        }
-    }
+    within_write_timeout(ctx, io.write_two(head, data)).await
 }
 
 /// Writes the end of a response: when the connection closes after it, together with the FIN.
@@ -915,7 +905,16 @@ async fn write_end(io: &Io, ctx: &ConnContext, bytes: &[u8], keep_alive: bool) -
     if keep_alive {
         return write(io, ctx, bytes, &[]).await;
     }
-    match tokio::time::timeout(ctx.settings.write_timeout, io.write_closing(bytes)).await {
+    within_write_timeout(ctx, io.write_closing(bytes)).await
+}
+
+/// Runs `writing` within the listener's `write_timeout`; false when it failed or timed out (counted
+/// in `write_timeouts`).
+async fn within_write_timeout(
+    ctx: &ConnContext,
+    writing: impl std::future::Future<Output = io::Result<()>>,
+) -> bool {
+    match tokio::time::timeout(ctx.settings.write_timeout, writing).await {
         Ok(r) => r.is_ok(),
         Err(_) => {
             ctx.listener

@@ -188,6 +188,24 @@ pub async fn metrics(lb: &Running) -> String {
     .body
 }
 
+/// Sends `request` on a new connection to `addr` and reads until the other end closes (within
+/// 10 s): what came back, and how many segments the client's socket received ([`segments_in`]).
+pub async fn exchange_counting_segments(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut answer),
+    )
+    .await
+    .expect("answer and close in time")
+    .unwrap();
+    let segments = segments_in(s.local_addr().unwrap());
+    (answer, segments)
+}
+
 /// How many TCP segments the kernel has received on the socket whose local address is `local`
 /// (`segs_in` of `ss -ti`, iproute2).
 pub fn segments_in(local: SocketAddr) -> u64 {
