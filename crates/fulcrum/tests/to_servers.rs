@@ -240,6 +240,51 @@ async fn grpc_passes_through_with_status_trailers_and_deadlines() {
     stop(lb).await;
 }
 
+/// A WebSocket reaches a TLS pool's server over TLS and echoes both ways, twice, with a plain request
+/// served after each tunnel; an `http2` pool answers 501.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_reaches_a_tls_pool_and_an_http2_pool_answers_501() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new("servers CA");
+    let ca_path = ca.write(dir.path(), "ca");
+    let apps = vec![tls_app(&ca, dir.path(), "A").await];
+    let pool = format!("tls = {{ ca = {ca_path:?}, sni = \"app.test\" }}");
+    let lb = fulcrum(&config("round_robin", &servers(&apps), "", &pool));
+    for round in 0..2 {
+        let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", web(&lb)))
+            .await
+            .expect("ws handshake");
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        for msg in ["hello", "over", "tls"] {
+            let msg = format!("{msg} {round}");
+            ws.send(Message::text(msg.clone())).await.unwrap();
+            let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("echo in time")
+                .unwrap()
+                .unwrap();
+            assert_eq!(echoed.into_text().unwrap().as_str(), msg);
+        }
+        ws.close(None).await.unwrap();
+        let reply = get(&client(), &format!("http://{}/", web(&lb))).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+        assert!(reply.body.contains("GET / HTTP/1.1"), "{}", reply.body);
+    }
+    stop(lb).await;
+    let pool = format!("http2 = true\ntls = {{ ca = {ca_path:?}, sni = \"app.test\" }}");
+    let lb = fulcrum(&config("round_robin", &servers(&apps), "", &pool));
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws", web(&lb))).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), StatusCode::NOT_IMPLEMENTED)
+        }
+        other => panic!("expected 501, got {other:?}"),
+    }
+    stop(lb).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checks_of_a_tls_pool_speak_tls() {
     let dir = tempfile::tempdir().unwrap();

@@ -86,6 +86,11 @@ impl Transport {
         }))
     }
 
+    /// The servers speak HTTP/2.
+    pub fn http2(&self) -> bool {
+        self.http2
+    }
+
     /// The URI scheme of requests to the servers.
     fn scheme(&self) -> &'static str {
         if self.tls.is_some() {
@@ -219,8 +224,9 @@ where
         let (sender, conn) = http1::handshake(io)
             .await
             .map_err(|e| DialError::Other(format!("HTTP/1.1 handshake: {e}")))?;
+        // With upgrades: a `101` hands the connection to the WebSocket tunnel.
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "HTTP/1.1 server connection ended");
             }
         });
@@ -526,7 +532,10 @@ pub async fn exchange(
     };
     match result {
         Ok(response) => {
-            if let Some(sender) = h1 {
+            // A connection that switched protocols belongs to its tunnel now.
+            if let Some(sender) =
+                h1.filter(|_| response.status() != StatusCode::SWITCHING_PROTOCOLS)
+            {
                 put_back(server, sender);
             }
             Ok(Answer {

@@ -417,16 +417,16 @@ pub(crate) async fn forward(
         .and_then(|k| request_key(k, &req, client));
     let websocket = is_websocket_upgrade(&req);
     let transport = snapshot.settings.transport.clone();
-    if websocket && transport.is_some() {
+    if websocket && transport.as_deref().is_some_and(client::Transport::http2) {
         return local_with(
             StatusCode::NOT_IMPLEMENTED,
-            "501 Not Implemented: WebSocket to servers over TLS or HTTP/2 is not supported yet\n",
+            "501 Not Implemented: WebSocket to servers over HTTP/2 is not supported yet\n",
         );
     }
     // gRPC and other trailer users say so with `TE: trailers`, which an HTTP/2 server may need.
     let te_trailers = transport.is_some()
         && super::headers::has_token(req.headers(), http::header::TE, "trailers");
-    let client_upgrade = websocket.then(|| super::h1::on_upgrade(&mut req));
+    let mut client_upgrade = websocket.then(|| super::h1::on_upgrade(&mut req));
     rewrite_request(&mut req, &client.ip, proto, websocket);
     if te_trailers {
         req.headers_mut()
@@ -525,7 +525,7 @@ pub(crate) async fn forward(
                 )
                 .await;
                 match result {
-                    Ok(answer) => {
+                    Ok(mut answer) => {
                         let status = answer.response.status();
                         server
                             .stats
@@ -535,7 +535,25 @@ pub(crate) async fn forward(
                             trace.answered(server, answer.elapsed);
                             trace.sticky = sticky_outcome(&sticky, &snapshot, server);
                         }
-                        let mut resp = respond_client(answer, guard);
+                        let mut resp = if status == StatusCode::SWITCHING_PROTOCOLS {
+                            // A WebSocket over TLS: the tunnel takes both upgraded connections.
+                            let Some(client_upgrade) = client_upgrade.take() else {
+                                // A server may not switch protocols unasked.
+                                server.stats.record_failure();
+                                return local(StatusCode::BAD_GATEWAY);
+                            };
+                            let upgrade = hyper::upgrade::on(&mut answer.response);
+                            ctx.tracker.spawn(tunnel(
+                                client_upgrade,
+                                ServerSide::Upgraded(upgrade),
+                                guard,
+                                ctx.clone(),
+                            ));
+                            let (parts, _) = answer.response.into_parts();
+                            Response::from_parts(parts, ProxyBody::empty())
+                        } else {
+                            respond_client(answer, guard)
+                        };
                         remember(&sticky, &snapshot, server, ctx, &mut resp);
                         return resp;
                     }
@@ -846,8 +864,12 @@ fn respond(
         };
         // The tunnel keeps the client connection counted (its slot, its address's share) and is
         // drained with its listener.
-        ctx.tracker
-            .spawn(tunnel(client_upgrade, conn, guard, ctx.clone()));
+        ctx.tracker.spawn(tunnel(
+            client_upgrade,
+            ServerSide::Plain(conn),
+            guard,
+            ctx.clone(),
+        ));
         ProxyBody::empty()
     } else {
         rewrite_response(&mut headers, false);
@@ -859,12 +881,20 @@ fn respond(
     resp
 }
 
+/// The server's end of a tunnel.
+enum ServerSide {
+    /// A plain connection of fulcrum's own client, with the bytes it read past the `101`.
+    Plain(UpstreamConn),
+    /// A connection of hyper's client (TLS), handed over once hyper has read the `101`.
+    Upgraded(hyper::upgrade::OnUpgrade),
+}
+
 /// Copies bytes both ways between an upgraded client connection and the server until either closes,
 /// the tunnel sees no traffic for `tunnel_timeout`, or the connection's deadline fires (a drain that
 /// ran out of time).
 async fn tunnel(
     client: super::h1::ClientUpgrade,
-    conn: UpstreamConn,
+    server: ServerSide,
     guard: InFlight,
     ctx: Arc<ConnContext>,
 ) {
@@ -875,11 +905,38 @@ async fn tunnel(
             return;
         }
     };
+    match server {
+        ServerSide::Plain(conn) => {
+            let (server, early) = conn.into_parts();
+            relay_tunnel(upgraded, server, &early, guard, ctx).await;
+        }
+        ServerSide::Upgraded(on) => match on.await {
+            Ok(server) => {
+                let server = hyper_util::rt::TokioIo::new(server);
+                relay_tunnel(upgraded, server, &[], guard, ctx).await;
+            }
+            Err(e) => {
+                tracing::debug!(server = %guard.server().name, error = %e, "server upgrade failed")
+            }
+        },
+    }
+}
+
+/// The copying half of [`tunnel`]: `early` (bytes the server sent past its `101`) first.
+async fn relay_tunnel<C, S>(
+    upgraded: C,
+    server: S,
+    early: &[u8],
+    guard: InFlight,
+    ctx: Arc<ConnContext>,
+) where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let activity = Arc::new(AtomicU64::new(crate::clock::now_ms()));
     let mut client = Watched::new(upgraded, activity.clone());
-    let (server, early) = conn.into_parts();
     let mut server = Watched::new(server, activity.clone());
-    if !early.is_empty() && client.write_all(&early).await.is_err() {
+    if !early.is_empty() && client.write_all(early).await.is_err() {
         return;
     }
     let idle = ctx.settings.tunnel_timeout;
