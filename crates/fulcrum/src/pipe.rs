@@ -18,6 +18,14 @@ use tokio::net::TcpStream;
 
 /// Bytes moved per `splice` call (the default pipe holds 64 KiB).
 pub const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// `MSG_MORE` where there is one (else no flag): bytes that the FIN follows at once are held for the
+/// `shutdown(2)` right after them to send with it, in one segment (the h1 server's closing answer,
+/// the L4 relay's last bytes).
+#[cfg(target_os = "linux")]
+pub const MORE: rustix::net::SendFlags = rustix::net::SendFlags::MORE;
+#[cfg(not(target_os = "linux"))]
+pub const MORE: rustix::net::SendFlags = rustix::net::SendFlags::empty();
 /// Empty pipes kept per worker thread for reuse.
 const POOLED_PIPES: usize = 64;
 

@@ -175,23 +175,19 @@ impl Io {
         }
     }
 
-    /// Sends bytes that the end of the response follows at once: on Linux with `MSG_MORE`, so
+    /// Sends bytes that the end of the response follows at once, with [`crate::pipe::MORE`], so
     /// that the kernel holds them for [`Io::write_closing`]'s `shutdown` to send with the FIN.
     fn poll_send_more(&self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        #[cfg(target_os = "linux")]
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
             let sent = self.stream.try_io(Interest::WRITABLE, || {
-                rustix::net::send(&self.stream, data, rustix::net::SendFlags::MORE)
-                    .map_err(io::Error::from)
+                rustix::net::send(&self.stream, data, crate::pipe::MORE).map_err(io::Error::from)
             });
             match sent {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 r => return Poll::Ready(r),
             }
         }
-        #[cfg(not(target_os = "linux"))]
-        self.poll_write(cx, data)
     }
 
     /// The last bytes of a connection that closes after them: they and the FIN leave in one

@@ -35,7 +35,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::tcp::{is_proxy_header, TcpStats};
-use crate::pipe::{try_io_short, Pipe, SPLICE_CHUNK};
+use crate::pipe::{try_io_short, Pipe, MORE, SPLICE_CHUNK};
 use crate::pool::{ServerStats, FROM_SERVER, TO_SERVER};
 
 /// The buffer a copying direction borrows while bytes flow.
@@ -327,13 +327,6 @@ impl Direction {
         }
     }
 }
-
-/// `MSG_MORE` where there is one: bytes the FIN follows at once are held for `shutdown(2)` to
-/// send with it.
-#[cfg(target_os = "linux")]
-const MORE: rustix::net::SendFlags = rustix::net::SendFlags::MORE;
-#[cfg(not(target_os = "linux"))]
-const MORE: rustix::net::SendFlags = rustix::net::SendFlags::empty();
 
 /// True when the reactor has seen `stream`'s source close (a FIN, or a reset) — known without a
 /// system call: the readiness tokio keeps holds it until the socket is dropped.
